@@ -1,0 +1,71 @@
+"""Plain records written to the zoo. No I/O here: the store turns them into rows."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+
+@dataclasses.dataclass
+class Point:
+    """One learning-curve point: the run after `epoch` epochs (half epochs allowed)."""
+
+    epoch: float
+    accuracy: float | None
+    val_accuracy: float | None = None
+    loss: float | None = None
+    duration_ns: int | None = None  # cumulative training-only time
+    accuracy_to_time: float | None = None
+    elapsed_s: float | None = None
+
+
+@dataclasses.dataclass
+class Run:
+    uid: str
+    task: str
+    dataset: str
+    metric: str
+    status: str
+    source: str
+    prm: dict[str, Any] = dataclasses.field(default_factory=dict)
+    transform: str | None = None
+    seed: int | None = None
+    device: str | None = None
+    versions: dict[str, Any] | None = None
+    dataset_hash: str | None = None
+    job_id: str | None = None
+    trial: int | None = None
+    repeat: int | None = None
+    selected: bool = False
+    isolation: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    points: list[Point] = dataclasses.field(default_factory=list)
+    created: float = dataclasses.field(default_factory=time.time)
+
+    @property
+    def last_point(self) -> Point | None:
+        scored = [p for p in self.points if p.accuracy is not None]
+        return max(scored, key=lambda p: p.epoch) if scored else None
+
+
+@dataclasses.dataclass
+class Model:
+    name: str
+    code: str
+    origin: str  # seed | lemur | submitted
+    prefix: str | None = None
+    fingerprint: str | None = None
+    params: int | None = None
+    flops: int | None = None
+    code_quality: float | None = None
+    code_quality_detail: dict[str, Any] | None = None
+    supported_hyperparameters: list[str] | None = None
+    created: float = dataclasses.field(default_factory=time.time)
+
+
+def accuracy_to_time(accuracy: float | None, chance: float, duration_ns: int | None) -> float | None:
+    """LEMUR's accuracy-to-time, `max(0, acc - chance) / (duration_ns / 1e11)`, with training time only."""
+    if accuracy is None or not duration_ns or duration_ns <= 0:
+        return None
+    return max(0.0, accuracy - chance) / (duration_ns / 1e11)

@@ -1,0 +1,159 @@
+"""The zoo's SQLite schema and its forward migrations.
+
+Why this shape (see the LEMUR notes): LEMUR stores hyperparameters as key-value rows (7.6x duplicated)
+and has only single-column indexes, so its filtered best-only query takes 30 s. Here:
+
+- `model` holds each distinct network once (code, hashes, architecture stats).
+- `run` is one training run (one Optuna trial, or one imported LEMUR trial) with its hyperparameters
+  stored once, as JSON.
+- `point` is one learning-curve point of a run. A point is what LEMUR calls a record ("the model after
+  N epochs"), so queries read this table. The filter columns (task, dataset, metric, model_id) are
+  copied from the run so the covering index below answers the best-per-model query without a join.
+- `weights` are content-addressed files beside the zoo, referenced per run.
+- `job` is the evaluator's persistent queue: jobs survive server restarts.
+
+A migration is a list of statements; `migrate()` applies the missing ones in one transaction each
+and records `schema_version` in `meta`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+MIGRATIONS: list[list[str]] = [
+    # version 1
+    [
+        """CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)""",
+        """CREATE TABLE model (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            code TEXT NOT NULL,
+            code_hash TEXT NOT NULL,          -- sha256 of the normalized code (zoo.codehash)
+            lemur_id TEXT NOT NULL,           -- md5 of the code without whitespace (LEMUR's nn_id)
+            prefix TEXT,
+            origin TEXT NOT NULL,             -- seed | lemur | submitted
+            fingerprint TEXT,                 -- architecture fingerprint (identical graphs share it)
+            params INTEGER,
+            flops INTEGER,
+            code_quality REAL,
+            code_quality_detail TEXT,         -- JSON breakdown
+            supported_hyperparameters TEXT,   -- JSON list
+            created REAL NOT NULL
+        )""",
+        "CREATE INDEX model_code_hash ON model(code_hash)",
+        "CREATE INDEX model_fingerprint ON model(fingerprint)",
+        "CREATE INDEX model_lemur_id ON model(lemur_id)",
+        """CREATE TABLE run (
+            id INTEGER PRIMARY KEY,
+            uid TEXT NOT NULL UNIQUE,         -- stable identity (LEMUR trial uid, job/trial/repeat)
+            model_id INTEGER NOT NULL REFERENCES model(id) ON DELETE CASCADE,
+            task TEXT NOT NULL,
+            dataset TEXT NOT NULL,
+            metric TEXT NOT NULL,
+            transform TEXT,
+            prm TEXT NOT NULL DEFAULT '{}',   -- JSON object, stored once per run
+            seed INTEGER,
+            epochs REAL,                      -- epochs reached (last curve point)
+            status TEXT NOT NULL,             -- succeeded | failed | timed_out | pruned | imported
+            accuracy REAL,                    -- test accuracy at the last point
+            duration_ns INTEGER,              -- training-only time at the last point
+            accuracy_to_time REAL,
+            device TEXT,
+            versions TEXT,                    -- JSON: python, torch, ...
+            dataset_hash TEXT,
+            job_id TEXT,
+            trial INTEGER,
+            repeat INTEGER,
+            selected INTEGER NOT NULL DEFAULT 0,  -- the trial Optuna selected for its job
+            isolation TEXT,                   -- JSON: what sandbox ran it
+            error TEXT,                       -- JSON {stage, kind, message}
+            source TEXT NOT NULL,             -- evaluator | lemur-import
+            created REAL NOT NULL
+        )""",
+        "CREATE INDEX run_model ON run(model_id, task, dataset, metric)",
+        "CREATE INDEX run_job ON run(job_id)",
+        """CREATE TABLE point (
+            run_id INTEGER NOT NULL REFERENCES run(id) ON DELETE CASCADE,
+            epoch REAL NOT NULL,
+            model_id INTEGER NOT NULL,
+            task TEXT NOT NULL,
+            dataset TEXT NOT NULL,
+            metric TEXT NOT NULL,
+            accuracy REAL,                    -- test accuracy computed by the server
+            val_accuracy REAL,
+            loss REAL,
+            duration_ns INTEGER,              -- cumulative training-only time
+            accuracy_to_time REAL,
+            elapsed_s REAL,                   -- wall clock since the run started, evaluation included
+            created REAL NOT NULL,
+            PRIMARY KEY (run_id, epoch)
+        ) WITHOUT ROWID""",
+        # best-per-model for one task/dataset/metric/epoch, answered from the index alone
+        "CREATE INDEX point_filter ON point(task, dataset, metric, epoch, model_id, accuracy)",
+        "CREATE INDEX point_model ON point(model_id, epoch)",
+        "CREATE INDEX point_accuracy ON point(accuracy)",
+        "CREATE INDEX point_a2t ON point(accuracy_to_time)",
+        "CREATE INDEX point_duration ON point(duration_ns)",
+        "CREATE INDEX point_created ON point(created)",
+        """CREATE TABLE weights (
+            run_id INTEGER PRIMARY KEY REFERENCES run(id) ON DELETE CASCADE,
+            sha256 TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            path TEXT NOT NULL,               -- relative to the zoo's weights dir
+            format TEXT NOT NULL DEFAULT 'safetensors'
+        )""",
+        """CREATE TABLE job (
+            id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,               -- submit | check
+            status TEXT NOT NULL,
+            request TEXT NOT NULL,            -- JSON of the validated request (code included)
+            model_name TEXT,
+            progress TEXT,                    -- JSON
+            result TEXT,                      -- JSON
+            error TEXT,                       -- JSON {stage, kind, message, log_tail}
+            cancel_requested INTEGER NOT NULL DEFAULT 0,
+            owner TEXT,                       -- server instance that runs it
+            heartbeat REAL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            created REAL NOT NULL,
+            started REAL,
+            finished REAL
+        )""",
+        "CREATE INDEX job_status ON job(status, created)",
+    ],
+]
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def current_version(conn: sqlite3.Connection) -> int:
+    exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
+    if not exists:
+        return 0
+    row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema up to SCHEMA_VERSION. Safe to call from several processes at once."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = current_version(conn)
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"The zoo has schema version {version}, newer than this server ({SCHEMA_VERSION}). "
+                "Upgrade lemur-agent-server or point --zoo at another file."
+            )
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in MIGRATIONS[target - 1]:
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO meta(key, value) VALUES('schema_version', ?) "
+                "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                (str(target),),
+            )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return SCHEMA_VERSION

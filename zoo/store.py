@@ -1,0 +1,368 @@
+"""The async zoo store used by the server: models, runs with their curves, weights and jobs.
+
+Why one writer connection behind a lock: SQLite allows one writer at a time anyway, and a run with
+its curve points must land in one transaction so that concurrent readers (other tools, other server
+processes, the Python API) see either the whole run or nothing. Reads go through a second connection
+so a long query never delays a job's progress update.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import anyio
+
+from zoo import codehash, connection
+from zoo.query import Filters, Page, count_sql, decode_row, encode_cursor, page_sql
+from zoo.records import Model, Run
+
+TERMINAL_JOB_STATES = ("succeeded", "failed", "timed_out", "cancelled")
+ACTIVE_JOB_STATES = ("checking", "training", "evaluating")
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, sort_keys=True, default=str)
+
+
+class ZooStore:
+    """Open with `await ZooStore.open(path)`; close with `await store.close()`."""
+
+    def __init__(self, path: Path, writer: aiosqlite.Connection, reader: aiosqlite.Connection):
+        self.path = path
+        self._w = writer
+        self._r = reader
+        self._write_lock = anyio.Lock()
+        self._read_lock = anyio.Lock()
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+    @classmethod
+    async def open(cls, path: str | Path | None = None) -> "ZooStore":
+        resolved = connection.resolve_zoo_path(path)
+        await anyio.to_thread.run_sync(connection.initialize, resolved)
+        writer = await cls._connect(resolved)
+        reader = await cls._connect(resolved)
+        return cls(resolved, writer, reader)
+
+    @staticmethod
+    async def _connect(path: Path) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(path, isolation_level=None,
+                                       timeout=connection.BUSY_TIMEOUT_MS / 1000)
+        conn.row_factory = aiosqlite.Row
+        for pragma in connection.PRAGMAS:
+            await conn.execute(pragma)
+        return conn
+
+    async def close(self) -> None:
+        await self._w.close()
+        await self._r.close()
+
+    @property
+    def weights_dir(self) -> Path:
+        return self.path.parent / (self.path.stem + "-weights")
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT on the writer; rolled back on any error or cancellation."""
+        async with self._write_lock:
+            await self._w.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._w
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self._w.execute("ROLLBACK")
+                raise
+            else:
+                with anyio.CancelScope(shield=True):
+                    await self._w.execute("COMMIT")
+
+    @asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[aiosqlite.Connection]:
+        """A read transaction: every SELECT inside sees the same committed state."""
+        async with self._read_lock:
+            await self._r.execute("BEGIN")
+            try:
+                yield self._r
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await self._r.execute("COMMIT")
+
+    async def fetchall(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        async with self._read_lock:
+            rows = await self._r.execute_fetchall(sql, args)
+        return [dict(r) for r in rows]
+
+    async def fetchone(self, sql: str, args: Sequence[Any] = ()) -> dict[str, Any] | None:
+        rows = await self.fetchall(sql, args)
+        return rows[0] if rows else None
+
+    # --- models ------------------------------------------------------------------------------------
+    async def add_model(self, model: Model) -> tuple[int, bool]:
+        """Insert the model unless its name exists. Returns (model id, created)."""
+        async with self.transaction() as db:
+            return await self._add_model(db, model)
+
+    @staticmethod
+    async def _add_model(db: aiosqlite.Connection, model: Model) -> tuple[int, bool]:
+        row = await (await db.execute("SELECT id FROM model WHERE name=?", (model.name,))).fetchone()
+        if row:
+            return int(row[0]), False
+        cur = await db.execute(
+            "INSERT INTO model(name, code, code_hash, lemur_id, prefix, origin, fingerprint, params, flops,"
+            " code_quality, code_quality_detail, supported_hyperparameters, created)"
+            " VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (model.name, model.code, codehash.code_hash(model.code), codehash.lemur_id(model.code),
+             model.prefix, model.origin, model.fingerprint, model.params, model.flops, model.code_quality,
+             _json(model.code_quality_detail), _json(model.supported_hyperparameters), model.created),
+        )
+        return int(cur.lastrowid), True  # type: ignore[arg-type]
+
+    async def update_model_stats(self, name: str, **fields: Any) -> None:
+        """Fill architecture stats measured by the evaluator (params, flops, fingerprint, quality)."""
+        allowed = {"fingerprint", "params", "flops", "code_quality", "code_quality_detail",
+                   "supported_hyperparameters"}
+        bad = set(fields) - allowed
+        if bad:
+            raise ValueError(f"not model stats: {sorted(bad)}")
+        if not fields:
+            return
+        sets = ", ".join(f"{k}=?" for k in fields)
+        values = [_json(v) if isinstance(v, (dict, list)) else v for v in fields.values()]
+        async with self.transaction() as db:
+            await db.execute(f"UPDATE model SET {sets} WHERE name=?", (*values, name))
+
+    async def model_by_name(self, name: str) -> dict[str, Any] | None:
+        return await self.fetchone("SELECT * FROM model WHERE name=?", (name,))
+
+    async def models_by_hash(self, code_hash: str) -> list[dict[str, Any]]:
+        return await self.fetchall("SELECT id, name, origin FROM model WHERE code_hash=?", (code_hash,))
+
+    async def models_by_fingerprint(self, fingerprint: str) -> list[dict[str, Any]]:
+        return await self.fetchall("SELECT id, name, origin FROM model WHERE fingerprint=?", (fingerprint,))
+
+    async def model_names(self, like_prefix: str | None = None, limit: int = 20) -> list[str]:
+        if like_prefix:
+            rows = await self.fetchall("SELECT name FROM model WHERE name >= ? ORDER BY name LIMIT ?",
+                                       (like_prefix, limit))
+        else:
+            rows = await self.fetchall("SELECT name FROM model ORDER BY name LIMIT ?", (limit,))
+        return [r["name"] for r in rows]
+
+    # --- runs --------------------------------------------------------------------------------------
+    async def add_runs(self, model_id: int, runs: Iterable[Run]) -> list[tuple[int, bool]]:
+        """Write runs with their curve points in ONE transaction; idempotent on `Run.uid`."""
+        async with self.transaction() as db:
+            return [await self._add_run(db, model_id, run) for run in runs]
+
+    async def add_model_with_runs(self, model: Model, runs: Sequence[Run]) -> tuple[int, list[tuple[int, bool]]]:
+        """Model (if new) and its runs in one transaction: used by the importer and the evaluator."""
+        async with self.transaction() as db:
+            model_id, _ = await self._add_model(db, model)
+            return model_id, [await self._add_run(db, model_id, run) for run in runs]
+
+    @staticmethod
+    async def _add_run(db: aiosqlite.Connection, model_id: int, run: Run) -> tuple[int, bool]:
+        row = await (await db.execute("SELECT id FROM run WHERE uid=?", (run.uid,))).fetchone()
+        if row:
+            return int(row[0]), False
+        last = run.last_point
+        epochs = max((p.epoch for p in run.points), default=None)
+        cur = await db.execute(
+            "INSERT INTO run(uid, model_id, task, dataset, metric, transform, prm, seed, epochs, status,"
+            " accuracy, duration_ns, accuracy_to_time, device, versions, dataset_hash, job_id, trial, repeat,"
+            " selected, isolation, error, source, created) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (run.uid, model_id, run.task, run.dataset, run.metric, run.transform, _json(run.prm) or "{}",
+             run.seed, epochs, run.status, last.accuracy if last else None,
+             last.duration_ns if last else None, last.accuracy_to_time if last else None, run.device,
+             _json(run.versions), run.dataset_hash, run.job_id, run.trial, run.repeat, int(run.selected),
+             _json(run.isolation), _json(run.error), run.source, run.created),
+        )
+        run_id = int(cur.lastrowid)  # type: ignore[arg-type]
+        if run.points:
+            await db.executemany(
+                "INSERT INTO point(run_id, epoch, model_id, task, dataset, metric, accuracy, val_accuracy, loss,"
+                " duration_ns, accuracy_to_time, elapsed_s, created) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                [(run_id, p.epoch, model_id, run.task, run.dataset, run.metric, p.accuracy, p.val_accuracy,
+                  p.loss, p.duration_ns, p.accuracy_to_time, p.elapsed_s, run.created) for p in run.points],
+            )
+        return run_id, True
+
+    async def set_weights(self, run_id: int, sha256: str, size: int, rel_path: str) -> None:
+        async with self.transaction() as db:
+            await db.execute(
+                "INSERT INTO weights(run_id, sha256, size, path) VALUES(?,?,?,?) "
+                "ON CONFLICT(run_id) DO UPDATE SET sha256=excluded.sha256, size=excluded.size, path=excluded.path",
+                (run_id, sha256, size, rel_path),
+            )
+
+    # --- queries -----------------------------------------------------------------------------------
+    async def query(self, filters: Filters, page: Page) -> dict[str, Any]:
+        """Rows of one page, the total number of rows for the filters, and the next cursor."""
+        sql, args = page_sql(filters, page)
+        csql, cargs = count_sql(filters)
+        async with self.snapshot() as db:
+            raw = [dict(r) for r in await db.execute_fetchall(sql, args)]
+            total = (await (await db.execute(csql, cargs)).fetchone())[0]
+        rows = [decode_row(r) for r in raw]
+        next_cursor = None
+        if page.limit is not None and len(raw) == page.limit:
+            consumed = (page.offset if not page.cursor else 0) + len(raw)
+            if page.cursor or consumed < total:
+                next_cursor = encode_cursor(filters, page, raw[-1])
+        return {"rows": rows, "total": total, "next_cursor": next_cursor}
+
+    async def model_detail(self, name: str) -> dict[str, Any] | None:
+        """A model with a summary of its runs per task/dataset/metric and its best run's curve."""
+        async with self.snapshot() as db:
+            model = await (await db.execute("SELECT * FROM model WHERE name=?", (name,))).fetchone()
+            if model is None:
+                return None
+            model = dict(model)
+            summary = [dict(r) for r in await db.execute_fetchall(
+                "SELECT task, dataset, metric, COUNT(*) AS runs, MAX(accuracy) AS best_accuracy,"
+                " AVG(accuracy) AS mean_accuracy, MAX(accuracy_to_time) AS best_accuracy_to_time,"
+                " MAX(epochs) AS max_epochs, SUM(status IN ('failed','timed_out')) AS failed_runs"
+                " FROM run WHERE model_id=? GROUP BY task, dataset, metric ORDER BY best_accuracy DESC",
+                (model["id"],))]
+            best = await (await db.execute(
+                "SELECT * FROM run WHERE model_id=? AND accuracy IS NOT NULL "
+                "ORDER BY accuracy DESC, id LIMIT 1", (model["id"],))).fetchone()
+            curve: list[dict[str, Any]] = []
+            weights = None
+            if best is not None:
+                best = dict(best)
+                curve = [dict(r) for r in await db.execute_fetchall(
+                    "SELECT epoch, accuracy, val_accuracy, loss, duration_ns, accuracy_to_time, elapsed_s "
+                    "FROM point WHERE run_id=? ORDER BY epoch", (best["id"],))]
+                w = await (await db.execute("SELECT * FROM weights WHERE run_id=?", (best["id"],))).fetchone()
+                weights = dict(w) if w else None
+            recent = [dict(r) for r in await db.execute_fetchall(
+                "SELECT uid, task, dataset, metric, status, accuracy, epochs, duration_ns, prm, error, created "
+                "FROM run WHERE model_id=? ORDER BY created DESC, id DESC LIMIT 10", (model["id"],))]
+        return {"model": model, "summary": summary, "best_run": best, "curve": curve, "weights": weights,
+                "recent_runs": recent}
+
+    async def catalog_counts(self) -> list[dict[str, Any]]:
+        return await self.fetchall(
+            "SELECT task, dataset, metric, COUNT(DISTINCT model_id) AS models, COUNT(*) AS runs "
+            "FROM run GROUP BY task, dataset, metric ORDER BY runs DESC")
+
+    async def transform_counts(self) -> list[dict[str, Any]]:
+        return await self.fetchall(
+            "SELECT transform, COUNT(*) AS runs FROM run WHERE transform IS NOT NULL "
+            "GROUP BY transform ORDER BY runs DESC")
+
+    async def totals(self) -> dict[str, int]:
+        row = await self.fetchone(
+            "SELECT (SELECT COUNT(*) FROM model) AS models, (SELECT COUNT(*) FROM run) AS runs")
+        return dict(row) if row else {"models": 0, "runs": 0}
+
+    # --- jobs --------------------------------------------------------------------------------------
+    async def create_job(self, job_id: str, kind: str, request: dict[str, Any], model_name: str | None) -> None:
+        async with self.transaction() as db:
+            await db.execute(
+                "INSERT INTO job(id, kind, status, request, model_name, created) VALUES(?,?,?,?,?,?)",
+                (job_id, kind, "queued", _json(request), model_name, time.time()))
+
+    async def get_job(self, job_id: str) -> dict[str, Any] | None:
+        row = await self.fetchone("SELECT * FROM job WHERE id=?", (job_id,))
+        if row:
+            for key in ("request", "progress", "result", "error"):
+                if row.get(key):
+                    row[key] = json.loads(row[key])
+        return row
+
+    async def claim_next_job(self, owner: str) -> dict[str, Any] | None:
+        """Atomically move the oldest queued job to `checking` for this owner."""
+        async with self.transaction() as db:
+            row = await (await db.execute(
+                "SELECT id FROM job WHERE status='queued' AND cancel_requested=0 ORDER BY created LIMIT 1"
+            )).fetchone()
+            if row is None:
+                return None
+            now = time.time()
+            await db.execute(
+                "UPDATE job SET status='checking', owner=?, heartbeat=?, started=COALESCE(started, ?),"
+                " attempts=attempts+1 WHERE id=?", (owner, now, now, row[0]))
+        return await self.get_job(row[0])
+
+    async def update_job(self, job_id: str, **fields: Any) -> None:
+        allowed = {"status", "progress", "result", "error", "model_name", "finished", "heartbeat", "owner"}
+        bad = set(fields) - allowed
+        if bad:
+            raise ValueError(f"not job fields: {sorted(bad)}")
+        sets = ", ".join(f"{k}=?" for k in fields)
+        values = [_json(v) if isinstance(v, (dict, list)) else v for v in fields.values()]
+        async with self.transaction() as db:
+            await db.execute(f"UPDATE job SET {sets} WHERE id=?", (*values, job_id))
+
+    async def finish_job(self, job_id: str, status: str, result: dict[str, Any] | None = None,
+                         error: dict[str, Any] | None = None) -> None:
+        assert status in TERMINAL_JOB_STATES, status
+        await self.update_job(job_id, status=status, result=result, error=error, finished=time.time())
+
+    async def request_cancel(self, job_id: str) -> str | None:
+        """Mark a job for cancellation. A queued job is cancelled at once. Returns its status after."""
+        async with self.transaction() as db:
+            row = await (await db.execute("SELECT status FROM job WHERE id=?", (job_id,))).fetchone()
+            if row is None:
+                return None
+            status = row[0]
+            if status in TERMINAL_JOB_STATES:
+                return status
+            if status == "queued":
+                await db.execute("UPDATE job SET status='cancelled', cancel_requested=1, finished=? WHERE id=?",
+                                 (time.time(), job_id))
+                return "cancelled"
+            await db.execute("UPDATE job SET cancel_requested=1 WHERE id=?", (job_id,))
+            return status
+
+    async def recover_jobs(self, stale_after_s: float, max_attempts: int = 2) -> dict[str, list[str]]:
+        """Jobs whose owner stopped heart-beating: re-queue them, or fail them as `interrupted`.
+
+        Runs are written in one transaction per job at its end, so an interrupted job never leaves a
+        half-written run behind; it is simply run again (or reported) here.
+        """
+        cutoff = time.time() - stale_after_s
+        placeholders = ",".join("?" * len(ACTIVE_JOB_STATES))
+        requeued: list[str] = []
+        failed: list[str] = []
+        async with self.transaction() as db:
+            rows = await db.execute_fetchall(
+                f"SELECT id, attempts, cancel_requested FROM job WHERE status IN ({placeholders}) "
+                "AND (heartbeat IS NULL OR heartbeat < ?)", (*ACTIVE_JOB_STATES, cutoff))
+            for job_id, attempts, cancel in rows:
+                if cancel:
+                    await db.execute("UPDATE job SET status='cancelled', finished=? WHERE id=?",
+                                     (time.time(), job_id))
+                elif attempts < max_attempts:
+                    await db.execute("UPDATE job SET status='queued', owner=NULL, heartbeat=NULL WHERE id=?",
+                                     (job_id,))
+                    requeued.append(job_id)
+                else:
+                    error = {"stage": "queue", "kind": "interrupted",
+                             "message": f"The server running this job stopped {attempts} times; "
+                                        "submit again if you still need it."}
+                    await db.execute("UPDATE job SET status='failed', error=?, finished=? WHERE id=?",
+                                     (_json(error), time.time(), job_id))
+                    failed.append(job_id)
+        return {"requeued": requeued, "failed": failed}
+
+    async def heartbeat(self, job_ids: Sequence[str]) -> None:
+        if not job_ids:
+            return
+        async with self.transaction() as db:
+            await db.executemany("UPDATE job SET heartbeat=? WHERE id=?", [(time.time(), j) for j in job_ids])
+
+    async def list_jobs(self, limit: int = 20, status: str | None = None) -> list[dict[str, Any]]:
+        if status:
+            return await self.fetchall(
+                "SELECT id, kind, status, model_name, created, finished FROM job WHERE status=? "
+                "ORDER BY created DESC LIMIT ?", (status, limit))
+        return await self.fetchall("SELECT id, kind, status, model_name, created, finished FROM job "
+                                   "ORDER BY created DESC LIMIT ?", (limit,))
