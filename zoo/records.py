@@ -38,6 +38,8 @@ class Run:
     trial: int | None = None
     repeat: int | None = None
     selected: bool = False
+    train_samples: int | None = None
+    test_samples: int | None = None
     isolation: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     points: list[Point] = dataclasses.field(default_factory=list)

@@ -65,6 +65,8 @@ MIGRATIONS: list[list[str]] = [
             trial INTEGER,
             repeat INTEGER,
             selected INTEGER NOT NULL DEFAULT 0,  -- the trial Optuna selected for its job
+            train_samples INTEGER,            -- images in the training split actually used
+            test_samples INTEGER,             -- images the test accuracy was computed on
             isolation TEXT,                   -- JSON: what sandbox ran it
             error TEXT,                       -- JSON {stage, kind, message}
             source TEXT NOT NULL,             -- evaluator | lemur-import

@@ -175,12 +175,13 @@ class ZooStore:
         cur = await db.execute(
             "INSERT INTO run(uid, model_id, task, dataset, metric, transform, prm, seed, epochs, status,"
             " accuracy, duration_ns, accuracy_to_time, device, versions, dataset_hash, job_id, trial, repeat,"
-            " selected, isolation, error, source, created) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " selected, train_samples, test_samples, isolation, error, source, created)"
+            " VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (run.uid, model_id, run.task, run.dataset, run.metric, run.transform, _json(run.prm) or "{}",
              run.seed, epochs, run.status, last.accuracy if last else None,
              last.duration_ns if last else None, last.accuracy_to_time if last else None, run.device,
              _json(run.versions), run.dataset_hash, run.job_id, run.trial, run.repeat, int(run.selected),
-             _json(run.isolation), _json(run.error), run.source, run.created),
+             run.train_samples, run.test_samples, _json(run.isolation), _json(run.error), run.source, run.created),
         )
         run_id = int(cur.lastrowid)  # type: ignore[arg-type]
         if run.points:
@@ -290,6 +291,17 @@ class ZooStore:
                 "UPDATE job SET status='checking', owner=?, heartbeat=?, started=COALESCE(started, ?),"
                 " attempts=attempts+1 WHERE id=?", (owner, now, now, row[0]))
         return await self.get_job(row[0])
+
+    async def claim_specific_job(self, job_id: str, owner: str) -> dict[str, Any] | None:
+        """Claim one queued job by id (used to fail static-check failures at submit time)."""
+        async with self.transaction() as db:
+            now = time.time()
+            cur = await db.execute(
+                "UPDATE job SET status='checking', owner=?, heartbeat=?, started=?, attempts=attempts+1 "
+                "WHERE id=? AND status='queued'", (owner, now, now, job_id))
+            if cur.rowcount != 1:
+                return None
+        return await self.get_job(job_id)
 
     async def update_job(self, job_id: str, **fields: Any) -> None:
         allowed = {"status", "progress", "result", "error", "model_name", "finished", "heartbeat", "owner"}

@@ -1,0 +1,4 @@
+from lemur_agent_server.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,335 @@
+"""`lemur-agent-server` command line: serve (default), worker, query, check, submit, import-lemur,
+evaluate-seeds, stats, sandbox build.
+
+Every subcommand takes `--zoo PATH` (or LEMUR_ZOO). On `serve` over stdio nothing but the protocol
+may reach stdout, so all logging goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from lemur_agent_server import __version__
+from lemur_agent_server.config import Settings
+
+log = logging.getLogger("lemur_agent_server")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _common(parser: argparse.ArgumentParser, top: bool = False) -> None:
+    """Options every subcommand takes. On subparsers they default to SUPPRESS, so a value given before
+    the subcommand (`--zoo X query`) is not overwritten by the subparser's default."""
+    kw: dict[str, Any] = {} if top else {"default": argparse.SUPPRESS}
+    parser.add_argument("--zoo", help="zoo SQLite file (default: $LEMUR_ZOO or the user data dir)", **kw)
+    parser.add_argument("--data-root", type=Path, help="datasets in torchvision layout (default: $LEMUR_DATA)",
+                        **kw)
+    parser.add_argument("--sandbox", choices=("auto", "docker", "process"), help="isolation backend", **kw)
+    parser.add_argument("-v", "--verbose", action="store_true", **kw)
+
+
+def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
+    return Settings.from_env(args.zoo, data_root=getattr(args, "data_root", None),
+                             sandbox=getattr(args, "sandbox", None), **extra)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lemur-agent-server", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=__version__)
+    _common(parser, top=True)
+    sub = parser.add_subparsers(dest="command")
+
+    serve = sub.add_parser("serve", help="serve MCP over stdio (default) or streamable HTTP")
+    _common(serve)
+    _serve_args(serve)
+    _serve_args(parser, top=True)
+
+    worker = sub.add_parser("worker", help="run evaluation jobs from the zoo's queue without serving MCP")
+    _common(worker)
+    worker.add_argument("--slots", type=int, default=argparse.SUPPRESS)
+
+    query = sub.add_parser("query", help="query the zoo (same filters as the query_models tool)")
+    _common(query)
+    for name in ("task", "dataset", "metric"):
+        query.add_argument(f"--{name}")
+    query.add_argument("--nn", action="append")
+    query.add_argument("--nn-prefix", action="append")
+    query.add_argument("--epoch", type=float)
+    query.add_argument("--min-accuracy", type=float)
+    query.add_argument("--only-best-accuracy", action="store_true")
+    query.add_argument("--unique-nn", action="store_true")
+    query.add_argument("--sort", default="accuracy",
+                       choices=("accuracy", "duration", "accuracy_to_time", "params", "created", "name"))
+    query.add_argument("--limit", type=int, default=20)
+    query.add_argument("--json", action="store_true")
+
+    for name in ("check", "submit"):
+        p = sub.add_parser(name, help=f"{name} a model file")
+        _common(p)
+        p.add_argument("file", type=Path)
+        p.add_argument("--task", default="img-classification")
+        p.add_argument("--dataset", required=True)
+        p.add_argument("--prm", type=json.loads, default={}, help='fixed hyperparameters as JSON, e.g. {"lr":0.01}')
+        if name == "submit":
+            p.add_argument("--budget-s", type=float, default=300.0)
+            p.add_argument("--trials", type=int, default=3)
+            p.add_argument("--epochs", type=float, default=1.0)
+            p.add_argument("--eval-every", type=float, default=0.5)
+            p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--prefix")
+            p.add_argument("--max-train-samples", type=int)
+            p.add_argument("--wait", action="store_true", help="run the job here and show a progress bar")
+
+    imp = sub.add_parser("import-lemur", help="import a LEMUR nn-dataset checkout or wheel")
+    _common(imp)
+    imp.add_argument("path", type=Path)
+
+    seeds = sub.add_parser("evaluate-seeds", help="train the reference models so the zoo gets real runs")
+    _common(seeds)
+    seeds.add_argument("--dataset", default="digits")
+    seeds.add_argument("--budget-s", type=float, default=120.0)
+    seeds.add_argument("--epochs", type=float, default=2.0)
+    seeds.add_argument("--trials", type=int, default=2)
+
+    sandbox = sub.add_parser("sandbox", help="sandbox image management")
+    _common(sandbox)
+    sandbox_sub = sandbox.add_subparsers(dest="sandbox_command", required=True)
+    build = sandbox_sub.add_parser("build", help="build the Docker sandbox image")
+    build.add_argument("--base", help="base image (default: the Dockerfile's CUDA PyTorch image)")
+    build.add_argument("--tag")
+
+    try:
+        from stats.cli import add_stats_subparsers
+    except ImportError:
+        pass
+    else:
+        add_stats_subparsers(sub)
+    return parser
+
+
+def _serve_args(p: argparse.ArgumentParser, top: bool = False) -> None:
+    def d(value: Any) -> dict[str, Any]:
+        return {"default": value if top else argparse.SUPPRESS}
+
+    p.add_argument("--http", action="store_true", help="serve streamable HTTP instead of stdio", **d(False))
+    p.add_argument("--host", help="HTTP bind address (loopback unless --token)", **d("127.0.0.1"))
+    p.add_argument("--port", type=int, **d(8765))
+    p.add_argument("--token", help="bearer token required on HTTP (default: $LEMUR_TOKEN)", **d(None))
+    p.add_argument("--slots", type=int, help="parallel training jobs (default: one per GPU, else 1)", **d(None))
+    p.add_argument("--gpus", help="comma-separated GPU ids for the sandboxes, e.g. 0,1", **d(None))
+    p.add_argument("--no-worker", action="store_true", help="do not run evaluation jobs in this process",
+                   **d(False))
+    p.add_argument("--no-seed", action="store_true", help="do not add the reference models on first start",
+                   **d(False))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    command = args.command or "serve"
+    handler = {"serve": cmd_serve, "worker": cmd_worker, "query": cmd_query, "check": cmd_check,
+               "submit": cmd_submit, "import-lemur": cmd_import, "evaluate-seeds": cmd_evaluate_seeds,
+               "sandbox": cmd_sandbox}.get(command)
+    if handler is None:
+        return int(args.func(args) or 0)  # stats subcommands set func
+    return int(handler(args) or 0)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lemur_agent_server.server import build_server
+
+    gpus = tuple(g for g in (args.gpus or "").split(",") if g) or None
+    settings = _settings(args, slots=args.slots, gpus=gpus, token=args.token)
+    if args.no_worker:
+        settings.run_workers = False
+    if args.no_seed:
+        settings.seed_zoo = False
+    mcp = build_server(settings)
+    if not args.http:
+        mcp.run()
+        return 0
+    from lemur_agent_server.http import serve_http
+
+    if args.host not in LOOPBACK and not settings.token:
+        print(f"Refusing to serve on {args.host} without a token: pass --token or set LEMUR_TOKEN.",
+              file=sys.stderr)
+        return 2
+    anyio.run(serve_http, mcp, args.host, args.port, settings.token)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from lemur_agent_server.evaluator.queue import JobQueue
+    from zoo.store import ZooStore
+
+    settings = _settings(args, slots=getattr(args, "slots", None))
+
+    async def run() -> None:
+        store = await ZooStore.open(settings.zoo_path)
+        try:
+            async with JobQueue.running(settings, store):
+                log.info("worker running on %s; Ctrl-C to stop", settings.zoo_path)
+                await anyio.sleep_forever()
+        finally:
+            await store.close()
+
+    try:
+        anyio.run(run)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from lemur_agent_server import api
+
+    frame = api.data(only_best_accuracy=args.only_best_accuracy, task=args.task, dataset=args.dataset,
+                     metric=args.metric, nn=args.nn, epoch=args.epoch, nn_prefixes=args.nn_prefix,
+                     unique_nn=args.unique_nn, zoo=args.zoo)
+    if args.min_accuracy is not None:
+        frame = frame[frame["accuracy"] >= args.min_accuracy]
+    key = {"duration": "duration", "name": "nn"}.get(args.sort, args.sort)
+    frame = frame.sort_values(key, ascending=args.sort in ("duration", "params", "name")).head(args.limit)
+    cols = ["nn", "task", "dataset", "metric", "epoch", "accuracy", "duration", "accuracy_to_time", "params"]
+    if args.json:
+        print(frame[cols + ["prm"]].to_json(orient="records"))
+    else:
+        print(frame[cols].to_string(index=False))
+    return 0
+
+
+def _read_code(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise SystemExit(f"cannot read {path}: {exc.strerror}") from exc
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from lemur_agent_server.evaluator.queue import JobQueue
+    from lemur_agent_server.evaluator.requests import EvalRequest
+    from zoo.store import ZooStore
+
+    settings = _settings(args)
+    request = EvalRequest(code=_read_code(args.file), task=args.task, dataset=args.dataset, prm=args.prm)
+
+    async def run() -> Any:
+        store = await ZooStore.open(settings.zoo_path)
+        try:
+            async with JobQueue.running(settings, store, workers=False) as queue:
+                return await queue.check(request)
+        finally:
+            await store.close()
+
+    outcome = anyio.run(run)
+    print(json.dumps({"status": outcome.status, "result": outcome.result, "error": outcome.error}, indent=1,
+                     default=str))
+    return 0 if outcome.status == "succeeded" else 1
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from lemur_agent_server.evaluator.queue import JobQueue
+    from lemur_agent_server.evaluator.requests import EvalRequest
+    from zoo.store import ZooStore
+
+    settings = _settings(args)
+    request = EvalRequest(code=_read_code(args.file), task=args.task, dataset=args.dataset, prm=args.prm,
+                          n_trials=args.trials, epochs=args.epochs, time_budget_s=args.budget_s,
+                          eval_every=args.eval_every, seed=args.seed, name_prefix=args.prefix,
+                          max_train_samples=args.max_train_samples)
+
+    async def run() -> dict[str, Any] | None:
+        store = await ZooStore.open(settings.zoo_path)
+        try:
+            async with JobQueue.running(settings, store, workers=args.wait) as queue:
+                job_id = await queue.submit(request)
+                if not args.wait:
+                    return await store.get_job(job_id)
+                bar = tqdm(total=request.time_budget_s, unit="s", file=sys.stderr, desc=job_id)
+
+                async def show(row: dict[str, Any]) -> None:
+                    progress = row.get("progress") or {}
+                    bar.n = min(request.time_budget_s, float(progress.get("elapsed_s") or 0))
+                    bar.set_postfix_str(f"{row['status']} trial={progress.get('trial')} "
+                                        f"epoch={progress.get('epoch')} val={progress.get('best_val_accuracy')}")
+                    bar.refresh()
+
+                row = await queue.wait(job_id, request.time_budget_s + 120, show)
+                bar.close()
+                return row
+        finally:
+            await store.close()
+
+    row = anyio.run(run)
+    print(json.dumps(row, indent=1, default=str))
+    return 0 if row and row["status"] in ("succeeded", "queued") else 1
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from lemur_agent_server.lemur_import import import_lemur_sync
+
+    settings = _settings(args)
+    bar = tqdm(unit="file", file=sys.stderr, desc="import")
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    report = import_lemur_sync(settings.zoo_path, args.path, progress)
+    bar.close()
+    print(json.dumps(report.as_dict() if hasattr(report, "as_dict") else report.__dict__, indent=1, default=str))
+    return 0
+
+
+def cmd_evaluate_seeds(args: argparse.Namespace) -> int:
+    from lemur_agent_server.evaluator.queue import JobQueue
+    from lemur_agent_server.evaluator.requests import EvalRequest
+    from lemur_agent_server.reference_models import REFERENCE_MODELS, read_code
+    from lemur_agent_server.seed import seed_reference_models
+    from zoo.store import ZooStore
+
+    settings = _settings(args)
+
+    async def run() -> list[dict[str, Any]]:
+        store = await ZooStore.open(settings.zoo_path)
+        results = []
+        try:
+            await seed_reference_models(store)
+            async with JobQueue.running(settings, store, workers=False) as queue:
+                for name in REFERENCE_MODELS:
+                    request = EvalRequest(code=read_code(name), dataset=args.dataset, n_trials=args.trials,
+                                          epochs=args.epochs, time_budget_s=args.budget_s)
+                    job_id, outcome = await queue.run_now(request)
+                    res = outcome.result or {}
+                    results.append({"model": name, "job_id": job_id, "status": outcome.status,
+                                    "accuracy": res.get("accuracy"), "error": outcome.error})
+                    print(json.dumps(results[-1], default=str), file=sys.stderr)
+        finally:
+            await store.close()
+        return results
+
+    results = anyio.run(run)
+    print(json.dumps(results, indent=1, default=str))
+    return 0 if all(r["status"] in ("succeeded", "timed_out") for r in results) else 1
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from sandbox.image import build_image
+
+    from lemur_agent_server.config import DEFAULT_IMAGE
+
+    root = Path(__file__).resolve().parent.parent
+    build_image(args.tag or DEFAULT_IMAGE, args.base, root, log=lambda m: print(m, file=sys.stderr))
+    return 0

@@ -1,0 +1,77 @@
+"""Server settings from command-line flags and environment variables.
+
+Why environment variables too: MCP hosts (Claude Desktop, VS Code) start servers with a near-empty
+environment plus an `env` block from their config, so every setting must be reachable that way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import platformdirs
+
+from zoo.connection import APP_NAME, resolve_zoo_path
+
+ENV_DATA = "LEMUR_DATA"  # dataset root in torchvision layout
+ENV_SANDBOX = "LEMUR_SANDBOX"  # auto | docker | process
+ENV_SLOTS = "LEMUR_SLOTS"
+ENV_GPUS = "LEMUR_GPUS"  # comma-separated device ids, e.g. "0,1"
+ENV_TOKEN = "LEMUR_TOKEN"  # bearer token for --http
+ENV_IMAGE = "LEMUR_SANDBOX_IMAGE"
+ENV_NO_SEED = "LEMUR_NO_SEED"
+
+DEFAULT_IMAGE = "lemur-agent-server-sandbox:latest"
+
+
+@dataclasses.dataclass
+class Settings:
+    zoo_path: Path
+    data_root: Path
+    sandbox: str = "auto"
+    slots: int | None = None  # None: one per GPU, else 1
+    gpus: tuple[str, ...] = ()
+    image: str = DEFAULT_IMAGE
+    seed_zoo: bool = True
+    run_workers: bool = True
+    token: str | None = None
+    max_time_budget_s: float = 3600.0
+    memory_gb: float = 6.0  # memory limit of one sandbox
+    threads: int = max(1, (os.cpu_count() or 1))
+
+    @property
+    def state_dir(self) -> Path:
+        """Job directories and the dataset cache live beside the zoo file."""
+        return self.zoo_path.parent
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.state_dir / "jobs"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.state_dir / "dataset-cache"
+
+    @property
+    def slot_count(self) -> int:
+        return self.slots if self.slots else max(1, len(self.gpus))
+
+    @classmethod
+    def from_env(cls, zoo: str | os.PathLike[str] | None = None, **overrides: object) -> "Settings":
+        gpus = tuple(g for g in os.environ.get(ENV_GPUS, "").split(",") if g.strip())
+        slots_env = os.environ.get(ENV_SLOTS)
+        settings = cls(
+            zoo_path=resolve_zoo_path(zoo),
+            data_root=Path(os.environ.get(ENV_DATA) or Path(platformdirs.user_data_dir(APP_NAME)) / "data"),
+            sandbox=os.environ.get(ENV_SANDBOX, "auto"),
+            slots=int(slots_env) if slots_env else None,
+            gpus=gpus,
+            image=os.environ.get(ENV_IMAGE, DEFAULT_IMAGE),
+            seed_zoo=os.environ.get(ENV_NO_SEED, "") not in ("1", "true", "yes"),
+            token=os.environ.get(ENV_TOKEN) or None,
+        )
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(settings, key, value)
+        return settings

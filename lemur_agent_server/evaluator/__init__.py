@@ -1,0 +1,1 @@
+"""The evaluator: static checks, sandboxed training jobs, trusted scoring and archiving."""

@@ -1,0 +1,87 @@
+"""Code quality in [0, 1] from ruff and radon: static analysis only, the code never runs.
+
+Formula (documented for agents; LEMUR's pylint-based score is the model, with ruff instead of pylint):
+
+    penalty = 5 * errors        (ruff F: undefined names, unused imports that shadow, syntax-level bugs; E9)
+            + 2 * bug_risks     (ruff B: likely bugs such as mutable defaults)
+            + 1 * style         (ruff E and W: pycodestyle, max line length 120)
+            + 1 * complex_blocks (radon: functions/methods with cyclomatic complexity > 10)
+            + 2 * very_complex  (radon: complexity > 20, on top)
+    score = max(0, 100 - penalty) / 100
+
+The breakdown lists the counts, the first messages with line numbers, and radon's maintainability
+index (reported, not scored) so an agent can act on it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from radon.complexity import cc_visit
+from radon.metrics import mi_visit
+
+RUFF_SELECT = "E,W,F,B"
+WEIGHTS = {"errors": 5, "bug_risks": 2, "style": 1, "complex_blocks": 1, "very_complex_blocks": 2}
+
+
+def _ruff_executable() -> list[str]:
+    beside = Path(sys.executable).with_name("ruff")
+    if beside.exists():
+        return [str(beside)]
+    found = shutil.which("ruff")
+    return [found] if found else [sys.executable, "-m", "ruff"]
+
+
+def ruff_findings(code: str) -> list[dict[str, Any]]:
+    """ruff's JSON findings for the code, fed on stdin (no file is written, nothing is executed)."""
+    cmd = [*_ruff_executable(), "check", "--no-cache", "--isolated", "--select", RUFF_SELECT,
+           "--line-length", "120", "--output-format", "json", "--stdin-filename", "model.py", "-"]
+    proc = subprocess.run(cmd, input=code, capture_output=True, text=True, timeout=60)
+    if proc.returncode not in (0, 1):
+        raise RuntimeError(f"ruff failed: {proc.stderr[-500:]}")
+    return json.loads(proc.stdout or "[]")
+
+
+def _category(code: str | None) -> str:
+    if not code:
+        return "errors"  # ruff reports syntax errors without a code
+    if code.startswith("F") or code.startswith("E9"):
+        return "errors"
+    if code.startswith("B"):
+        return "bug_risks"
+    return "style"
+
+
+def code_quality(code: str) -> tuple[float, dict[str, Any]]:
+    """(score in [0, 1], breakdown). Never raises for bad code: a parse failure scores 0."""
+    counts = {key: 0 for key in WEIGHTS}
+    messages: list[str] = []
+    for finding in ruff_findings(code):
+        counts[_category(finding.get("code"))] += 1
+        if len(messages) < 15:
+            row = (finding.get("location") or {}).get("row")
+            messages.append(f"line {row}: {finding.get('code')} {finding.get('message')}")
+    complexities: list[dict[str, Any]] = []
+    maintainability = None
+    try:
+        for block in cc_visit(code):
+            if block.complexity > 10:
+                counts["complex_blocks"] += 1
+                complexities.append({"name": block.name, "line": block.lineno, "complexity": block.complexity})
+            if block.complexity > 20:
+                counts["very_complex_blocks"] += 1
+        maintainability = round(mi_visit(code, multi=True), 1)
+    except SyntaxError:
+        counts["errors"] += 20
+    penalty = sum(WEIGHTS[k] * v for k, v in counts.items())
+    score = max(0.0, 100.0 - penalty) / 100.0
+    detail = {"score": score, "formula": "max(0, 100 - 5*errors - 2*bug_risks - 1*style - 1*complex_blocks "
+                                         "- 2*very_complex_blocks) / 100",
+              "counts": counts, "messages": messages, "complex_blocks": complexities[:10],
+              "maintainability_index": maintainability, "tools": {"ruff_select": RUFF_SELECT, "radon": "cc, mi"}}
+    return score, detail

@@ -1,0 +1,232 @@
+"""The evaluation side of the server: check_model, submit_model, get_job, cancel_job.
+
+Why submit + poll: hosts give up on a tool call after about 60 s and training takes minutes, so
+submit_model returns a job_id at once and get_job long-polls for at most 50 s, reporting MCP
+progress while it waits.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from mcp.server import MCPServer
+from mcp.server.mcpserver import Context
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import ToolAnnotations
+from pydantic import BaseModel, Field, ValidationError
+
+from lemur_agent_server.evaluator.requests import EvalRequest
+from lemur_agent_server.state import AppState
+from sandbox import datasets
+
+JobStatus = Literal["queued", "checking", "training", "evaluating", "succeeded", "failed", "timed_out", "cancelled"]
+
+Code = Annotated[str, Field(description="The complete Python source of the model file (Net contract; see "
+                                        "list_catalog.net_contract)", min_length=1, max_length=400_000)]
+DatasetArg = Annotated[str, Field(description="Dataset to train on: digits, mnist, fashion-mnist, cifar-10, "
+                                              "cifar-100 or svhn (list_catalog says which are present)")]
+TaskArg = Annotated[str, Field(description="Task; only 'img-classification' is evaluated")]
+PrmArg = Annotated[dict[str, Any] | None, Field(
+    description="Fixed hyperparameters, e.g. {'lr': 0.01, 'batch': 64, 'transform': 'norm_32'}; values in "
+                "[0, 1] except batch (integer) and transform (name). Anything not fixed is searched.")]
+
+
+class CheckResult(BaseModel):
+    ok: bool = Field(description="True when the model builds and produces logits of the right shape")
+    model_name: str = Field(description="The name it will get in the zoo when submitted")
+    problems: list[dict[str, Any]] = Field(description="What to fix: kind, message, and line where known")
+    params: int | None = None
+    flops: int | None = Field(default=None, description="Forward FLOPs for one sample")
+    fingerprint: str | None = Field(default=None, description="Architecture fingerprint")
+    in_shape: list[int] | None = None
+    out_shape: list[int] | None = None
+    code_quality: float | None = Field(default=None, description="0..1 (ruff + radon), see detail")
+    code_quality_detail: dict[str, Any] | None = None
+    duplicates: dict[str, list[str]] = Field(default_factory=dict, description=(
+        "same_code: models with the same normalized code (a submission adds runs to it); same_architecture: "
+        "models with the same fingerprint"))
+    isolation: dict[str, Any] | None = None
+    next_step: str
+
+
+class JobView(BaseModel):
+    job_id: str
+    status: JobStatus
+    done: bool = Field(description="True once the job reached a final state")
+    model_name: str | None = None
+    progress: dict[str, Any] | None = Field(default=None, description="Stage, trial, epoch, best validation "
+                                                                       "accuracy, elapsed and budget seconds")
+    result: dict[str, Any] | None = Field(default=None, description=(
+        "When done: accuracy (test, 0..1, computed by the server), accuracy_to_time, code_quality, duration_ns "
+        "(training only), selected trial and prm, every trial, params, flops, duplicates, isolation"))
+    error: dict[str, Any] | None = Field(default=None, description=(
+        "When failed: stage, kind (syntax, contract, shape, exception, nan_loss, out_of_memory, timeout, "
+        "sandbox, interrupted), message, log tail"))
+    created: float
+    finished: float | None = None
+    next_step: str
+
+
+def job_view(row: dict[str, Any]) -> JobView:
+    status = row["status"]
+    done = status in ("succeeded", "failed", "timed_out", "cancelled")
+    if status == "succeeded":
+        hint = "Done. query_models(task, dataset, unique_nn=true) shows where it ranks; get_model(model_name)."
+    elif status == "failed":
+        hint = "Read error.kind and error.message, fix the code, check_model it, then submit_model again."
+    elif status == "timed_out":
+        hint = ("The time budget ran out; result holds what finished. Use fewer trials/epochs, a smaller "
+                "model, or a larger time_budget_s.")
+    elif status == "cancelled":
+        hint = "Cancelled. Submit again when ready."
+    else:
+        hint = "Still running: call get_job(job_id, wait_s=50) again."
+    return JobView(job_id=row["id"], status=status, done=done, model_name=row.get("model_name"),
+                   progress=row.get("progress"), result=row.get("result"), error=row.get("error"),
+                   created=row["created"], finished=row.get("finished"), next_step=hint)
+
+
+def build_request(**fields: Any) -> EvalRequest:
+    try:
+        return EvalRequest(**{k: v for k, v in fields.items() if v is not None})
+    except ValidationError as exc:
+        messages = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in exc.errors())
+        raise ToolError(f"Invalid request: {messages}") from exc
+
+
+def require_dataset(state: AppState, name: str) -> None:
+    if not datasets.available(name, state.settings.data_root):
+        info = datasets.get_info(name)
+        raise ToolError(f"Dataset '{name}' is not present on this server ({info.source}); data root "
+                        f"{state.settings.data_root}. Choose a dataset list_catalog marks available "
+                        "(digits always is), or ask the operator to install the files.")
+
+
+def register_job_tools(mcp: MCPServer, state: AppState) -> None:
+    @mcp.tool(annotations=ToolAnnotations(read_only_hint=True, open_world_hint=False))
+    async def check_model(
+        code: Code,
+        dataset: DatasetArg,
+        task: TaskArg = "img-classification",
+        prm: PrmArg = None,
+    ) -> CheckResult:
+        """Check model code in seconds without training or archiving anything: syntax, the Net contract,
+        building the Net in the sandbox with the dataset's shapes, one forward pass (logits must be
+        (batch, classes)), a short learn() smoke test, parameter count, FLOPs, architecture fingerprint,
+        duplicates already in the zoo, and the code-quality score with its breakdown.
+        Use it before every submit_model. `problems` lists what to fix. Next: submit_model.
+        """
+        request = build_request(code=code, dataset=dataset, task=task, prm=prm or {})
+        require_dataset(state, dataset)
+        outcome = await state.jobs().check(request)
+        result = outcome.result or {}
+        problems = []
+        if outcome.error:
+            problems = outcome.error.get("problems") or [
+                {k: v for k, v in outcome.error.items() if k in ("stage", "kind", "message", "traceback")}]
+        ok = outcome.status == "succeeded"
+        return CheckResult(
+            ok=ok, model_name=result.get("model_name", ""), problems=problems, params=result.get("params"),
+            flops=result.get("flops"), fingerprint=result.get("fingerprint"), in_shape=result.get("in_shape"),
+            out_shape=result.get("out_shape"), code_quality=result.get("code_quality"),
+            code_quality_detail=result.get("code_quality_detail"), duplicates=result.get("duplicates") or {},
+            isolation=result.get("isolation"),
+            next_step="submit_model with the same code" if ok else "fix the problems and call check_model again")
+
+    @mcp.tool(annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False,
+                                          open_world_hint=False))
+    async def submit_model(
+        code: Code,
+        dataset: DatasetArg,
+        task: TaskArg = "img-classification",
+        metric: Annotated[str, Field(description="Metric; 'acc' (test accuracy)")] = "acc",
+        prm: PrmArg = None,
+        search_space: Annotated[dict[str, dict[str, Any]] | None, Field(
+            description="Override search ranges: {'lr': {'low': 1e-4, 'high': 0.1, 'log': true}, "
+                        "'batch': {'choices': [32, 64]}}")] = None,
+        n_trials: Annotated[int, Field(description="Optuna TPE trials, 1..200", ge=1, le=200)] = 3,
+        epochs: Annotated[float, Field(description="Epochs per trial, >0 (0.5 allowed)", gt=0, le=200)] = 1.0,
+        time_budget_s: Annotated[float, Field(
+            description="Hard wall-clock limit for the whole job in seconds (5..86400); unfinished trials are "
+                        "pruned and the job ends timed_out with what it has", ge=5, le=86400)] = 300.0,
+        eval_every: Annotated[float, Field(description="Epochs between learning-curve points", gt=0)] = 0.5,
+        seed: Annotated[int, Field(description="Seed of the search and the training", ge=0)] = 0,
+        repeats: Annotated[int, Field(description="Extra reruns of the selected hyperparameters with other "
+                                                  "seeds, 1..10 (1 = none)", ge=1, le=10)] = 1,
+        name_prefix: Annotated[str | None, Field(description="Name prefix; the model is named "
+                                                             "{prefix}-{code hash}", max_length=64)] = None,
+        max_train_samples: Annotated[int | None, Field(
+            description="Train on at most this many images (quick experiments); test accuracy always uses "
+                        "the full test split", ge=16)] = None,
+    ) -> JobView:
+        """Train and score new model code: static checks at once, then (in a job) a sandboxed check and a
+        time-boxed Optuna search on the dataset; accuracy is computed by the server on the held-out
+        test split from the sandbox's predictions; the model, every trial's run with its learning curve,
+        and the selected trial's weights are archived in the zoo (failures too).
+        Returns at once with job_id (static failures are reported immediately).
+        Next: get_job(job_id, wait_s=50) until done is true.
+        """
+        request = build_request(code=code, dataset=dataset, task=task, metric=metric, prm=prm or {},
+                                search_space=search_space or {}, n_trials=n_trials, epochs=epochs,
+                                time_budget_s=time_budget_s, eval_every=eval_every, seed=seed, repeats=repeats,
+                                name_prefix=name_prefix, max_train_samples=max_train_samples)
+        if request.time_budget_s > state.settings.max_time_budget_s:
+            raise ToolError(f"time_budget_s={request.time_budget_s} exceeds this server's limit of "
+                            f"{state.settings.max_time_budget_s} s; lower it.")
+        require_dataset(state, dataset)
+        job_id = await state.jobs().submit(request)
+        row = await state.zoo().get_job(job_id)
+        assert row is not None
+        return job_view(row)
+
+    @mcp.tool(annotations=ToolAnnotations(read_only_hint=True, open_world_hint=False))
+    async def get_job(
+        job_id: Annotated[str, Field(description="job_id returned by submit_model", min_length=1, max_length=64)],
+        wait_s: Annotated[float, Field(description="Wait up to this many seconds (0..50) for the job to end; "
+                                                   "progress is reported while waiting", ge=0, le=50)] = 0,
+        ctx: Context | None = None,
+    ) -> JobView:
+        """State of an evaluation job: queued, checking, training, evaluating, then succeeded, failed,
+        timed_out or cancelled. With wait_s > 0 it waits (long poll, at most 50 s) and sends MCP progress
+        notifications. When done it carries the result (accuracy, accuracy_to_time, code_quality,
+        selected hyperparameters, every trial) or the error (stage, kind, message, log tail).
+        """
+        store = state.zoo()
+        row = await store.get_job(job_id)
+        if row is None:
+            recent = [j["id"] for j in await store.list_jobs(limit=5)]
+            raise ToolError(f"No job '{job_id}'. Recent jobs: {recent or 'none'}. Use the job_id that "
+                            "submit_model returned.")
+        if wait_s > 0 and state.queue is not None:
+            started = time.monotonic()
+            tick = 0
+
+            async def report(current: dict[str, Any]) -> None:
+                nonlocal tick
+                if ctx is None:
+                    return
+                tick += 1
+                progress = current.get("progress") or {}
+                await ctx.report_progress(
+                    min(wait_s, time.monotonic() - started) + tick * 1e-6, wait_s,
+                    f"{current['status']}: trial {progress.get('trial')} epoch {progress.get('epoch')} "
+                    f"best val {progress.get('best_val_accuracy')}")
+
+            row = await state.queue.wait(job_id, wait_s, report) or row
+        return job_view(row)
+
+    @mcp.tool(annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True,
+                                          open_world_hint=False))
+    async def cancel_job(
+        job_id: Annotated[str, Field(description="job_id to cancel", min_length=1, max_length=64)],
+    ) -> JobView:
+        """Cancel a queued or running job: its sandbox is killed, finished trials stay archived.
+        Cancelling a finished job changes nothing. Returns the job's state after the request.
+        """
+        status = await state.jobs().cancel(job_id)
+        if status is None:
+            raise ToolError(f"No job '{job_id}'. Use the job_id that submit_model returned.")
+        row = await state.queue.wait(job_id, 10) if state.queue else await state.zoo().get_job(job_id)
+        assert row is not None
+        return job_view(row)

@@ -1,0 +1,245 @@
+"""The read side of the server: list_catalog, query_models, get_model, the code resource and the
+design_model prompt.
+
+Why these answers are compact: hosts reject tool results over ~25k tokens, and an agent re-reads what
+it gets on every turn. Rows carry numbers and names; code comes only when asked, with a budget.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from mcp.server import MCPServer
+from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
+from mcp.types import ToolAnnotations
+from pydantic import Field
+
+from lemur_agent_server import contract
+from lemur_agent_server.schemas import Catalog, CatalogEntry, DatasetEntry, ModelDetail, QueryResult
+from lemur_agent_server.state import AppState
+from sandbox import datasets
+from zoo.query import Filters, Page, QueryError
+
+CODE_BUDGET_CHARS = 60_000  # ~15k tokens of code per query_models answer
+MODEL_CODE_CAP_CHARS = 80_000
+READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True,
+                            open_world_hint=False)
+
+Task = Annotated[str | None, Field(description="Task, e.g. 'img-classification'. See list_catalog.")]
+Dataset = Annotated[str | None, Field(description="Dataset, e.g. 'cifar-10', 'mnist', 'digits'.")]
+Metric = Annotated[str | None, Field(description="Metric, e.g. 'acc' (accuracy in [0, 1]).")]
+
+
+async def unknown_model_error(state: AppState, name: str) -> ToolError:
+    near = await state.zoo().model_names(like_prefix=name[:3], limit=5)
+    hint = f" Similar names: {', '.join(near)}." if near else ""
+    return ToolError(f"Unknown model '{name}'.{hint} Use query_models to find names.")
+
+
+def dataset_entries(settings_data_root: Any) -> list[DatasetEntry]:
+    entries = []
+    for info in datasets.known_datasets():
+        entries.append(DatasetEntry(
+            name=info.name, task="img-classification", metric="acc", num_classes=info.num_classes,
+            image_shape=list(info.image_shape), chance=info.chance, default_transform=info.default_transform,
+            available=datasets.available(info.name, settings_data_root), how_to_get=info.source,
+        ))
+    return entries
+
+
+def register_read_tools(mcp: MCPServer, state: AppState) -> None:
+    @mcp.tool(annotations=READ_ONLY)
+    async def list_catalog() -> Catalog:
+        """Show what the zoo holds and what the evaluator accepts. Call this FIRST.
+
+        Returns: the task/dataset/metric combinations in the zoo with counts of models and runs; the
+        datasets submit_model can train on (with classes, image shape, chance level and whether the
+        data is present on this server); allowed transform names; the Net contract your code must
+        follow; the hyperparameter conventions; and the sandbox isolation in use.
+        Next: query_models to rank existing models, get_model to read one, submit_model to train yours.
+        """
+        store = state.zoo()
+        counts = await store.catalog_counts()
+        transforms = await store.transform_counts()
+        sandbox_info = state.queue.describe_sandbox() if state.queue else {"backend": "none (no worker)"}
+        return Catalog(
+            zoo=[CatalogEntry(**c) for c in counts],
+            totals=await store.totals(),
+            evaluator_datasets=dataset_entries(state.settings.data_root),
+            transforms=list(datasets.TRANSFORMS),
+            transform_help=contract.TRANSFORM_HELP,
+            zoo_transforms={t["transform"]: t["runs"] for t in transforms[:50]},
+            metrics=["acc"],
+            net_contract=contract.NET_CONTRACT,
+            hyperparameters=contract.HYPERPARAMETERS,
+            sandbox=sandbox_info,
+        )
+
+    @mcp.tool(annotations=READ_ONLY)
+    async def query_models(
+        task: Task = None,
+        dataset: Dataset = None,
+        metric: Metric = None,
+        nn: Annotated[list[str] | None, Field(
+            description="Only these model names (1-100 names)", max_length=100)] = None,
+        nn_prefix: Annotated[list[str] | None, Field(
+            description="Only names starting with one of these prefixes, e.g. ['rag-', 'ResNet']",
+            max_length=20)] = None,
+        epoch: Annotated[float | None, Field(
+            description="Only points after exactly this many epochs (0.5 steps allowed)", ge=0)] = None,
+        min_accuracy: Annotated[float | None, Field(description="Minimum test accuracy, 0..1", ge=0, le=1)] = None,
+        only_best_accuracy: Annotated[bool, Field(
+            description="Keep the best row per task/dataset/metric/model/epoch")] = False,
+        unique_nn: Annotated[bool, Field(description="Keep only the best row per model")] = False,
+        sort: Annotated[Literal["accuracy", "duration", "accuracy_to_time", "params", "created", "name"], Field(
+            description="Sort key; accuracy, accuracy_to_time and created sort descending by default")] = "accuracy",
+        descending: Annotated[bool | None, Field(description="Override the sort direction")] = None,
+        limit: Annotated[int, Field(description="Rows per page, 1..100", ge=1, le=100)] = 20,
+        offset: Annotated[int, Field(description="Rows to skip (ignored with cursor)", ge=0)] = 0,
+        cursor: Annotated[str | None, Field(description="next_cursor from the previous page")] = None,
+        include_code: Annotated[bool, Field(
+            description="Attach each row's model code (budget ~60k characters per answer)")] = False,
+    ) -> QueryResult:
+        """Rank trained models: one row per learning-curve point of a training run (LEMUR's 'record').
+
+        Use it to find the strongest or fastest architectures for a task/dataset, to see how accuracy
+        grows with epochs, or to check whether a name exists. Filters combine with AND. For a
+        leaderboard use unique_nn=true (best point per model) or only_best_accuracy=true with an epoch.
+        Each row: name, task, dataset, metric, epoch, accuracy (test, 0..1), duration (training ns),
+        accuracy_to_time, params, prm (hyperparameters). `total` counts all matching rows; page with
+        `next_cursor`. Next: get_model(name) for code, curve and runs of one model.
+        """
+        filters = Filters(task=task, dataset=dataset, metric=metric, nn=tuple(nn or ()),
+                          nn_prefix=tuple(nn_prefix or ()), epoch=epoch, min_accuracy=min_accuracy,
+                          only_best_accuracy=only_best_accuracy, unique_nn=unique_nn)
+        page = Page(sort=sort, descending=descending, limit=limit, offset=offset, cursor=cursor)
+        store = state.zoo()
+        try:
+            result = await store.query(filters, page)
+        except QueryError as exc:
+            raise ToolError(str(exc)) from exc
+        rows = result["rows"]
+        code_cut = False
+        if include_code and rows:
+            code_cut = await _attach_code(store, rows)
+        returned = len(rows)
+        more = result["next_cursor"] is not None
+        if result["total"] == 0:
+            hint = "No rows match. Loosen the filters, or call list_catalog to see what the zoo holds."
+        elif more:
+            hint = "More rows exist: call again with cursor=next_cursor. get_model(name) shows one model."
+        else:
+            hint = "All matching rows returned. get_model(name) shows code, curve and runs of one model."
+        return QueryResult(
+            rows=[{k: v for k, v in r.items() if k not in ("run_uid", "status", "model_id", "transform")}
+                  for r in rows],
+            total=result["total"], returned=returned, offset=0 if cursor else offset,
+            next_cursor=result["next_cursor"], truncated=more or code_cut, hint=hint,
+        )
+
+    @mcp.tool(annotations=READ_ONLY)
+    async def get_model(
+        name: Annotated[str, Field(description="Exact model name from query_models", min_length=1, max_length=300)],
+        include_code: Annotated[bool, Field(description="Return the model's code (default true)")] = True,
+    ) -> ModelDetail:
+        """Everything known about one model: its code, architecture stats (params, FLOPs, fingerprint),
+        code-quality score, its runs summarized per task/dataset/metric, the learning curve of its best
+        run (a point every half epoch where recorded), the weights file of that run, and other models
+        with the same architecture. Use it to study a strong model before writing a variant.
+        Next: submit_model with your modified code.
+        """
+        store = state.zoo()
+        detail = await store.model_detail(name)
+        if detail is None:
+            raise await unknown_model_error(state, name)
+        model = detail["model"]
+        same = []
+        if model.get("fingerprint"):
+            same = [m["name"] for m in await store.models_by_fingerprint(model["fingerprint"])
+                    if m["name"] != name][:20]
+        code = model["code"] if include_code else None
+        cut = False
+        if code is not None and len(code) > MODEL_CODE_CAP_CHARS:
+            code, cut = code[:MODEL_CODE_CAP_CHARS], True
+        best = detail["best_run"]
+        if best:
+            best = {k: _maybe_json(v) for k, v in best.items()
+                    if k in ("uid", "task", "dataset", "metric", "transform", "prm", "seed", "epochs", "status",
+                             "accuracy", "duration_ns", "accuracy_to_time", "device", "versions",
+                             "dataset_hash", "job_id", "trial", "isolation", "created")}
+        return ModelDetail(
+            name=model["name"], origin=model["origin"], created=model["created"], code_hash=model["code_hash"],
+            lemur_id=model["lemur_id"], fingerprint=model["fingerprint"], params=model["params"],
+            flops=model["flops"], code_quality=model["code_quality"],
+            code_quality_detail=_maybe_json(model["code_quality_detail"]),
+            supported_hyperparameters=_maybe_json(model["supported_hyperparameters"]),
+            summary=detail["summary"], best_run=best, curve=detail["curve"], weights=detail["weights"],
+            recent_runs=[{k: _maybe_json(v) for k, v in r.items()} for r in detail["recent_runs"]],
+            same_architecture=same, code=code, code_truncated=cut,
+        )
+
+    @mcp.resource("lemur://models/{name}/code", mime_type="text/x-python",
+                  description="The Python code of one model in the zoo")
+    async def model_code(name: str) -> str:
+        row = await state.zoo().model_by_name(name)
+        if row is None:
+            raise ResourceNotFoundError(f"Unknown model '{name}'. Use query_models to find names.")
+        return row["code"]
+
+    @mcp.prompt()
+    async def design_model(
+        task: Annotated[str, Field(description="Task, e.g. img-classification")] = "img-classification",
+        dataset: Annotated[str, Field(description="Dataset, e.g. cifar-10")] = "cifar-10",
+    ) -> str:
+        """Start designing a new network: the Net contract plus the code of the best models for the task."""
+        store = state.zoo()
+        result = await store.query(Filters(task=task, dataset=dataset, unique_nn=True), Page(limit=3))
+        names = [r["name"] for r in result["rows"]]
+        source = f"the best models for {task}/{dataset} in the zoo"
+        if not names:
+            names = await store.model_names(limit=3)
+            source = "reference models (the zoo has no runs for this task/dataset yet)"
+        examples = []
+        for name in names:
+            row = await store.model_by_name(name)
+            if row:
+                examples.append(f"### {name}\n```python\n{row['code'][:12000]}\n```")
+        return (
+            f"Design a new neural network for task '{task}' on dataset '{dataset}'.\n\n"
+            f"## The Net contract\n{contract.NET_CONTRACT}\n"
+            f"## Hyperparameters\n" + "\n".join(f"- {k}: {v}" for k, v in contract.HYPERPARAMETERS.items())
+            + f"\n\n## Transforms\n{contract.TRANSFORM_HELP}\n\n## Examples: {source}\n" + "\n\n".join(examples)
+            + "\n\n## Workflow\n1. check_model(code, task, dataset) until it reports no problems.\n"
+            "2. submit_model(...) returns a job_id at once.\n3. get_job(job_id, wait_s=50) until it ends.\n"
+            "4. query_models(task, dataset, unique_nn=true) to see where your model ranks."
+        )
+
+
+async def _attach_code(store: Any, rows: list[dict[str, Any]]) -> bool:
+    """Attach code to rows within CODE_BUDGET_CHARS; each distinct model's code is read once."""
+    budget = CODE_BUDGET_CHARS
+    cut = False
+    cache: dict[str, str] = {}
+    for row in rows:
+        name = row["name"]
+        if name not in cache:
+            model = await store.model_by_name(name)
+            cache[name] = model["code"] if model else ""
+        code = cache[name]
+        if len(code) <= budget:
+            row["code"] = code
+            budget -= len(code)
+        else:
+            row["code"] = None
+            cut = True
+    return cut
+
+
+def _maybe_json(value: Any) -> Any:
+    if isinstance(value, str) and value[:1] in "[{":
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value

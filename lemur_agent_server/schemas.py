@@ -1,0 +1,115 @@
+"""Pydantic shapes of the read-side tools' answers (structured output).
+
+Arguments are declared on the tool functions themselves (flat, each with a description) so that
+clients such as the MCP Inspector can pass them as simple key=value pairs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class ModelRow(BaseModel):
+    """One learning-curve point of one run: the model after `epoch` epochs (a LEMUR record)."""
+
+    name: str = Field(description="Model name; pass it to get_model")
+    task: str
+    dataset: str
+    metric: str
+    epoch: float = Field(description="Epochs trained at this point (0.5 = half an epoch)")
+    accuracy: float | None = Field(description="Test accuracy in [0, 1], computed by the server")
+    duration: int | None = Field(description="Training-only time until this point, nanoseconds")
+    accuracy_to_time: float | None = Field(
+        description="max(0, accuracy - chance) / (duration_ns / 1e11); higher is better")
+    params: int | None = Field(description="Trainable + frozen parameter count")
+    prm: dict[str, Any] = Field(description="Hyperparameters of the run")
+    code: str | None = Field(default=None, description="Model code, only when include_code=true")
+
+
+class QueryResult(BaseModel):
+    rows: list[ModelRow]
+    total: int = Field(description="Rows matching the filters, over all pages")
+    returned: int
+    offset: int
+    next_cursor: str | None = Field(description="Pass as `cursor` to get the next page; null at the end")
+    truncated: bool = Field(description="True when more rows exist than returned, or code was cut")
+    hint: str = Field(description="What to do next")
+
+
+class CatalogEntry(BaseModel):
+    task: str
+    dataset: str
+    metric: str
+    models: int
+    runs: int
+
+
+class DatasetEntry(BaseModel):
+    name: str
+    task: str
+    metric: str
+    num_classes: int
+    image_shape: list[int] = Field(description="[channels, height, width] as stored")
+    chance: float = Field(description="Accuracy of random guessing (1 / classes)")
+    default_transform: str
+    available: bool = Field(description="Data files present on this server (else submit fails)")
+    how_to_get: str
+
+
+class Catalog(BaseModel):
+    zoo: list[CatalogEntry] = Field(description="What the zoo holds: runs and models per task/dataset/metric")
+    totals: dict[str, int]
+    evaluator_datasets: list[DatasetEntry] = Field(description="Datasets submit_model can train on")
+    transforms: list[str]
+    transform_help: str
+    zoo_transforms: dict[str, int] = Field(description="Transforms seen in the zoo's runs, with run counts")
+    metrics: list[str]
+    net_contract: str
+    hyperparameters: dict[str, str]
+    sandbox: dict[str, Any] = Field(description="Isolation the evaluator uses on this server")
+
+
+class CurvePoint(BaseModel):
+    epoch: float
+    accuracy: float | None
+    val_accuracy: float | None = None
+    loss: float | None = None
+    duration_ns: int | None = None
+    accuracy_to_time: float | None = None
+    elapsed_s: float | None = None
+
+
+class RunSummary(BaseModel):
+    task: str
+    dataset: str
+    metric: str
+    runs: int
+    failed_runs: int
+    best_accuracy: float | None
+    mean_accuracy: float | None
+    best_accuracy_to_time: float | None
+    max_epochs: float | None
+
+
+class ModelDetail(BaseModel):
+    name: str
+    origin: str = Field(description="seed (ours), lemur (imported) or submitted")
+    created: float = Field(description="Unix time")
+    code_hash: str = Field(description="sha256 of the normalized code; resubmitting the same code adds runs")
+    lemur_id: str = Field(description="LEMUR's nn_id: md5 of the code without whitespace")
+    fingerprint: str | None = Field(description="Architecture fingerprint; identical graphs share it")
+    params: int | None
+    flops: int | None = Field(description="Forward FLOPs for one sample")
+    code_quality: float | None = Field(description="0..1, from ruff and radon; see code_quality_detail")
+    code_quality_detail: dict[str, Any] | None
+    supported_hyperparameters: list[str] | None
+    summary: list[RunSummary] = Field(description="Runs per task/dataset/metric")
+    best_run: dict[str, Any] | None = Field(description="The run with the highest test accuracy")
+    curve: list[CurvePoint] = Field(description="Learning curve of the best run")
+    weights: dict[str, Any] | None = Field(description="Weights file of the best run (safetensors)")
+    recent_runs: list[dict[str, Any]]
+    same_architecture: list[str] = Field(description="Other models with the same fingerprint")
+    code: str | None = None
+    code_truncated: bool = False
