@@ -9,6 +9,7 @@ never mutates the caller's `prm`.
 from __future__ import annotations
 
 import copy
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +19,7 @@ import anyio
 import pandas as pd
 
 from zoo import connection
-from zoo.query import Filters, Page, as_tuple, decode_row, page_sql
+from zoo.query import Filters, as_tuple, grouped_sql
 
 COLUMNS = ["task", "dataset", "metric", "nn", "nn_code", "nn_id", "epoch", "accuracy", "duration", "prm",
            "transform", "accuracy_to_time", "params", "run_uid", "status"]
@@ -38,16 +39,25 @@ def data(only_best_accuracy: bool = False, task: str | None = None, dataset: str
     """Records of the zoo as a DataFrame with LEMUR's column names (one row per curve point).
 
     Same filters and semantics as the `query_models` tool; rows are ordered like LEMUR's
-    (task, dataset, metric, nn, epoch). `duration` is training-only nanoseconds.
+    (task, dataset, metric, nn, epoch). `duration` is training-only nanoseconds. Each model's code is
+    one shared string; each row's `prm` is its own dict.
     """
     filters = Filters(task=task, dataset=dataset, metric=metric, nn=as_tuple(nn), nn_prefix=as_tuple(nn_prefixes),
                       epoch=epoch, only_best_accuracy=only_best_accuracy, unique_nn=unique_nn)
-    sql, args = page_sql(filters, Page(sort="name", limit=max_rows))
+    inner, args = grouped_sql(filters)
+    sql = (f"SELECT q.task, q.dataset, q.metric, m.name, q.model_id, q.epoch, q.accuracy, q.duration_ns, "
+           f"q.accuracy_to_time, m.params, r.uid, r.prm, r.transform, r.status, q.run_id FROM ({inner}) q "
+           f"JOIN model m ON m.id = q.model_id JOIN run r ON r.id = q.run_id "
+           f"ORDER BY q.task, q.dataset, q.metric, m.name, q.epoch, q.run_id")
+    if max_rows is not None:
+        sql += " LIMIT ?"
+        args.append(int(max_rows))
     conn = connection.connect_sync(_zoo_path(zoo), readonly=True)
+    conn.row_factory = None
     try:
-        conn.execute("BEGIN")
-        rows = [decode_row(dict(r)) for r in conn.execute(sql, args)]
-        ids = sorted({r["model_id"] for r in rows})
+        conn.execute("BEGIN")  # one snapshot for the rows and the code
+        rows = conn.execute(sql, args).fetchall()
+        ids = sorted({r[4] for r in rows})
         code: dict[int, tuple[str, str]] = {}
         for start in range(0, len(ids), 900):
             chunk = ids[start:start + 900]
@@ -57,14 +67,21 @@ def data(only_best_accuracy: bool = False, task: str | None = None, dataset: str
         conn.execute("COMMIT")
     finally:
         conn.close()
-    frame = pd.DataFrame.from_records(
-        [{"task": r["task"], "dataset": r["dataset"], "metric": r["metric"], "nn": r["name"],
-          "nn_code": code[r["model_id"]][0], "nn_id": code[r["model_id"]][1], "epoch": r["epoch"],
-          "accuracy": r["accuracy"], "duration": r["duration"], "prm": r["prm"], "transform": r["transform"],
-          "accuracy_to_time": r["accuracy_to_time"], "params": r["params"], "run_uid": r["run_uid"],
-          "status": r["status"]} for r in rows],
-        columns=COLUMNS)
-    return frame
+    columns = list(zip(*rows)) if rows else [()] * 15
+    parsed: dict[int, dict[str, Any]] = {}
+
+    def prm_of(run_id: int, text: str | None) -> dict[str, Any]:
+        if run_id not in parsed:
+            parsed[run_id] = json.loads(text) if text else {}
+        return dict(parsed[run_id])
+
+    return pd.DataFrame({
+        "task": columns[0], "dataset": columns[1], "metric": columns[2], "nn": columns[3],
+        "nn_code": [code[m][0] for m in columns[4]], "nn_id": [code[m][1] for m in columns[4]],
+        "epoch": columns[5], "accuracy": columns[6], "duration": columns[7],
+        "prm": [prm_of(r, t) for r, t in zip(columns[14], columns[11])],
+        "transform": columns[12], "accuracy_to_time": columns[8], "params": columns[9],
+        "run_uid": columns[10], "status": columns[13]}, columns=COLUMNS)
 
 
 class CheckNNError(RuntimeError):

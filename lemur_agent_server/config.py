@@ -38,6 +38,7 @@ class Settings:
     token: str | None = None
     max_time_budget_s: float = 3600.0
     memory_gb: float = 6.0  # memory limit of one sandbox
+    stale_after_s: float = 15.0  # a running job whose server stopped heart-beating this long is re-queued
     threads: int = max(1, (os.cpu_count() or 1))
 
     @property
@@ -70,6 +71,7 @@ class Settings:
             image=os.environ.get(ENV_IMAGE, DEFAULT_IMAGE),
             seed_zoo=os.environ.get(ENV_NO_SEED, "") not in ("1", "true", "yes"),
             token=os.environ.get(ENV_TOKEN) or None,
+            stale_after_s=float(os.environ.get("LEMUR_STALE_AFTER_S", "15")),
         )
         for key, value in overrides.items():
             if value is not None:

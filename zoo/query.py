@@ -20,13 +20,11 @@ from typing import Any, Literal
 
 SortKey = Literal["accuracy", "duration", "accuracy_to_time", "params", "created", "name"]
 
-# (SQL expression over the grouped row `q`, default direction, NULL sentinel for each direction)
-_SORT_SQL: dict[str, str] = {
-    "accuracy": "q.accuracy",
-    "duration": "q.duration_ns",
-    "accuracy_to_time": "q.accuracy_to_time",
-    "params": "q.params",
-    "created": "q.created",
+_SORT_COLUMN: dict[str, str] = {
+    "accuracy": "accuracy",
+    "duration": "duration_ns",
+    "accuracy_to_time": "accuracy_to_time",
+    "created": "created",
 }
 _DEFAULT_DESC = {"accuracy": True, "accuracy_to_time": True, "created": True, "duration": False,
                  "params": False, "name": False}
@@ -103,36 +101,34 @@ def _where(f: Filters) -> tuple[str, list[Any]]:
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
 
 
-def grouped_sql(f: Filters, with_params: bool) -> tuple[str, list[Any]]:
-    """The filtered (and, if asked, best-per-group) points as a subquery with one row per result."""
+# Columns answered from the covering index `point_filter` (plus the primary key run_id, epoch).
+_COVERED = ("p.run_id, p.epoch, p.model_id, p.task, p.dataset, p.metric, p.accuracy, p.duration_ns, "
+            "p.accuracy_to_time, p.created")
+
+
+def grouped_sql(f: Filters, with_params: bool = False) -> tuple[str, list[Any]]:
+    """The filtered (and, if asked, best-per-group) points, one row per result, reading only columns the
+    covering index holds: no table lookups until the page is cut."""
     where, args = _where(f)
-    join = " JOIN model pm ON pm.id = p.model_id" if with_params else ""
-    params_col = ", pm.params AS params, pm.name AS name" if with_params else ""
-    cols = ("p.run_id, p.epoch, p.model_id, p.task, p.dataset, p.metric, p.accuracy, p.val_accuracy, "
-            "p.loss, p.duration_ns, p.accuracy_to_time, p.elapsed_s, p.created" + params_col)
-    if f.unique_nn:
-        group = " GROUP BY p.model_id"
-    elif f.only_best_accuracy:
-        group = " GROUP BY p.task, p.dataset, p.metric, p.model_id, p.epoch"
-    else:
-        group = ""
-    if group:
-        sql = f"SELECT {cols}, MAX(p.accuracy) AS _best FROM point p{join}{where}{group}"
-    else:
-        sql = f"SELECT {cols} FROM point p{join}{where}"
-    return sql, args
+    if f.unique_nn:  # best per model over its best-per-epoch rows
+        cols = _COVERED.replace("p.accuracy,", "MAX(p.accuracy) AS accuracy,")
+        return f"SELECT {cols} FROM best_point p{where} GROUP BY p.model_id", args
+    if f.only_best_accuracy:  # maintained on write: one row per task/dataset/metric/model/epoch
+        return f"SELECT {_COVERED} FROM best_point p{where}", args
+    return f"SELECT {_COVERED} FROM point p{where}", args
 
 
 def _sort_expr(page: Page) -> str:
     if page.sort == "name":
-        return "q.name"
-    sentinel = _NULL_LOW if page.desc else _NULL_HIGH
-    return f"COALESCE({_SORT_SQL[page.sort]}, {sentinel!r})"
+        return "m.name"
+    column = "m.params" if page.sort == "params" else f"q.{_SORT_COLUMN[page.sort]}"
+    if page.desc:
+        return column  # SQLite sorts NULL lowest, so DESC puts them last and an index can serve it
+    return f"COALESCE({column}, {_NULL_HIGH!r})"
 
 
 def encode_cursor(filters: Filters, page: Page, row: dict[str, Any]) -> str:
-    sort_value = row["_sort"]
-    payload = {"f": filters.digest(), "s": page.sort, "d": page.desc, "v": sort_value,
+    payload = {"f": filters.digest(), "s": page.sort, "d": page.desc, "v": row["_sort"],
                "r": row["run_id"], "e": row["epoch"]}
     return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode()
 
@@ -151,22 +147,29 @@ def _decode_cursor(filters: Filters, page: Page) -> dict[str, Any]:
 
 
 def page_sql(f: Filters, page: Page) -> tuple[str, list[Any]]:
-    """SELECT of one page: the grouped rows in a total order; `run` is joined for the page rows only."""
-    inner, args = grouped_sql(f, with_params=True)
+    """One page: group and sort on index-covered columns, cut the page, then join point, model and run
+    for the page's rows only."""
+    inner, args = grouped_sql(f)
     sort = _sort_expr(page)
     direction = "DESC" if page.desc else "ASC"
+    join_model = " JOIN model m ON m.id = q.model_id" if page.sort in ("params", "name") else ""
     where = ""
     if page.cursor:
+        if page.sort == "name":
+            raise QueryError("sort='name' pages with offset, not cursor.")
         c = _decode_cursor(f, page)
         op = "<" if page.desc else ">"
-        where = f" WHERE ({sort} {op} ? OR ({sort} = ? AND (q.run_id, q.epoch) > (?, ?)))"
-        args += [c["v"], c["v"], c["r"], c["e"]]
+        low = _NULL_LOW if page.desc else _NULL_HIGH
+        key = f"COALESCE({sort}, {low!r})" if page.desc and page.sort != "name" else sort
+        where = f" WHERE ({key} {op} ? OR ({key} = ? AND (q.run_id, q.epoch) > (?, ?)))"
+        value = c["v"] if c["v"] is not None or page.sort == "name" else low
+        args += [value, value, c["r"], c["e"]]
     if page.sort == "name":
-        keys = ["task", "dataset", "metric", "name", "epoch", "run_id"]
+        keys = ["task", "dataset", "metric", "_sort", "epoch", "run_id"]
     else:
         keys = [f"_sort {direction}", "run_id", "epoch"]
     order = ", ".join(keys)
-    sql = f"SELECT q.*, {sort} AS _sort FROM ({inner}) q{where} ORDER BY {order}"
+    sql = f"SELECT q.*, {sort} AS _sort FROM ({inner}) q{join_model}{where} ORDER BY {order}"
     if page.limit is not None:
         sql += " LIMIT ?"
         args.append(int(page.limit))
@@ -175,13 +178,16 @@ def page_sql(f: Filters, page: Page) -> tuple[str, list[Any]]:
     if page.offset and not page.cursor:
         sql += " OFFSET ?"
         args.append(int(page.offset))
-    sql = (f"SELECT pg.*, r.uid AS run_uid, r.prm AS prm, r.transform AS transform, r.status AS status "
-           f"FROM ({sql}) pg JOIN run r ON r.id = pg.run_id ORDER BY {', '.join('pg.' + k for k in keys)}")
+    sql = (f"SELECT pg.*, m.name AS name, m.params AS params, pt.val_accuracy AS val_accuracy, pt.loss AS loss, "
+           f"pt.elapsed_s AS elapsed_s, r.uid AS run_uid, r.prm AS prm, r.transform AS transform, "
+           f"r.status AS status FROM ({sql}) pg JOIN model m ON m.id = pg.model_id "
+           f"JOIN point pt ON pt.run_id = pg.run_id AND pt.epoch = pg.epoch JOIN run r ON r.id = pg.run_id "
+           f"ORDER BY {', '.join('pg.' + k for k in keys)}")
     return sql, args
 
 
 def count_sql(f: Filters) -> tuple[str, list[Any]]:
-    inner, args = grouped_sql(f, with_params=False)
+    inner, args = grouped_sql(f)
     return f"SELECT COUNT(*) FROM ({inner})", args
 
 

@@ -91,12 +91,31 @@ MIGRATIONS: list[list[str]] = [
             PRIMARY KEY (run_id, epoch)
         ) WITHOUT ROWID""",
         # best-per-model for one task/dataset/metric/epoch, answered from the index alone
-        "CREATE INDEX point_filter ON point(task, dataset, metric, epoch, model_id, accuracy)",
+        # (with the primary key run_id, epoch it also covers every sort key of a page)
+        "CREATE INDEX point_filter ON point(task, dataset, metric, epoch, model_id, accuracy, duration_ns,"
+        " accuracy_to_time, created)",
         "CREATE INDEX point_model ON point(model_id, epoch)",
         "CREATE INDEX point_accuracy ON point(accuracy)",
         "CREATE INDEX point_a2t ON point(accuracy_to_time)",
         "CREATE INDEX point_duration ON point(duration_ns)",
         "CREATE INDEX point_created ON point(created)",
+        # Best point per (task, dataset, metric, model, epoch), maintained on every write: the
+        # best-only and unique_nn queries read ~one row per model instead of every point.
+        """CREATE TABLE best_point (
+            task TEXT NOT NULL,
+            dataset TEXT NOT NULL,
+            metric TEXT NOT NULL,
+            epoch REAL NOT NULL,
+            model_id INTEGER NOT NULL,
+            accuracy REAL NOT NULL,
+            duration_ns INTEGER,
+            accuracy_to_time REAL,
+            created REAL NOT NULL,
+            run_id INTEGER NOT NULL,
+            PRIMARY KEY (task, dataset, metric, epoch, model_id)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX best_point_model ON best_point(model_id, accuracy)",
+        "CREATE INDEX best_point_accuracy ON best_point(accuracy)",
         """CREATE TABLE weights (
             run_id INTEGER PRIMARY KEY REFERENCES run(id) ON DELETE CASCADE,
             sha256 TEXT NOT NULL,
@@ -126,6 +145,26 @@ MIGRATIONS: list[list[str]] = [
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
+
+# Upsert of one point into best_point: strictly better accuracy wins, so ties keep the first row.
+BEST_POINT_UPSERT = (
+    "INSERT INTO best_point(task, dataset, metric, epoch, model_id, accuracy, duration_ns, accuracy_to_time,"
+    " created, run_id) VALUES(?,?,?,?,?,?,?,?,?,?) "
+    "ON CONFLICT(task, dataset, metric, epoch, model_id) DO UPDATE SET accuracy=excluded.accuracy,"
+    " duration_ns=excluded.duration_ns, accuracy_to_time=excluded.accuracy_to_time, created=excluded.created,"
+    " run_id=excluded.run_id WHERE excluded.accuracy > best_point.accuracy"
+)
+
+
+def rebuild_best_points(conn: sqlite3.Connection) -> int:
+    """Recompute best_point from point (after bulk loads that bypass the store). Returns its row count."""
+    conn.execute("DELETE FROM best_point")
+    conn.execute(
+        "INSERT INTO best_point(task, dataset, metric, epoch, model_id, accuracy, duration_ns, accuracy_to_time,"
+        " created, run_id) SELECT task, dataset, metric, epoch, model_id, MAX(accuracy), duration_ns,"
+        " accuracy_to_time, created, run_id FROM point WHERE accuracy IS NOT NULL"
+        " GROUP BY task, dataset, metric, epoch, model_id")
+    return conn.execute("SELECT COUNT(*) FROM best_point").fetchone()[0]
 
 
 def current_version(conn: sqlite3.Connection) -> int:

@@ -18,7 +18,7 @@ from typing import Any
 import aiosqlite
 import anyio
 
-from zoo import codehash, connection
+from zoo import codehash, connection, schema
 from zoo.query import Filters, Page, count_sql, decode_row, encode_cursor, page_sql
 from zoo.records import Model, Run
 
@@ -191,6 +191,9 @@ class ZooStore:
                 [(run_id, p.epoch, model_id, run.task, run.dataset, run.metric, p.accuracy, p.val_accuracy,
                   p.loss, p.duration_ns, p.accuracy_to_time, p.elapsed_s, run.created) for p in run.points],
             )
+            await db.executemany(schema.BEST_POINT_UPSERT, [
+                (run.task, run.dataset, run.metric, p.epoch, model_id, p.accuracy, p.duration_ns,
+                 p.accuracy_to_time, run.created, run_id) for p in run.points if p.accuracy is not None])
         return run_id, True
 
     async def set_weights(self, run_id: int, sha256: str, size: int, rel_path: str) -> None:

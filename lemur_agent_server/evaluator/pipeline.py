@@ -33,6 +33,9 @@ CHECK_WALL_S = 120.0
 KILL_GRACE_S = 5.0  # the sandbox is killed this long after the job's budget
 LOG_TAIL_CHARS = 4000
 
+# runner's trial_end status -> the run status stored in the zoo
+TRIAL_STATUS = {"completed": "succeeded", "succeeded": "succeeded", "pruned": "pruned", "failed": "failed"}
+
 ProgressFn = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 
@@ -152,7 +155,8 @@ class Phase:
         elif kind == protocol.EVENT_TRIAL_END:
             trial = self.trials.get(int(event.get("trial", -1)))
             if trial is not None and trial.status == "running":
-                trial.status = str(event.get("status", "failed"))
+                status = str(event.get("status", "failed"))
+                trial.status = TRIAL_STATUS.get(status, "failed")
                 if event.get("error"):
                     err = event["error"] if isinstance(event["error"], dict) else {"message": str(event["error"])}
                     trial.error = failure(protocol.STAGE_TRAIN, _known_kind(err.get("kind")),

@@ -31,7 +31,6 @@ from zoo.store import TERMINAL_JOB_STATES, ZooStore
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 3.0
-STALE_AFTER_S = 15.0
 IDLE_POLL_S = 1.0
 CHECK_CONCURRENCY = 1
 
@@ -58,7 +57,7 @@ class JobQueue:
         removed = await backend.cleanup_orphans()
         if removed:
             log.info("removed %d orphaned sandboxes", removed)
-        recovered = await store.recover_jobs(STALE_AFTER_S)
+        recovered = await store.recover_jobs(settings.stale_after_s)
         if recovered["requeued"] or recovered["failed"]:
             log.info("recovered jobs: %s", recovered)
         try:
@@ -208,8 +207,14 @@ class JobQueue:
             self._notify(job_id)
 
     async def _heartbeats(self) -> None:
+        beats = 0
         while True:
-            await anyio.sleep(HEARTBEAT_S)
+            await anyio.sleep(min(HEARTBEAT_S, self.settings.stale_after_s / 4))
+            beats += 1
+            if beats % 5 == 0:  # jobs of another server process on this zoo that died meanwhile
+                recovered = await self.store.recover_jobs(self.settings.stale_after_s)
+                if recovered["requeued"]:
+                    self._wakeup.set()
             running = list(self._running)
             if not running:
                 continue

@@ -1,0 +1,88 @@
+"""Small model files for evaluation tests: a tiny good net and broken variants, each provoking one
+failure kind. Written for these tests (LeNet-style, a few thousand parameters)."""
+
+from __future__ import annotations
+
+TINY = '''
+import torch
+import torch.nn as nn
+
+
+def supported_hyperparameters():
+    return {{"lr", "momentum"}}
+
+
+class Net(nn.Module):
+    def __init__(self, in_shape, out_shape, prm, device):
+        super().__init__()
+        self.device = device
+        channels = in_shape[1]
+        self.features = nn.Sequential(nn.Conv2d(channels, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4))
+        self.head = nn.Linear(8 * 16, out_shape[0])
+
+    def forward(self, x):
+        {forward_extra}
+        return self.head(torch.flatten(self.features(x), 1))
+
+    def train_setup(self, prm):
+        self.to(self.device)
+        self.criterion = nn.CrossEntropyLoss()
+        self.optimizer = torch.optim.SGD(self.parameters(), lr=prm["lr"], momentum=prm["momentum"])
+
+    def learn(self, train_data):
+        {learn_extra}
+        total = 0.0
+        for inputs, labels in train_data:
+            self.optimizer.zero_grad()
+            loss = self.criterion(self(inputs), labels)
+            loss.backward()
+            self.optimizer.step()
+            total += float(loss)
+        return {learn_return}
+'''
+
+
+def tiny(forward_extra: str = "pass", learn_extra: str = "pass", learn_return: str = "total",
+         header: str = "") -> str:
+    return header + TINY.format(forward_extra=forward_extra, learn_extra=learn_extra, learn_return=learn_return)
+
+
+GOOD = tiny()
+# the same network written differently (comments, blank lines): same normalized code? No: other
+# whitespace and comments only, so it must map to the same model.
+GOOD_REFORMATTED = "# a comment that changes nothing\n" + GOOD.replace("\n\n\n", "\n\n\n\n")
+
+SYNTAX = GOOD.replace("def forward(self, x):", "def forward(self, x)")
+NO_NET = "import torch\n\ndef supported_hyperparameters():\n    return {'lr'}\n\nclass Model(torch.nn.Module):\n    pass\n"
+WRONG_SHAPE = GOOD.replace("return self.head(torch.flatten(self.features(x), 1))",
+                           "return self.head(torch.flatten(self.features(x), 1))[:, :3]")
+RAISES_IN_LEARN = tiny(learn_extra="raise ValueError('boom in learn')")
+NAN_LOSS = tiny(learn_return="float('nan')")
+MISSING_MODULE = tiny(header="import tensorflow_that_does_not_exist\n")
+OOM = tiny(learn_extra="hog = [bytearray(256 << 20) for _ in range(64)]")
+INFINITE_FORWARD = tiny(forward_extra="while True:\n            pass")
+EXIT_IN_LEARN = tiny(learn_extra="import os; os._exit(3)")
+SLOW = tiny(learn_extra="import time; time.sleep(0.2)",
+            learn_return="total")
+
+# Tries to cheat: read test labels from wherever they might be, patch the runner, forge outputs.
+CHEAT = tiny(learn_extra='''import glob, os, sys, numpy as np
+        found = []
+        for pattern in ("/root/**/test_y.npy", "/tmp/**/test_y.npy", "/work/**/test_y.npy", "/**/digits.csv.gz",
+                        os.path.expanduser("~") + "/**/*.sqlite"):
+            try:
+                found += glob.glob(pattern, recursive=True)[:5]
+            except Exception:
+                pass
+        print("CHEAT found", found)
+        for mod in list(sys.modules.values()):
+            name = getattr(mod, "__name__", "")
+            if name.startswith("sandbox.runner"):
+                for attr in dir(mod):
+                    if "acc" in attr.lower():
+                        try:
+                            setattr(mod, attr, lambda *a, **k: 1.0)
+                        except Exception:
+                            pass
+        return None  # no training at all: any accuracy above chance would have to be stolen''',
+             learn_return="None")

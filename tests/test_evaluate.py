@@ -1,0 +1,142 @@
+"""Real evaluation through the MCP client: real data (digits, Fashion-MNIST), real sandbox, real zoo.
+
+The sandbox backend is LEMUR_TEST_SANDBOX (process by default; CI runs this file again with docker).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from mcp import Client
+
+from lemur_agent_server.reference_models import read_code
+from lemur_agent_server.server import build_server
+from tests import models
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def client(make_settings):
+    settings = make_settings(seed_zoo=False)
+    async with Client(build_server(settings)) as c:
+        c.settings = settings
+        yield c
+
+
+async def call(client, tool, **args):
+    result = await client.call_tool(tool, args)
+    assert not result.is_error, result.content[0].text
+    return result.structured_content
+
+
+async def run_job(client, timeout=240, **args) -> dict:
+    args.setdefault("dataset", "digits")
+    args.setdefault("n_trials", 1)
+    args.setdefault("epochs", 1.0)
+    args.setdefault("time_budget_s", 120)
+    job = await call(client, "submit_model", **args)
+    deadline = time.monotonic() + timeout
+    while not job["done"]:
+        assert time.monotonic() < deadline, job
+        job = await call(client, "get_job", job_id=job["job_id"], wait_s=20)
+    return job
+
+
+async def test_reference_model_trains_archives_and_is_found(client):
+    job = await run_job(client, code=read_code("LeNet5"), n_trials=2, epochs=1.0, eval_every=0.5,
+                        prm={"batch": 32, "transform": "norm_32", "lr": 0.05}, name_prefix="test")
+    assert job["status"] == "succeeded", job
+    result = job["result"]
+    assert 0.5 < result["accuracy"] <= 1.0
+    assert result["accuracy_to_time"] > 0 and result["duration_ns"] > 0
+    assert 0 < result["code_quality"] <= 1 and result["params"] > 0 and result["flops"] > 0
+    assert len(result["trials"]) == 2 and result["prm"]["batch"] == 32
+    assert result["isolation"]["backend"] in ("process", "docker")
+    name = job["model_name"]
+    assert name.startswith("test-")
+
+    found = await call(client, "query_models", dataset="digits", unique_nn=True)
+    assert found["rows"][0]["name"] == name
+    assert found["rows"][0]["accuracy"] == pytest.approx(result["accuracy"]) or found["rows"][0]["accuracy"] >= \
+        result["accuracy"]
+    detail = await call(client, "get_model", name=name)
+    assert [p["epoch"] for p in detail["curve"]] == [0.5, 1.0]
+    assert detail["weights"]["size"] > 0
+    assert detail["params"] == result["params"]
+    points = await call(client, "query_models", nn=[name], limit=100)
+    assert points["total"] == 4  # 2 trials x 2 curve points
+
+
+async def test_resubmission_adds_runs_to_the_same_model(client):
+    first = await run_job(client, code=models.GOOD, prm={"batch": 32})
+    second = await run_job(client, code=models.GOOD_REFORMATTED, prm={"batch": 32}, seed=1)
+    assert first["status"] == second["status"] == "succeeded", (first, second)
+    assert first["model_name"] == second["model_name"]
+    assert second["result"]["resubmission"] is True
+    assert second["result"]["duplicates"]["same_code"] == [first["model_name"]]
+    detail = await call(client, "get_model", name=first["model_name"])
+    assert detail["summary"][0]["runs"] == 2
+
+
+@pytest.mark.parametrize("code, stage, kind", [
+    (models.SYNTAX, "checking", "syntax"),
+    (models.NO_NET, "checking", "contract"),
+    (models.MISSING_MODULE, "checking", "exception"),
+    (models.WRONG_SHAPE, "checking", "shape"),
+    (models.RAISES_IN_LEARN, None, "exception"),
+    (models.NAN_LOSS, "training", "nan_loss"),
+    (models.OOM, None, "out_of_memory"),
+    (models.INFINITE_FORWARD, "checking", "timeout"),
+    (models.EXIT_IN_LEARN, None, "sandbox"),
+])
+async def test_each_failure_kind_is_reported(client, code, stage, kind):
+    job = await run_job(client, code=code, time_budget_s=25)
+    assert job["status"] in ("failed", "timed_out"), job
+    error = job["error"]
+    assert error["kind"] == kind, error
+    if stage:
+        assert error["stage"] == stage, error
+    assert error["message"]
+    # failures are archived too, with their reason
+    runs = await call(client, "get_model", name=job["result"]["model_name"], include_code=False)
+    assert any(r["status"] in ("failed", "timed_out") and r["error"] for r in runs["recent_runs"])
+
+
+async def test_time_budget_is_honoured(client):
+    start = time.monotonic()
+    job = await run_job(client, code=models.SLOW, n_trials=5, epochs=3, time_budget_s=12,
+                        prm={"batch": 16})
+    elapsed = time.monotonic() - start
+    assert job["status"] == "timed_out", job
+    assert elapsed < 12 + 10, elapsed
+    assert any(t["status"] in ("pruned", "timed_out") for t in job["result"]["trials"])
+
+
+async def test_cancel_kills_the_job(client):
+    job = await call(client, "submit_model", code=models.SLOW, dataset="digits", n_trials=5, epochs=5,
+                     time_budget_s=200, prm={"batch": 16})
+    while job["status"] not in ("training",):
+        job = await call(client, "get_job", job_id=job["job_id"], wait_s=1)
+        assert not job["done"], job
+    start = time.monotonic()
+    cancelled = await call(client, "cancel_job", job_id=job["job_id"])
+    assert cancelled["status"] == "cancelled", cancelled
+    assert time.monotonic() - start < 12
+    again = await call(client, "cancel_job", job_id=job["job_id"])
+    assert again["status"] == "cancelled"
+
+
+async def test_cheating_model_cannot_raise_its_accuracy(client):
+    job = await run_job(client, code=models.CHEAT, prm={"batch": 32})
+    assert job["status"] == "succeeded", job
+    # it never trains: the server's test accuracy stays near chance whatever it patched or read
+    assert job["result"]["accuracy"] < 0.3, job["result"]
+
+
+async def test_fashion_mnist_real_data(client):
+    job = await run_job(client, code=read_code("LeNet5"), dataset="fashion-mnist", max_train_samples=4000,
+                        prm={"batch": 64, "transform": "norm_32", "lr": 0.05, "momentum": 0.9}, time_budget_s=150)
+    assert job["status"] == "succeeded", job
+    assert job["result"]["accuracy"] > 0.5
