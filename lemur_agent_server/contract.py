@@ -49,7 +49,9 @@ HYPERPARAMETERS = {
     "dropout": "searched uniform in [0, 0.5]",
     "batch": "batch size, searched over powers of two 2^4..2^8 (fix it with prm={'batch': 64})",
     "epoch": "number of epochs (set from the submission's `epochs`)",
-    "transform": "input transform name, searched over the allowed list unless fixed",
+    "transform": "input transform; unless fixed in prm, searched over the dataset's default transform and the "
+                 "others of the same size (e.g. norm_32, norm_32_flip, echo_32, echo_32_flip); pass "
+                 "search_space={'transform': {'choices': [...]}} for larger resizes",
     "other": "any other declared name is searched uniform in [0, 1]",
 }
 

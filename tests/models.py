@@ -68,8 +68,9 @@ SLOW = tiny(learn_extra="import time; time.sleep(0.2)",
 # Tries to cheat: read test labels from wherever they might be, patch the runner, forge outputs.
 CHEAT = tiny(learn_extra='''import glob, os, sys, numpy as np
         found = []
-        for pattern in ("/root/**/test_y.npy", "/tmp/**/test_y.npy", "/work/**/test_y.npy", "/**/digits.csv.gz",
-                        os.path.expanduser("~") + "/**/*.sqlite"):
+        roots = [os.environ.get("HOME", "/"), "/tmp", "/root", "/mnt", "/work/main/data", "/usr/share/datasets"]
+        for pattern in [r + "/**/test_y.npy" for r in roots] + [r + "/**/*.sqlite" for r in roots] + [
+                sys.prefix + "/lib/python3.11/site-packages/sklearn/datasets/data/digits.csv.gz"]:
             try:
                 found += glob.glob(pattern, recursive=True)[:5]
             except Exception:

@@ -45,7 +45,7 @@ async def run_job(client, timeout=240, **args) -> dict:
 
 
 async def test_reference_model_trains_archives_and_is_found(client):
-    job = await run_job(client, code=read_code("LeNet5"), n_trials=2, epochs=1.0, eval_every=0.5,
+    job = await run_job(client, code=read_code("LeNet5"), n_trials=2, epochs=2.0, eval_every=0.5,
                         prm={"batch": 32, "transform": "norm_32", "lr": 0.05}, name_prefix="test")
     assert job["status"] == "succeeded", job
     result = job["result"]
@@ -62,11 +62,11 @@ async def test_reference_model_trains_archives_and_is_found(client):
     assert found["rows"][0]["accuracy"] == pytest.approx(result["accuracy"]) or found["rows"][0]["accuracy"] >= \
         result["accuracy"]
     detail = await call(client, "get_model", name=name)
-    assert [p["epoch"] for p in detail["curve"]] == [0.5, 1.0]
+    assert [p["epoch"] for p in detail["curve"]] == [0.5, 1.0, 1.5, 2.0]
     assert detail["weights"]["size"] > 0
     assert detail["params"] == result["params"]
     points = await call(client, "query_models", nn=[name], limit=100)
-    assert points["total"] == 4  # 2 trials x 2 curve points
+    assert points["total"] == 8  # 2 trials x 4 curve points
 
 
 async def test_resubmission_adds_runs_to_the_same_model(client):

@@ -115,6 +115,9 @@ MIGRATIONS: list[list[str]] = [
             PRIMARY KEY (task, dataset, metric, epoch, model_id)
         ) WITHOUT ROWID""",
         "CREATE INDEX best_point_model ON best_point(model_id, accuracy)",
+        # unique_nn within one task/dataset/metric groups by model without a sort
+        "CREATE INDEX best_point_by_model ON best_point(task, dataset, metric, model_id, accuracy, duration_ns,"
+        " accuracy_to_time, created, epoch, run_id)",
         "CREATE INDEX best_point_accuracy ON best_point(accuracy)",
         """CREATE TABLE weights (
             run_id INTEGER PRIMARY KEY REFERENCES run(id) ON DELETE CASCADE,

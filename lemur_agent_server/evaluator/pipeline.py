@@ -226,6 +226,14 @@ def exit_failure(exit: Exit, stage: str) -> dict[str, Any] | None:
     return None
 
 
+def default_transforms(info: datasets.DatasetInfo) -> list[str]:
+    """Transforms searched unless prm or search_space says otherwise: the dataset's default first, then
+    the other transforms of the same size (larger resizes cost a lot on CPU; ask for them explicitly)."""
+    size = datasets.transform_size(info.default_transform)
+    same = [t for t in datasets.TRANSFORMS if datasets.transform_size(t) == size and t != info.default_transform]
+    return [info.default_transform, *same]
+
+
 def _spec(job: Job, paths: JobPaths, prepared: datasets.PreparedDataset, mode: str, budget_s: float,
           **overrides: Any) -> protocol.JobSpec:
     req = job.request
@@ -234,7 +242,7 @@ def _spec(job: Job, paths: JobPaths, prepared: datasets.PreparedDataset, mode: s
     fields.update(model_path=rp.model, data_dir=rp.data_dir, out_dir=rp.out_dir)
     spec = protocol.JobSpec(
         mode=mode, **fields, fixed_prm=dict(req.prm), search_space=dict(req.search_space),
-        transforms=list(datasets.TRANSFORMS), n_trials=req.n_trials, epochs=req.epochs,
+        transforms=default_transforms(prepared.info), n_trials=req.n_trials, epochs=req.epochs,
         eval_every=req.eval_every, seed=req.seed, time_budget_s=max(1.0, budget_s),
         device="cuda" if job.gpu is not None else "cpu", max_train_samples=req.max_train_samples,
         threads=job.threads)
@@ -255,7 +263,7 @@ async def evaluate(job: Job) -> Outcome:
     if problems:
         err = failure(protocol.STAGE_CHECK, problems[0].kind, problems[0].message,
                       problems=[p.as_dict() for p in problems])
-        return await _finish(job, model, [], err, "failed", base)
+        return await _finish(job, model, [_failed_run(job, None, err, None)], err, "failed", base)
 
     await job.progress(protocol.STAGE_CHECK, {"step": "preparing dataset"})
     try:

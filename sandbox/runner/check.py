@@ -1,0 +1,142 @@
+"""Check mode (and the preamble of train mode): build the Net once, run it a little, describe it.
+
+Why run learn() here too: most broken submissions fail in learn() (wrong loss call, missing optimizer,
+labels on the wrong device). Two tiny batches surface that in well under a second, with stage=checking,
+before any Optuna trial or time budget is spent.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+
+from sandbox import protocol
+from sandbox.runner import fingerprint, netops
+from sandbox.runner.emit import Emitter
+from sandbox.runner.errors import RunnerFailure
+from sandbox.runner.loader import apply_transform
+from sandbox.runner.params import check_prm, parse_transform
+
+FORWARD_BATCH = 2
+LEARN_BATCHES = 2
+LEARN_BATCH = 4
+
+
+def sample_images(
+    data_dir: str, image_shape: list[int], num_classes: int, n: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`n` real training images and labels when the data is mounted, else random ones of the right shape."""
+    folder = Path(data_dir)
+    rng = np.random.default_rng(seed)
+    try:
+        images = np.load(folder / "train_x.npy", mmap_mode="r")
+        labels = np.load(folder / "train_y.npy", mmap_mode="r")
+        idx = np.sort(rng.choice(len(images), size=min(n, len(images)), replace=False))
+        return np.ascontiguousarray(images[idx]), np.asarray(labels[idx], dtype=np.int64)
+    except (OSError, ValueError):
+        c, h, w = image_shape
+        return (
+            rng.integers(0, 256, size=(n, c, h, w), dtype=np.uint8),
+            rng.integers(0, num_classes, size=n, dtype=np.int64),
+        )
+
+
+def _in_shape(spec: protocol.JobSpec, transform: str) -> tuple[int, int, int, int]:
+    size = parse_transform(transform).size
+    return 1, int(spec.image_shape[0]), size, size
+
+
+def run_check(
+    spec: protocol.JobSpec, module: ModuleType, declared: set[str], device: torch.device, emitter: Emitter
+) -> dict[str, Any]:
+    """Build, forward, count, fingerprint and learn briefly; emits and returns the `check` event fields."""
+    stage = protocol.STAGE_CHECK
+    prm = check_prm(declared, spec.fixed_prm, spec.transforms, spec.epochs)
+    tf = parse_transform(prm["transform"])
+    in_shape, out_shape = _in_shape(spec, prm["transform"]), (int(spec.num_classes),)
+    mean = torch.tensor(spec.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    n_images = FORWARD_BATCH + LEARN_BATCHES * LEARN_BATCH
+    images_np, labels_np = sample_images(
+        spec.data_dir, spec.image_shape, spec.num_classes, n_images, spec.seed
+    )
+    images = torch.from_numpy(images_np).to(device)
+    labels = torch.from_numpy(labels_np).to(device)
+
+    torch.manual_seed(spec.seed)
+    model = netops.build_net(module, in_shape, out_shape, prm, device, stage)
+    params, trainable = netops.count_params(model)
+    x = apply_transform(images[:FORWARD_BATCH], tf, mean, std, train=False)
+    model.eval()
+    try:
+        netops.sync(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model(x)
+        netops.sync(device)
+        forward_s = time.perf_counter() - t0
+        netops.check_logits(out, FORWARD_BATCH, spec.num_classes, stage)
+        flops = fingerprint.count_flops(model, x[:1])
+        torch.manual_seed(spec.seed)
+        fp = fingerprint.fingerprint(model, x[:1])
+    except RunnerFailure:
+        raise
+    except BaseException as exc:
+        raise _check_error(netops.model_error(exc, stage, "forward()")) from exc
+
+    learn_loss, updated = _tiny_learn(
+        model, prm, images[FORWARD_BATCH:], labels[FORWARD_BATCH:], tf, mean, std
+    )
+    fields: dict[str, Any] = {
+        "params": params,
+        "trainable_params": trainable,
+        "flops": flops,
+        "fingerprint": fp,
+        "in_shape": list(in_shape),
+        "out_shape": list(out_shape),
+        "forward_s": round(forward_s, 6),
+        "prm": prm,
+        "declared": sorted(declared),
+        "learn_loss": learn_loss,
+        "learn_updates_params": updated,
+    }
+    emitter.emit(protocol.EVENT_CHECK, **fields)
+    del model
+    return fields
+
+
+def _check_error(exc: Exception) -> RunnerFailure:
+    if isinstance(exc, netops.TrialFailure):  # OOM with the default hyperparameters ends the check
+        return RunnerFailure(exc.kind, exc.message, protocol.STAGE_CHECK)
+    assert isinstance(exc, RunnerFailure)
+    return exc
+
+
+def _tiny_learn(
+    model: torch.nn.Module,
+    prm: dict[str, Any],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    tf: Any,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+) -> tuple[float | None, bool]:
+    """train_setup + learn on two batches of four; returns (loss, whether any parameter changed)."""
+    batches = [
+        (apply_transform(images[i : i + LEARN_BATCH], tf, mean, std, train=True), labels[i : i + LEARN_BATCH])
+        for i in range(0, LEARN_BATCHES * LEARN_BATCH, LEARN_BATCH)
+    ]
+    before = netops.param_checksum(model)
+    try:
+        model.train()
+        model.train_setup(dict(prm))
+        result = model.learn(batches)
+    except BaseException as exc:
+        raise _check_error(netops.model_error(exc, protocol.STAGE_CHECK, "train_setup()/learn()")) from exc
+    loss, _ = netops.parse_learn_result(result)
+    return loss, netops.param_checksum(model) != before

@@ -1,0 +1,179 @@
+"""Hyperparameters: LEMUR's defaults, its Optuna search space, and LEMUR transform names.
+
+Torch-free on purpose (stdlib only; optuna is used through the `trial` object passed in), so the host
+can import it to validate a job's `search_space` before starting a sandbox.
+
+Search-space override format (`JobSpec.search_space`), one entry per hyperparameter to change:
+
+    {
+      "lr":        {"low": 1e-4, "high": 0.1, "log": true},   # float range, log-uniform if "log"
+      "momentum":  {"low": 0.5, "high": 0.99},                  # float range, uniform
+      "dropout":   {"choices": [0.0, 0.25]},                    # categorical
+      "batch":     {"choices": [32, 64, 128]}                   # or {"min_power": 4, "max_power": 8}
+      "transform": {"choices": ["norm_32", "norm_32_flip"]}     # default: JobSpec.transforms
+    }
+
+Entries for names the model does not declare are ignored (except batch/transform, which every model
+gets). Values in `JobSpec.fixed_prm` are used as given and never searched. Defaults (LEMUR's CLI):
+lr log-uniform 1e-5..1, momentum 0..1, dropout 0..0.5, batch 2^k for k = 4..8 (capped at the
+training-split size), any other declared name uniform 0..1; `pretrained` is fixed to 0 because a sandbox
+cannot download weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable
+from typing import Any
+
+RESERVED = ("batch", "epoch", "transform")
+CHECK_DEFAULTS: dict[str, Any] = {"lr": 0.01, "momentum": 0.9, "dropout": 0.2, "pretrained": 0}
+CHECK_OTHER = 0.5
+CHECK_BATCH = 16
+FALLBACK_TRANSFORM = "norm_32"
+DEFAULT_SPACE: dict[str, dict[str, Any]] = {
+    "lr": {"low": 1e-5, "high": 1.0, "log": True},
+    "momentum": {"low": 0.0, "high": 1.0},
+    "dropout": {"low": 0.0, "high": 0.5},
+    "pretrained": {"choices": [0]},
+}
+OTHER_SPACE: dict[str, Any] = {"low": 0.0, "high": 1.0}
+BATCH_POWERS = (4, 8)
+TRANSFORM_SIZES = (32, 64, 128, 224, 256, 299)
+_TRANSFORM_RE = re.compile(r"^(norm|echo)_(\d+)(_flip)?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    """A LEMUR transform name decoded: resize to `size`x`size`, optional flip, optional normalisation."""
+
+    name: str
+    size: int
+    normalize: bool
+    flip: bool
+
+
+def parse_transform(name: str) -> Transform:
+    """Decode `norm_<size>[_flip]` / `echo_<size>[_flip]`; raises ValueError for anything else."""
+    match = _TRANSFORM_RE.match(str(name))
+    if match is None or int(match.group(2)) not in TRANSFORM_SIZES:
+        raise ValueError(
+            f"unknown transform {name!r} (expected norm_<size>[_flip] or echo_<size>[_flip] "
+            f"with size in {TRANSFORM_SIZES})"
+        )
+    return Transform(
+        name=name,
+        size=int(match.group(2)),
+        normalize=match.group(1) == "norm",
+        flip=match.group(3) is not None,
+    )
+
+
+def epoch_value(epochs: float) -> int | float:
+    """`prm['epoch']`: an int when whole (LEMUR models may use it in range())."""
+    return int(epochs) if float(epochs).is_integer() else float(epochs)
+
+
+def default_transform(fixed_prm: dict[str, Any], transforms: list[str]) -> str:
+    """The fixed transform, else the first allowed one (the host lists the dataset default first)."""
+    if "transform" in fixed_prm:
+        return str(fixed_prm["transform"])
+    return transforms[0] if transforms else FALLBACK_TRANSFORM
+
+
+def check_prm(
+    declared: Iterable[str], fixed_prm: dict[str, Any], transforms: list[str], epochs: float = 1
+) -> dict[str, Any]:
+    """Hyperparameters for a check build: fixed values over LEMUR-like defaults (others 0.5)."""
+    prm: dict[str, Any] = {
+        name: CHECK_DEFAULTS.get(name, CHECK_OTHER) for name in declared if name not in RESERVED
+    }
+    prm.update(
+        batch=CHECK_BATCH, epoch=epoch_value(epochs), transform=default_transform(fixed_prm, transforms)
+    )
+    prm.update(fixed_prm)
+    return prm
+
+
+def validate_search_space(space: dict[str, Any]) -> list[str]:
+    """Problems with a `search_space` override (empty when valid)."""
+    problems: list[str] = []
+    for name, entry in space.items():
+        if not isinstance(entry, dict):
+            problems.append(f"{name}: expected an object like {{'low':..,'high':..}} or {{'choices':[..]}}")
+            continue
+        if name == "batch" and ("min_power" in entry or "max_power" in entry):
+            lo, hi = entry.get("min_power", BATCH_POWERS[0]), entry.get("max_power", BATCH_POWERS[1])
+            if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi <= 16):
+                problems.append(f"batch: need integers 0 <= min_power <= max_power <= 16, got {lo}, {hi}")
+        elif "choices" in entry:
+            choices = entry["choices"]
+            if (
+                not isinstance(choices, list)
+                or not choices
+                or not all(isinstance(c, bool | int | float | str) for c in choices)
+            ):
+                problems.append(f"{name}: 'choices' must be a non-empty list of numbers or strings")
+            elif name == "transform":
+                for c in choices:
+                    try:
+                        parse_transform(c)
+                    except ValueError as exc:
+                        problems.append(f"transform: {exc}")
+            elif name == "batch" and not all(isinstance(c, int) and c >= 1 for c in choices):
+                problems.append("batch: choices must be positive integers")
+        elif "low" in entry and "high" in entry:
+            lo, hi, log = entry["low"], entry["high"], bool(entry.get("log", False))
+            if not (isinstance(lo, int | float) and isinstance(hi, int | float) and lo <= hi):
+                problems.append(f"{name}: need numbers low <= high, got {lo!r}, {hi!r}")
+            elif log and lo <= 0:
+                problems.append(f"{name}: a log range needs low > 0")
+        else:
+            problems.append(f"{name}: give 'low' and 'high' (and optional 'log') or 'choices'")
+    return problems
+
+
+def _suggest(trial: Any, name: str, entry: dict[str, Any]) -> Any:
+    if "choices" in entry:
+        return trial.suggest_categorical(name, list(entry["choices"]))
+    return trial.suggest_float(name, float(entry["low"]), float(entry["high"]), log=bool(entry.get("log")))
+
+
+def batch_choices(space: dict[str, Any], n_train: int) -> list[int]:
+    """Batch sizes to search: the override's, or 2^k; those above the training-split size are dropped."""
+    entry = space.get("batch", {})
+    if "choices" in entry:
+        choices = sorted({int(c) for c in entry["choices"]})
+    else:
+        lo, hi = entry.get("min_power", BATCH_POWERS[0]), entry.get("max_power", BATCH_POWERS[1])
+        choices = [2**k for k in range(lo, hi + 1)]
+    fitting = [c for c in choices if c <= max(n_train, 1)]
+    if fitting:
+        return fitting
+    return [1 << max(max(n_train, 1).bit_length() - 1, 0)]  # the largest power of two that fits
+
+
+def suggest_prm(
+    trial: Any,
+    declared: Iterable[str],
+    fixed_prm: dict[str, Any],
+    space: dict[str, Any],
+    transforms: list[str],
+    epochs: float,
+    n_train: int,
+) -> dict[str, Any]:
+    """One trial's `prm` from an Optuna trial: every declared name plus batch, epoch and transform."""
+    prm: dict[str, Any] = {}
+    for name in sorted(set(declared) - set(RESERVED)):
+        if name in fixed_prm:
+            continue
+        prm[name] = _suggest(trial, name, space.get(name) or DEFAULT_SPACE.get(name) or OTHER_SPACE)
+    if "batch" not in fixed_prm:
+        prm["batch"] = trial.suggest_categorical("batch", batch_choices(space, n_train))
+    if "transform" not in fixed_prm:
+        allowed = list(space.get("transform", {}).get("choices") or transforms or [FALLBACK_TRANSFORM])
+        prm["transform"] = trial.suggest_categorical("transform", allowed)
+    prm["epoch"] = epoch_value(epochs)
+    prm.update(fixed_prm)
+    return prm

@@ -1,0 +1,92 @@
+"""Train mode: an in-memory Optuna study over LEMUR's search space, one `TrialRun` per trial.
+
+Why ask/tell instead of `study.optimize`: each trial can end three ways (completed, pruned, failed) and
+a timeout must stop the whole study at once; driving the loop ourselves keeps that explicit and keeps
+Optuna's own exception handling from swallowing a broken model's traceback.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+
+from sandbox import protocol
+from sandbox.runner.loader import batches_per_epoch
+from sandbox.runner.params import parse_transform, suggest_prm
+from sandbox.runner.trainer import (
+    STATUS_COMPLETED,
+    STATUS_PRUNED,
+    Job,
+    TrialOutcome,
+    TrialRun,
+    release_memory,
+)
+
+MEDIAN_PRUNER_STARTUP = 2
+
+
+def _first_segment_fits(job: Job, prm: dict[str, Any]) -> bool:
+    """Whether the first partial epoch of a trial with `prm` is likely to fit in the time left."""
+    size = parse_transform(prm["transform"]).size
+    n_train = len(job.data.train_x)
+    batch = min(int(prm["batch"]), n_train)
+    per_epoch = batches_per_epoch(n_train, batch)
+    share = min(float(job.spec.eval_every) or float(job.spec.epochs), float(job.spec.epochs))
+    samples = max(1, round(share * per_epoch)) * batch
+    estimate = job.budget.train_estimate(samples, size * size)
+    if estimate is None:
+        return job.budget.remaining() > 0
+    eval_s = job.budget.eval_estimate(len(job.data.val_x) + len(job.data.test_x), size * size)
+    return job.budget.fits(estimate + eval_s)
+
+
+def run_search(job: Job, declared: set[str]) -> dict[str, Any]:
+    """Run up to `spec.n_trials` trials; emits trial_start/point/trial_end and returns the `done` fields."""
+    spec = job.spec
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=spec.seed),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=MEDIAN_PRUNER_STARTUP),
+    )
+    outcomes: list[TrialOutcome] = []
+    stopped_by_budget = False
+    for _ in range(int(spec.n_trials)):
+        trial = study.ask()
+        prm = suggest_prm(
+            trial,
+            declared,
+            spec.fixed_prm,
+            spec.search_space,
+            spec.transforms,
+            spec.epochs,
+            len(job.data.train_x),
+        )
+        if not _first_segment_fits(job, prm):
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)  # never started; keeps the sampler sane
+            stopped_by_budget = True
+            break
+        if outcomes:
+            release_memory(job.device)
+        job.emitter.emit(protocol.EVENT_TRIAL_START, trial=trial.number, prm=prm, **job.data.sizes())
+        outcome = TrialRun(job, trial.number, prm, trial).run()
+        outcomes.append(outcome)
+        if outcome.status == STATUS_COMPLETED and outcome.val_accuracy is not None:
+            study.tell(trial, outcome.val_accuracy)
+        elif outcome.status == STATUS_PRUNED:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        else:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        job.emitter.emit(protocol.EVENT_TRIAL_END, **outcome.event_fields())
+        if outcome.stop_job:
+            stopped_by_budget = True
+            break
+    completed = [o for o in outcomes if o.status == STATUS_COMPLETED and o.val_accuracy is not None]
+    best = max(completed, key=lambda o: o.val_accuracy or 0.0, default=None)
+    return {
+        "best_trial": best.trial if best else None,
+        "best_val_accuracy": best.val_accuracy if best else None,
+        "trials": len(outcomes),
+        "stopped_by_budget": stopped_by_budget,
+    }
