@@ -144,7 +144,7 @@ class Backend(abc.ABC):
         """Remove sandboxes left behind by a previous server process. Returns how many."""
         return 0
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release pre-started sandboxes and other resources."""
 
 

@@ -53,7 +53,8 @@ GOOD = tiny()
 GOOD_REFORMATTED = "# a comment that changes nothing\n" + GOOD.replace("\n\n\n", "\n\n\n\n")
 
 SYNTAX = GOOD.replace("def forward(self, x):", "def forward(self, x)")
-NO_NET = "import torch\n\ndef supported_hyperparameters():\n    return {'lr'}\n\nclass Model(torch.nn.Module):\n    pass\n"
+NO_NET = ("import torch\n\ndef supported_hyperparameters():\n    return {'lr'}\n\n"
+          "class Model(torch.nn.Module):\n    pass\n")
 WRONG_SHAPE = GOOD.replace("return self.head(torch.flatten(self.features(x), 1))",
                            "return self.head(torch.flatten(self.features(x), 1))[:, :3]")
 RAISES_IN_LEARN = tiny(learn_extra="raise ValueError('boom in learn')")

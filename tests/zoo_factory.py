@@ -7,7 +7,8 @@ from pathlib import Path
 from zoo.records import Model, Point, Run, accuracy_to_time
 from zoo.store import ZooStore
 
-CODE = "import torch\n\ndef supported_hyperparameters():\n    return {{'lr'}}\n\n\nclass Net(torch.nn.Module):\n    WIDTH = {i}\n"
+CODE = ("import torch\n\ndef supported_hyperparameters():\n    return {{'lr'}}\n\n\n"
+        "class Net(torch.nn.Module):\n    WIDTH = {i}\n")
 
 
 async def build_zoo(path: Path, n_models: int = 6, trials: int = 2) -> ZooStore:

@@ -281,7 +281,6 @@ async def evaluate(job: Job) -> Outcome:
 
 async def _evaluate_in(job: Job, paths: JobPaths, prepared: datasets.PreparedDataset, model: Model,
                        base: dict[str, Any]) -> Outcome:
-    req = job.request
     await job.progress(protocol.STAGE_CHECK, {"step": "building the model in the sandbox"})
     check = Phase(job, paths, prepared)
     wall = min(CHECK_WALL_S, job.remaining() + KILL_GRACE_S)
