@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(sandbox)
     sandbox_sub = sandbox.add_subparsers(dest="sandbox_command", required=True)
     build = sandbox_sub.add_parser("build", help="build the Docker sandbox image")
-    build.add_argument("--base", help="base image (default: the Dockerfile's CUDA PyTorch image)")
+    build.add_argument("--base", help="base image (default: the Dockerfile's CUDA PyTorch image, which needs a "
+                                      "registry); 'local' builds a base from Debian packages and local wheels")
     build.add_argument("--tag")
 
     try:
@@ -326,9 +327,8 @@ def cmd_evaluate_seeds(args: argparse.Namespace) -> int:
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
-    from sandbox.image import build_image
-
     from lemur_agent_server.config import DEFAULT_IMAGE
+    from sandbox.image import build_image
 
     root = Path(__file__).resolve().parent.parent
     build_image(args.tag or DEFAULT_IMAGE, args.base, root, log=lambda m: print(m, file=sys.stderr))

@@ -59,7 +59,7 @@ class Settings:
         return self.slots if self.slots else max(1, len(self.gpus))
 
     @classmethod
-    def from_env(cls, zoo: str | os.PathLike[str] | None = None, **overrides: object) -> "Settings":
+    def from_env(cls, zoo: str | os.PathLike[str] | None = None, **overrides: object) -> Settings:
         gpus = tuple(g for g in os.environ.get(ENV_GPUS, "").split(",") if g.strip())
         slots_env = os.environ.get(ENV_SLOTS)
         settings = cls(

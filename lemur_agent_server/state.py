@@ -22,14 +22,14 @@ if TYPE_CHECKING:
 class AppState:
     settings: Settings
     store: ZooStore | None = None
-    queue: "JobQueue | None" = None
+    queue: JobQueue | None = None
 
     def zoo(self) -> ZooStore:
         if self.store is None:
             raise ToolError("The zoo is not open yet (the server is starting or stopping). Retry in a moment.")
         return self.store
 
-    def jobs(self) -> "JobQueue":
+    def jobs(self) -> JobQueue:
         if self.queue is None:
             raise ToolError("The evaluator is not running on this server. Start the server without "
                             "--no-worker, or run `lemur-agent-server worker` beside it.")

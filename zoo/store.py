@@ -42,7 +42,7 @@ class ZooStore:
 
     # --- lifecycle ---------------------------------------------------------------------------------
     @classmethod
-    async def open(cls, path: str | Path | None = None) -> "ZooStore":
+    async def open(cls, path: str | Path | None = None) -> ZooStore:
         resolved = connection.resolve_zoo_path(path)
         await anyio.to_thread.run_sync(connection.initialize, resolved)
         writer = await cls._connect(resolved)
@@ -367,6 +367,13 @@ class ZooStore:
                                      (_json(error), time.time(), job_id))
                     failed.append(job_id)
         return {"requeued": requeued, "failed": failed}
+
+    async def requeue_job(self, job_id: str) -> None:
+        """Give a running job back to the queue (clean shutdown); the attempt does not count."""
+        async with self.transaction() as db:
+            await db.execute(
+                "UPDATE job SET status='queued', owner=NULL, heartbeat=NULL, attempts=MAX(0, attempts-1) "
+                "WHERE id=? AND status IN ('checking','training','evaluating')", (job_id,))
 
     async def heartbeat(self, job_ids: Sequence[str]) -> None:
         if not job_ids:

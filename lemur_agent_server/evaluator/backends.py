@@ -53,7 +53,9 @@ def choose_backend(settings: Settings) -> Backend:
         if docker_usable(settings):
             from sandbox.docker_backend import DockerBackend
 
-            return DockerBackend(image=settings.image)
+            # one warm container per slot: the next job's sandbox has torch imported already
+            return DockerBackend(image=settings.image, prestart=True, prestart_slots=settings.slot_count,
+                                 jobs_root=settings.jobs_dir)
         if kind == "docker":
             raise RuntimeError(
                 f"--sandbox docker: no Docker engine answers, or the image {settings.image} is missing. "

@@ -50,6 +50,19 @@ def write_spec(paths: JobPaths, spec: protocol.JobSpec) -> None:
     tmp.replace(target)
 
 
+def reset_out_dir(paths: JobPaths) -> None:
+    """Empty out/ before a phase, so one phase never reads another phase's events or files."""
+    out = paths.out_dir
+    if out.exists():
+        for child in out.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+    else:
+        out.mkdir(parents=True)
+
+
 def remove_job_dir(paths: JobPaths) -> None:
     shutil.rmtree(paths.job_dir, ignore_errors=True)
 

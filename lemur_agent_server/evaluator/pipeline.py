@@ -79,6 +79,8 @@ class Job:
     gpu: str | None
     progress: ProgressFn
     cancelled: anyio.Event = dataclasses.field(default_factory=anyio.Event)
+    # schedules a warm sandbox for the next phase or job (fire and forget); None when unsupported
+    prewarm: Callable[[Any, Limits], None] | None = None
     started: float = dataclasses.field(default_factory=time.monotonic)
 
     @property
@@ -113,8 +115,11 @@ class Phase:
     async def run(self, spec: protocol.JobSpec, wall_s: float) -> Exit:
         limits = Limits(wall_s=max(1.0, wall_s), memory_bytes=self.job.memory_bytes, cpus=float(self.job.threads),
                         gpu=self.job.gpu)
+        await anyio.to_thread.run_sync(jobfiles.reset_out_dir, self.paths)
         jobfiles.write_spec(self.paths, spec)
         handle = await self.job.backend.start(self.paths, limits)
+        if self.job.prewarm is not None:
+            self.job.prewarm(self.paths.data_dir, limits)
         try:
             async with anyio.create_task_group() as tg:
                 async def watch_cancel() -> None:

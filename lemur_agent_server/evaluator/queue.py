@@ -16,16 +16,18 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 
 from lemur_agent_server.config import Settings
 from lemur_agent_server.evaluator import pipeline
 from lemur_agent_server.evaluator.backends import choose_backend
 from lemur_agent_server.evaluator.requests import EvalRequest
 from lemur_agent_server.evaluator.static_checks import static_problems
-from sandbox.backend import Backend
+from sandbox.backend import Backend, Limits
 from zoo.store import TERMINAL_JOB_STATES, ZooStore
 
 log = logging.getLogger(__name__)
@@ -46,12 +48,13 @@ class JobQueue:
         self._running: dict[str, pipeline.Job] = {}
         self._check_slots = anyio.Semaphore(CHECK_CONCURRENCY)
         self.last_timings: dict[str, dict[str, float]] = {}
+        self._tg: anyio.abc.TaskGroup | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------------
     @classmethod
     @asynccontextmanager
     async def running(cls, settings: Settings, store: ZooStore, backend: Backend | None = None,
-                      workers: bool = True) -> AsyncIterator["JobQueue"]:
+                      workers: bool = True) -> AsyncIterator[JobQueue]:
         backend = backend or await anyio.to_thread.run_sync(choose_backend, settings)
         queue = cls(settings, store, backend)
         removed = await backend.cleanup_orphans()
@@ -62,6 +65,7 @@ class JobQueue:
             log.info("recovered jobs: %s", recovered)
         try:
             async with anyio.create_task_group() as tg:
+                queue._tg = tg
                 if workers:
                     for slot in range(settings.slot_count):
                         tg.start_soon(queue._worker, slot)
@@ -70,16 +74,21 @@ class JobQueue:
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
-                await queue._release_running()
                 await backend.aclose()
 
-    async def _release_running(self) -> None:
-        """On a clean shutdown, hand running jobs back to the queue at once (no stale wait)."""
-        for job_id in list(self._running):
-            row = await self.store.get_job(job_id)
-            if row and row["status"] not in TERMINAL_JOB_STATES:
-                await self.store.update_job(job_id, status="queued", owner=None, heartbeat=None)
-        self._running.clear()
+    def prewarm(self, data_dir: Path, limits: Limits) -> None:
+        """Ask the backend for a warm sandbox on this dataset in the background (Docker pre-start)."""
+        prestart = getattr(self.backend, "prestart", None)
+        if prestart is None or self._tg is None:
+            return
+
+        async def warm() -> None:
+            try:
+                await prestart(data_dir, limits)
+            except Exception as exc:  # noqa: BLE001 - a cold start is the fallback, never a failure
+                log.info("pre-start failed, the next sandbox starts cold: %s", exc)
+
+        self._tg.start_soon(warm)
 
     def describe_sandbox(self) -> dict[str, Any]:
         return {**self.backend.describe(), "slots": self.settings.slot_count,
@@ -154,7 +163,8 @@ class JobQueue:
             job_id=job_id, kind=kind, request=request, store=self.store, backend=self.backend,
             jobs_root=self.settings.jobs_dir, data_root=self.settings.data_root,
             cache_root=self.settings.cache_dir, threads=self.settings.threads,
-            memory_bytes=int(self.settings.memory_gb * (1 << 30)), gpu=gpu, progress=progress)
+            memory_bytes=int(self.settings.memory_gb * (1 << 30)), gpu=gpu, progress=progress,
+            prewarm=self.prewarm)
 
     async def _worker(self, slot: int) -> None:
         while True:
@@ -195,6 +205,11 @@ class JobQueue:
             first = getattr(job, "first_step_at", None)
             self.last_timings[job_id] = {"claimed": row.get("started") or 0.0,
                                          "first_step": first or 0.0}
+        except anyio.get_cancelled_exc_class():
+            # the server is stopping cleanly: hand the job back now instead of waiting to look stale
+            with anyio.CancelScope(shield=True):
+                await self.store.requeue_job(job_id)
+            raise
         except Exception as exc:  # a bug of ours must not kill the worker slot
             log.exception("job %s crashed", job_id)
             with anyio.CancelScope(shield=True):

@@ -100,7 +100,7 @@ class EvalRequest(BaseModel):
         return space
 
     @model_validator(mode="after")
-    def _consistent(self) -> "EvalRequest":
+    def _consistent(self) -> EvalRequest:
         if self.eval_every > self.epochs:
             self.eval_every = self.epochs
         fixed_and_searched = set(self.prm) & set(self.search_space)
