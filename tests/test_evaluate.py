@@ -1,6 +1,6 @@
 """Real evaluation through the MCP client: real data (digits, Fashion-MNIST), real sandbox, real zoo.
 
-The sandbox backend is LEMUR_TEST_SANDBOX (process by default; CI runs this file again with docker).
+Every test runs on both sandbox backends: the namespaced process and the Docker container.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from tests import models
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-async def client(make_settings):
-    settings = make_settings(seed_zoo=False)
+@pytest.fixture(params=["process", "docker"])
+async def client(request, make_settings):
+    settings = make_settings(seed_zoo=False, sandbox=request.param)
     async with Client(build_server(settings)) as c:
         c.settings = settings
         yield c
@@ -53,7 +53,7 @@ async def test_reference_model_trains_archives_and_is_found(client):
     assert result["accuracy_to_time"] > 0 and result["duration_ns"] > 0
     assert 0 < result["code_quality"] <= 1 and result["params"] > 0 and result["flops"] > 0
     assert len(result["trials"]) == 2 and result["prm"]["batch"] == 32
-    assert result["isolation"]["backend"] in ("process", "docker")
+    assert result["isolation"]["backend"] == client.settings.sandbox
     name = job["model_name"]
     assert name.startswith("test-")
 

@@ -119,7 +119,7 @@ def plain_backend(world: World, package_root: Path) -> ProcessBackend:
 
 def _needs_namespaces(backend: ProcessBackend) -> None:
     if not backend.namespaces:
-        pytest.skip(f"namespaces unavailable here: {backend.describe().get('isolation_fallback_reason')}")
+        pytest.fail(f"namespaces unavailable here: {backend.describe().get('isolation_fallback_reason')}")
 
 
 def _has_cgroup(backend: ProcessBackend, key: str) -> bool:
@@ -297,7 +297,7 @@ while True:
 @pytest.mark.anyio
 async def test_fork_bomb_is_capped_and_nothing_survives(backend: ProcessBackend, world: World) -> None:
     if not _has_cgroup(backend, "pids_limit"):
-        pytest.skip("no pids cgroup here")
+        pytest.fail("no pids cgroup here")
     bomb = """
         import subprocess, sys
         subprocess.Popen([sys.executable, "-c", spec["bomb"], spec["token"]]).wait()
@@ -336,7 +336,7 @@ async def test_double_fork_daemon_does_not_outlive_the_job(
     if which == "namespaces":
         _needs_namespaces(b)
     elif not _has_cgroup(b, "pids_limit"):
-        pytest.skip("without pid namespace and cgroup a setsid daemon can escape (documented)")
+        pytest.fail("without pid namespace and cgroup a setsid daemon can escape (documented)")
     snippet = """
         import os, subprocess, sys, time
         flag = os.path.join(spec["out_dir"], "daemon-up")
@@ -652,7 +652,7 @@ def _orphan() -> tuple[_cgroups.JobCgroup, subprocess.Popen[bytes]]:
 @pytest.mark.anyio
 async def test_cleanup_orphans_kills_leftover_cgroups(backend: ProcessBackend) -> None:
     if _cgroups.version() is None or not _has_cgroup(backend, "pids_limit"):
-        pytest.skip("no cgroups here")
+        pytest.fail("no cgroups here")
     cg, proc = _orphan()
     try:
         assert cg.pids() == {proc.pid}

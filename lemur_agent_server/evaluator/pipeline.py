@@ -286,34 +286,33 @@ async def evaluate(job: Job) -> Outcome:
 
 async def _evaluate_in(job: Job, paths: JobPaths, prepared: datasets.PreparedDataset, model: Model,
                        base: dict[str, Any]) -> Outcome:
+    """One sandbox does the check and, for submissions, the search: a second start would double the
+    fixed cost (interpreter, torch import, data load) for nothing."""
     await job.progress(protocol.STAGE_CHECK, {"step": "building the model in the sandbox"})
-    check = Phase(job, paths, prepared)
-    wall = min(CHECK_WALL_S, job.remaining() + KILL_GRACE_S)
-    exit = await check.run(_spec(job, paths, prepared, "check", wall), wall)
-    err = check.error or (exit_failure(exit, protocol.STAGE_CHECK) if check.check is None else None)
-    if err is None and check.check is None:
-        err = failure(protocol.STAGE_CHECK, protocol.KIND_SANDBOX, "The runner exited without a check result.",
-                      log_tail=exit.log_tail[-LOG_TAIL_CHARS:])
+    mode = "check" if job.kind == "check" else "train"
+    phase = Phase(job, paths, prepared)
+    budget = min(CHECK_WALL_S, job.remaining()) if mode == "check" else job.remaining()
+    exit = await phase.run(_spec(job, paths, prepared, mode, budget), budget + KILL_GRACE_S)
     isolation = exit.isolation
     base["isolation"] = isolation
-    if check.check:
-        stats = check.check
+    if phase.check:
+        stats = phase.check
         model.params = _int(stats.get("params"))
         model.flops = _int(stats.get("flops"))
         model.fingerprint = str(stats.get("fingerprint"))[:128] if stats.get("fingerprint") else None
         base.update(params=model.params, flops=model.flops, fingerprint=model.fingerprint,
                     in_shape=stats.get("in_shape"), out_shape=stats.get("out_shape"))
     base["duplicates"] = await _duplicates(job.store, model)
+    err = _check_failure(phase, exit)
     if err:
         if err.get("kind") == "cancelled":
             return Outcome("cancelled", base, err)
         status = "timed_out" if err["kind"] == protocol.KIND_TIMEOUT else "failed"
         return await _finish(job, model, [_failed_run(job, prepared, err, isolation)], err, status, base)
-    if job.kind == "check":
+    if mode == "check":
         return Outcome("succeeded", base)
 
-    await job.progress(protocol.STAGE_TRAIN, {"step": "starting the search"})
-    trials, err, timed_out, cancelled = await _search(job, paths, prepared)
+    trials, err, timed_out, cancelled = await _search(job, paths, prepared, phase, exit)
     if cancelled:
         err = failure(protocol.STAGE_TRAIN, "cancelled", "Cancelled by request.")
     await job.progress(protocol.STAGE_EVALUATE, {"step": "scoring and archiving"})
@@ -350,13 +349,23 @@ async def _evaluate_in(job: Job, paths: JobPaths, prepared: datasets.PreparedDat
     return await _finish(job, model, runs, err, status, base, weights=(selected, weights))
 
 
-async def _search(job: Job, paths: JobPaths, prepared: datasets.PreparedDataset
+def _check_failure(phase: Phase, exit: Exit) -> dict[str, Any] | None:
+    """The check's failure, if the model never got past it (no check result, or an error at that stage)."""
+    if phase.check is None:
+        if phase.error is not None:
+            return {**phase.error, "stage": protocol.STAGE_CHECK}
+        return exit_failure(exit, protocol.STAGE_CHECK) or failure(
+            protocol.STAGE_CHECK, protocol.KIND_SANDBOX, "The runner exited without a check result.",
+            log_tail=exit.log_tail[-LOG_TAIL_CHARS:])
+    if phase.error is not None and phase.error.get("stage") == protocol.STAGE_CHECK:
+        return phase.error
+    return None
+
+
+async def _search(job: Job, paths: JobPaths, prepared: datasets.PreparedDataset, search: Phase, exit: Exit
                   ) -> tuple[dict[int, Trial], dict[str, Any] | None, bool, bool]:
-    """The Optuna search, then `repeats - 1` reruns of the selected prm with other seeds."""
+    """Read the Optuna search's trials, then rerun the selected prm `repeats - 1` times with other seeds."""
     req = job.request
-    search = Phase(job, paths, prepared)
-    budget = job.remaining()
-    exit = await search.run(_spec(job, paths, prepared, "train", budget), budget + KILL_GRACE_S)
     trials = dict(search.trials)
     err = search.error or (exit_failure(exit, protocol.STAGE_TRAIN) if search.done is None else None)
     if search.first_step_at is not None:
@@ -374,8 +383,8 @@ async def _search(job: Job, paths: JobPaths, prepared: datasets.PreparedDataset
             timed_out = timed_out or (best is not None and job.remaining() < 2)
             break
         rerun = Phase(job, paths, prepared)
-        fixed = {**best.prm}
         budget = job.remaining()
+        fixed = {k: v for k, v in best.prm.items() if k != "epoch"}
         exit = await rerun.run(_spec(job, paths, prepared, "train", budget, fixed_prm=fixed, n_trials=1,
                                      seed=req.seed + repeat), budget + KILL_GRACE_S)
         for t in rerun.trials.values():

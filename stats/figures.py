@@ -1,0 +1,465 @@
+"""One `fetch` (SQL, no matplotlib) and one `draw` (matplotlib, no SQL) per plot kind.
+
+Why split: `stats.plots.render` runs `fetch` freely in any thread and only `draw` under the global
+matplotlib lock, so slow queries never hold the lock. Every `draw` gets a fresh `Figure` (object API,
+never pyplot) and returns a short text summary of what the picture shows, for the agent that may not
+see images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import sqlite3
+import textwrap
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator
+
+from stats import aggregates as agg
+from stats.palette import DIVERGING_CMAP, GREY, REFERENCE, series
+from stats.scope import Triple, check_models, describe, no_data, resolve_triple
+from zoo.query import Filters
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    width: int = 1000  # pixels
+    height: int = 600  # pixels
+    models: tuple[str, ...] = ()  # learning curves: these models (else the top `limit`)
+    limit: int = 5  # learning curves: models drawn when `models` is empty
+    cap: int = agg.SCATTER_CAP  # scatters: most points drawn
+
+
+def _n(x: float) -> str:
+    return f"{int(x):,}"
+
+
+def _acc_label(metric: str) -> str:
+    return f"Accuracy ({metric}, fraction; higher is better)"
+
+
+def _seconds(v: float, _pos: Any = None) -> str:
+    if v >= 1:
+        return f"{v:,.0f}"
+    return f"{v:g}"
+
+
+def _log_seconds(ax: Any, axis: str = "x", label: str = "Training time (s, log scale)") -> None:
+    getattr(ax, f"set_{axis}scale")("log")
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    target.set_major_locator(LogLocator(base=10))
+    target.set_major_formatter(FuncFormatter(_seconds))
+    getattr(ax, f"set_{axis}label")(label)
+
+
+def _scope_note(f: Filters, triple: Triple | None = None) -> str:
+    parts = []
+    if triple is not None:
+        parts.append(triple.label + (" (the one with most runs)" if triple.chosen else ""))
+    parts.append("final point of each run" if f.epoch is None else f"points at epoch {f.epoch:g}")
+    extra = describe(dataclasses.replace(f, task=None, dataset=None, metric=None, epoch=None))
+    if extra != "no filters":
+        parts.append(extra)
+    return " · ".join(parts)
+
+
+def _subtitle(fig: Figure, ax: Any, text: str) -> None:
+    """The scope line under the figure title: left-aligned on the axes and wrapped to the figure."""
+    chars = max(40, int((fig.get_figwidth() * fig.dpi - 80) / 6.3))
+    ax.set_title(textwrap.fill(text, chars), loc="left", fontsize=9, color="#333333")
+
+
+def _chosen_hint(triple: Triple) -> str:
+    return (" It is the task/dataset/metric with the most runs matching the filters; pass task, dataset and "
+            "metric to choose another." if triple.chosen else "")
+
+
+def _marker(n: int) -> tuple[float, float]:
+    """Scatter marker area and alpha: big and solid for a few points, small and translucent for thousands."""
+    if n <= 300:
+        return 28.0, 0.85
+    if n <= 1500:
+        return 14.0, 0.6
+    return 7.0, 0.45
+
+
+def _short(name: str, n: int = 30) -> str:
+    return name if len(name) <= n else name[: n - 1] + "…"
+
+
+def _legend_outside(ax: Any, **kw: Any) -> None:
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False, **kw)
+
+
+# --- curves --------------------------------------------------------------------------------------
+def fetch_curves(conn: sqlite3.Connection, f: Filters, o: Options) -> dict[str, Any]:
+    check_models(conn, o.models)
+    base = dataclasses.replace(f, nn=o.models or f.nn, epoch=None)
+    triple = resolve_triple(conn, base)
+    return {"f": base, "triple": triple, "models": o.models,
+            "points": agg.learning_curves(conn, base, triple, o.models, o.limit)}
+
+
+def draw_curves(fig: Figure, d: dict[str, Any]) -> str:
+    ax = fig.add_subplot()
+    pts: pd.DataFrame = d["points"]
+    lines = []
+    for i, (name, g) in enumerate(pts.groupby("name", sort=False)):
+        c = series(i)
+        ax.plot(g["epoch"], g["accuracy"], color=c, label=f"{_short(name)}  (final {g['final'].iloc[0]:.3f})")
+        whole = g["epoch"] % 1 == 0
+        ax.plot(g["epoch"][whole], g["accuracy"][whole], "o", color=c)
+        ax.plot(g["epoch"][~whole], g["accuracy"][~whole], "o", mfc="white", mec=c, mew=1.5)
+        best = g.loc[g["accuracy"].idxmax()]
+        lines.append(f"{name} peaks at {best['accuracy']:.3f} (epoch {best['epoch']:g}, {len(g)} points"
+                     f"{', half epochs' if (~whole).any() else ''})")
+    handles, labels = ax.get_legend_handles_labels()
+    if (pts["epoch"] % 1 != 0).any():
+        handles.append(Line2D([], [], marker="o", ls="", mfc="white", mec=GREY))
+        labels.append("half-epoch point")
+    ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, title="Model (best run)")
+    ax.set_xlabel("Epoch")
+    ax.set_ylabel(_acc_label(d["triple"].metric))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    note = _scope_note(dataclasses.replace(d["f"], nn=()), d["triple"])  # the legend names the models
+    _subtitle(fig, ax, note.replace("final point of each run", "best run of each model"))
+    fig.suptitle("Learning curves")
+    which = "the named models" if d["models"] else f"the top {pts['name'].nunique()} models by final accuracy"
+    return (f"Learning curves on {d['triple'].label} of the best run of {which}: " + "; ".join(lines) + "."
+            + _chosen_hint(d["triple"]))
+
+
+# --- mean ± std per epoch ------------------------------------------------------------------------
+def fetch_mean_std(conn: sqlite3.Connection, f: Filters, o: Options) -> dict[str, Any]:
+    base = dataclasses.replace(f, epoch=None)
+    triple = resolve_triple(conn, base)
+    return {"f": base, "triple": triple, "summary": agg.epoch_summary(conn, triple.narrow(base))}
+
+
+def draw_mean_std(fig: Figure, d: dict[str, Any]) -> str:
+    s: pd.DataFrame = d["summary"]
+    ax, bx = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    # whole epochs are lines; half epochs (only the evaluator records them, so fewer and different runs)
+    # are hollow markers, so that the two populations do not zig-zag into one line
+    whole, half = s[s["epoch"] % 1 == 0], s[s["epoch"] % 1 != 0]
+    std = whole["std"].fillna(0)
+    ax.fill_between(whole["epoch"], whole["mean"] - std, whole["mean"] + std, color=series(0), alpha=0.2, lw=0,
+                    label="mean ± 1 std")
+    for col, style, i in (("mean", "o-", 0), ("median", "s--", 1), ("best", "^:", 2)):
+        ax.plot(whole["epoch"], whole[col], style, color=series(i), label=col)
+        if len(half):
+            ax.plot(half["epoch"], half[col], style[0], color=series(i), mfc="white", mew=1.3)
+    ax.set_ylabel(_acc_label(d["triple"].metric))
+    handles, labels = ax.get_legend_handles_labels()
+    if len(half):
+        handles.append(Line2D([], [], marker="o", ls="", mfc="white", mec=GREY))
+        labels.append("half epoch\n(evaluator runs only)")
+    ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    bx.bar(s["epoch"], s["n"], width=0.35, color=[GREY if e % 1 == 0 else "#BBBBBB" for e in s["epoch"]])
+    bx.set_ylabel("Points")
+    bx.set_xlabel("Epoch")
+    bx.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _subtitle(fig, ax, _scope_note(d["f"], d["triple"]).replace("final point of each run", "every curve point"))
+    fig.suptitle("Accuracy per epoch: mean ± std, median and best")
+    first, last = (whole if len(whole) else s).iloc[[0, -1]].itertuples()
+    return (f"Accuracy per epoch on {d['triple'].label} over {_n(s['n'].sum())} curve points: at epoch "
+            f"{first.epoch:g} mean {first.mean:.3f} ± {first.std:.3f}, median {first.median:.3f}, best "
+            f"{first.best:.3f} (n={_n(first.n)}); at epoch {last.epoch:g} mean {last.mean:.3f} ± {last.std:.3f}, "
+            f"median {last.median:.3f}, best {last.best:.3f} (n={_n(last.n)})."
+            + (f" {len(half)} half epochs drawn hollow." if len(half) else "") + _chosen_hint(d["triple"]))
+
+
+# --- accuracy vs training time -------------------------------------------------------------------
+def fetch_accuracy_vs_time(conn: sqlite3.Connection, f: Filters, o: Options) -> dict[str, Any]:
+    triple = resolve_triple(conn, f)
+    return {"f": f, "triple": triple, "data": agg.accuracy_vs_time(conn, f, triple, o.cap)}
+
+
+def draw_accuracy_vs_time(fig: Figure, d: dict[str, Any]) -> str:
+    data: agg.ScatterData = d["data"]
+    ax = fig.add_subplot()
+    s = data.sample
+    groups = np.ceil(s["epoch"]).clip(upper=6).astype(int)
+    size, alpha = _marker(len(s))
+    for i, e in enumerate(sorted(groups.unique())):
+        m = groups == e
+        label = f"{e}" if e < 6 else "6+"
+        ax.scatter(s["duration_ns"][m] / 1e9, s["accuracy"][m], s=size, alpha=alpha, lw=0, color=series(i),
+                   label=label)
+    fr = data.front
+    ax.step(fr["duration_ns"] / 1e9, fr["accuracy"], where="post", color=REFERENCE, lw=1.4,
+            label=f"Pareto front\n(all {_n(data.total)} runs)")
+    ax.plot(fr["duration_ns"] / 1e9, fr["accuracy"], "D", color=REFERENCE, ms=4)
+    _log_seconds(ax)
+    ax.set_ylabel(_acc_label(d["triple"].metric))
+    _legend_outside(ax, title="Epochs reached", markerscale=max(1.0, 5 / size ** 0.5))
+    drawn = f"{_n(len(s))} of {_n(data.total)} runs drawn" + (f" (1 in {data.every}, deterministic)"
+                                                            if data.every > 1 else "")
+    _subtitle(fig, ax, _scope_note(d["f"], d["triple"]) + " · " + drawn)
+    fig.suptitle("Accuracy vs training time")
+    best = fr.iloc[-1]
+    fastest = fr.iloc[0]
+    med_t = float(np.median(s["duration_ns"])) / 1e9
+    return (f"Accuracy vs training time on {d['triple'].label}: {drawn}. Median training time {med_t:,.0f} s. "
+            f"The front has {len(fr)} runs, from {fastest['accuracy']:.3f} in {fastest['duration_ns'] / 1e9:,.1f} s "
+            f"to the best {best['accuracy']:.3f} in {best['duration_ns'] / 1e9:,.0f} s." + _chosen_hint(d["triple"]))
+
+
+# --- accuracy vs params / FLOPs (Pareto) ---------------------------------------------------------
+def fetch_pareto(conn: sqlite3.Connection, f: Filters, o: Options) -> dict[str, Any]:
+    triple = resolve_triple(conn, f)
+    models = agg.model_best(conn, f, triple)
+    return {"f": f, "triple": triple, "models": models, "cap": o.cap}
+
+
+def draw_pareto(fig: Figure, d: dict[str, Any]) -> str:
+    m: pd.DataFrame = d["models"]
+    axes = fig.subplots(1, 2, sharey=True)
+    notes = []
+    for ax, col, label in ((axes[0], "params", "Parameters (count, log scale)"),
+                           (axes[1], "flops", "FLOPs per forward pass (log scale)")):
+        have = m[m[col].notna() & (m[col] > 0)]
+        if have.empty:
+            ax.text(0.5, 0.5, f"no model has {col} measured", ha="center", va="center", transform=ax.transAxes)
+            ax.set_xlabel(label)
+            continue
+        mask = agg.pareto_mask(have[col].to_numpy(float), have["accuracy"].to_numpy(float))
+        every = max(1, int(np.ceil(len(have) / d["cap"])))
+        shown = have.iloc[::every]
+        size, alpha = _marker(len(shown))
+        ax.scatter(shown[col], shown["accuracy"], s=size, alpha=alpha, lw=0, color=series(0))
+        front = have[mask].sort_values(col)
+        ax.step(front[col], front["accuracy"], where="post", color=REFERENCE, lw=1.4)
+        ax.plot(front[col], front["accuracy"], "D", color=series(3), ms=5)
+        top = front.iloc[-1]
+        ax.annotate(_short(top["name"], 24), (top[col], top["accuracy"]), xytext=(-6, 6),
+                    textcoords="offset points", ha="right", fontsize=8)
+        ax.set_xscale("log")
+        drawn = f"{_n(len(shown))} of {_n(len(have))} drawn" if every > 1 else f"{_n(len(have))} models"
+        ax.set_xlabel(f"{label}\n{drawn} · {len(front)} on the front")
+        names = ", ".join(f"{r['name']} ({r['accuracy']:.3f} @ {r[col]:.3g})" for _, r in front.tail(5).iterrows())
+        notes.append(f"{col}: {len(front)} models on the front of {_n(len(have))}; most accurate: {names}")
+    axes[0].set_ylabel(_acc_label(d["triple"].metric) + "\nbest run per model")
+    handles = [Line2D([], [], marker="o", ls="", color=series(0), alpha=0.6, label="model (best run)"),
+               Line2D([], [], marker="D", color=REFERENCE, mfc=series(3), mec=series(3), label="Pareto front")]
+    _legend_outside(axes[1], handles=handles)
+    fig.suptitle("Accuracy vs model size: Pareto front")
+    _subtitle(fig, axes[0], _scope_note(d["f"], d["triple"]))
+    return (f"Best accuracy per model on {d['triple'].label} against parameters and FLOPs ({_n(len(m))} models). "
+            + ". ".join(notes) + "." + _chosen_hint(d["triple"]))
+
+
+# --- box plots per dataset -----------------------------------------------------------------------
+def _boxes(ax: Any, stats: pd.DataFrame, scale: float = 1.0) -> list[Patch]:
+    tasks = sorted(set(stats["task"]))
+    colour = {t: series(i) for i, t in enumerate(tasks)}
+    bxp = [{"label": f"{r.dataset} · {r.metric}\n(n={_n(r.n)})", "med": r.median / scale, "q1": r.q1 / scale,
+            "q3": r.q3 / scale, "whislo": r.p5 / scale, "whishi": r.p95 / scale, "mean": r.mean / scale,
+            "fliers": []} for r in stats.itertuples()]
+    art = ax.bxp(bxp, orientation="horizontal", patch_artist=True, showmeans=True, widths=0.6,
+                 meanprops={"marker": "D", "markerfacecolor": "white", "markeredgecolor": REFERENCE, "markersize": 4},
+                 medianprops={"color": REFERENCE, "lw": 1.5})
+    for patch, t in zip(art["boxes"], stats["task"]):
+        patch.set_facecolor(colour[t])
+        patch.set_alpha(0.75)
+    ax.invert_yaxis()
+    return [Patch(color=colour[t], alpha=0.75, label=t) for t in tasks]
+
+
+def fetch_box(conn: sqlite3.Connection, f: Filters, o: Options) -> dict[str, Any]:
+    return {"f": f, "stats": agg.value_stats(conn, f, "accuracy").sort_values("median", ascending=False)}
+
+
+def draw_box(fig: Figure, d: dict[str, Any]) -> str:
+    st: pd.DataFrame = d["stats"]
+    ax = fig.add_subplot()
+    handles = _boxes(ax, st)
+    ax.set_xlabel("Accuracy (fraction, metric per row; higher is better)")
+    _legend_outside(ax, handles=handles + [Line2D([], [], marker="D", ls="", mfc="white", mec=REFERENCE,
+                                                   label="mean")], title="Task")
+    _subtitle(fig, ax, _scope_note(d["f"]) + " · box: quartiles, whiskers: 5th–95th percentile, ◇ mean")
+    fig.suptitle("Accuracy per dataset")
+    parts = [f"{r.dataset}/{r.metric} median {r.median:.3f} (IQR {r.q1:.3f}–{r.q3:.3f}, n={_n(r.n)})"
+             for r in st.head(12).itertuples()]
+    return f"Accuracy distribution per task/dataset/metric ({_n(st['n'].sum())} runs): " + "; ".join(parts) + "."
+
+
+# --- histogram of accuracies ---------------------------------------------------------------------
+def fetch_histogram(conn: sqlite3.Connection, f: Filters, o: Options) -> dict[str, Any]:
+    triple = resolve_triple(conn, f)
+    return {"f": f, "triple": triple, "hist": agg.accuracy_histogram(conn, f, triple)}
+
+
+def _binned_median(h: pd.DataFrame) -> float:
+    """The median interpolated inside its bin (exact up to the bin width)."""
+    cdf = h["count"].cumsum().to_numpy() / h["count"].sum()
+    i = int(np.searchsorted(cdf, 0.5))
+    before = cdf[i - 1] if i else 0.0
+    frac = (0.5 - before) / (cdf[i] - before) if cdf[i] > before else 0.5
+    return float(h["left"].iat[i] + frac * (h["right"].iat[i] - h["left"].iat[i]))
+
+
+def draw_histogram(fig: Figure, d: dict[str, Any]) -> str:
+    hist = d["hist"]
+    h: pd.DataFrame = hist["bins"]
+    ax = fig.add_subplot()
+    ax.bar(h["left"], h["count"], width=h["right"] - h["left"], align="edge", color=series(0), alpha=0.85,
+           edgecolor="white", lw=0.5, label="runs")
+    median = _binned_median(h)
+    ax.axvline(hist["mean"], color=series(1), ls="--", lw=1.6, label=f"mean {hist['mean']:.3f}")
+    ax.axvline(median, color=series(2), ls="-.", lw=1.6, label=f"median ≈ {median:.3f}")
+    ax.axvline(hist["max"], color=series(3), ls=":", lw=1.8, label=f"best {hist['max']:.3f}")
+    ax.set_xlabel(_acc_label(d["triple"].metric))
+    ax.set_ylabel("Runs per bin")
+    ax.legend(loc="best", frameon=True, framealpha=0.85)
+    width = float(h["right"].iat[0] - h["left"].iat[0])
+    _subtitle(fig, ax, _scope_note(d["f"], d["triple"]) + f" · {_n(hist['n'])} runs, {len(h)} bins of {width:.3g}")
+    fig.suptitle("Distribution of accuracy")
+    peak = h.loc[h["count"].idxmax()]
+    return (f"Histogram of {_n(hist['n'])} accuracies on {d['triple'].label}: range {hist['min']:.3f}–"
+            f"{hist['max']:.3f}, mean {hist['mean']:.3f}, median ≈ {median:.3f}; the fullest bin "
+            f"{peak['left']:.3f}–{peak['right']:.3f} holds {_n(peak['count'])} runs." + _chosen_hint(d["triple"]))
+
+
+# --- durations -----------------------------------------------------------------------------------
+def fetch_durations(conn: sqlite3.Connection, f: Filters, o: Options) -> dict[str, Any]:
+    return {"f": f, "stats": agg.value_stats(conn, f, "duration_ns").sort_values("median", ascending=False)}
+
+
+def draw_durations(fig: Figure, d: dict[str, Any]) -> str:
+    st: pd.DataFrame = d["stats"]
+    ax = fig.add_subplot()
+    handles = _boxes(ax, st, scale=1e9)
+    _log_seconds(ax, "x", "Training time to the run's last point (s, log scale)")
+    _legend_outside(ax, handles=handles, title="Task")
+    _subtitle(fig, ax, _scope_note(d["f"]) + " · box: quartiles, whiskers: 5th–95th percentile, ◇ mean")
+    fig.suptitle("Training time per dataset")
+    parts = [f"{r.dataset}/{r.metric} median {r.median / 1e9:,.0f} s (p95 {r.p95 / 1e9:,.0f} s)"
+             for r in st.head(12).itertuples()]
+    return f"Training time per task/dataset/metric ({_n(st['n'].sum())} runs): " + "; ".join(parts) + "."
+
+
+# --- failures ------------------------------------------------------------------------------------
+def fetch_failures(conn: sqlite3.Connection, f: Filters, o: Options) -> dict[str, Any]:
+    return check_failures(f, agg.failures(conn, f))
+
+
+def check_failures(f: Filters, fl: dict[str, Any]) -> dict[str, Any]:
+    if not fl["submissions"]:
+        raise no_data(f, "evaluator submissions (only imported LEMUR records)")
+    return {"f": f, "failures": fl}
+
+
+STATUS_COLOURS = {"succeeded": series(2), "pruned": series(5), "failed": series(4), "timed_out": series(3)}
+
+
+def draw_failures(fig: Figure, d: dict[str, Any]) -> str:
+    fl = d["failures"]
+    r: pd.DataFrame = fl["reasons"].head(15)
+    top, ax = fig.subplots(2, 1, height_ratios=[1, 6])
+    # every submission by status, as one stacked bar of shares
+    left = 0.0
+    for x in fl["by_status"].itertuples():
+        top.barh(0, x.share, left=left, color=STATUS_COLOURS.get(x.status, GREY), label=x.status)
+        if x.share > 0.04:
+            top.text(left + x.share / 2, 0, f"{x.share:.0%}", ha="center", va="center", fontsize=8, color="white")
+        left += x.share
+    top.legend(loc="upper left", bbox_to_anchor=(1.01, 1.15), frameon=False, ncols=2, fontsize=8,
+               title="Status", handlelength=1)
+    top.set_xlim(0, 1)
+    top.set_yticks([])
+    top.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0%}"))
+    top.grid(False)
+    top.set_xlabel("Share of evaluator submissions by status", fontsize=8)
+    share = fl["failed_share"] or 0.0
+    _subtitle(fig, top, _scope_note(d["f"]).replace("final point of each run", "evaluator submissions")
+              + f" · {_n(fl['failed'])} of {_n(fl['submissions'])} failed ({share:.1%})")
+    if r.empty:
+        ax.text(0.5, 0.5, f"No failed or timed-out submissions among {_n(fl['submissions'])}.", ha="center",
+                va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+    else:
+        y = np.arange(len(r))
+        ax.barh(y, r["runs"], color=[STATUS_COLOURS.get(s, GREY) for s in r["status"]])
+        for yi, x in zip(y, r.itertuples()):
+            ax.text(x.runs, yi, f"  {x.share:.1%}", va="center", fontsize=8)
+        ax.set_yticks(y, [f"{x.stage}: {_short(str(x.kind), 28)}" for x in r.itertuples()])
+        ax.invert_yaxis()
+        ax.set_xlabel("Failed runs (count); label: share of all submissions")
+        ax.set_xlim(0, float(r["runs"].max()) * 1.15)
+        ax.grid(axis="y", visible=False)
+    fig.suptitle("Why submissions failed (stage: kind)")
+    status_txt = ", ".join(f"{s.status} {_n(s.runs)} ({s.share:.1%})" for s in fl["by_status"].itertuples())
+    reasons = "; ".join(f"{x.stage}/{x.kind} {_n(x.runs)} ({x.share:.1%}), e.g. {x.example!r}"
+                        for x in fl["reasons"].head(3).itertuples())
+    return (f"{_n(fl['failed'])} of {_n(fl['submissions'])} evaluator submissions failed ({share:.1%}); "
+            f"statuses: {status_txt}. Top reasons: {reasons or 'none'}.")
+
+
+# --- correlation heatmap -------------------------------------------------------------------------
+def fetch_correlation(conn: sqlite3.Connection, f: Filters, o: Options) -> dict[str, Any]:
+    corr, sampled, total = agg.correlation(conn, f)
+    if corr.shape[0] < 2:
+        raise no_data(f, "runs with two or more varying quantities")
+    return {"f": f, "corr": corr, "sampled": sampled, "total": total}
+
+
+def draw_correlation(fig: Figure, d: dict[str, Any]) -> str:
+    c: pd.DataFrame = d["corr"]
+    ax = fig.add_subplot()
+    im = ax.imshow(c.to_numpy(float), cmap=DIVERGING_CMAP, vmin=-1, vmax=1)
+    k = len(c)
+    ax.set_xticks(range(k), c.columns, rotation=35, ha="right")
+    ax.set_yticks(range(k), c.index)
+    ax.grid(False)
+    for i in range(k):
+        for j in range(k):
+            v = c.iat[i, j]
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if abs(v) > 0.6 else "black")
+    fig.colorbar(im, ax=ax, label="Pearson r", shrink=0.9)
+    sample = f"{_n(d['sampled'])} of {_n(d['total'])} runs" + (" (deterministic sample)"
+                                                              if d["sampled"] < d["total"] else "")
+    _subtitle(fig, ax, _scope_note(d["f"]) + " · " + sample)
+    fig.suptitle("Correlations between accuracy, cost and hyperparameters")
+    pairs = [(abs(c.iat[i, j]), c.index[i], c.columns[j], c.iat[i, j]) for i in range(k) for j in range(i)
+             if np.isfinite(c.iat[i, j])]
+    acc = c["accuracy"].drop("accuracy").dropna().sort_values(key=abs, ascending=False) if "accuracy" in c else None
+    acc_txt = ", ".join(f"{n} {v:+.2f}" for n, v in acc.head(4).items()) if acc is not None else "n/a"
+    strongest = ", ".join(f"{a}~{b} {v:+.2f}" for _, a, b, v in sorted(pairs, reverse=True)[:3])
+    return (f"Pearson correlations over {sample}. With accuracy: {acc_txt}. Strongest pairs: {strongest}.")
+
+
+# --- timeline (rolling mean) ---------------------------------------------------------------------
+def fetch_timeline(conn: sqlite3.Connection, f: Filters, o: Options) -> dict[str, Any]:
+    triple = resolve_triple(conn, f)
+    return {"f": f, "triple": triple, "tl": agg.timeline(conn, f, triple)}
+
+
+def draw_timeline(fig: Figure, d: dict[str, Any]) -> str:
+    tl: pd.DataFrame = d["tl"]
+    when = [dt.datetime.fromtimestamp(t, dt.UTC) for t in tl["start"]]
+    ax, bx = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    ax.plot(when, tl["mean"], color=series(0), alpha=0.35, lw=1, label="mean per bin")
+    ax.plot(when, tl["rolling_mean"], color=series(0), lw=2.2, label="rolling mean (5 bins)")
+    ax.step(when, tl["best_so_far"], where="post", color=series(2), lw=1.8, label="best so far")
+    ax.set_ylabel(_acc_label(d["triple"].metric))
+    _legend_outside(ax)
+    width = (when[1] - when[0]) * 0.9 if len(when) > 1 else dt.timedelta(days=1)
+    bx.bar(when, tl["runs"], width=width, align="edge", color=GREY)
+    bx.set_ylabel("Runs")
+    bx.set_xlabel("Run created (UTC)")
+    fig.autofmt_xdate()
+    _subtitle(fig, ax, _scope_note(d["f"], d["triple"]))
+    fig.suptitle("Accuracy over time: rolling mean and best so far")
+    return (f"Final accuracy on {d['triple'].label} by creation time, {len(tl)} bins from {when[0]:%Y-%m-%d} to "
+            f"{when[-1]:%Y-%m-%d} ({_n(tl['runs'].sum())} runs): rolling mean {tl['rolling_mean'].iloc[0]:.3f} → "
+            f"{tl['rolling_mean'].iloc[-1]:.3f}, best so far {tl['best_so_far'].iloc[-1]:.3f}."
+            + _chosen_hint(d["triple"]))
