@@ -92,7 +92,7 @@ async def test_resubmission_adds_runs_to_the_same_model(client):
     (models.EXIT_IN_LEARN, None, "sandbox"),
 ])
 async def test_each_failure_kind_is_reported(client, code, stage, kind):
-    job = await run_job(client, code=code, time_budget_s=25)
+    job = await run_job(client, code=code, time_budget_s=12)
     assert job["status"] in ("failed", "timed_out"), job
     error = job["error"]
     assert error["kind"] == kind, error

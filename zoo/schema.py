@@ -74,6 +74,7 @@ MIGRATIONS: list[list[str]] = [
         )""",
         "CREATE INDEX run_model ON run(model_id, task, dataset, metric)",
         "CREATE INDEX run_job ON run(job_id)",
+        "CREATE INDEX run_filter ON run(task, dataset, metric, status)",
         """CREATE TABLE point (
             run_id INTEGER NOT NULL REFERENCES run(id) ON DELETE CASCADE,
             epoch REAL NOT NULL,
