@@ -314,6 +314,13 @@ def _build(plan: Plan) -> None:
     size = max(16 << 20, plan.tmp_bytes)
     _tmpfs("/tmp", f"size={size},mode=1777", MS_NOSUID | MS_NODEV)
     _tmpfs("/dev/shm", f"size={size},mode=1777", MS_NOSUID | MS_NODEV)
+    # an interpreter (venv) living under /tmp, e.g. a CI checkout there, is bound back read-only
+    for i, path in enumerate(plan.exposed):
+        if any(_is_under(path, scratch) for scratch in SCRATCH_DIRS):
+            _bind(f"{r}/x/{i}", path, ro=True)
+
+
+SCRATCH_DIRS = ("/tmp", "/dev/shm")  # replaced by fresh tmpfs inside the sandbox
 
 
 def _read_plan(fd: int) -> Plan:

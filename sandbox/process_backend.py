@@ -314,8 +314,9 @@ class ProcessBackend(Backend):
         for src in sources:
             if _is_under(Path(os.path.realpath(src)), self._root):
                 raise ValueError(f"{src} lies under the sandbox root {self._root}")
+        covered = [*hidden, *(Path(p) for p in _namespaces.SCRATCH_DIRS)]
         exposed = [d for d in _interpreter_dirs(self._python)
-                   if any(_is_under(d, h) for h in hidden) and os.path.exists(d)]
+                   if any(_is_under(d, h) for h in covered) and os.path.exists(d)]
         return _namespaces.Plan(
             root=str(self._root), userns=self._mode == "userns",
             job_in=os.path.realpath(paths.in_dir), job_out=os.path.realpath(paths.out_dir),
