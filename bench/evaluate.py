@@ -65,16 +65,20 @@ def build(module: Any, shape: tuple[int, ...], classes: int, batch: int, device:
     return net
 
 
-def images_per_s(run: Any, steps: int, batch: int, device: torch.device, repeat: int = 3) -> float:
-    run(5)  # warm-up: allocator, kernels, DataLoader workers
-    rates = []
-    for _ in range(repeat):
-        sync(device)
-        t = time.perf_counter()
-        run(steps)
-        sync(device)
-        rates.append(steps * batch / (time.perf_counter() - t))
-    return statistics.median(rates)
+def interleaved_rates(loops: dict[str, Any], steps: int, batch: int, device: torch.device,
+                      rounds: int = 5) -> dict[str, float]:
+    """Median images/s per loop; the loops take turns each round, so machine noise hits all alike."""
+    for run in loops.values():
+        run(5)  # warm-up: allocator, kernels, DataLoader workers
+    samples: dict[str, list[float]] = {name: [] for name in loops}
+    for _ in range(rounds):
+        for name, run in loops.items():
+            sync(device)
+            t = time.perf_counter()
+            run(steps)
+            sync(device)
+            samples[name].append(steps * batch / (time.perf_counter() - t))
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def throughput(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
@@ -145,9 +149,8 @@ def throughput(args: argparse.Namespace, device: torch.device) -> dict[str, floa
                 yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         net_c.learn(batches())
 
-    return {"ours": images_per_s(ours, args.steps, args.batch, device),
-            "hand_written": images_per_s(hand, args.steps, args.batch, device),
-            "dataloader": images_per_s(lemur, args.steps, args.batch, device)}
+    return interleaved_rates({"ours": ours, "hand_written": hand, "dataloader": lemur}, args.steps, args.batch,
+                             device)
 
 
 async def first_step_latency(args: argparse.Namespace, sandbox: str, prestart_wait_s: float) -> dict[str, float]:

@@ -112,8 +112,9 @@ def check_nn(nn_code: str, task: str, dataset: str, metric: str, prm: dict[str, 
     for key in ("uid", "duration", "accuracy", "epoch_max"):
         fixed.pop(key, None)
     request = EvalRequest(code=nn_code, task=task, dataset=dataset, metric=metric, prm=fixed, n_trials=1,
-                          epochs=epochs, eval_every=min(0.5, epochs), time_budget_s=max(30.0, epoch_limit_minutes * 60 * epochs),
-                          name_prefix=prefix, max_train_samples=max_train_samples)
+                          epochs=epochs, eval_every=min(0.5, epochs),
+                          time_budget_s=max(30.0, epoch_limit_minutes * 60 * epochs), name_prefix=prefix,
+                          max_train_samples=max_train_samples)
     settings = Settings.from_env(zoo, sandbox=sandbox)
 
     async def run() -> tuple[str, Any]:

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -71,9 +72,9 @@ class Job:
     request: EvalRequest
     store: ZooStore
     backend: Backend
-    jobs_root: Any
-    data_root: Any
-    cache_root: Any
+    jobs_root: Path
+    data_root: Path
+    cache_root: Path
     threads: int
     memory_bytes: int
     gpu: str | None
@@ -82,6 +83,7 @@ class Job:
     # schedules a warm sandbox for the next phase or job (fire and forget); None when unsupported
     prewarm: Callable[[Any, Limits], None] | None = None
     started: float = dataclasses.field(default_factory=time.monotonic)
+    first_step_at: float | None = None  # unix time the host saw the first optimizer step (for bench/)
 
     @property
     def deadline(self) -> float:
@@ -369,7 +371,7 @@ async def _search(job: Job, paths: JobPaths, prepared: datasets.PreparedDataset,
     trials = dict(search.trials)
     err = search.error or (exit_failure(exit, protocol.STAGE_TRAIN) if search.done is None else None)
     if search.first_step_at is not None:
-        job.first_step_at = search.first_step_at  # type: ignore[attr-defined]
+        job.first_step_at = search.first_step_at
     timed_out = exit.timed_out or any(t.error and t.error.get("kind") == protocol.KIND_TIMEOUT
                                       for t in trials.values())
     for t in trials.values():

@@ -202,9 +202,8 @@ class JobQueue:
             await self.store.finish_job(job_id, outcome.status, outcome.result, outcome.error)
             if outcome.result and outcome.result.get("model_name"):
                 await self.store.update_job(job_id, model_name=outcome.result["model_name"])
-            first = getattr(job, "first_step_at", None)
             self.last_timings[job_id] = {"claimed": row.get("started") or 0.0,
-                                         "first_step": first or 0.0}
+                                         "first_step": job.first_step_at or 0.0}
         except anyio.get_cancelled_exc_class():
             # the server is stopping cleanly: hand the job back now instead of waiting to look stale
             with anyio.CancelScope(shield=True):
