@@ -98,7 +98,7 @@ class JobSpec:
         return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "JobSpec":
+    def from_file(cls, path: str | Path) -> JobSpec:
         raw = json.loads(Path(path).read_text())
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in known})

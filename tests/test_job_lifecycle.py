@@ -61,7 +61,14 @@ async def wait_status(store: ZooStore, job_id: str, wanted: set[str], timeout: f
 
 async def test_killed_worker_leaves_no_stuck_job_and_no_half_run(make_settings):
     settings = make_settings(seed_zoo=False)
-    store = await ZooStore.open(settings.zoo_path)
+    async with await ZooStore.open(settings.zoo_path) as store:
+        await killed_worker_scenario(settings, store)
+    conn = sqlite3.connect(settings.zoo_path)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    conn.close()
+
+
+async def killed_worker_scenario(settings, store: ZooStore) -> None:
     request = EvalRequest(code=models.SLOW, dataset="digits", n_trials=2, epochs=1, time_budget_s=120,
                           prm={"batch": 32, "lr": 0.05, "momentum": 0.9})
     async with JobQueue.running(settings, store, workers=False) as queue:
@@ -94,10 +101,6 @@ async def test_killed_worker_leaves_no_stuck_job_and_no_half_run(make_settings):
     points = await store.fetchall("SELECT run_id, COUNT(*) AS n FROM point WHERE run_id IN "
                                   "(SELECT id FROM run WHERE job_id=?) GROUP BY run_id", (job_id,))
     assert len(points) == 2 and all(p["n"] == 2 for p in points)  # epochs 0.5 and 1.0, once each
-    await store.close()
-    conn = sqlite3.connect(settings.zoo_path)
-    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    conn.close()
 
 
 async def test_clean_shutdown_hands_the_job_back(make_settings):
@@ -109,9 +112,8 @@ async def test_clean_shutdown_hands_the_job_back(make_settings):
         while job["status"] != "training":
             job = (await client.call_tool("get_job", {"job_id": job["job_id"], "wait_s": 1})).structured_content
             assert not job["done"], job
-    store = await ZooStore.open(settings.zoo_path)
-    row = await store.get_job(job["job_id"])
-    await store.close()
+    async with await ZooStore.open(settings.zoo_path) as store:
+        row = await store.get_job(job["job_id"])
     assert row["status"] == "queued" and row["owner"] is None  # handed back, not stuck as training
     assert not runner_pids(job["job_id"])
     async with Client(build_server(settings)) as client:

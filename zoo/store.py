@@ -51,8 +51,13 @@ class ZooStore:
 
     @staticmethod
     async def _connect(path: Path) -> aiosqlite.Connection:
-        conn = await aiosqlite.connect(path, isolation_level=None,
-                                       timeout=connection.BUSY_TIMEOUT_MS / 1000)
+        pending = aiosqlite.connect(path, isolation_level=None, timeout=connection.BUSY_TIMEOUT_MS / 1000)
+        # A forgotten close() must not keep the interpreter alive at exit (a crashed CLI, a failed test):
+        # SQLite rolls back whatever an abandoned transaction held, so a daemon worker is safe.
+        worker = getattr(pending, "_thread", None)
+        if worker is not None and not worker.is_alive():
+            worker.daemon = True
+        conn = await pending
         conn.row_factory = aiosqlite.Row
         for pragma in connection.PRAGMAS:
             await conn.execute(pragma)
@@ -61,6 +66,14 @@ class ZooStore:
     async def close(self) -> None:
         await self._w.close()
         await self._r.close()
+
+    async def __aenter__(self) -> ZooStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        # aiosqlite's worker threads keep the interpreter alive until closed: close on every path
+        with anyio.CancelScope(shield=True):
+            await self.close()
 
     @property
     def weights_dir(self) -> Path:
