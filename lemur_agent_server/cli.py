@@ -21,6 +21,9 @@ from lemur_agent_server.config import Settings
 
 log = logging.getLogger("lemur_agent_server")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# The reference models are SGD nets: search where SGD trains them in a few epochs, not LEMUR's full range.
+SEED_SEARCH_SPACE = {"lr": {"low": 1e-3, "high": 0.2, "log": True}, "momentum": {"low": 0.8, "high": 0.99},
+                     "batch": {"choices": [32, 64]}}
 
 
 def _common(parser: argparse.ArgumentParser, top: bool = False) -> None:
@@ -95,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     seeds.add_argument("--dataset", default="digits")
     seeds.add_argument("--budget-s", type=float, default=120.0)
     seeds.add_argument("--epochs", type=float, default=2.0)
-    seeds.add_argument("--trials", type=int, default=2)
+    seeds.add_argument("--trials", type=int, default=3)
 
     sandbox = sub.add_parser("sandbox", help="sandbox image management")
     _common(sandbox)
@@ -311,7 +314,8 @@ def cmd_evaluate_seeds(args: argparse.Namespace) -> int:
             async with JobQueue.running(settings, store, workers=False) as queue:
                 for name in REFERENCE_MODELS:
                     request = EvalRequest(code=read_code(name), dataset=args.dataset, n_trials=args.trials,
-                                          epochs=args.epochs, time_budget_s=args.budget_s)
+                                          epochs=args.epochs, time_budget_s=args.budget_s,
+                                          search_space=SEED_SEARCH_SPACE)
                     job_id, outcome = await queue.run_now(request)
                     res = outcome.result or {}
                     results.append({"model": name, "job_id": job_id, "status": outcome.status,
