@@ -146,7 +146,8 @@ class Plan:
     resolved, shallowest first; exposed: paths to keep visible (read-only) under a hidden dir;
     tmp_bytes: size of /tmp and /dev/shm; gpu_nodes: /dev paths to bind (empty: CPU only);
     final_argv: prlimit ... setpriv ... python -m sandbox.runner <spec>; ready_line: printed
-    once the sandbox is built; status_fd: where the init reports the runner's exit status. (A plain class: `dataclasses` costs 36 ms to import, see above.)
+    once the sandbox is built; status_fd: where the init reports the runner's exit status.
+    (A plain class: `dataclasses` costs 36 ms to import, see above.)
     """
 
     FIELDS = ("root", "userns", "job_in", "job_out", "data_dir", "sandbox_pkg", "hidden", "exposed",
@@ -360,6 +361,7 @@ def _init(plan: Plan) -> None:
     if pid == 0:
         try:
             os.close(plan.status_fd)
+            _forbid_setid_bits()
             os.execv(plan.final_argv[0], plan.final_argv)
         except BaseException as e:  # noqa: BLE001
             sys.stderr.write(f"lemur-sbx: cannot exec {plan.final_argv[0]}: {e}\n")
@@ -380,6 +382,68 @@ def _init(plan: Plan) -> None:
         report = f"exit {os.waitstatus_to_exitcode(status)}\n"
     os.write(plan.status_fd, report.encode())
     os._exit(0)
+
+
+# --- a seccomp filter: no setuid/setgid bits on any file the sandbox creates or changes ------------------
+# Why: the sandbox's uid 0 is the host's uid 0 when the server runs as root, and out/ is a host directory,
+# so a file it made setuid there would be a setuid-root program on the host. Mode arguments are plain
+# integers, so a classic BPF filter can test them; nothing else is filtered (the runner needs no more).
+_AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+# syscall number -> index of its mode argument, per architecture (openat2 takes a struct: refused whole)
+_MODE_ARG = {
+    "x86_64": {2: 2, 85: 1, 90: 1, 91: 1, 133: 1, 257: 3, 259: 2, 268: 2, 452: 2},  # open creat chmod fchmod
+    # mknod openat mknodat fchmodat fchmodat2
+    "aarch64": {52: 1, 53: 2, 56: 3, 33: 2, 452: 2},  # fchmod fchmodat openat mknodat fchmodat2
+}
+_OPENAT2, _X32_BIT = 437, 0x40000000
+_S_ISID = 0o6000
+
+
+def _seccomp_program(arch: str) -> list[tuple[int, int, int, int]]:
+    """(code, jt, jf, k) instructions: EPERM for a set-id mode bit, ENOSYS for openat2, else allow."""
+    ld_abs, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
+    allow, errno_ret = 0x7FFF0000, 0x00050000
+    eperm, enosys = errno_ret | 1, errno_ret | 38
+    table = sorted(_MODE_ARG[arch].items())
+    prog: list[tuple[int, int, int, int]] = [(ld_abs, 0, 0, 4), (jeq, 1, 0, _AUDIT_ARCH[arch]), (ret, 0, 0, eperm),
+                                             (ld_abs, 0, 0, 0)]
+    if arch == "x86_64":  # the x32 ABI numbers its syscalls from 0x40000000: refuse them all
+        prog += [(jge, 0, 1, _X32_BIT), (ret, 0, 0, eperm)]
+    prog += [(jeq, 0, 1, _OPENAT2), (ret, 0, 0, enosys)]
+    # per syscall: jeq nr -> load its mode argument and jump to the shared test at the end
+    n = len(table)
+    for i, (nr, arg) in enumerate(table):
+        to_test = 3 * (n - i - 1) + 1  # instructions left in the later blocks, plus the `ret allow`
+        prog += [(jeq, 0, 2, nr), (ld_abs, 0, 0, 16 + 8 * arg), (0x05, 0, 0, to_test)]
+    prog += [(ret, 0, 0, allow), (jset, 0, 1, _S_ISID), (ret, 0, 0, eperm), (ret, 0, 0, allow)]
+    return prog
+
+
+def _forbid_setid_bits() -> None:
+    """Install the filter on this process (inherited by every exec and fork after it). Fails closed
+    on a known architecture; on another one there is no table, and the job runs without it."""
+    import ctypes
+    import platform
+
+    arch = platform.machine()
+    if arch not in _MODE_ARG:
+        return
+    prog = _seccomp_program(arch)
+
+    class SockFilter(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(SockFilter))]
+
+    filters = (SockFilter * len(prog))(*[SockFilter(*ins) for ins in prog])
+    fprog = SockFprog(len(prog), filters)
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_no_new_privs, pr_set_seccomp, seccomp_mode_filter = 38, 22, 2
+    if libc.prctl(pr_set_no_new_privs, 1, 0, 0, 0) != 0 or libc.prctl(
+            pr_set_seccomp, seccomp_mode_filter, ctypes.byref(fprog), 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"seccomp filter: {os.strerror(err)}")
 
 
 if __name__ == "__main__":

@@ -14,13 +14,21 @@ import abc
 import dataclasses
 import json
 import os
-from collections.abc import AsyncIterator
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 
 from sandbox import protocol
+
+EVENTS_CHUNK = 1 << 20
+OUT_ENTRIES_CAP = 10_000  # files and directories in out/: predictions, checkpoints, events are a few dozen
+OUT_WATCH_S = 0.2
+MAX_EVENT_LINE = 256 << 10  # the runner's largest event (an error with its traceback) is far smaller
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,12 +73,16 @@ class Exit:
     log_truncated: bool = False
     wall_s: float = 0.0
     isolation: dict[str, Any] = dataclasses.field(default_factory=dict)
+    out_exceeded: str | None = None  # why the out/ watchdog killed the sandbox (see OutDirWatch)
 
 
 class Handle(abc.ABC):
     """A running sandbox."""
 
     paths: JobPaths
+    # host monotonic time before which none of the events being yielded now had been written (the last
+    # read that found nothing new): a bound the sandbox cannot forge, for timing from the outside
+    written_after: float = 0.0
 
     @abc.abstractmethod
     async def wait(self) -> Exit:
@@ -83,23 +95,32 @@ class Handle(abc.ABC):
     async def events(self, poll_s: float = 0.05) -> AsyncIterator[dict[str, Any]]:
         """Yield the runner's events as they are appended to out/events.jsonl, until the sandbox ends.
 
-        Lines that are not JSON objects are skipped (the file is written by untrusted code); the file
-        is opened without following links and read at most `Limits.out_cap_bytes` far.
+        The file is written by untrusted code, so reading it must never stall the server: lines are
+        parsed in a worker thread a chunk at a time with a checkpoint between chunks, lines that are not
+        JSON objects with an `event` name are dropped there, and a line longer than `MAX_EVENT_LINE` is
+        skipped whole. The file is opened without following links.
         """
         path = self.paths.out_dir / protocol.EVENTS_FILE
+        reader = _LineReader()
         offset = 0
-        buf = b""
         done = False
+        caught_up = time.monotonic()  # the last read that found nothing new
         while True:
-            chunk = _read_from(path, offset, 1 << 20)
-            if chunk:
+            read_at = time.monotonic()
+            chunk = _read_from(path, offset, EVENTS_CHUNK)
+            if not chunk:
+                caught_up = read_at
+            else:
+                self.written_after = caught_up
                 offset += len(chunk)
-                buf += chunk
-                *lines, buf = buf.split(b"\n")
-                for line in lines:
-                    event = _parse_event(line)
-                    if event is not None:
-                        yield event
+                lines = reader.feed(chunk)
+                if len(lines) > 32:  # a burst: json.loads of a whole chunk would hold the loop
+                    parsed = await anyio.to_thread.run_sync(_parse_events, lines)
+                else:
+                    parsed = _parse_events(lines)
+                for event in parsed:
+                    yield event
+                await anyio.lowlevel.checkpoint()
                 continue
             if done:
                 return
@@ -163,13 +184,106 @@ def _read_from(path: Path, offset: int, size: int) -> bytes:
         os.close(fd)
 
 
-def _parse_event(line: bytes) -> dict[str, Any] | None:
-    if len(line) > 1 << 20:
-        return None
-    try:
-        obj = json.loads(line)
-    except ValueError:
-        return None
-    if isinstance(obj, dict) and isinstance(obj.get("event"), str):
-        return obj
-    return None
+class _LineReader:
+    """Splits a byte stream into lines, dropping any line longer than MAX_EVENT_LINE whole."""
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.skipping = False  # inside an overlong line: drop bytes up to its newline
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        *lines, self.buf = (self.buf + chunk).split(b"\n")
+        if self.skipping and lines:
+            lines = lines[1:]  # the end of the overlong line
+            self.skipping = False
+        if len(self.buf) > MAX_EVENT_LINE:
+            self.buf = b""
+            self.skipping = True
+        return [line for line in lines if len(line) <= MAX_EVENT_LINE]
+
+
+def _parse_events(lines: list[bytes]) -> list[dict[str, Any]]:
+    events = []
+    for line in lines:
+        if not line.lstrip().startswith(b"{"):
+            continue  # an event is an object: arrays (deeply nested ones too) are never parsed
+        try:
+            obj = json.loads(line)
+        except (ValueError, RecursionError):  # RecursionError: `{"a": [[[[...` nested past the stack
+            continue
+        if isinstance(obj, dict) and isinstance(obj.get("event"), str):
+            events.append(obj)
+    return events
+
+
+def out_usage(out_dir: Path, max_entries: int) -> tuple[int, int]:
+    """Disk bytes really allocated (st_blocks, so sparse files count what they use) and the number of
+    entries under `out_dir`, links not followed; stops counting entries past `max_entries`."""
+    used, entries = 0, 0
+    stack = [str(out_dir)]
+    while stack and entries <= max_entries:
+        try:
+            with os.scandir(stack.pop()) as it:
+                for entry in it:
+                    entries += 1
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    used += st.st_blocks * 512
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(entry.path)
+        except OSError:
+            continue
+    return used, entries
+
+
+class OutDirWatch:
+    """Kills a sandbox whose out/ grows past `Limits.out_cap_bytes` in all or past OUT_ENTRIES_CAP entries.
+
+    Why from the host: RLIMIT_FSIZE caps each file, not their number, so without this a submission
+    could fill the host's disk with many capped files. The overshoot is bounded by what it can write
+    in one OUT_WATCH_S interval.
+    """
+
+    def __init__(self, out_dir: Path, limits: Limits, kill: Callable[[], None], finished: Callable[[], bool]):
+        self.out_dir = out_dir
+        self.cap = limits.out_cap_bytes
+        self.exceeded: str | None = None
+        self._kill = kill
+        self._finished = finished
+        self._thread = threading.Thread(target=self._run, name="lemur-sbx-out-watch", daemon=True)
+
+    def start(self) -> OutDirWatch:
+        self._thread.start()
+        return self
+
+    def over_cap(self) -> str | None:
+        """Why out/ is over its caps now, or None. Also the handles' last look after the sandbox ended,
+        so that a burst written between two looks is caught before the host reads any output."""
+        if self.exceeded is not None:
+            return self.exceeded
+        used, entries = out_usage(self.out_dir, OUT_ENTRIES_CAP)
+        if used <= self.cap and entries <= OUT_ENTRIES_CAP:
+            return None
+        what = f"more than {OUT_ENTRIES_CAP} files" if entries > OUT_ENTRIES_CAP else f"{used >> 20} MiB"
+        self.exceeded = (f"The job wrote {what} to out/, over its cap of {self.cap >> 20} MiB and "
+                         f"{OUT_ENTRIES_CAP} files, and was stopped. Keep checkpoints and files written from "
+                         "learn() small.")
+        return self.exceeded
+
+    def check(self) -> bool:
+        """One look; True (and the sandbox killed) when out/ is over its caps."""
+        if self.over_cap() is None:
+            return False
+        self._kill()
+        return True
+
+    def _run(self) -> None:
+        while not self._finished():
+            try:
+                if self.check():
+                    return
+            except Exception:  # noqa: BLE001 - a failed look is retried; the wall clock still applies
+                pass
+            time.sleep(OUT_WATCH_S)

@@ -93,7 +93,7 @@ from typing import Any
 
 import anyio
 
-from sandbox.backend import Backend, Exit, Handle, JobPaths, Limits, RunnerPaths
+from sandbox.backend import Backend, Exit, Handle, JobPaths, Limits, OutDirWatch, RunnerPaths
 from sandbox.protocol import MODEL_FILE, SPEC_FILE
 
 log = logging.getLogger(__name__)
@@ -718,7 +718,7 @@ class _DockerHandle(Handle):
         self._deadline = t0 + limits.wall_s
         self._extra = extra
         self._lock = threading.Lock()
-        self._reason: str | None = None  # "timeout" | "cancel"
+        self._reason: str | None = None  # "timeout" | "cancel" | "disk"
         self._killed = False
         self._log = bytearray()
         self._log_bytes = 0
@@ -729,7 +729,10 @@ class _DockerHandle(Handle):
                                         daemon=True)
 
     def begin(self) -> None:
+        self._out_watch = OutDirWatch(self.paths.out_dir, self._limits, lambda: self._request("disk"),
+                                      self.finished)
         self._thread.start()
+        self._out_watch.start()
 
     # --- Handle API ---------------------------------------------------------------------------------------
     def finished(self) -> bool:
@@ -881,7 +884,8 @@ class _DockerHandle(Handle):
             isolation["container_left_behind"] = self.container.name
         return Exit(exit_code=code, signal=sig, timed_out=reason == "timeout", cancelled=reason == "cancel",
                     oom_killed=bool(state.get("OOMKilled")), log_tail=self._tail(), log_truncated=self._truncated,
-                    wall_s=wall, isolation=isolation)
+                    wall_s=wall, isolation=isolation,
+                    out_exceeded=self._out_watch.over_cap())
 
     def _isolation(self, attrs: dict[str, Any]) -> dict[str, Any]:
         """What the engine really applied to this container (from inspect), in describe()'s keys."""

@@ -53,18 +53,20 @@ from typing import Any
 import anyio
 
 from sandbox import _cgroups, _namespaces
-from sandbox.backend import Backend, Exit, Handle, JobPaths, Limits, RunnerPaths
+from sandbox.backend import Backend, Exit, Handle, JobPaths, Limits, OutDirWatch, RunnerPaths
 from sandbox.protocol import MODEL_FILE, SPEC_FILE
 
 log = logging.getLogger(__name__)
 
 # Host paths that a uid-0 process without capabilities could still read or use (it owns them):
-# credentials, the Docker socket under /run (root on the host), logs. Hidden in addition to the
-# caller's `hidden_paths`; the interpreter is re-exposed read-only if it lives under one of them.
+# credentials, the Docker socket under /run (root on the host), logs, and the places where other
+# programs keep scratch files and unix sockets (/var/tmp): a read-only mount does not stop a connect().
+# Hidden in addition to the caller's `hidden_paths`; the interpreter is re-exposed read-only if it
+# lives under one of them.
 DEFAULT_SENSITIVE_PATHS: tuple[str, ...] = (
     "/root", "/home", "/run", "/var/run", "/etc/shadow", "/etc/gshadow", "/etc/ssh", "/etc/sudoers",
     "/etc/sudoers.d", "/etc/ssl/private", "/var/lib/docker", "/var/log", "/var/spool", "/var/mail",
-    "/var/backups",
+    "/var/backups", "/var/tmp", "/var/cache", "/media",
 )
 # Where the private root is mounted inside the namespaces: an empty host directory (created once),
 # the first one that is not itself under a hidden path.
@@ -337,7 +339,9 @@ class ProcessBackend(Backend):
             info["filesystem"] = (
                 "private mount namespace: every host mount read-only; writable only out/, /tmp and "
                 "/dev/shm (size-capped tmpfs); hidden_paths (zoo, datasets, other jobs as configured) "
-                "and sensitive host paths covered; the rest of the host filesystem stays readable")
+                "and sensitive host paths (credentials, /run, /var/tmp, logs) covered; the rest of the host "
+                "filesystem stays readable; out/ capped in total by a host watchdog")
+            info["seccomp"] = "setuid/setgid mode bits refused (chmod, open, mknod); the rest allowed"
             info["devices"] = "minimal /dev (null, zero, full, random, urandom" + (
                 ", all /dev/nvidia* nodes)" if limits is not None and limits.gpu is not None else ")")
             info["pid_namespace"] = True
@@ -435,7 +439,7 @@ class _ProcessHandle(Handle):
         self._t0 = time.monotonic()
         self._deadline = self._t0 + limits.wall_s
         self._lock = threading.Lock()
-        self._reason: str | None = None  # "timeout" | "cancel"
+        self._reason: str | None = None  # "timeout" | "cancel" | "disk"
         self._killed = False
         self._ready_s: float | None = None
         self._pre = bytearray()  # output before the ready marker (bootstrap errors)
@@ -444,8 +448,10 @@ class _ProcessHandle(Handle):
         self._exit: Exit | None = None
         self._done = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
+        self._out_watch = OutDirWatch(paths.out_dir, limits, lambda: self._request("disk"), self.finished)
         self._thread = threading.Thread(target=self._monitor, name=f"lemur-sbx-{proc.pid}", daemon=True)
         self._thread.start()
+        self._out_watch.start()
 
     # --- Handle API ---------------------------------------------------------------------------
     def finished(self) -> bool:
@@ -605,7 +611,8 @@ class _ProcessHandle(Handle):
         reason = self._reason if self._killed else None  # a request after a normal exit is moot
         return Exit(exit_code=code, signal=sig, timed_out=reason == "timeout",
                     cancelled=reason == "cancel", oom_killed=oom, log_tail=self._tail(),
-                    log_truncated=self._truncated, wall_s=wall, isolation=isolation)
+                    log_truncated=self._truncated, wall_s=wall, isolation=isolation,
+                    out_exceeded=self._out_watch.over_cap())
 
     def _read_status(self) -> str:
         """The init's report (written before the init exited, so it is there now or never)."""

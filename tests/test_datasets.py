@@ -262,7 +262,8 @@ def _check_mnist_like(prepared: datasets.PreparedDataset) -> None:
 
 
 def test_fashion_mnist_from_debian_package(tmp_path: Path) -> None:
-    assert datasets.DEBIAN_FASHION_DIR.is_dir(), "run scripts/install-test-deps.sh (apt-get install dataset-fashion-mnist)"
+    assert datasets.DEBIAN_FASHION_DIR.is_dir(), (
+        "run scripts/install-test-deps.sh (apt-get install dataset-fashion-mnist)")
     empty_root = tmp_path / "raw"
     assert datasets.available("fashion-mnist", empty_root)  # falls back to /usr/share/datasets
     assert datasets.source_paths("fashion-mnist", empty_root) == [datasets.DEBIAN_FASHION_DIR]

@@ -69,6 +69,17 @@ async def test_reference_model_trains_archives_and_is_found(client):
     assert points["total"] == 8  # 2 trials x 4 curve points
 
 
+async def test_repeats_rerun_the_selected_prm_and_keep_its_weights(client):
+    # a repeat starts a fresh phase in the same job directory: the search winner's weights must survive it
+    job = await run_job(client, code=models.GOOD, repeats=2, prm={"batch": 32})
+    assert job["status"] == "succeeded", job
+    assert sorted(t["trial"] for t in job["result"]["trials"]) == [0, 1000]
+    assert "weights_error" not in job["result"], job["result"]
+    detail = await call(client, "get_model", name=job["model_name"])
+    assert detail["weights"]["size"] > 0
+    assert {r["seed"] for r in detail["recent_runs"]} == {0, 1}
+
+
 async def test_resubmission_adds_runs_to_the_same_model(client):
     first = await run_job(client, code=models.GOOD, prm={"batch": 32})
     second = await run_job(client, code=models.GOOD_REFORMATTED, prm={"batch": 32}, seed=1)

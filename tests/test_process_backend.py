@@ -4,7 +4,7 @@ The runner under test is a stand-in (written into a temporary package root, next
 `sandbox/protocol.py`) that executes the Python snippet given in spec.json: the backend's
 `package_root` argument is the real mechanism that selects the runner, so nothing is mocked.
 
-Hidden paths live under /var/tmp, not /tmp: the sandbox has a private /tmp anyway, so hiding
+Hidden paths live under /var, not /tmp: the sandbox has a private /tmp anyway, so hiding
 something under /tmp would prove nothing about the covers.
 """
 
@@ -99,7 +99,7 @@ class World:
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
-    base = Path("/var/tmp") / f"lemur-sbx-test-{uuid.uuid4().hex[:8]}"
+    base = Path("/var") / f"lemur-sbx-test-{uuid.uuid4().hex[:8]}"  # /var/tmp is covered whole
     base.mkdir(parents=True)
     try:
         yield World(base)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 CHECK_WALL_S = 120.0
 KILL_GRACE_S = 5.0  # the sandbox is killed this long after the job's budget
 LOG_TAIL_CHARS = 4000
+MIN_TRAIN_SHARE = 0.5  # the least share of the host-observed trial time counted as training (see trusted_duration)
 
 # runner's trial_end status -> the run status stored in the zoo
 TRIAL_STATUS = {"completed": "succeeded", "succeeded": "succeeded", "pruned": "pruned", "failed": "failed"}
@@ -55,6 +57,8 @@ class Trial:
     status: str = "running"
     error: dict[str, Any] | None = None
     weights: str | None = None
+    archived: tuple[str, int, str] | None = None  # (sha256, size, path in the weights store) once copied
+    weights_error: str | None = None
     started_at: float = dataclasses.field(default_factory=time.monotonic)
 
     @property
@@ -113,6 +117,9 @@ class Phase:
         self.exit: Exit | None = None
         self.test_labels = prepared.test_labels
         self.chance = prepared.info.chance
+        self.written_after: Callable[[], float] = time.monotonic  # see Handle.written_after
+        request = job.request
+        self.max_points = math.ceil(request.epochs / request.eval_every) + 1
 
     async def run(self, spec: protocol.JobSpec, wall_s: float) -> Exit:
         limits = Limits(wall_s=max(1.0, wall_s), memory_bytes=self.job.memory_bytes, cpus=float(self.job.threads),
@@ -120,6 +127,7 @@ class Phase:
         await anyio.to_thread.run_sync(jobfiles.reset_out_dir, self.paths)
         jobfiles.write_spec(self.paths, spec)
         handle = await self.job.backend.start(self.paths, limits)
+        self.written_after = lambda: handle.written_after or time.monotonic()
         if self.job.prewarm is not None:
             self.job.prewarm(self.paths.data_dir, limits)
         try:
@@ -138,13 +146,23 @@ class Phase:
                 await handle.cancel()
                 if self.exit is None:
                     self.exit = await handle.wait()
+        if self.exit.out_exceeded:  # whatever the code reported after that, this is why it stopped
+            stage = protocol.STAGE_CHECK if self.check is None else protocol.STAGE_TRAIN
+            self.error = failure(stage, protocol.KIND_SANDBOX, self.exit.out_exceeded)
         return self.exit
 
     async def on_event(self, event: dict[str, Any]) -> None:
+        """Apply one event; a malformed one (wrong types, impossible numbers) is dropped, never fatal."""
+        try:
+            await self._apply(event)
+        except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as exc:
+            log.info("job %s: dropped a malformed %r event: %s", self.job.job_id, event.get("event"), exc)
+
+    async def _apply(self, event: dict[str, Any]) -> None:
         kind = event.get("event")
-        if kind == protocol.EVENT_READY:
+        if kind == protocol.EVENT_READY and self.ready is None:
             self.ready = event
-        elif kind == protocol.EVENT_CHECK:
+        elif kind == protocol.EVENT_CHECK and self.check is None:  # the runner checks once, before any trial
             self.check = event
         elif kind == protocol.EVENT_ERROR and self.error is None:
             self.error = failure(str(event.get("stage") or protocol.STAGE_TRAIN),
@@ -154,7 +172,11 @@ class Phase:
             self.first_step_at = time.time()
         elif kind == protocol.EVENT_TRIAL_START:
             number = int(event.get("trial", len(self.trials)))
-            self.trials[number] = Trial(trial=number, prm=dict(event.get("prm") or {}))
+            if number in self.trials or len(self.trials) >= self.job.request.n_trials:
+                return  # a forged or repeated start: the runner starts each trial once
+            # started no earlier than the host's last look that did not see this event
+            self.trials[number] = Trial(trial=number, prm=dict(event.get("prm") or {}),
+                                        started_at=self.written_after())
             await self.job.progress(protocol.STAGE_TRAIN, self.progress())
         elif kind == protocol.EVENT_POINT:
             self.on_point(event)
@@ -175,10 +197,13 @@ class Phase:
 
     def on_point(self, event: dict[str, Any]) -> None:
         trial = self.trials.get(int(event.get("trial", -1)))
-        if trial is None or trial.status != "running":
-            return
-        epoch = float(event.get("epoch", 0))
-        n_test = len(self.test_labels) if self.job.request else 0
+        if trial is None or trial.status != "running" or len(trial.points) >= self.max_points:
+            return  # a point flood would cost a predictions read each; the runner sends at most max_points
+        epoch = float(event["epoch"])
+        last_epoch = trial.points[-1].epoch if trial.points else 0.0
+        if not math.isfinite(epoch) or epoch <= last_epoch or epoch > self.job.request.epochs + 1e-6:
+            return  # the runner's epochs only grow and stop at the request's: a replayed or forged point
+        n_test = len(self.test_labels)
         try:
             preds = jobfiles.read_predictions(self.paths.out_dir, str(event.get("preds", "")), n_test,
                                               self.prepared.info.num_classes)
@@ -187,9 +212,7 @@ class Phase:
             trial.error = failure(protocol.STAGE_EVALUATE, protocol.KIND_SHAPE, f"Bad predictions: {exc}")
             return
         accuracy = float(np.mean(preds == self.test_labels)) if n_test else None
-        observed_ns = int((time.monotonic() - trial.started_at) * 1e9)
-        reported = event.get("train_ns")
-        duration = min(int(reported), observed_ns) if isinstance(reported, (int, float)) and reported > 0 else None
+        duration = trusted_duration(event.get("train_ns"), int((time.monotonic() - trial.started_at) * 1e9))
         val = event.get("val_accuracy")
         loss = event.get("loss")
         trial.points.append(Point(
@@ -211,6 +234,19 @@ class Phase:
                 "time_budget_s": self.job.request.time_budget_s}
 
 
+def trusted_duration(reported: Any, observed_ns: int) -> int:
+    """Training time for accuracy_to_time: the runner's own count, clamped into
+    [MIN_TRAIN_SHARE, 1] x the wall time the host saw since the trial started.
+
+    Why both bounds: the count is made inside the sandbox, where the submitted code can rewrite it;
+    the host's wall time also holds the evaluations and the trial's setup, so it is only an upper
+    bound. A forged count can gain at most 1 / MIN_TRAIN_SHARE in accuracy_to_time."""
+    floor = int(observed_ns * MIN_TRAIN_SHARE)
+    if isinstance(reported, (int, float)) and not isinstance(reported, bool) and math.isfinite(reported):
+        return max(floor, min(int(reported), observed_ns))
+    return observed_ns
+
+
 def _known_kind(kind: Any) -> str:
     return kind if kind in protocol.FAILURE_KINDS else protocol.KIND_EXCEPTION
 
@@ -220,6 +256,8 @@ def exit_failure(exit: Exit, stage: str) -> dict[str, Any] | None:
     tail = exit.log_tail[-LOG_TAIL_CHARS:]
     if exit.cancelled:
         return failure(stage, "cancelled", "Cancelled by request.", log_tail=tail)
+    if exit.out_exceeded:
+        return failure(stage, protocol.KIND_SANDBOX, exit.out_exceeded, log_tail=tail)
     if exit.timed_out:
         return failure(stage, protocol.KIND_TIMEOUT, f"Killed after {exit.wall_s:.1f} s: the time budget ran out.",
                        log_tail=tail)
@@ -333,22 +371,39 @@ async def _evaluate_in(job: Job, paths: JobPaths, prepared: datasets.PreparedDat
         status = "timed_out" if timed_out else "failed"
         if err is None:
             kinds = [t.error for t in trials.values() if t.error]
-            err = kinds[-1] if kinds else failure(protocol.STAGE_TRAIN, protocol.KIND_SANDBOX,
-                                                  "No trial produced a learning-curve point.")
+            if kinds:
+                err = kinds[-1]
+            elif timed_out:
+                err = failure(protocol.STAGE_TRAIN, protocol.KIND_TIMEOUT,
+                              f"The time budget ({job.request.time_budget_s:g} s) ran out before any trial reached "
+                              f"its first evaluation (epoch {job.request.eval_every:g}). Raise time_budget_s, or "
+                              "lower max_train_samples or eval_every; if one step should be fast, look for a "
+                              "loop in forward() or learn().")
+            else:
+                err = failure(protocol.STAGE_TRAIN, protocol.KIND_SANDBOX, "No trial produced a learning-curve point.")
     elif timed_out:
         status = "timed_out"
     elif err is not None:
         status = "failed"
     else:
         status = "succeeded"
-    weights = None
-    if selected is not None and selected.weights:
-        try:
-            weights = await anyio.to_thread.run_sync(jobfiles.archive_weights, paths.out_dir, selected.weights,
-                                                     job.store.weights_dir)
-        except jobfiles.OutputError as exc:
-            base["weights_error"] = str(exc)
+    if selected is not None:
+        await _archive_weights(job, paths, selected)
+        if selected.weights_error:
+            base["weights_error"] = selected.weights_error
+    weights = selected.archived if selected is not None else None
     return await _finish(job, model, runs, err, status, base, weights=(selected, weights))
+
+
+async def _archive_weights(job: Job, paths: JobPaths, trial: Trial) -> None:
+    """Copy the trial's weights into the store, once, while they are still in out/ (a repeat resets it)."""
+    if trial.weights is None or trial.archived is not None or trial.weights_error is not None:
+        return
+    try:
+        trial.archived = await anyio.to_thread.run_sync(jobfiles.archive_weights, paths.out_dir, trial.weights,
+                                                        job.store.weights_dir)
+    except jobfiles.OutputError as exc:
+        trial.weights_error = str(exc)
 
 
 def _check_failure(phase: Phase, exit: Exit) -> dict[str, Any] | None:
@@ -369,7 +424,12 @@ async def _search(job: Job, paths: JobPaths, prepared: datasets.PreparedDataset,
     """Read the Optuna search's trials, then rerun the selected prm `repeats - 1` times with other seeds."""
     req = job.request
     trials = dict(search.trials)
-    err = search.error or (exit_failure(exit, protocol.STAGE_TRAIN) if search.done is None else None)
+    err = search.error
+    if err is None and search.done is None:
+        err = exit_failure(exit, protocol.STAGE_TRAIN) or failure(
+            protocol.STAGE_TRAIN, protocol.KIND_SANDBOX,
+            "The sandbox ended with exit code 0 before the runner reported its result: does the model call "
+            "sys.exit() or os._exit()? Remove that and submit again.", log_tail=exit.log_tail[-LOG_TAIL_CHARS:])
     if search.first_step_at is not None:
         job.first_step_at = search.first_step_at
     timed_out = exit.timed_out or any(t.error and t.error.get("kind") == protocol.KIND_TIMEOUT
@@ -380,6 +440,8 @@ async def _search(job: Job, paths: JobPaths, prepared: datasets.PreparedDataset,
     if err and err.get("kind") == protocol.KIND_TIMEOUT:
         err = None  # a timeout is the job's status, not an error of the code
     best = _select(trials)
+    if best is not None and req.repeats > 1:
+        await _archive_weights(job, paths, best)
     for repeat in range(1, req.repeats):
         if best is None or exit.cancelled or job.remaining() < 2:
             timed_out = timed_out or (best is not None and job.remaining() < 2)
@@ -470,7 +532,8 @@ async def _finish(job: Job, model: Model, runs: list[Run], err: dict[str, Any] |
 
 
 def _int(value: Any) -> int | None:
-    return int(value) if isinstance(value, (int, float)) and value >= 0 else None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 2**62
+    return int(value) if ok else None
 
 
 def _finite(value: float) -> float | None:

@@ -41,6 +41,23 @@ def _first_segment_fits(job: Job, prm: dict[str, Any]) -> bool:
     return job.budget.fits(estimate + eval_s)
 
 
+def _weights_rank(o: TrialOutcome) -> tuple[bool, float, int]:
+    """The host's choice of trial: finished before cut short, best validation accuracy, earliest."""
+    return (o.status == STATUS_COMPLETED, o.val_accuracy if o.val_accuracy is not None else float("-inf"), -o.trial)
+
+
+def _keep_best_weights(job: Job, kept: TrialOutcome | None, new: TrialOutcome) -> TrialOutcome | None:
+    """Keep one weights file in out/, the best trial's so far: out/ has a size cap, and a search over a
+    large model would otherwise write one checkpoint per trial. Returns the trial now kept."""
+    if new.weights is None:
+        return kept
+    loser, kept = (kept, new) if kept is None or _weights_rank(new) > _weights_rank(kept) else (new, kept)
+    if loser is not None and loser.weights is not None:
+        (job.out_dir / loser.weights).unlink(missing_ok=True)
+        loser.weights = None
+    return kept
+
+
 def run_search(job: Job, declared: set[str]) -> dict[str, Any]:
     """Run up to `spec.n_trials` trials; emits trial_start/point/trial_end and returns the `done` fields."""
     spec = job.spec
@@ -51,6 +68,7 @@ def run_search(job: Job, declared: set[str]) -> dict[str, Any]:
         pruner=optuna.pruners.MedianPruner(n_startup_trials=MEDIAN_PRUNER_STARTUP),
     )
     outcomes: list[TrialOutcome] = []
+    kept: TrialOutcome | None = None  # the trial whose weights file is still in out/
     stopped_by_budget = False
     for _ in range(int(spec.n_trials)):
         trial = study.ask()
@@ -78,6 +96,7 @@ def run_search(job: Job, declared: set[str]) -> dict[str, Any]:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         else:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        kept = _keep_best_weights(job, kept, outcome)
         job.emitter.emit(protocol.EVENT_TRIAL_END, **outcome.event_fields())
         if outcome.stop_job:
             stopped_by_budget = True

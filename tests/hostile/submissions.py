@@ -237,6 +237,7 @@ if checking:
             os.close(fd)
         if more_err is not None:
             break
+    time.sleep(2)  # a live job: the host's watchdog looks at out/ a few times a second
     report(first=[first, first_err], more=[more, more_err])
 """
 
@@ -506,7 +507,10 @@ if checking:
         except OSError as e:
             found[name] = err(e)
         time.sleep(1)  # the host looks at the file meanwhile
-    os.chmod(path, 0o6755)
+    try:
+        os.chmod(path, 0o6755)
+    except OSError:
+        pass
     time.sleep(1)
     found["uid"] = os.stat(path).st_uid
     report(**found)
@@ -622,7 +626,7 @@ if checking:
         "unshare_mount": in_child(libc.unshare, 0x00020000),
         "unshare_net": in_child(libc.unshare, 0x40000000),
         "mount_tmpfs": sys_errno(libc.mount, b"none", b"/tmp", b"tmpfs", ctypes.c_ulong(0), None),
-        "umount_cover": sys_errno(libc.umount2, CTX["state_dir"].encode(), 2),
+        "umount_cover": sys_errno(libc.umount2, b"/var/tmp", 2),  # covered whole in the process sandbox
         "ptrace_server": sys_errno(libc.ptrace, ctypes.c_long(16), ctypes.c_long(CTX["server_pid"]), None, None),
         "ptrace_parent": sys_errno(libc.ptrace, ctypes.c_long(16), ctypes.c_long(os.getppid()), None, None),
         "setuid": sys_errno(libc.setuid, 0 if os.getuid() else 12345),

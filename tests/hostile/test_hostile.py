@@ -144,13 +144,10 @@ def tmp_filled_to_its_cap(seen: Seen) -> None:
 
 
 def out_dir_is_capped(seen: Seen) -> None:
-    full = (errno.EFBIG, errno.ENOSPC, errno.EDQUOT)
-    first, first_err = seen.report["first"]
-    assert first <= LIMITS.out_cap_bytes and first_err in full, seen.report  # RLIMIT_FSIZE at least
-    more, more_err = seen.report["more"]
-    # Limits.out_cap_bytes is "the total size of files the sandbox may write to out/"
-    assert first + more <= LIMITS.out_cap_bytes, f"wrote {first + more} bytes to out/: {seen.report}"
-    assert more_err in full, seen.report
+    # RLIMIT_FSIZE stops the first file at the cap (each file); the host's watchdog then stops the job
+    # as soon as out/ as a whole is over it, so the host's disk never holds more than one burst beyond
+    assert "to out/, over its cap of 512 MiB" in seen.error["message"], seen.error
+    assert seen.job["result"].get("accuracy") is None, seen.job["result"]
 
 
 def threads_were_capped(seen: Seen) -> None:
@@ -213,8 +210,8 @@ def unix_blocked(seen: Seen) -> None:
 
 def zoo_unreadable(seen: Seen) -> None:
     missing = "FileNotFoundError"
-    assert seen.report == {"zoo": missing, "canary": missing, "via_proc": missing,
-                           "zoo_dir": per_backend(seen, [], missing)}, seen.report
+    # the process sandbox covers /var/tmp, where this test keeps its state, whole: nothing there exists
+    assert seen.report == {"zoo": missing, "canary": missing, "via_proc": missing, "zoo_dir": missing}, seen.report
 
 
 def env_scrubbed(seen: Seen) -> None:
@@ -253,7 +250,10 @@ def writes_blocked(seen: Seen) -> None:
         # the checkout and its interpreter are not visible at all when they live under /tmp (CI)
         under_tmp = {k: r.pop(k) for k in ("repo", "runner", "site_pth", "torch")}
         assert set(under_tmp.values()) <= {errno.EROFS, errno.ENOENT}, under_tmp
-        assert r == {**{k: errno.EROFS for k in r}, "jobs_dir": errno.ENOENT, "zoo": errno.ENOENT}, r
+        # the test's state (zoo, jobs, host_dir) lives under /var/tmp, which is covered whole
+        gone = {k: r.pop(k) for k in ("host_dir", "state_dir", "jobs_dir", "zoo")}
+        assert gone == dict.fromkeys(gone, errno.ENOENT), gone
+        assert r == {k: errno.EROFS for k in r}, r
     else:  # host paths do not exist in the container; its root and in/ are read-only, owned by root
         ro, acc, gone = errno.EROFS, errno.EACCES, errno.ENOENT
         assert r == {"data_dir": ro, "etc": ro, "in_dir": ro, "root": ro, "var_tmp": ro, "model_py": acc,
@@ -264,7 +264,8 @@ def writes_blocked(seen: Seen) -> None:
 
 def no_root_setuid_file(seen: Seen) -> None:
     r = seen.report
-    assert seen.privileged_files, "the host never saw the file"  # the attack ran
+    # the attack ran: either the host saw the file with its bits, or setting them was refused (seccomp)
+    assert seen.privileged_files or (r["suid"], r["sgid"]) == (errno.EPERM, errno.EPERM), (seen.privileged_files, r)
     # a setuid/setgid file owned by root on the host, placed there by the submission, is a local root
     # for whoever can reach the job directory while the job runs
     assert not [f for f in seen.privileged_files if " uid=0 " in f or f.endswith(" gid=0")], (
@@ -300,7 +301,7 @@ def parent_survived(seen: Seen) -> None:
 def privileges_denied(seen: Seen) -> None:
     r = seen.report
     assert r.pop("raw_disk") == "FileNotFoundError", r
-    assert r.pop("state_dir") == per_backend(seen, [], "FileNotFoundError"), r  # still covered
+    assert r.pop("state_dir") == "FileNotFoundError", r  # still covered (under /var/tmp for the process sandbox)
     eperm = errno.EPERM
     assert r == per_backend(
         seen,
@@ -362,7 +363,7 @@ CASES = [
     Case("device_memory_bomb", {"learn": sub.DEVICE_MEMORY_BOMB}, ("failed", "out_of_memory", "training"),
          device_allocation_failed, gpu=True),
     Case("disk_filler_tmp", {"learn": sub.FILL_TMP}, REPORTED, tmp_filled_to_its_cap),
-    Case("disk_filler_out", {"learn": sub.FILL_OUT}, REPORTED, out_dir_is_capped),
+    Case("disk_filler_out", {"learn": sub.FILL_OUT}, ("failed", "sandbox", "checking"), out_dir_is_capped),
     Case("thread_storm", {"learn": sub.THREAD_STORM}, ("failed", "sandbox", "checking"), threads_were_capped),
     Case("stdout_flood", {"learn": sub.STDOUT_FLOOD}, ("failed", "sandbox", "checking"), stdout_flood),
     Case("stderr_flood", {"learn": sub.STDERR_FLOOD}, ("failed", "sandbox", "checking"), stderr_flood),
