@@ -108,7 +108,8 @@ class ModelDetail(BaseModel):
     summary: list[RunSummary] = Field(description="Runs per task/dataset/metric")
     best_run: dict[str, Any] | None = Field(description="The run with the highest test accuracy")
     curve: list[CurvePoint] = Field(description="Learning curve of the best run")
-    weights: dict[str, Any] | None = Field(description="Weights file of the best run (safetensors)")
+    weights: dict[str, Any] | None = Field(description="Weights file (safetensors) of the best run that kept "
+                                                 "one: sha256, size, path, run_uid, run_accuracy")
     recent_runs: list[dict[str, Any]]
     same_architecture: list[str] = Field(description="Other models with the same fingerprint")
     code: str | None = None

@@ -31,7 +31,8 @@ What it builds, in this order (the order matters):
    that must stay visible inside a hidden directory (the Python installation under /root) are
    bound back read-only.
 6. fresh size-capped tmpfs at /tmp and /dev/shm (with out/, the only writable places).
-7. the bootstrap stays as PID 1 (see `_init`) and forks PID 2, which exec's `prlimit` (file size,
+7. the staging copies under R/x are covered (they hold the exposed trees without their covers).
+8. the bootstrap stays as PID 1 (see `_init`) and forks PID 2, which exec's `prlimit` (file size,
    core, open files; address space when there is no cgroup) -> `setpriv` (drops every
    capability: bounding, inheritable, ambient; securebits noroot so an exec as uid 0 does not
    regain them; no_new_privs) -> the runner.
@@ -274,9 +275,18 @@ def _cover(plan: Plan) -> None:
                     _bind(f"{plan.root}/x/{i}", path, ro=True)
             _remount(h, ro=True)
         else:
-            _mount(_blocked_file(plan.root), h, None, MS_BIND)
-            _remount(h, ro=True)
+            _cover_one(plan, h)
         done.append(h)
+
+
+def _cover_one(plan: Plan, h: str) -> None:
+    """Cover one hidden path: a directory by an empty read-only tmpfs, a file by `_blocked_file`.
+    A path that is not there fails the mount, and with it the setup (fail closed)."""
+    if os.path.isdir(h) and not os.path.islink(h):
+        _tmpfs(h, "size=64k,nr_inodes=1024,mode=755", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    else:
+        _mount(_blocked_file(plan.root), h, None, MS_BIND)
+    _remount(h, ro=True)
 
 
 def _blocked_file(root: str) -> str:
@@ -315,10 +325,17 @@ def _build(plan: Plan) -> None:
     size = max(16 << 20, plan.tmp_bytes)
     _tmpfs("/tmp", f"size={size},mode=1777", MS_NOSUID | MS_NODEV)
     _tmpfs("/dev/shm", f"size={size},mode=1777", MS_NOSUID | MS_NODEV)
-    # an interpreter (venv) living under /tmp, e.g. a CI checkout there, is bound back read-only
+    # an interpreter (venv) living under /tmp, e.g. a checkout there, is bound back read-only, with
+    # the hidden paths inside it covered again (a bind does not carry the covers made before it)
     for i, path in enumerate(plan.exposed):
         if any(_is_under(path, scratch) for scratch in SCRATCH_DIRS):
             _bind(f"{r}/x/{i}", path, ro=True)
+            for h in plan.hidden:
+                if _is_under(h, path) and h != path:
+                    _cover_one(plan, h)
+    # 7. the staging copies hold the exposed trees without their covers: make them unreachable
+    _tmpfs(f"{r}/x", "size=4k,nr_inodes=16,mode=000", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    _remount(f"{r}/x", ro=True)
 
 
 SCRATCH_DIRS = ("/tmp", "/dev/shm")  # replaced by fresh tmpfs inside the sandbox

@@ -77,7 +77,7 @@ async def test_repeats_rerun_the_selected_prm_and_keep_its_weights(client):
     assert "weights_error" not in job["result"], job["result"]
     detail = await call(client, "get_model", name=job["model_name"])
     assert detail["weights"]["size"] > 0
-    assert {r["seed"] for r in detail["recent_runs"]} == {0, 1}
+    assert len(detail["recent_runs"]) == 2 and detail["weights"]["run_uid"].endswith(":t0")
 
 
 async def test_resubmission_adds_runs_to_the_same_model(client):
@@ -120,7 +120,7 @@ async def test_time_budget_is_honoured(client):
     job = await run_job(client, code=models.SLOW, n_trials=5, epochs=3, time_budget_s=12,
                         prm={"batch": 16})
     elapsed = time.monotonic() - start
-    assert job["status"] == "timed_out", job
+    assert job["status"] == "timed_out", (job["error"], job["result"]["trials"])
     assert elapsed < 12 + 10, elapsed
     assert any(t["status"] in ("pruned", "timed_out") for t in job["result"]["trials"])
 

@@ -256,7 +256,11 @@ class ZooStore:
                 curve = [dict(r) for r in await db.execute_fetchall(
                     "SELECT epoch, accuracy, val_accuracy, loss, duration_ns, accuracy_to_time, elapsed_s "
                     "FROM point WHERE run_id=? ORDER BY epoch", (best["id"],))]
-                w = await (await db.execute("SELECT * FROM weights WHERE run_id=?", (best["id"],))).fetchone()
+                # the best run that kept weights (a repeat's rerun keeps none: the selected trial does)
+                w = await (await db.execute(
+                    "SELECT w.*, r.uid AS run_uid, r.accuracy AS run_accuracy FROM weights w JOIN run r "
+                    "ON r.id = w.run_id WHERE r.model_id=? ORDER BY r.accuracy DESC, r.id LIMIT 1",
+                    (model["id"],))).fetchone()
                 weights = dict(w) if w else None
             recent = [dict(r) for r in await db.execute_fetchall(
                 "SELECT uid, task, dataset, metric, status, accuracy, epochs, duration_ns, prm, error, created "

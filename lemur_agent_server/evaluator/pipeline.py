@@ -434,6 +434,8 @@ async def _search(job: Job, paths: JobPaths, prepared: datasets.PreparedDataset,
         job.first_step_at = search.first_step_at
     timed_out = exit.timed_out or any(t.error and t.error.get("kind") == protocol.KIND_TIMEOUT
                                       for t in trials.values())
+    if search.done is not None and err is None and len(trials) < req.n_trials:
+        timed_out = True  # the runner ended the search early: the next trial's first segment did not fit
     for t in trials.values():
         if t.status == "running":
             t.status = "timed_out" if exit.timed_out else "failed"

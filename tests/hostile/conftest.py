@@ -4,7 +4,8 @@ poison, and the evidence, all read from outside the sandbox.
 One `World` per test:
 * its zoo, jobs, weights and dataset cache live under /var/tmp (not /tmp: the process sandbox has a
   private /tmp anyway, so hiding something under /tmp would prove nothing), next to a plain host
-  directory the process sandbox may read (`host_dir`) and a unix socket in it;
+  directory (`host_dir`) with a world-connectable unix socket in it (the process sandbox covers
+  /var/tmp whole, so it must not even see it);
 * canaries with random values: an environment variable of the server, a file in the zoo's directory,
   another job's files, a file beside the test labels in the dataset cache. A submission is told where
   they are, never their values; after the job no value may appear in anything the server stored or

@@ -141,7 +141,7 @@ class Ctx:
     cache_dir: str
     private_dir: str
     data_root: str
-    host_dir: str  # a host directory outside /tmp, readable in the process sandbox
+    host_dir: str  # a plain host directory outside /tmp (under /var/tmp)
     host_tmp: str  # a host directory under /tmp
     repo: str
     site_packages: str

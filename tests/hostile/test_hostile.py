@@ -42,6 +42,7 @@ from mcp import Client
 from lemur_agent_server.server import build_server
 from sandbox import _cgroups
 from sandbox.backend import Limits
+from tests.conftest import REPO
 from tests.hostile import submissions as sub
 from tests.hostile.conftest import World, our_processes, zoo_facts
 
@@ -245,11 +246,15 @@ def other_job_unreadable(seen: Seen) -> None:
 def writes_blocked(seen: Seen) -> None:
     r = seen.report
     assert r.pop("tmp") == "written" and r.pop("out") == "written", r  # the scratch places work
+    if seen.backend == "process" and str(REPO).startswith("/tmp/"):
+        # a checkout under /tmp: the sandbox's own /tmp holds the directories its interpreter is bound
+        # back on, so a new file beside the venv lands in that private tmpfs (the host check after the
+        # job finds no marked file); the venv itself stays read-only
+        under_tmp = {k: r.pop(k) for k in ("repo", "runner", "site_pth", "torch")}
+        assert set(under_tmp.values()) <= {errno.EROFS, errno.ENOENT, "written"}, under_tmp
+        assert under_tmp["site_pth"] == errno.EROFS and under_tmp["torch"] == errno.EROFS, under_tmp
     assert not any(v in ("written", "opened") for v in r.values()), r
     if seen.backend == "process":  # everything outside scratch is a read-only mount, or covered
-        # the checkout and its interpreter are not visible at all when they live under /tmp (CI)
-        under_tmp = {k: r.pop(k) for k in ("repo", "runner", "site_pth", "torch")}
-        assert set(under_tmp.values()) <= {errno.EROFS, errno.ENOENT}, under_tmp
         # the test's state (zoo, jobs, host_dir) lives under /var/tmp, which is covered whole
         gone = {k: r.pop(k) for k in ("host_dir", "state_dir", "jobs_dir", "zoo")}
         assert gone == dict.fromkeys(gone, errno.ENOENT), gone
