@@ -134,6 +134,53 @@ class Handle(abc.ABC):
         """True once the sandbox's processes have ended."""
 
 
+class MonitoredHandle(Handle):
+    """A sandbox owned by a daemon monitor thread (both backends): the thread sets `_exit`, then
+    `_done` once everything of the job is released; `_request(reason)` asks for a kill from any thread.
+
+    Why threads: a blocking wait on a process or the engine must never run on the server's loop.
+    """
+
+    _done: threading.Event
+    _exit: Exit | None
+    _limits: Limits
+
+    @abc.abstractmethod
+    def _request(self, reason: str) -> None:
+        """Record why ("timeout" | "cancel" | "disk"; the first reason wins) and kill. May block."""
+
+    def finished(self) -> bool:
+        return self._done.is_set()
+
+    async def wait(self) -> Exit:
+        """Wait for the end. If the awaiting task is cancelled, the sandbox is killed and released first."""
+        try:
+            await self._until_done()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._request, "cancel")
+                await self._until_done()
+            raise
+        assert self._exit is not None
+        return self._exit
+
+    async def cancel(self) -> None:
+        """Kill everything now and return once nothing of the job is left. Idempotent."""
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self._request, "cancel")
+            await self._until_done()
+
+    async def _until_done(self) -> None:
+        delay = 0.002
+        while not self._done.is_set():
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def _out_dir_watch(self) -> OutDirWatch:
+        """The out/ cap for this sandbox (started by the subclass once its monitor runs)."""
+        return OutDirWatch(self.paths.out_dir, self._limits, lambda: self._request("disk"), self.finished)
+
+
 @dataclasses.dataclass(frozen=True)
 class RunnerPaths:
     """Where the runner sees the job's files (written into spec.json by the evaluator)."""

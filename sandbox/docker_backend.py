@@ -93,7 +93,7 @@ from typing import Any
 
 import anyio
 
-from sandbox.backend import Backend, Exit, Handle, JobPaths, Limits, OutDirWatch, RunnerPaths
+from sandbox.backend import Backend, Exit, Handle, JobPaths, Limits, MonitoredHandle, RunnerPaths
 from sandbox.protocol import MODEL_FILE, SPEC_FILE
 
 log = logging.getLogger(__name__)
@@ -705,7 +705,7 @@ def _remove(container: Any, attempts: int = 5) -> bool:
     return False
 
 
-class _DockerHandle(Handle):
+class _DockerHandle(MonitoredHandle):
     """A running container; a daemon thread (`_monitor`) owns it from start to removal."""
 
     def __init__(self, backend: DockerBackend, container: Any, paths: JobPaths, limits: Limits, t0: float,
@@ -729,39 +729,11 @@ class _DockerHandle(Handle):
                                         daemon=True)
 
     def begin(self) -> None:
-        self._out_watch = OutDirWatch(self.paths.out_dir, self._limits, lambda: self._request("disk"),
-                                      self.finished)
+        self._out_watch = self._out_dir_watch()
         self._thread.start()
         self._out_watch.start()
 
-    # --- Handle API ---------------------------------------------------------------------------------------
-    def finished(self) -> bool:
-        return self._done.is_set()
-
-    async def wait(self) -> Exit:
-        """Wait for the end. If the awaiting task is cancelled, the container is killed and removed first."""
-        try:
-            await self._until_done()
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self._request, "cancel")
-                await self._until_done()
-            raise
-        assert self._exit is not None
-        return self._exit
-
-    async def cancel(self) -> None:
-        """Kill the container now and return once it is removed. Idempotent."""
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(self._request, "cancel")
-            await self._until_done()
-
-    async def _until_done(self) -> None:
-        delay = 0.005
-        while not self._done.is_set():
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 0.05)
-
+    # --- kill requests (the rest of the Handle API is MonitoredHandle's) ------------------
     def _request(self, reason: str) -> None:
         """Record why we kill (first reason wins) and kill now (blocking engine call)."""
         with self._lock:

@@ -53,7 +53,7 @@ from typing import Any
 import anyio
 
 from sandbox import _cgroups, _namespaces
-from sandbox.backend import Backend, Exit, Handle, JobPaths, Limits, OutDirWatch, RunnerPaths
+from sandbox.backend import Backend, Exit, Handle, JobPaths, Limits, MonitoredHandle, RunnerPaths
 from sandbox.protocol import MODEL_FILE, SPEC_FILE
 
 log = logging.getLogger(__name__)
@@ -422,7 +422,7 @@ def _gpu_nodes() -> list[str]:
     return nodes
 
 
-class _ProcessHandle(Handle):
+class _ProcessHandle(MonitoredHandle):
     """A running sandbox; a daemon thread (`_monitor`) owns the process from spawn to cleanup."""
 
     def __init__(self, backend: ProcessBackend, paths: JobPaths, limits: Limits, proc: subprocess.Popen[bytes],
@@ -448,39 +448,12 @@ class _ProcessHandle(Handle):
         self._exit: Exit | None = None
         self._done = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
-        self._out_watch = OutDirWatch(paths.out_dir, limits, lambda: self._request("disk"), self.finished)
+        self._out_watch = self._out_dir_watch()
         self._thread = threading.Thread(target=self._monitor, name=f"lemur-sbx-{proc.pid}", daemon=True)
         self._thread.start()
         self._out_watch.start()
 
-    # --- Handle API ---------------------------------------------------------------------------
-    def finished(self) -> bool:
-        return self._done.is_set()
-
-    async def wait(self) -> Exit:
-        """Wait for the end. If the awaiting task is cancelled, the sandbox is killed first."""
-        try:
-            await self._until_done()
-        except BaseException:
-            self._request("cancel")
-            with anyio.CancelScope(shield=True):
-                await self._until_done()
-            raise
-        assert self._exit is not None
-        return self._exit
-
-    async def cancel(self) -> None:
-        """Kill everything now and return once nothing of the job is left. Idempotent."""
-        self._request("cancel")
-        with anyio.CancelScope(shield=True):
-            await self._until_done()
-
-    async def _until_done(self) -> None:
-        delay = 0.002
-        while not self._done.is_set():
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 0.05)
-
+    # --- kill requests (the rest of the Handle API is MonitoredHandle's) ------------------
     def _request(self, reason: str) -> None:
         """Ask the monitor to kill (first reason wins). Under the lock: the monitor closes the
         wake pipe under the same lock, so this never writes to a closed (or reused) fd."""

@@ -24,7 +24,7 @@ from lemur_agent_server.evaluator.quality import code_quality
 from lemur_agent_server.evaluator.requests import EvalRequest
 from lemur_agent_server.evaluator.static_checks import static_problems
 from sandbox import datasets, protocol
-from sandbox.backend import Backend, Exit, JobPaths, Limits
+from sandbox.backend import Backend, Exit, Handle, JobPaths, Limits
 from zoo import codehash
 from zoo.records import Model, Point, Run, accuracy_to_time
 from zoo.store import ZooStore
@@ -117,7 +117,7 @@ class Phase:
         self.exit: Exit | None = None
         self.test_labels = prepared.test_labels
         self.chance = prepared.info.chance
-        self.written_after: Callable[[], float] = time.monotonic  # see Handle.written_after
+        self.handle: Handle | None = None
         request = job.request
         self.max_points = math.ceil(request.epochs / request.eval_every) + 1
 
@@ -126,8 +126,7 @@ class Phase:
                         gpu=self.job.gpu)
         await anyio.to_thread.run_sync(jobfiles.reset_out_dir, self.paths)
         jobfiles.write_spec(self.paths, spec)
-        handle = await self.job.backend.start(self.paths, limits)
-        self.written_after = lambda: handle.written_after or time.monotonic()
+        handle = self.handle = await self.job.backend.start(self.paths, limits)
         if self.job.prewarm is not None:
             self.job.prewarm(self.paths.data_dir, limits)
         try:
@@ -175,8 +174,9 @@ class Phase:
             if number in self.trials or len(self.trials) >= self.job.request.n_trials:
                 return  # a forged or repeated start: the runner starts each trial once
             # started no earlier than the host's last look that did not see this event
+            seen_after = self.handle.written_after if self.handle is not None else 0.0
             self.trials[number] = Trial(trial=number, prm=dict(event.get("prm") or {}),
-                                        started_at=self.written_after())
+                                        started_at=seen_after or time.monotonic())
             await self.job.progress(protocol.STAGE_TRAIN, self.progress())
         elif kind == protocol.EVENT_POINT:
             self.on_point(event)
@@ -256,8 +256,6 @@ def exit_failure(exit: Exit, stage: str) -> dict[str, Any] | None:
     tail = exit.log_tail[-LOG_TAIL_CHARS:]
     if exit.cancelled:
         return failure(stage, "cancelled", "Cancelled by request.", log_tail=tail)
-    if exit.out_exceeded:
-        return failure(stage, protocol.KIND_SANDBOX, exit.out_exceeded, log_tail=tail)
     if exit.timed_out:
         return failure(stage, protocol.KIND_TIMEOUT, f"Killed after {exit.wall_s:.1f} s: the time budget ran out.",
                        log_tail=tail)
