@@ -122,7 +122,10 @@ async def test_time_budget_is_honoured(client):
     elapsed = time.monotonic() - start
     assert job["status"] == "timed_out", (job["error"], job["result"]["trials"])
     assert elapsed < 12 + 10, elapsed
-    assert any(t["status"] in ("pruned", "timed_out") for t in job["result"]["trials"])
+    # the budget either cut a trial short, or the runner did not start the next one (its first segment
+    # would not fit): which of the two depends on the machine's speed, both end the job timed_out
+    trials = job["result"]["trials"]
+    assert any(t["status"] in ("pruned", "timed_out") for t in trials) or len(trials) < 5, trials
 
 
 async def test_cancel_kills_the_job(client):
