@@ -63,7 +63,10 @@ MISSING_MODULE = tiny(header="import tensorflow_that_does_not_exist\n")
 OOM = tiny(learn_extra="hog = [bytearray(256 << 20) for _ in range(64)]")
 INFINITE_FORWARD = tiny(forward_extra="while True:\n            pass")
 EXIT_IN_LEARN = tiny(learn_extra="import os; os._exit(3)")
-SLOW = tiny(learn_extra="import time; time.sleep(0.2)",
+# Slow by sleeping per batch, not by computing: an epoch takes about 0.1 s x batches on any machine
+# (digits: ~8 s per epoch at batch 16, ~4 s at batch 32), so budget, cancel and shutdown tests see it
+# mid-training however fast the CPU is.
+SLOW = tiny(learn_extra="import time\n        train_data = (time.sleep(0.1) or batch for batch in train_data)",
             learn_return="total")
 
 # Tries to cheat: read test labels from wherever they might be, patch the runner, forge outputs.

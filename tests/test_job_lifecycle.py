@@ -107,7 +107,7 @@ async def test_clean_shutdown_hands_the_job_back(make_settings):
     settings = make_settings(seed_zoo=False)
     async with Client(build_server(settings)) as client:
         job = (await client.call_tool("submit_model", {
-            "code": models.SLOW, "dataset": "digits", "n_trials": 1, "epochs": 1, "time_budget_s": 120,
+            "code": models.SLOW, "dataset": "digits", "n_trials": 1, "epochs": 2, "time_budget_s": 120,
             "prm": {"batch": 32, "lr": 0.05, "momentum": 0.9}})).structured_content
         while job["status"] != "training":
             job = (await client.call_tool("get_job", {"job_id": job["job_id"], "wait_s": 1})).structured_content
