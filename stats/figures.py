@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import math
 import sqlite3
 import textwrap
 from typing import Any
@@ -410,6 +411,9 @@ def fetch_correlation(conn: sqlite3.Connection, f: Filters, o: Options) -> dict[
     return {"f": f, "corr": corr, "sampled": sampled, "total": total}
 
 
+FEW_RUNS_FOR_CORRELATION = 30  # below this the summary says which |r| could be chance
+
+
 def draw_correlation(fig: Figure, d: dict[str, Any]) -> str:
     c: pd.DataFrame = d["corr"]
     ax = fig.add_subplot()
@@ -427,14 +431,21 @@ def draw_correlation(fig: Figure, d: dict[str, Any]) -> str:
     fig.colorbar(im, ax=ax, label="Pearson r", shrink=0.9)
     sample = f"{_n(d['sampled'])} of {_n(d['total'])} runs" + (" (deterministic sample)"
                                                               if d["sampled"] < d["total"] else "")
-    _subtitle(fig, ax, _scope_note(d["f"]) + " · " + sample)
+    few = d["sampled"] < FEW_RUNS_FOR_CORRELATION
+    noise = min(1.0, 2 / math.sqrt(d["sampled"]))
+    _subtitle(fig, ax, _scope_note(d["f"]) + " · " + sample + (f" · few runs: |r| < {noise:.2f} may be chance"
+                                                               if few else ""))
     fig.suptitle("Correlations between accuracy, cost and hyperparameters")
     pairs = [(abs(c.iat[i, j]), c.index[i], c.columns[j], c.iat[i, j]) for i in range(k) for j in range(i)
              if np.isfinite(c.iat[i, j])]
     acc = c["accuracy"].drop("accuracy").dropna().sort_values(key=abs, ascending=False) if "accuracy" in c else None
     acc_txt = ", ".join(f"{n} {v:+.2f}" for n, v in acc.head(4).items()) if acc is not None else "n/a"
     strongest = ", ".join(f"{a}~{b} {v:+.2f}" for _, a, b, v in sorted(pairs, reverse=True)[:3])
-    return (f"Pearson correlations over {sample}. With accuracy: {acc_txt}. Strongest pairs: {strongest}.")
+    # |r| above ~2/sqrt(n) is what a test at the 5 % level needs: say so, so that a tiny zoo's +1.00 does
+    # not read as a law
+    caution = f" Only {d['sampled']} runs: treat |r| below about {noise:.2f} as noise." if few else ""
+    return (f"Pearson correlations over {sample}. With accuracy: {acc_txt}. Strongest pairs: {strongest}."
+            + caution)
 
 
 # --- timeline (rolling mean) ---------------------------------------------------------------------

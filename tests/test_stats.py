@@ -509,3 +509,13 @@ def test_synthetic_zoo_is_shaped_like_lemur(tmp_path: Path) -> None:
     finally:
         c.close()
     assert "wikitext/ppl" in render("box", path).summary
+
+
+def test_correlation_over_few_runs_says_which_r_is_noise(zoo: Path, conn: sqlite3.Connection) -> None:
+    few = Filters(nn=("alt-m0", "rag-m5"))
+    _, sampled, _ = agg.correlation(conn, few)
+    assert 3 <= sampled < 30
+    summary = render("correlation", zoo, few).summary
+    assert f"Only {sampled} runs: treat |r| below about {min(1.0, 2 / sampled ** 0.5):.2f} as noise." in summary
+    _, sampled_all, _ = agg.correlation(conn, Filters())
+    assert sampled_all >= 30 and "as noise" not in render("correlation", zoo, Filters()).summary
