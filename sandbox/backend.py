@@ -28,6 +28,7 @@ from sandbox import protocol
 EVENTS_CHUNK = 1 << 20
 OUT_ENTRIES_CAP = 10_000  # files and directories in out/: predictions, checkpoints, events are a few dozen
 OUT_WATCH_S = 0.2
+
 MAX_EVENT_LINE = 256 << 10  # the runner's largest event (an error with its traceback) is far smaller
 
 
@@ -283,6 +284,13 @@ def out_usage(out_dir: Path, max_entries: int) -> tuple[int, int]:
         except OSError:
             continue
     return used, entries
+
+
+def out_cap_text(limits: Limits | None = None) -> str:
+    """How out/ is capped, for the `isolation` record of both backends (the same mechanism in each)."""
+    cap = "Limits.out_cap_bytes" if limits is None else f"{limits.out_cap_bytes} bytes"
+    return (f"each file <= {cap} (RLIMIT_FSIZE); out/ in all <= {cap} and <= {OUT_ENTRIES_CAP} entries, "
+            f"watched by the host every {OUT_WATCH_S} s and once more after the sandbox ends")
 
 
 class OutDirWatch:

@@ -93,7 +93,7 @@ from typing import Any
 
 import anyio
 
-from sandbox.backend import Backend, Exit, Handle, JobPaths, Limits, MonitoredHandle, RunnerPaths
+from sandbox.backend import Backend, Exit, Handle, JobPaths, Limits, MonitoredHandle, RunnerPaths, out_cap_text
 from sandbox.protocol import MODEL_FILE, SPEC_FILE
 
 log = logging.getLogger(__name__)
@@ -351,7 +351,7 @@ class DockerBackend(Backend):
             "mounts": {IN_DIR: "job in/ (read-only)", DATA_DIR: "dataset public dir (read-only)",
                        OUT_DIR: "job out/ (read-write)"},
             "tmpfs": "/tmp and /dev/shm, size-capped, noexec",
-            "out_cap": "per file (RLIMIT_FSIZE = Limits.out_cap_bytes); the total is not capped by the engine",
+            "out_cap": out_cap_text(limits),
             "orphan_cleanup": "containers labelled with this server's identity",
             "wall_clock": "enforced by the host (wait with timeout, then kill)",
             "prestart": self._prestart,

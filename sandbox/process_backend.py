@@ -53,7 +53,7 @@ from typing import Any
 import anyio
 
 from sandbox import _cgroups, _namespaces
-from sandbox.backend import Backend, Exit, Handle, JobPaths, Limits, MonitoredHandle, RunnerPaths
+from sandbox.backend import Backend, Exit, Handle, JobPaths, Limits, MonitoredHandle, RunnerPaths, out_cap_text
 from sandbox.protocol import MODEL_FILE, SPEC_FILE
 
 log = logging.getLogger(__name__)
@@ -360,6 +360,7 @@ class ProcessBackend(Backend):
         info["hidden_paths"] = [str(p) for p in self._hidden_resolved()] if ns else []
         info["environment"] = "scrubbed (PATH, HOME, LANG, PYTHON*, thread counts, CUDA_VISIBLE_DEVICES)"
         info.update(self._limit_report(limits, cgroup))
+        info["out_cap"] = out_cap_text(limits)
         info["wall_clock"] = "enforced by the host (SIGKILL of the process group and the cgroup)"
         return info
 

@@ -54,6 +54,7 @@ async def test_reference_model_trains_archives_and_is_found(client):
     assert 0 < result["code_quality"] <= 1 and result["params"] > 0 and result["flops"] > 0
     assert len(result["trials"]) == 2 and result["prm"]["batch"] == 32
     assert result["isolation"]["backend"] == client.settings.sandbox
+    assert "entries, watched by the host" in result["isolation"]["out_cap"]  # the total cap is stated
     name = job["model_name"]
     assert name.startswith("test-")
 
