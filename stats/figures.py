@@ -405,10 +405,15 @@ def draw_failures(fig: Figure, d: dict[str, Any]) -> str:
 
 # --- correlation heatmap -------------------------------------------------------------------------
 def fetch_correlation(conn: sqlite3.Connection, f: Filters, o: Options) -> dict[str, Any]:
-    corr, sampled, total = agg.correlation(conn, f)
+    """Within one task/dataset/metric, as the other single-triple views: pooled over datasets, the
+    correlations would mostly say which dataset is easier and slower (fashion-mnist trains longer and
+    scores higher than digits), not how accuracy moves with cost or hyperparameters."""
+    triple = resolve_triple(conn, f)
+    g = triple.narrow(f)
+    corr, sampled, total = agg.correlation(conn, g)
     if corr.shape[0] < 2:
-        raise no_data(f, "runs with two or more varying quantities")
-    return {"f": f, "corr": corr, "sampled": sampled, "total": total}
+        raise no_data(g, "runs with two or more varying quantities")
+    return {"f": f, "triple": triple, "corr": corr, "sampled": sampled, "total": total}
 
 
 FEW_RUNS_FOR_CORRELATION = 30  # below this the summary says which |r| could be chance
@@ -433,8 +438,8 @@ def draw_correlation(fig: Figure, d: dict[str, Any]) -> str:
                                                               if d["sampled"] < d["total"] else "")
     few = d["sampled"] < FEW_RUNS_FOR_CORRELATION
     noise = min(1.0, 2 / math.sqrt(d["sampled"]))
-    _subtitle(fig, ax, _scope_note(d["f"]) + " · " + sample + (f" · few runs: |r| < {noise:.2f} may be chance"
-                                                               if few else ""))
+    _subtitle(fig, ax, _scope_note(d["f"], d["triple"]) + " · " + sample
+              + (f" · few runs: |r| < {noise:.2f} may be chance" if few else ""))
     fig.suptitle("Correlations between accuracy, cost and hyperparameters")
     pairs = [(abs(c.iat[i, j]), c.index[i], c.columns[j], c.iat[i, j]) for i in range(k) for j in range(i)
              if np.isfinite(c.iat[i, j])]
@@ -444,8 +449,8 @@ def draw_correlation(fig: Figure, d: dict[str, Any]) -> str:
     # |r| above ~2/sqrt(n) is what a test at the 5 % level needs: say so, so that a tiny zoo's +1.00 does
     # not read as a law
     caution = f" Only {d['sampled']} runs: treat |r| below about {noise:.2f} as noise." if few else ""
-    return (f"Pearson correlations over {sample}. With accuracy: {acc_txt}. Strongest pairs: {strongest}."
-            + caution)
+    return (f"Pearson correlations on {d['triple'].label} over {sample}. With accuracy: {acc_txt}. "
+            f"Strongest pairs: {strongest}." + caution + _chosen_hint(d["triple"]))
 
 
 # --- timeline (rolling mean) ---------------------------------------------------------------------

@@ -85,7 +85,7 @@ PLOT_KINDS: dict[str, PlotSpec] = {s.kind: s for s in (
           "failed and timed-out evaluator submissions by error stage and kind, as shares of submissions"),
     _spec("correlation", "Correlation heatmap",
           "Pearson r between accuracy, epochs, time, accuracy-to-time, params, FLOPs, lr, batch, momentum, "
-          "dropout (≤20,000 runs sampled)"),
+          "dropout (≤20,000 runs sampled) [one triple]"),
     _spec("timeline", "Accuracy over time",
           "final accuracy by run creation time: rolling mean, best so far, runs per bin [one triple]"),
 )}

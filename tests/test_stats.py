@@ -27,7 +27,7 @@ from stats import aggregates as agg
 from stats.cli import add_stats_subparsers
 from stats.export import TABLES, export
 from stats.plots import PLOT_KINDS, PlotResult, render
-from stats.scope import NoData, StatsError, Triple, UnknownModel
+from stats.scope import NoData, StatsError, Triple, UnknownModel, resolve_triple
 from zoo.query import Filters
 from zoo.records import Model, Point, Run, accuracy_to_time
 from zoo.store import ZooStore
@@ -511,11 +511,18 @@ def test_synthetic_zoo_is_shaped_like_lemur(tmp_path: Path) -> None:
     assert "wikitext/ppl" in render("box", path).summary
 
 
-def test_correlation_over_few_runs_says_which_r_is_noise(zoo: Path, conn: sqlite3.Connection) -> None:
+def test_correlation_plot_is_within_one_triple_and_says_which_r_is_noise(zoo: Path,
+                                                                         conn: sqlite3.Connection) -> None:
+    res = render("correlation", zoo, Filters())
+    triple = resolve_triple(conn, Filters())
+    _, sampled, total = agg.correlation(conn, triple.narrow(Filters()))
+    runs = raw_runs(conn).dropna(subset=["accuracy"])
+    assert total == sampled == len(runs.query("task == @triple.task and dataset == @triple.dataset "
+                                              "and metric == @triple.metric")) < len(runs)  # not pooled
+    assert f"on {triple.label} over {sampled} of {total} runs" in res.summary and "most runs" in res.summary
+    assert sampled >= 30 and "as noise" not in res.summary
     few = Filters(nn=("alt-m0", "rag-m5"))
-    _, sampled, _ = agg.correlation(conn, few)
-    assert 3 <= sampled < 30
+    _, sampled_few, _ = agg.correlation(conn, resolve_triple(conn, few).narrow(few))
+    assert 3 <= sampled_few < 30
     summary = render("correlation", zoo, few).summary
-    assert f"Only {sampled} runs: treat |r| below about {min(1.0, 2 / sampled ** 0.5):.2f} as noise." in summary
-    _, sampled_all, _ = agg.correlation(conn, Filters())
-    assert sampled_all >= 30 and "as noise" not in render("correlation", zoo, Filters()).summary
+    assert f"Only {sampled_few} runs: treat |r| below about {min(1.0, 2 / sampled_few ** 0.5):.2f} as noise." in summary
