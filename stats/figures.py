@@ -20,7 +20,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from stats import aggregates as agg
 from stats.palette import DIVERGING_CMAP, GREY, REFERENCE, series
@@ -57,6 +57,36 @@ def _log_seconds(ax: Any, axis: str = "x", label: str = "Training time (s, log s
     target.set_major_locator(LogLocator(base=10))
     target.set_major_formatter(FuncFormatter(_seconds))
     getattr(ax, f"set_{axis}label")(label)
+
+
+def _si(v: float, _pos: Any = None) -> str:
+    """A count as people say it: 37k, 1.9M, 2G."""
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= scale:
+            return f"{v / scale:.3g}{suffix}"
+    return f"{v:.3g}"
+
+
+def _log_counts(ax: Any, lo: float, hi: float) -> None:
+    """A log x axis of counts with short labels. Over a narrow range the decade ticks alone leave one
+    label or none, so minor ticks are labelled too: all of them under half a decade, the 2x, 3x and 5x
+    ones under 1.5 decades, none beyond (matplotlib's own 10^x minor labels collided on a 4-model zoo)."""
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(_si))
+    decades = math.log10(max(hi, lo * 1.0001) / max(lo, 1e-12))
+    if decades >= 1.5:
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        return
+    wanted = range(2, 10) if decades < 0.5 else (2, 3, 5)
+    ax.xaxis.set_minor_formatter(FuncFormatter(
+        lambda v, _pos: _si(v) if round(v / 10 ** math.floor(math.log10(v) + 1e-9)) in wanted else ""))
+
+
+def _name_point(ax: Any, name: str, x: float, y: float, lo: float, hi: float) -> None:
+    """A label beside a point of a log-x axis, on the side with room (left-edge labels ran off the axes)."""
+    left_half = math.log10(x / lo) < 0.5 * math.log10(max(hi, lo * 1.0001) / lo)
+    ax.annotate(_short(name, 24), (x, y), xytext=(6, 6) if left_half else (-6, 6), textcoords="offset points",
+                ha="left" if left_half else "right", fontsize=8)
 
 
 def _scope_note(f: Filters, triple: Triple | None = None) -> str:
@@ -219,6 +249,9 @@ def fetch_pareto(conn: sqlite3.Connection, f: Filters, o: Options) -> dict[str, 
     return {"f": f, "triple": triple, "models": models, "cap": o.cap}
 
 
+PARETO_NAMED = 3  # front points named on the plot, most accurate first (more overlap on dense fronts)
+
+
 def draw_pareto(fig: Figure, d: dict[str, Any]) -> str:
     m: pd.DataFrame = d["models"]
     axes = fig.subplots(1, 2, sharey=True)
@@ -238,10 +271,10 @@ def draw_pareto(fig: Figure, d: dict[str, Any]) -> str:
         front = have[mask].sort_values(col)
         ax.step(front[col], front["accuracy"], where="post", color=REFERENCE, lw=1.4)
         ax.plot(front[col], front["accuracy"], "D", color=series(3), ms=5)
-        top = front.iloc[-1]
-        ax.annotate(_short(top["name"], 24), (top[col], top["accuracy"]), xytext=(-6, 6),
-                    textcoords="offset points", ha="right", fontsize=8)
-        ax.set_xscale("log")
+        lo, hi = float(have[col].min()), float(have[col].max())
+        for _, point in front.tail(PARETO_NAMED).iterrows():  # the most accurate end of the front, named
+            _name_point(ax, point["name"], float(point[col]), float(point["accuracy"]), lo, hi)
+        _log_counts(ax, lo, hi)
         drawn = f"{_n(len(shown))} of {_n(len(have))} drawn" if every > 1 else f"{_n(len(have))} models"
         ax.set_xlabel(f"{label}\n{drawn} · {len(front)} on the front")
         names = ", ".join(f"{r['name']} ({r['accuracy']:.3f} @ {r[col]:.3g})" for _, r in front.tail(5).iterrows())

@@ -526,3 +526,28 @@ def test_correlation_plot_is_within_one_triple_and_says_which_r_is_noise(zoo: Pa
     assert 3 <= sampled_few < 30
     summary = render("correlation", zoo, few).summary
     assert f"Only {sampled_few} runs: treat |r| below about {min(1.0, 2 / sampled_few ** 0.5):.2f} as noise." in summary
+
+
+@pytest.mark.parametrize(("lo", "hi", "expect"), [
+    (37e3, 78e3, ["40k", "50k", "60k", "70k"]),        # under half a decade: every minor tick named
+    (1.65e6, 2.6e7, ["2M", "3M", "5M", "10M", "20M"]),  # about a decade: 2x, 3x, 5x and the decades
+    (1e3, 1e9, ["10k", "1M", "100M"]),                 # many decades: decades only (some of them)
+])
+def test_log_count_axes_have_short_labels_that_fit(lo: float, hi: float, expect: list[str]) -> None:
+    from matplotlib.figure import Figure
+
+    from stats.figures import _log_counts
+
+    fig = Figure(figsize=(4, 3))
+    ax = fig.add_subplot()
+    ax.plot([lo, hi], [0, 1])
+    _log_counts(ax, lo, hi)
+    ax.set_xlim(lo, hi)
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_xticklabels(minor=True) + ax.get_xticklabels()
+              if t.get_text() and lo <= t.get_position()[0] <= hi]
+    assert set(expect) <= set(labels), labels
+    assert not any("10^" in s or "$" in s for s in labels), labels
+    boxes = sorted((t.get_window_extent() for t in ax.get_xticklabels(minor=True) + ax.get_xticklabels()
+                    if t.get_text() and lo <= t.get_position()[0] <= hi), key=lambda b: b.x0)
+    assert all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:])), "tick labels overlap"
