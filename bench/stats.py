@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
                        lambda out: f"{out[1]:,} ranked, top {out[0]['name'].iloc[0]} {out[0]['accuracy'].iloc[0]:.3f}")
         record("epoch_summary all", lambda: agg.epoch_summary(conn, Filters()), lambda df: f"{len(df)} rows")
         record("failures all", lambda: agg.failures(conn, Filters()),
-               lambda d: f"{d['failed']:,} of {d['submissions']:,} submissions failed")
+               lambda d: f"{d['failed']:,} of {d['evaluator_runs']:,} evaluator runs failed")
         record("catalog all", lambda: agg.catalog(conn, Filters()), lambda df: f"{len(df)} triples")
     if args.only in ("exports", "all"):
         for table in TABLES:

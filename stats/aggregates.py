@@ -294,11 +294,13 @@ def timeline(conn: sqlite3.Connection, f: Filters, triple: Triple, bins: int = 6
 
 
 def failures(conn: sqlite3.Connection, f: Filters) -> dict[str, Any]:
-    """What share of submissions failed and why.
+    """What share of evaluator runs failed and why.
 
-    Submissions are the evaluator's runs (source != 'lemur-import'; imported LEMUR records exist only
-    because they trained). Failed means status failed or timed_out; `reasons` splits them by the
-    error's stage and kind, with one example message each. Shares are of submissions.
+    Counted per run, i.e. per trial of a submission (source != 'lemur-import'; imported LEMUR records
+    exist only because they trained). A job the budget stopped keeps its finished trials as succeeded
+    or pruned runs and shows here by them; the job's own status is in get_job. Failed means status
+    failed or timed_out; `reasons` splits them by the error's stage and kind, with one example message
+    each. Shares are of all evaluator runs (`evaluator_runs`).
     """
     sql, args = all_runs_sql(f, (
         "p.source <> 'lemur-import' AS submitted, p.status, json_extract(p.error, '$.stage') AS stage, "
@@ -309,19 +311,19 @@ def failures(conn: sqlite3.Connection, f: Filters) -> dict[str, Any]:
         raise no_data(f, "runs")
     total = int(df["runs"].sum())
     sub = df[df["submitted"] == 1]
-    submissions = int(sub["runs"].sum())
+    evaluator_runs = int(sub["runs"].sum())
     by_status = (sub.groupby("status", as_index=False)["runs"].sum().sort_values("runs", ascending=False)
                  .reset_index(drop=True))
-    by_status["share"] = by_status["runs"] / submissions if submissions else np.nan
+    by_status["share"] = by_status["runs"] / evaluator_runs if evaluator_runs else np.nan
     failed = sub[sub["status"].isin(FAILED_STATUSES)].copy()
     failed[["stage", "kind"]] = failed[["stage", "kind"]].fillna("unknown")
     reasons = (failed.groupby(["status", "stage", "kind"], as_index=False)
                .agg(runs=("runs", "sum"), example=("example", "first"))
                .sort_values(["runs", "stage", "kind"], ascending=[False, True, True]).reset_index(drop=True))
-    reasons["share"] = reasons["runs"] / submissions if submissions else np.nan
+    reasons["share"] = reasons["runs"] / evaluator_runs if evaluator_runs else np.nan
     n_failed = int(failed["runs"].sum())
-    return {"runs": total, "submissions": submissions, "failed": n_failed,
-            "failed_share": n_failed / submissions if submissions else None,
+    return {"runs": total, "evaluator_runs": evaluator_runs, "failed": n_failed,
+            "failed_share": n_failed / evaluator_runs if evaluator_runs else None,
             "by_status": by_status, "reasons": reasons}
 
 

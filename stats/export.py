@@ -38,7 +38,7 @@ TABLES: dict[str, str] = {
               "mean/std/min/max",
     "epochs": "per task/dataset/metric/epoch: n, best, mean, std, min, quartiles of accuracy",
     "leaderboard": "best run of every model per task/dataset/metric, ranked by final accuracy",
-    "failures": "failed evaluator submissions by status, stage and kind, with shares and an example message",
+    "failures": "failed evaluator runs (one per trial) by status, stage and kind, with shares and an example message",
     "catalog": "per task/dataset/metric: runs, scored and failed runs, models, best and mean accuracy",
 }
 

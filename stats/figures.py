@@ -385,8 +385,8 @@ def fetch_failures(conn: sqlite3.Connection, f: Filters, o: Options) -> dict[str
 
 
 def check_failures(f: Filters, fl: dict[str, Any]) -> dict[str, Any]:
-    if not fl["submissions"]:
-        raise no_data(f, "evaluator submissions (only imported LEMUR records)")
+    if not fl["evaluator_runs"]:
+        raise no_data(f, "evaluator runs (only imported LEMUR records)")
     return {"f": f, "failures": fl}
 
 
@@ -410,12 +410,12 @@ def draw_failures(fig: Figure, d: dict[str, Any]) -> str:
     top.set_yticks([])
     top.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0%}"))
     top.grid(False)
-    top.set_xlabel("Share of evaluator submissions by status", fontsize=8)
+    top.set_xlabel("Share of evaluator runs (one per trial) by status", fontsize=8)
     share = fl["failed_share"] or 0.0
-    _subtitle(fig, top, _scope_note(d["f"]).replace("final point of each run", "evaluator submissions")
-              + f" · {_n(fl['failed'])} of {_n(fl['submissions'])} failed ({share:.1%})")
+    _subtitle(fig, top, _scope_note(d["f"]).replace("final point of each run", "evaluator runs, one per trial")
+              + f" · {_n(fl['failed'])} of {_n(fl['evaluator_runs'])} failed ({share:.1%})")
     if r.empty:
-        ax.text(0.5, 0.5, f"No failed or timed-out submissions among {_n(fl['submissions'])}.", ha="center",
+        ax.text(0.5, 0.5, f"No failed or timed-out runs among {_n(fl['evaluator_runs'])} evaluator runs.", ha="center",
                 va="center", transform=ax.transAxes)
         ax.set_axis_off()
     else:
@@ -425,14 +425,14 @@ def draw_failures(fig: Figure, d: dict[str, Any]) -> str:
             ax.text(x.runs, yi, f"  {x.share:.1%}", va="center", fontsize=8)
         ax.set_yticks(y, [f"{x.stage}: {_short(str(x.kind), 28)}" for x in r.itertuples()])
         ax.invert_yaxis()
-        ax.set_xlabel("Failed runs (count); label: share of all submissions")
+        ax.set_xlabel("Failed runs (count); label: share of all evaluator runs")
         ax.set_xlim(0, float(r["runs"].max()) * 1.15)
         ax.grid(axis="y", visible=False)
-    fig.suptitle("Why submissions failed (stage: kind)")
+    fig.suptitle("Why evaluator runs failed (stage: kind)")
     status_txt = ", ".join(f"{s.status} {_n(s.runs)} ({s.share:.1%})" for s in fl["by_status"].itertuples())
     reasons = "; ".join(f"{x.stage}/{x.kind} {_n(x.runs)} ({x.share:.1%}), e.g. {x.example!r}"
                         for x in fl["reasons"].head(3).itertuples())
-    return (f"{_n(fl['failed'])} of {_n(fl['submissions'])} evaluator submissions failed ({share:.1%}); "
+    return (f"{_n(fl['failed'])} of {_n(fl['evaluator_runs'])} evaluator runs (one per trial) failed ({share:.1%}); "
             f"statuses: {status_txt}. Top reasons: {reasons or 'none'}.")
 
 

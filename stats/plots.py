@@ -81,8 +81,9 @@ PLOT_KINDS: dict[str, PlotSpec] = {s.kind: s for s in (
           "distribution of final accuracy (40 bins), mean, median and best marked [one triple]"),
     _spec("durations", "Training time per dataset",
           "box plot of training time (log s) per task/dataset/metric"),
-    _spec("failures", "Failed submissions",
-          "failed and timed-out evaluator submissions by error stage and kind, as shares of submissions"),
+    _spec("failures", "Failed evaluator runs",
+          "failed and timed-out evaluator runs (one per trial) by error stage and kind, as shares of all "
+          "evaluator runs"),
     _spec("correlation", "Correlation heatmap",
           "Pearson r between accuracy, epochs, time, accuracy-to-time, params, FLOPs, lr, batch, momentum, "
           "dropout (≤20,000 runs sampled) [one triple]"),

@@ -114,7 +114,7 @@ class _Sheet:
     def plot(self, kind: str, fetch: Callable[[], dict[str, Any]]) -> None:
         try:
             data = fetch()
-        except StatsError as exc:  # e.g. no evaluator submissions: the sheet says so instead of failing
+        except StatsError as exc:  # e.g. no evaluator runs: the sheet says so instead of failing
             self.pending.append((kind, None, str(exc)))
         else:
             self.pending.append((kind, data, self.renderer.submit(kind, data)))
@@ -168,9 +168,9 @@ def _overview_tables(sheet: _Sheet, conn: sqlite3.Connection, f: Filters, zoo: s
     sheet.note("Raw curve points and runs do not fit Excel; export them with --table points / --table runs.")
     sheet.table("Task / dataset / metric", cat)
     fl = agg.failures(conn, f)
-    if fl["submissions"]:
-        sheet.table("Evaluator submissions by status", fl["by_status"])
-        sheet.table("Failure reasons (failed and timed-out submissions)", fl["reasons"])
+    if fl["evaluator_runs"]:
+        sheet.table("Evaluator runs (one per trial) by status", fl["by_status"])
+        sheet.table("Failure reasons (failed and timed-out evaluator runs)", fl["reasons"])
     return fl
 
 

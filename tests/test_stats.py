@@ -261,12 +261,12 @@ def test_epoch_filter_reads_points_at_that_epoch(conn: sqlite3.Connection) -> No
         ascending=False).tolist()
 
 
-def test_failures_are_shares_of_submissions(conn: sqlite3.Connection) -> None:
+def test_failures_are_shares_of_evaluator_runs(conn: sqlite3.Connection) -> None:
     got = agg.failures(conn, Filters())
     runs = raw_runs(conn)
     sub = runs[runs.source != "lemur-import"]
     failed = sub[sub.status.isin(["failed", "timed_out"])]
-    assert got["submissions"] == len(sub) and got["failed"] == len(failed) > 0
+    assert got["evaluator_runs"] == len(sub) and got["failed"] == len(failed) > 0
     assert got["failed_share"] == pytest.approx(len(failed) / len(sub))
     kinds = failed.error.map(lambda e: json.loads(e)["kind"]).value_counts()
     assert dict(zip(got["reasons"]["kind"], got["reasons"]["runs"])) == kinds.to_dict()
