@@ -53,7 +53,7 @@ import anyio
 import anyio.abc
 
 from zoo import codehash
-from zoo.records import Model, Point, Run, accuracy_to_time
+from zoo.records import Model, Point, Run, accuracy_to_time, is_number
 from zoo.store import ZooStore
 
 Progress = Callable[[int, int], None]
@@ -398,10 +398,6 @@ def _is_scalar(value: Any) -> bool:
     return value is None or isinstance(value, (str, int, float, bool))
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def hyperparameters(record: dict[str, Any]) -> dict[str, Any]:
     """The scalar hyperparameters of a record (LEMUR drops dict and list values the same way)."""
     return {k: v for k, v in record.items()
@@ -414,11 +410,11 @@ def prm_hash(hyper: dict[str, Any]) -> str:
 
 def parse_record(record: Any, epoch: float, chance: float, order: int = 0) -> TrialRecord | None:
     """A record with a numeric accuracy, or None (the caller counts and reports it)."""
-    if not isinstance(record, dict) or not _is_number(record.get("accuracy")):
+    if not isinstance(record, dict) or not is_number(record.get("accuracy")):
         return None
     accuracy = float(record["accuracy"])
     duration = record.get("duration")
-    duration_ns = int(duration) if _is_number(duration) and duration >= 0 else None
+    duration_ns = int(duration) if is_number(duration) and duration >= 0 else None
     train_stat = record.get("train_stat") if isinstance(record.get("train_stat"), dict) else record
     loss = train_stat.get("train_loss")
     device = train_stat.get("gpu_type")
@@ -428,7 +424,7 @@ def parse_record(record: Any, epoch: float, chance: float, order: int = 0) -> Tr
         uid=str(uid) if uid not in (None, "") else None,
         hyper=hyperparameters(record),
         point=Point(epoch=epoch, accuracy=accuracy, duration_ns=duration_ns,
-                    loss=float(loss) if _is_number(loss) else None,
+                    loss=float(loss) if is_number(loss) else None,
                     accuracy_to_time=accuracy_to_time(accuracy, chance, duration_ns)),
         device=device if isinstance(device, str) and device else None,
         order=order,

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Any
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float, not a bool: the test for numbers that arrive from files written by
+    others (LEMUR's JSON, a sandbox's events), where `True` or `NaN` must not pass as a value."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclasses.dataclass

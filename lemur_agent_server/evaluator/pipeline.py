@@ -26,7 +26,7 @@ from lemur_agent_server.evaluator.static_checks import static_problems
 from sandbox import datasets, protocol
 from sandbox.backend import Backend, Exit, Handle, JobPaths, Limits
 from zoo import codehash
-from zoo.records import Model, Point, Run, accuracy_to_time
+from zoo.records import Model, Point, Run, accuracy_to_time, is_number
 from zoo.store import ZooStore
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,7 @@ class Phase:
         return {"trial": current.trial if current else None, "n_trials": self.job.request.n_trials,
                 "epoch": last.epoch if last else 0.0, "epochs": self.job.request.epochs,
                 "val_accuracy": last.val_accuracy if last else None,
-                "best_val_accuracy": best if best > float("-inf") else None,
+                "best_val_accuracy": _finite(best),
                 "elapsed_s": round(time.monotonic() - self.job.started, 2),
                 "time_budget_s": self.job.request.time_budget_s}
 
@@ -242,7 +242,7 @@ def trusted_duration(reported: Any, observed_ns: int) -> int:
     the host's wall time also holds the evaluations and the trial's setup, so it is only an upper
     bound. A forged count can gain at most 1 / MIN_TRAIN_SHARE in accuracy_to_time."""
     floor = int(observed_ns * MIN_TRAIN_SHARE)
-    if isinstance(reported, (int, float)) and not isinstance(reported, bool) and math.isfinite(reported):
+    if is_number(reported):
         return max(floor, min(int(reported), observed_ns))
     return observed_ns
 
@@ -359,7 +359,7 @@ async def _evaluate_in(job: Job, paths: JobPaths, prepared: datasets.PreparedDat
         last = selected.points[-1]
         base.update(accuracy=last.accuracy, accuracy_to_time=last.accuracy_to_time, duration_ns=last.duration_ns,
                     epochs=last.epoch, selected_trial=selected.trial, prm=selected.prm,
-                    val_accuracy=selected.best_val if selected.best_val > float("-inf") else None)
+                    val_accuracy=_finite(selected.best_val))
     base["trials"] = [{"trial": t.trial, "status": t.status, "best_val_accuracy": _finite(t.best_val),
                        "accuracy": t.points[-1].accuracy if t.points else None, "prm": t.prm,
                        "error": t.error} for t in trials.values()]
@@ -532,8 +532,7 @@ async def _finish(job: Job, model: Model, runs: list[Run], err: dict[str, Any] |
 
 
 def _int(value: Any) -> int | None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 2**62
-    return int(value) if ok else None
+    return int(value) if is_number(value) and 0 <= value < 2**62 else None
 
 
 def _finite(value: float) -> float | None:
