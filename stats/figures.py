@@ -67,13 +67,18 @@ def _si(v: float, _pos: Any = None) -> str:
     return f"{v:.3g}"
 
 
+def _decades(lo: float, hi: float) -> float:
+    """How many powers of ten a positive range spans (a hair above 0 for a single value)."""
+    return math.log10(max(hi, lo * 1.0001) / max(lo, 1e-12))
+
+
 def _log_counts(ax: Any, lo: float, hi: float) -> None:
     """A log x axis of counts with short labels. Over a narrow range the decade ticks alone leave one
     label or none, so minor ticks are labelled too: all of them under half a decade, the 2x, 3x and 5x
     ones under 1.5 decades, none beyond (matplotlib's own 10^x minor labels collided on a 4-model zoo)."""
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(FuncFormatter(_si))
-    decades = math.log10(max(hi, lo * 1.0001) / max(lo, 1e-12))
+    decades = _decades(lo, hi)
     if decades >= 1.5:
         ax.xaxis.set_minor_formatter(NullFormatter())
         return
@@ -84,7 +89,7 @@ def _log_counts(ax: Any, lo: float, hi: float) -> None:
 
 def _name_point(ax: Any, name: str, x: float, y: float, lo: float, hi: float) -> None:
     """A label beside a point of a log-x axis, on the side with room (left-edge labels ran off the axes)."""
-    left_half = math.log10(x / lo) < 0.5 * math.log10(max(hi, lo * 1.0001) / lo)
+    left_half = math.log10(x / lo) < 0.5 * _decades(lo, hi)
     ax.annotate(_short(name, 24), (x, y), xytext=(6, 6) if left_half else (-6, 6), textcoords="offset points",
                 ha="left" if left_half else "right", fontsize=8)
 
@@ -470,6 +475,8 @@ def draw_correlation(fig: Figure, d: dict[str, Any]) -> str:
     sample = f"{_n(d['sampled'])} of {_n(d['total'])} runs" + (" (deterministic sample)"
                                                               if d["sampled"] < d["total"] else "")
     few = d["sampled"] < FEW_RUNS_FOR_CORRELATION
+    # |r| above ~2/sqrt(n) is what a test at the 5 % level needs: say so, so that a tiny zoo's +1.00 does
+    # not read as a law
     noise = min(1.0, 2 / math.sqrt(d["sampled"]))
     _subtitle(fig, ax, _scope_note(d["f"], d["triple"]) + " · " + sample
               + (f" · few runs: |r| < {noise:.2f} may be chance" if few else ""))
@@ -479,8 +486,6 @@ def draw_correlation(fig: Figure, d: dict[str, Any]) -> str:
     acc = c["accuracy"].drop("accuracy").dropna().sort_values(key=abs, ascending=False) if "accuracy" in c else None
     acc_txt = ", ".join(f"{n} {v:+.2f}" for n, v in acc.head(4).items()) if acc is not None else "n/a"
     strongest = ", ".join(f"{a}~{b} {v:+.2f}" for _, a, b, v in sorted(pairs, reverse=True)[:3])
-    # |r| above ~2/sqrt(n) is what a test at the 5 % level needs: say so, so that a tiny zoo's +1.00 does
-    # not read as a law
     caution = f" Only {d['sampled']} runs: treat |r| below about {noise:.2f} as noise." if few else ""
     return (f"Pearson correlations on {d['triple'].label} over {sample}. With accuracy: {acc_txt}. "
             f"Strongest pairs: {strongest}." + caution + _chosen_hint(d["triple"]))
