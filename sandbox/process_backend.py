@@ -340,7 +340,7 @@ class ProcessBackend(Backend):
                 "private mount namespace: every host mount read-only; writable only out/, /tmp and "
                 "/dev/shm (size-capped tmpfs); hidden_paths (zoo, datasets, other jobs as configured) "
                 "and sensitive host paths (credentials, /run, /var/tmp, logs) covered; the rest of the host "
-                "filesystem stays readable; out/ capped in total by a host watchdog")
+                "filesystem stays readable (out/'s cap: see out_cap)")
             info["seccomp"] = "setuid/setgid mode bits refused (chmod, open, mknod); the rest allowed"
             info["devices"] = "minimal /dev (null, zero, full, random, urandom" + (
                 ", all /dev/nvidia* nodes)" if limits is not None and limits.gpu is not None else ")")
