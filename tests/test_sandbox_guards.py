@@ -7,10 +7,11 @@ import json
 import os
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from lemur_agent_server.evaluator.pipeline import MIN_TRAIN_SHARE, trusted_duration
+from lemur_agent_server.evaluator.pipeline import MIN_TRAIN_SHARE, _check_failure, trusted_duration
 from sandbox import _namespaces, protocol
 from sandbox.backend import MAX_EVENT_LINE, Exit, Handle, JobPaths, Limits, OutDirWatch, _LineReader, out_usage
 
@@ -125,3 +126,18 @@ print(out)
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True)
     assert r.stdout.strip() == str({"0o4755": "EPERM", "0o2755": "EPERM", "0o755": "0o755", "open": "EPERM"})
+
+
+def test_a_budget_spent_starting_the_sandbox_says_the_code_never_ran() -> None:
+    # The phase as the pipeline leaves it (`Phase.check/error/ready`); a real cold start that outlasts
+    # the budget depends on the disk, so the decision is checked on its inputs here.
+    killed = Exit(exit_code=None, timed_out=True, wall_s=15.2, log_tail="")
+    starting = _check_failure(SimpleNamespace(check=None, error=None, ready=None), killed)
+    assert starting is not None and starting["kind"] == protocol.KIND_TIMEOUT and starting["started"] is False
+    assert "still starting" in starting["message"]
+    assert "before any of the submitted code ran" in starting["message"]
+    assert "time_budget_s" in starting["message"]
+    # once the runner was ready, a timeout in the check is the model's (an import or __init__ that hangs)
+    running = _check_failure(SimpleNamespace(check=None, error=None, ready={"event": "ready"}), killed)
+    assert running is not None and running["kind"] == protocol.KIND_TIMEOUT and "started" not in running
+    assert running["message"] == "Killed after 15.2 s: the time budget ran out."

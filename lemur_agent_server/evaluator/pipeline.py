@@ -34,6 +34,12 @@ log = logging.getLogger(__name__)
 CHECK_WALL_S = 120.0
 KILL_GRACE_S = 5.0  # the sandbox is killed this long after the job's budget
 LOG_TAIL_CHARS = 4000
+# A budget spent before the runner's `ready` event went on starting the sandbox (interpreter and torch
+# imports; a first start on a cold disk takes 15 s and more): the agent must learn that its code never ran.
+STARTUP_TIMEOUT = ("Killed after {s:.1f} s: the time budget ran out while the sandbox was still starting (Python "
+                   "and torch imports), before any of the submitted code ran. Submit again (later starts are "
+                   "faster: the files are cached, and the Docker backend keeps a sandbox started) or raise "
+                   "time_budget_s.")
 MIN_TRAIN_SHARE = 0.5  # the least share of the host-observed trial time counted as training (see trusted_duration)
 
 # runner's trial_end status -> the run status stored in the zoo
@@ -409,6 +415,9 @@ def _check_failure(phase: Phase, exit: Exit) -> dict[str, Any] | None:
     if phase.check is None:
         if phase.error is not None:
             return {**phase.error, "stage": protocol.STAGE_CHECK}
+        if exit.timed_out and phase.ready is None:
+            return failure(protocol.STAGE_CHECK, protocol.KIND_TIMEOUT, STARTUP_TIMEOUT.format(s=exit.wall_s),
+                           started=False, log_tail=exit.log_tail[-LOG_TAIL_CHARS:])
         return exit_failure(exit, protocol.STAGE_CHECK) or failure(
             protocol.STAGE_CHECK, protocol.KIND_SANDBOX, "The runner exited without a check result.",
             log_tail=exit.log_tail[-LOG_TAIL_CHARS:])
