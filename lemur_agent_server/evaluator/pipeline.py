@@ -223,8 +223,8 @@ class Phase:
         loss = event.get("loss")
         trial.points.append(Point(
             epoch=epoch, accuracy=accuracy,
-            val_accuracy=float(val) if isinstance(val, (int, float)) else None,
-            loss=float(loss) if isinstance(loss, (int, float)) and np.isfinite(loss) else None,
+            val_accuracy=float(val) if is_number(val) and 0 <= val <= 1 else None,
+            loss=float(loss) if is_number(loss) else None,
             duration_ns=duration, accuracy_to_time=accuracy_to_time(accuracy, self.chance, duration),
             elapsed_s=time.monotonic() - trial.started_at))
 

@@ -222,6 +222,7 @@ def zoo_facts(zoo_path: Path) -> dict[str, Any]:
             "durations": [r[0] for r in db.execute(
                 "SELECT duration_ns FROM point UNION ALL SELECT duration_ns FROM run") if r[0] is not None],
             "runs": db.execute("SELECT status, json_extract(error, '$.kind') FROM run").fetchall(),
+            "curve": db.execute("SELECT epoch, val_accuracy, loss FROM point ORDER BY run_id, epoch").fetchall(),
             "trials": sorted({r[0] for r in db.execute("SELECT trial FROM run")}, key=str),
         }
 

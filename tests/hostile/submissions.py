@@ -707,7 +707,21 @@ if not checking and LEARN_CALLS.count(False) == 1:
     ]
     with open(os.path.join(out_dir(), "events.jsonl"), "a") as f:
         f.write("".join(line + "\\n" for line in lines))
-if not checking and LEARN_CALLS.count(False) == 2:
+if not checking and LEARN_CALLS.count(False) == 2:  # after the honest point at epoch 0.5
+    import numpy
+
+    with open(sys.argv[1]) as f:
+        n_test = len(numpy.load(os.path.join(json.load(f)["data_dir"], "test_x.npy"), mmap_mode="r"))
+    os.makedirs(os.path.join(out_dir(), "preds"), exist_ok=True)
+    numpy.save(os.path.join(out_dir(), "preds", "zeros.npy"), numpy.zeros(n_test, dtype=numpy.int16))
+    points = [  # well-formed points whose numbers are not (Python's json reads NaN and Infinity)
+        '{"event": "point", "trial": 0, "epoch": 0.75, "preds": "preds/zeros.npy", "val_accuracy": NaN, '
+        '"loss": Infinity}',
+        '{"event": "point", "trial": 0, "epoch": 1.0, "preds": "preds/zeros.npy", "val_accuracy": 7.5, '
+        '"loss": true}',
+    ]
+    with open(os.path.join(out_dir(), "events.jsonl"), "a") as f:
+        f.write("".join(line + "\\n" for line in points))
     raise RuntimeError("malformed events written")
 """
 

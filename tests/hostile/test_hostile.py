@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -341,6 +342,10 @@ def forged_events_changed_nothing(seen: Seen) -> None:
 
 def malformed_events_ignored(seen: Seen) -> None:
     assert seen.error["message"].endswith("RuntimeError: malformed events written"), seen.error
+    # the two points with impossible numbers were kept (their accuracy is the host's), without the numbers
+    curve = zoo_facts(seen.world.settings.zoo_path)["curve"]
+    assert [(epoch, val, loss) for epoch, val, loss in curve if epoch > 0.5] == [(0.75, None, None),
+                                                                                  (1.0, None, None)], curve
 
 
 def pickle_never_loaded(seen: Seen) -> None:
@@ -547,6 +552,8 @@ async def test_hostile_submission(case: Case, backend_name: str, world: World) -
         assert all(0 <= a < ACCURACY_CAP for a in facts["accuracies"]), facts
         assert all(d >= MIN_TRAIN_NS for d in facts["durations"]), facts
         assert facts["runs"], facts  # the failure itself is archived
+        assert all(v is None or 0 <= v <= 1 for _, v, _ in facts["curve"]), facts["curve"]
+        assert all(loss is None or math.isfinite(loss) for _, _, loss in facts["curve"]), facts["curve"]
         assert set(facts["trials"]) <= {None, 0}, facts  # one trial was asked for: no run of a trial that never ran
 
         # 4. no secret reached anything the server stored or returned
