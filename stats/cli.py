@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from stats.export import TABLES, export
-from stats.plots import DEFAULT_HEIGHT, DEFAULT_WIDTH, PLOT_KINDS, render
+from stats.plots import DEFAULT_HEIGHT, DEFAULT_WIDTH, MAX_HEIGHT, MAX_WIDTH, MIN_HEIGHT, MIN_WIDTH, PLOT_KINDS, render
 from stats.report import REPORT_TOP
 from stats.scope import StatsError
 from zoo.connection import resolve_zoo_path
@@ -89,8 +89,10 @@ def add_stats_subparsers(subparsers: argparse._SubParsersAction) -> argparse.Arg
                        description=f"Draw one plot of the zoo to a PNG and print what it shows.\n\nKinds:\n{kinds}")
     p.add_argument("kind", choices=list(PLOT_KINDS), metavar="KIND", help="one of: " + ", ".join(PLOT_KINDS))
     _add_filters(p)
-    p.add_argument("--width", type=int, default=DEFAULT_WIDTH, help="pixels (320-2400, default %(default)s)")
-    p.add_argument("--height", type=int, default=DEFAULT_HEIGHT, help="pixels (240-1800, default %(default)s)")
+    p.add_argument("--width", type=int, default=DEFAULT_WIDTH,
+                   help=f"pixels ({MIN_WIDTH}-{MAX_WIDTH}, default %(default)s)")
+    p.add_argument("--height", type=int, default=DEFAULT_HEIGHT,
+                   help=f"pixels ({MIN_HEIGHT}-{MAX_HEIGHT}, default %(default)s)")
     p.add_argument("--limit", type=int, default=5, help="curves: models drawn without --nn (default %(default)s)")
     p.add_argument("out", type=Path, metavar="OUT.png")
     p.set_defaults(func=run_plot)

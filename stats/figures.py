@@ -23,6 +23,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from stats import aggregates as agg
+from stats.fit import POINT_NAME_GID, SUBTITLE_GID
 from stats.palette import DIVERGING_CMAP, GREY, REFERENCE, series
 from stats.scope import Triple, check_models, describe, no_data, resolve_triple
 from zoo.query import Filters
@@ -91,7 +92,7 @@ def _name_point(ax: Any, name: str, x: float, y: float, lo: float, hi: float) ->
     """A label beside a point of a log-x axis, on the side with room (left-edge labels ran off the axes)."""
     left_half = math.log10(x / lo) < 0.5 * _decades(lo, hi)
     ax.annotate(_short(name, 24), (x, y), xytext=(6, 6) if left_half else (-6, 6), textcoords="offset points",
-                ha="left" if left_half else "right", fontsize=8)
+                ha="left" if left_half else "right", fontsize=8, gid=POINT_NAME_GID)
 
 
 def _scope_note(f: Filters, triple: Triple | None = None) -> str:
@@ -106,9 +107,10 @@ def _scope_note(f: Filters, triple: Triple | None = None) -> str:
 
 
 def _subtitle(fig: Figure, ax: Any, text: str) -> None:
-    """The scope line under the figure title: left-aligned on the axes and wrapped to the figure."""
+    """The scope line under the figure title: left-aligned on the axes and wrapped to the figure
+    (`stats.fit` wraps it tighter once the layout has placed the axes)."""
     chars = max(40, int((fig.get_figwidth() * fig.dpi - 80) / 6.3))
-    ax.set_title(textwrap.fill(text, chars), loc="left", fontsize=9, color="#333333")
+    ax.set_title(textwrap.fill(text, chars), loc="left", fontsize=9, color="#333333", gid=SUBTITLE_GID)
 
 
 def _chosen_hint(triple: Triple) -> str:
@@ -460,7 +462,7 @@ FEW_RUNS_FOR_CORRELATION = 30  # below this the summary says which |r| could be 
 def draw_correlation(fig: Figure, d: dict[str, Any]) -> str:
     c: pd.DataFrame = d["corr"]
     ax = fig.add_subplot()
-    im = ax.imshow(c.to_numpy(float), cmap=DIVERGING_CMAP, vmin=-1, vmax=1)
+    im = ax.imshow(c.to_numpy(float), cmap=DIVERGING_CMAP, vmin=-1, vmax=1, aspect="auto")  # fill the width
     k = len(c)
     ax.set_xticks(range(k), c.columns, rotation=35, ha="right")
     ax.set_yticks(range(k), c.index)
@@ -469,7 +471,7 @@ def draw_correlation(fig: Figure, d: dict[str, Any]) -> str:
         for j in range(k):
             v = c.iat[i, j]
             if np.isfinite(v):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8,
+                ax.text(j, i, f"{0.0 if abs(v) < 0.005 else v:.2f}", ha="center", va="center", fontsize=8,
                         color="white" if abs(v) > 0.6 else "black")
     fig.colorbar(im, ax=ax, label="Pearson r", shrink=0.9)
     sample = f"{_n(d['sampled'])} of {_n(d['total'])} runs" + (" (deterministic sample)"

@@ -24,14 +24,16 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from stats import figures as fg
+from stats.fit import fit_figure
 from stats.palette import DPI, STYLE
 from stats.scope import StatsError, check_models
 from zoo.connection import connect_sync
 from zoo.query import Filters
 
 PLOT_LOCK = threading.Lock()
-MIN_WIDTH, MAX_WIDTH = 320, 2400
-MIN_HEIGHT, MAX_HEIGHT = 240, 1800
+# below 640 x 400 px the titles, legends and 10x10 heatmap labels no longer fit (checked for every kind)
+MIN_WIDTH, MAX_WIDTH = 640, 2400
+MIN_HEIGHT, MAX_HEIGHT = 400, 1800
 DEFAULT_WIDTH, DEFAULT_HEIGHT = 1000, 600
 
 PlotKind = Literal["curves", "mean_std", "accuracy_vs_time", "pareto", "box", "histogram", "durations",
@@ -105,12 +107,21 @@ def check_size(width: int, height: int) -> None:
                          f"height {MIN_HEIGHT}-{MAX_HEIGHT} pixels.")
 
 
+def lay_out(spec: PlotSpec, data: dict[str, Any], width: int, height: int) -> tuple[Figure, str]:
+    """Draw fetched data on a new figure, laid out once and its text fitted (`stats.fit`); the caller
+    holds `PLOT_LOCK` and the `STYLE` rc context until it has saved the figure."""
+    fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    summary = spec.draw(fig, data)
+    fig.draw_without_rendering()  # a layout pass: where each axes and label landed
+    fit_figure(fig)
+    return fig, summary
+
+
 def draw(spec: PlotSpec, data: dict[str, Any], width: int, height: int) -> PlotResult:
     """Render fetched data to PNG bytes, under the matplotlib lock."""
     with PLOT_LOCK, matplotlib.rc_context(STYLE):
-        fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, layout="constrained")
-        FigureCanvasAgg(fig)
-        summary = spec.draw(fig, data)
+        fig, summary = lay_out(spec, data, width, height)
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": "lemur-agent-server stats"})
         boxes = []  # after savefig's draw the constrained layout has placed every axes

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import anyio
 import numpy as np
@@ -26,7 +27,18 @@ from PIL import Image
 from stats import aggregates as agg
 from stats.cli import add_stats_subparsers
 from stats.export import TABLES, export
-from stats.plots import PLOT_KINDS, PlotResult, render
+from stats.figures import Options
+from stats.plots import (
+    DEFAULT_HEIGHT,
+    DEFAULT_WIDTH,
+    MIN_HEIGHT,
+    MIN_WIDTH,
+    PLOT_KINDS,
+    PLOT_LOCK,
+    PlotResult,
+    lay_out,
+    render,
+)
 from stats.scope import NoData, StatsError, Triple, UnknownModel, resolve_triple
 from zoo.query import Filters
 from zoo.records import Model, Point, Run, accuracy_to_time
@@ -124,6 +136,10 @@ def assert_png(png: bytes, width: int, height: int, axes_px: tuple[tuple[int, in
     img = Image.open(io.BytesIO(png))
     assert img.format == "PNG" and img.size == (width, height)
     arr = np.asarray(img.convert("RGB")).astype(int)
+    # nothing reaches the figure's outer 2 px: a title, label or legend cut off by the edge would
+    frame = np.concatenate([arr[:2].reshape(-1, 3), arr[-2:].reshape(-1, 3), arr[:, :2].reshape(-1, 3),
+                            arr[:, -2:].reshape(-1, 3)])
+    assert (frame.min(axis=-1) >= 200).all(), "something is drawn at the figure's edge (clipped)"
     assert axes_px, "no plot area reported"
     coloured = []
     for left, top, right, bottom in axes_px:
@@ -142,6 +158,41 @@ def test_every_plot_kind_renders_a_real_png(zoo: Path, kind: str) -> None:
     assert isinstance(res, PlotResult) and res.mime_type == "image/png"
     assert_png(res.png, 1000, 600, res.axes_px)
     assert len(res.summary) > 40 and res.summary.endswith((".", "another."))
+
+
+@pytest.mark.parametrize("size", [(MIN_WIDTH, MIN_HEIGHT), (DEFAULT_WIDTH, DEFAULT_HEIGHT)])
+@pytest.mark.parametrize("kind", list(PLOT_KINDS))
+def test_text_stays_in_the_figure_and_tick_labels_never_touch(conn: sqlite3.Connection, kind: str,
+                                                              size: tuple[int, int]) -> None:
+    import matplotlib
+    from matplotlib.text import Text
+
+    from stats.palette import STYLE
+
+    spec = PLOT_KINDS[kind]
+    few = Filters(nn=("alt-m0", "rag-m5")) if kind == "correlation" else Filters()  # its longest scope line
+    data = spec.fetch(conn, few, Options(width=size[0], height=size[1]))
+    with PLOT_LOCK, matplotlib.rc_context(STYLE):
+        fig, _ = lay_out(spec, data, *size)
+        fig.canvas.draw()  # the final layout, as saved
+        renderer = fig.canvas.get_renderer()
+        hidden = set()  # tick labels of ticks outside the view limits exist but are not drawn
+        for ax in fig.axes:
+            for axis, (lo, hi) in ((ax.xaxis, sorted(ax.get_xlim())), (ax.yaxis, sorted(ax.get_ylim()))):
+                hidden |= {id(t) for t in axis.get_ticklabels(which="both")
+                           if not lo <= t.get_position()[axis is ax.yaxis] <= hi}
+        for text in fig.findobj(lambda a: isinstance(a, Text) and a.get_visible() and a.get_text().strip()):
+            box = text.get_window_extent(renderer)
+            if id(text) not in hidden:
+                assert 0 <= box.x0 and box.x1 <= size[0] and 0 <= box.y0 and box.y1 <= size[1], (text.get_text(), box)
+        for ax in fig.axes:
+            lo, hi = sorted(ax.get_xlim())
+            boxes = sorted((t.get_window_extent(renderer) for t in ax.get_xticklabels(which="both")
+                            if t.get_text() and not t.get_rotation() and lo <= t.get_position()[0] <= hi),
+                           key=lambda b: b.x0)
+            assert all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:])), f"{kind}: x tick labels overlap"
+            label, area = ax.yaxis.label.get_window_extent(renderer), ax.get_window_extent(renderer)
+            assert not ax.yaxis.label.get_text() or label.height <= area.height * 1.05, f"{kind}: y label too long"
 
 
 def test_plot_size_and_filters_are_honoured(zoo: Path, conn: sqlite3.Connection) -> None:
@@ -211,9 +262,9 @@ def test_epoch_filter_plots_each_runs_point_at_that_epoch(zoo: Path, conn: sqlit
 def test_renders_are_safe_from_threads(zoo: Path) -> None:
     kinds = ["box", "pareto", "mean_std", "correlation", "timeline", "failures"]
     with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(lambda k: render(k, zoo, width=500, height=320), kinds))
+        results = list(pool.map(lambda k: render(k, zoo, width=640, height=400), kinds))
     for res in results:
-        assert_png(res.png, 500, 320, res.axes_px)
+        assert_png(res.png, 640, 400, res.axes_px)
 
 
 # --- aggregates against pandas over the raw tables -----------------------------------------------
@@ -524,7 +575,9 @@ def test_correlation_plot_is_within_one_triple_and_says_which_r_is_noise(zoo: Pa
     few = Filters(nn=("alt-m0", "rag-m5"))
     _, sampled_few, _ = agg.correlation(conn, resolve_triple(conn, few).narrow(few))
     assert 3 <= sampled_few < 30
-    summary = render("correlation", zoo, few).summary
+    res_few = render("correlation", zoo, few)
+    assert_png(res_few.png, 1000, 600, res_few.axes_px)  # its longer scope line is wrapped, not cut off
+    summary = res_few.summary
     assert f"Only {sampled_few} runs: treat |r| below about {min(1.0, 2 / sampled_few ** 0.5):.2f} as noise." in summary
 
 
@@ -551,3 +604,55 @@ def test_log_count_axes_have_short_labels_that_fit(lo: float, hi: float, expect:
     boxes = sorted((t.get_window_extent() for t in ax.get_xticklabels(minor=True) + ax.get_xticklabels()
                     if t.get_text() and lo <= t.get_position()[0] <= hi), key=lambda b: b.x0)
     assert all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:])), "tick labels overlap"
+
+
+def test_crowded_minor_labels_are_thinned_not_dropped() -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from stats.figures import _log_counts
+    from stats.fit import TICK_GAP_PX, fit_figure
+
+    fig = Figure(figsize=(1.8, 2), layout="constrained")  # every minor tick of 37k..78k named: too many
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot([37e3, 78e3], [0, 1])
+    _log_counts(ax, 37e3, 78e3)
+    ax.set_xlim(37e3, 78e3)
+
+    def shown() -> list[Any]:
+        fig.canvas.draw()
+        return sorted((t.get_window_extent() for t in ax.get_xticklabels(which="both")
+                       if t.get_text() and 37e3 <= t.get_position()[0] <= 78e3), key=lambda b: b.x0)
+
+    before = shown()
+    assert any(a.x1 + TICK_GAP_PX > b.x0 for a, b in zip(before, before[1:])), "the case must start crowded"
+    assert fit_figure(fig)
+    after = shown()
+    assert 2 <= len(after) < len(before)
+    assert all(a.x1 + TICK_GAP_PX <= b.x0 for a, b in zip(after, after[1:]))
+
+
+def test_names_of_crowded_front_points_do_not_overlap() -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from stats.figures import _name_point
+    from stats.fit import fit_figure
+
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.set_xscale("log")
+    ax.set_xlim(1e3, 1e9)
+    ax.set_ylim(0, 1)
+    for name, x, y in (("alt-nn1-00000ad4", 1.0e6, 0.880), ("rag-nn2-00000fa1", 1.3e6, 0.884),
+                       ("ga-00003d53", 1.6e6, 0.887), ("small-far-left", 2e3, 0.30)):
+        _name_point(ax, name, x, y, 1e3, 1e9)
+    fig.canvas.draw()
+    assert fit_figure(fig)
+    fig.canvas.draw()
+    shown = [t for t in ax.texts if t.get_visible()]
+    assert {t.get_text() for t in shown} == {"ga-00003d53", "small-far-left"}  # the highest of the crowd stays
+    boxes = [t.get_window_extent() for t in shown]
+    assert not boxes[0].overlaps(boxes[1])
