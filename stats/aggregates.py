@@ -30,6 +30,7 @@ from stats.scope import (
     sample_clause,
 )
 from zoo.query import Filters
+from zoo.store import TERMINAL_JOB_STATES
 
 LeaderboardBy = Literal["accuracy", "accuracy_to_time"]
 FAILED_STATUSES = ("failed", "timed_out")
@@ -325,6 +326,43 @@ def failures(conn: sqlite3.Connection, f: Filters) -> dict[str, Any]:
     return {"runs": total, "evaluator_runs": evaluator_runs, "failed": n_failed,
             "failed_share": n_failed / evaluator_runs if evaluator_runs else None,
             "by_status": by_status, "reasons": reasons}
+
+
+def job_outcomes(conn: sqlite3.Connection, f: Filters) -> dict[str, Any]:
+    """How the finished submissions (jobs) ended, and why those that did not succeed ended as they did.
+
+    The per-job view next to `failures`' per-run one: a submission whose budget ran out after two good
+    trials is one `timed_out` job but two succeeded runs. Read from the job queue, so only a zoo that a
+    server evaluated into has any (imported and synthetic zoos have none: `jobs` is 0). Filters apply
+    through the request (task, dataset, metric) and the model name (nn, nn_prefix); epoch and
+    min_accuracy describe runs, not jobs, and are ignored here. `check_model` calls leave no job."""
+    where = ["kind IN ('submit', 'evaluate')", f"status IN ({', '.join('?' * len(TERMINAL_JOB_STATES))})"]
+    args: list[Any] = list(TERMINAL_JOB_STATES)
+    for key in ("task", "dataset", "metric"):
+        value = getattr(f, key)
+        if value is not None:
+            where.append(f"json_extract(request, '$.{key}') = ?")
+            args.append(value)
+    if f.nn:
+        where.append(f"model_name IN ({', '.join('?' * len(f.nn))})")
+        args.extend(f.nn)
+    if f.nn_prefix:
+        where.append("(" + " OR ".join("substr(model_name, 1, ?) = ?" for _ in f.nn_prefix) + ")")
+        for prefix in f.nn_prefix:
+            args.extend([len(prefix), prefix])
+    df = _frame(conn, "SELECT status, json_extract(error, '$.stage') AS stage, json_extract(error, '$.kind') AS "
+                "kind, COUNT(*) AS jobs, MIN(json_extract(error, '$.message')) AS example FROM job WHERE "
+                + " AND ".join(where) + " GROUP BY 1, 2, 3", args)
+    jobs = int(df["jobs"].sum()) if not df.empty else 0
+    by_status = (df.groupby("status", as_index=False)["jobs"].sum().sort_values(["jobs", "status"],
+                 ascending=[False, True]).reset_index(drop=True))
+    by_status["share"] = by_status["jobs"] / jobs if jobs else np.nan
+    ended = df[df["status"] != "succeeded"].copy()
+    ended[["stage", "kind"]] = ended[["stage", "kind"]].fillna("unknown")
+    reasons = (ended.groupby(["status", "stage", "kind"], as_index=False)
+               .agg(jobs=("jobs", "sum"), example=("example", "first"))
+               .sort_values(["jobs", "stage", "kind"], ascending=[False, True, True]).reset_index(drop=True))
+    return {"jobs": jobs, "by_status": by_status, "reasons": reasons}
 
 
 CORRELATION_VARIABLES: dict[str, str] = {

@@ -388,7 +388,7 @@ def draw_durations(fig: Figure, d: dict[str, Any]) -> str:
 
 # --- failures ------------------------------------------------------------------------------------
 def fetch_failures(conn: sqlite3.Connection, f: Filters, o: Options) -> dict[str, Any]:
-    return check_failures(f, agg.failures(conn, f))
+    return {**check_failures(f, agg.failures(conn, f)), "jobs": agg.job_outcomes(conn, f)}
 
 
 def check_failures(f: Filters, fl: dict[str, Any]) -> dict[str, Any]:
@@ -420,7 +420,7 @@ def draw_failures(fig: Figure, d: dict[str, Any]) -> str:
     top.set_xlabel("Share of evaluator runs (one per trial) by status", fontsize=8)
     share = fl["failed_share"] or 0.0
     _subtitle(fig, top, _scope_note(d["f"]).replace("final point of each run", "evaluator runs, one per trial")
-              + f" · {_n(fl['failed'])} of {_n(fl['evaluator_runs'])} failed ({share:.1%})")
+              + f" · {_n(fl['failed'])} of {_n(fl['evaluator_runs'])} failed ({share:.1%})" + _jobs_note(d.get("jobs")))
     if r.empty:
         ax.text(0.5, 0.5, f"No failed or timed-out runs among {_n(fl['evaluator_runs'])} evaluator runs.", ha="center",
                 va="center", transform=ax.transAxes)
@@ -440,7 +440,32 @@ def draw_failures(fig: Figure, d: dict[str, Any]) -> str:
     reasons = "; ".join(f"{x.stage}/{x.kind} {_n(x.runs)} ({x.share:.1%}), e.g. {x.example!r}"
                         for x in fl["reasons"].head(3).itertuples())
     return (f"{_n(fl['failed'])} of {_n(fl['evaluator_runs'])} evaluator runs (one per trial) failed ({share:.1%}); "
-            f"statuses: {status_txt}. Top reasons: {reasons or 'none'}.")
+            f"statuses: {status_txt}. Top reasons: {reasons or 'none'}." + _jobs_text(d.get("jobs")))
+
+
+def _jobs_note(jobs: dict[str, Any] | None) -> str:
+    if not jobs or not jobs["jobs"]:
+        return ""
+    ok = int(jobs["by_status"].loc[jobs["by_status"]["status"] == "succeeded", "jobs"].sum())
+    return f" · submissions: {_n(ok)} of {_n(jobs['jobs'])} succeeded"
+
+
+def _job_reason(x: Any) -> str:
+    if pd.isna(x.example) and x.status == "timed_out":  # the budget stopped a search that had trials to keep
+        return f"timed_out {_n(x.jobs)} without an error (the budget ended the search; finished trials were kept)"
+    if pd.isna(x.example):
+        return f"{x.status} {_n(x.jobs)} without an error"
+    return f"{x.status} at {x.stage}/{x.kind} {_n(x.jobs)}, e.g. {_short(str(x.example), 80)!r}"
+
+
+def _jobs_text(jobs: dict[str, Any] | None) -> str:
+    """The submissions' own outcomes, after the per-run figures: a job stopped by its budget after good
+    trials is one timed_out submission next to succeeded runs."""
+    if not jobs or not jobs["jobs"]:
+        return " No submission jobs are recorded in this zoo for these filters (imported or synthetic runs)."
+    status = ", ".join(f"{s.status} {_n(s.jobs)} ({s.share:.1%})" for s in jobs["by_status"].itertuples())
+    why = "; ".join(_job_reason(x) for x in jobs["reasons"].head(3).itertuples())
+    return f" Submissions (jobs): {_n(jobs['jobs'])} finished: {status}." + (f" Not succeeded: {why}." if why else "")
 
 
 # --- correlation heatmap -------------------------------------------------------------------------

@@ -85,7 +85,7 @@ PLOT_KINDS: dict[str, PlotSpec] = {s.kind: s for s in (
           "box plot of training time (log s) per task/dataset/metric"),
     _spec("failures", "Failed evaluator runs",
           "failed and timed-out evaluator runs (one per trial) by error stage and kind, as shares of all "
-          "evaluator runs"),
+          "evaluator runs; the summary adds how the submissions (jobs) ended"),
     _spec("correlation", "Correlation heatmap",
           "Pearson r between accuracy, epochs, time, accuracy-to-time, params, FLOPs, lr, batch, momentum, "
           "dropout (≤20,000 runs sampled) [one triple]"),

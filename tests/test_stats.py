@@ -52,6 +52,7 @@ FAILURES = [("failed", {"stage": "check", "kind": "SyntaxError", "message": "inv
             ("failed", {"stage": "train", "kind": "OutOfMemory", "message": "CUDA out of memory"}),
             ("timed_out", {"stage": "train", "kind": "timeout", "message": "time box of 600 s reached"}),
             ("pruned", None)]
+JOBS = [("succeeded", None), ("timed_out", None), ("failed", FAILURES[0][1]), ("cancelled", None), ("queued", None)]
 
 
 async def build_stats_zoo(path: Path, n_models: int = 12, seed: int = 7) -> None:
@@ -94,6 +95,14 @@ async def build_stats_zoo(path: Path, n_models: int = 12, seed: int = 7) -> None
                     runs.append(Run(uid=f"m{i}-fail-{j}", task="img-classification", dataset="cifar-10",
                                     metric="acc", status=status, source="evaluator", error=error, points=pts,
                                     prm={"lr": 0.5}, created=created))
+                for j, (status, error) in enumerate(JOBS):  # the queue's view of those submissions
+                    job_id = f"job-m{i}-{j}"
+                    dataset = "mnist" if j == 1 else "cifar-10"
+                    await store.create_job(job_id, "submit", {"task": "img-classification", "dataset": dataset,
+                                                              "metric": "acc"}, None)
+                    if status != "queued":
+                        await store.update_job(job_id, model_name=f"alt-m{i}")
+                        await store.finish_job(job_id, status, error=error)
             params = None if i == 3 else 1000 * (i + 1) ** 2
             await store.add_model_with_runs(
                 Model(name=f"{'rag' if i % 2 else 'alt'}-m{i}", code=f"class Net:\n    W = {i}\n", origin="submitted",
@@ -322,6 +331,25 @@ def test_failures_are_shares_of_evaluator_runs(conn: sqlite3.Connection) -> None
     kinds = failed.error.map(lambda e: json.loads(e)["kind"]).value_counts()
     assert dict(zip(got["reasons"]["kind"], got["reasons"]["runs"])) == kinds.to_dict()
     assert set(got["by_status"]["status"]) == set(sub.status)
+
+
+def test_job_outcomes_count_finished_submissions(conn: sqlite3.Connection, zoo: Path) -> None:
+    jobs = raw(conn, "SELECT id, status, model_name, json_extract(request, '$.dataset') AS dataset, "
+                     "json_extract(error, '$.kind') AS kind FROM job")
+    done = jobs[jobs["status"] != "queued"]
+    got = agg.job_outcomes(conn, Filters())
+    assert got["jobs"] == len(done) > 0 and len(jobs) > len(done)  # a queued job is not an outcome yet
+    assert dict(zip(got["by_status"]["status"], got["by_status"]["jobs"])) == done["status"].value_counts().to_dict()
+    failed = got["reasons"].query("status == 'failed'")
+    n_failed = (done["status"] == "failed").sum()
+    assert failed[["stage", "kind", "jobs"]].values.tolist() == [["check", "SyntaxError", n_failed]]
+    assert agg.job_outcomes(conn, Filters(dataset="mnist"))["jobs"] == (done["dataset"] == "mnist").sum()
+    assert agg.job_outcomes(conn, Filters(nn=("alt-m0",)))["jobs"] == (done["model_name"] == "alt-m0").sum()
+    assert agg.job_outcomes(conn, Filters(nn_prefix=("rag-",)))["jobs"] == 0  # only alt- models have jobs
+    summary = render("failures", zoo, Filters()).summary
+    assert f"Submissions (jobs): {len(done)} finished: " in summary
+    assert "timed_out" in summary and "without an error (the budget ended the search" in summary
+    assert "No submission jobs" in render("failures", zoo, Filters(nn_prefix=("rag-",))).summary
 
 
 def test_value_stats_and_histogram_match_the_runs(conn: sqlite3.Connection) -> None:
