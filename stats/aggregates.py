@@ -29,7 +29,7 @@ from stats.scope import (
     runs_sql,
     sample_clause,
 )
-from zoo.query import Filters
+from zoo.query import Filters, name_filter
 from zoo.store import TERMINAL_JOB_STATES
 
 LeaderboardBy = Literal["accuracy", "accuracy_to_time"]
@@ -313,19 +313,28 @@ def failures(conn: sqlite3.Connection, f: Filters) -> dict[str, Any]:
     total = int(df["runs"].sum())
     sub = df[df["submitted"] == 1]
     evaluator_runs = int(sub["runs"].sum())
-    by_status = (sub.groupby("status", as_index=False)["runs"].sum().sort_values("runs", ascending=False)
-                 .reset_index(drop=True))
-    by_status["share"] = by_status["runs"] / evaluator_runs if evaluator_runs else np.nan
-    failed = sub[sub["status"].isin(FAILED_STATUSES)].copy()
-    failed[["stage", "kind"]] = failed[["stage", "kind"]].fillna("unknown")
-    reasons = (failed.groupby(["status", "stage", "kind"], as_index=False)
-               .agg(runs=("runs", "sum"), example=("example", "first"))
-               .sort_values(["runs", "stage", "kind"], ascending=[False, True, True]).reset_index(drop=True))
+    by_status, reasons = _status_tables(sub, "runs", sub["status"].isin(FAILED_STATUSES))
     reasons["share"] = reasons["runs"] / evaluator_runs if evaluator_runs else np.nan
-    n_failed = int(failed["runs"].sum())
+    n_failed = int(reasons["runs"].sum())
     return {"runs": total, "evaluator_runs": evaluator_runs, "failed": n_failed,
             "failed_share": n_failed / evaluator_runs if evaluator_runs else None,
             "by_status": by_status, "reasons": reasons}
+
+
+def _status_tables(df: pd.DataFrame, count: str, ended_badly: pd.Series) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """From rows (status, stage, kind, `count`, example): the count and share per status, most first, and
+    the rows where `ended_badly` grouped by status, stage and kind (unknown where no error says), with one
+    example message each, most first. Shared by the per-run and the per-job views."""
+    total = int(df[count].sum())
+    by_status = (df.groupby("status", as_index=False)[count].sum()
+                 .sort_values([count, "status"], ascending=[False, True]).reset_index(drop=True))
+    by_status["share"] = by_status[count] / total if total else np.nan
+    bad = df[ended_badly].copy()
+    bad[["stage", "kind"]] = bad[["stage", "kind"]].fillna("unknown")
+    reasons = (bad.groupby(["status", "stage", "kind"], as_index=False)
+               .agg(**{count: (count, "sum")}, example=("example", "first"))
+               .sort_values([count, "stage", "kind"], ascending=[False, True, True]).reset_index(drop=True))
+    return by_status, reasons
 
 
 def job_outcomes(conn: sqlite3.Connection, f: Filters) -> dict[str, Any]:
@@ -343,26 +352,15 @@ def job_outcomes(conn: sqlite3.Connection, f: Filters) -> dict[str, Any]:
         if value is not None:
             where.append(f"json_extract(request, '$.{key}') = ?")
             args.append(value)
-    if f.nn:
-        where.append(f"model_name IN ({', '.join('?' * len(f.nn))})")
-        args.extend(f.nn)
-    if f.nn_prefix:
-        where.append("(" + " OR ".join("substr(model_name, 1, ?) = ?" for _ in f.nn_prefix) + ")")
-        for prefix in f.nn_prefix:
-            args.extend([len(prefix), prefix])
+    names, name_args = name_filter(f, "model_name")
+    if names:
+        where.append(names)
+        args.extend(name_args)
     df = _frame(conn, "SELECT status, json_extract(error, '$.stage') AS stage, json_extract(error, '$.kind') AS "
                 "kind, COUNT(*) AS jobs, MIN(json_extract(error, '$.message')) AS example FROM job WHERE "
                 + " AND ".join(where) + " GROUP BY 1, 2, 3", args)
-    jobs = int(df["jobs"].sum()) if not df.empty else 0
-    by_status = (df.groupby("status", as_index=False)["jobs"].sum().sort_values(["jobs", "status"],
-                 ascending=[False, True]).reset_index(drop=True))
-    by_status["share"] = by_status["jobs"] / jobs if jobs else np.nan
-    ended = df[df["status"] != "succeeded"].copy()
-    ended[["stage", "kind"]] = ended[["stage", "kind"]].fillna("unknown")
-    reasons = (ended.groupby(["status", "stage", "kind"], as_index=False)
-               .agg(jobs=("jobs", "sum"), example=("example", "first"))
-               .sort_values(["jobs", "stage", "kind"], ascending=[False, True, True]).reset_index(drop=True))
-    return {"jobs": jobs, "by_status": by_status, "reasons": reasons}
+    by_status, reasons = _status_tables(df, "jobs", df["status"] != "succeeded")
+    return {"jobs": int(df["jobs"].sum()), "by_status": by_status, "reasons": reasons}
 
 
 CORRELATION_VARIABLES: dict[str, str] = {

@@ -346,6 +346,8 @@ def test_job_outcomes_count_finished_submissions(conn: sqlite3.Connection, zoo: 
     assert agg.job_outcomes(conn, Filters(dataset="mnist"))["jobs"] == (done["dataset"] == "mnist").sum()
     assert agg.job_outcomes(conn, Filters(nn=("alt-m0",)))["jobs"] == (done["model_name"] == "alt-m0").sum()
     assert agg.job_outcomes(conn, Filters(nn_prefix=("rag-",)))["jobs"] == 0  # only alt- models have jobs
+    either = Filters(nn=("alt-m0",), nn_prefix=("alt-m3",))  # as in every query: a name OR a prefix matches
+    assert agg.job_outcomes(conn, either)["jobs"] == done["model_name"].isin(["alt-m0", "alt-m3"]).sum() > 0
     summary = render("failures", zoo, Filters()).summary
     assert f"Submissions (jobs): {len(done)} finished: " in summary
     assert "timed_out" in summary and "without an error (the budget ended the search" in summary

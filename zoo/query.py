@@ -89,16 +89,25 @@ def _where(f: Filters) -> tuple[str, list[Any]]:
     if f.min_accuracy is not None:
         clauses.append("p.accuracy >= ?")
         args.append(float(f.min_accuracy))
-    name_clauses: list[str] = []
+    names, name_args = name_filter(f, "name")
+    if names:
+        clauses.append(f"p.model_id IN (SELECT id FROM model WHERE {names})")
+        args.extend(name_args)
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
+
+
+def name_filter(f: Filters, column: str) -> tuple[str, list[Any]]:
+    """The model-name part of the filters on `column`: a name in `nn` OR one starting with a prefix in
+    `nn_prefix` (either matches); ("", []) when neither is set."""
+    clauses: list[str] = []
+    args: list[Any] = []
     if f.nn:
-        name_clauses.append(f"name IN ({','.join('?' * len(f.nn))})")
+        clauses.append(f"{column} IN ({','.join('?' * len(f.nn))})")
         args.extend(f.nn)
     for prefix in f.nn_prefix:
-        name_clauses.append("name LIKE ? ESCAPE '\\'")
+        clauses.append(f"{column} LIKE ? ESCAPE '\\'")
         args.append(_escape_like(prefix))
-    if name_clauses:
-        clauses.append(f"p.model_id IN (SELECT id FROM model WHERE {' OR '.join(name_clauses)})")
-    return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
+    return (f"({' OR '.join(clauses)})" if clauses else ""), args
 
 
 # Columns answered from the covering index `point_filter` (plus the primary key run_id, epoch).
