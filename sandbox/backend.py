@@ -28,7 +28,6 @@ from sandbox import protocol
 EVENTS_CHUNK = 1 << 20
 OUT_ENTRIES_CAP = 10_000  # files and directories in out/: predictions, checkpoints, events are a few dozen
 OUT_WATCH_S = 0.2
-
 MAX_EVENT_LINE = 256 << 10  # the runner's largest event (an error with its traceback) is far smaller
 
 

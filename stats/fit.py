@@ -3,8 +3,7 @@
 Why a pass after layout instead of better guesses while drawing: where an axes starts, how wide it is
 and how long its labels render are known only once constrained layout has placed everything, and they
 change with the requested size (a plot is drawn from 640 to 2400 px wide). Each mend here is small and
-only ever shortens or thins text; `fit_figure` reports whether anything changed, so the caller lays out
-once more only then.
+only ever shortens or thins text; saving the figure lays it out again with the mended text.
 """
 
 from __future__ import annotations
