@@ -468,8 +468,9 @@ SLOW_LEARN = _variant(
 
 
 @pytest.mark.parametrize("eval_every", [0.5, 20.0], ids=["between-segments", "inside-a-segment"])
-def test_time_budget_is_honoured(tmp_path: Path, digits: datasets.PreparedDataset, eval_every: float) -> None:
-    budget = 7.0  # a contended 2-core box needs ~3 s to import torch
+def test_time_budget_is_honoured(tmp_path: Path, digits: datasets.PreparedDataset, eval_every: float,
+                                 warm_process_sandbox: None) -> None:
+    budget = 10.0  # the runner needs 3-4 s to start (torch import, data, the check) on a 2-core box, cache warm
     run = run_job(
         tmp_path,
         digits,
@@ -484,8 +485,8 @@ def test_time_budget_is_honoured(tmp_path: Path, digits: datasets.PreparedDatase
     )
     assert run.rc == 0, run.log
     startup = run.one(protocol.EVENT_CHECK)["elapsed_s"]
-    if startup > budget - 2.5:  # e.g. a saturated CI box: importing torch alone ate the budget
-        pytest.skip(f"runner start-up took {startup:.1f}s of the {budget:g}s budget; nothing left to test")
+    # the stack is read from the page cache, so the start leaves time for training to be cut short
+    assert startup <= budget - 2.5, f"runner start-up took {startup:.1f}s of the {budget:g}s budget"
     done = run.one(protocol.EVENT_DONE)
     assert done["elapsed_s"] <= budget and done["stopped_by_budget"] is True
     assert run.wall_s < budget + 2.0  # process exit included

@@ -28,8 +28,6 @@ import shutil
 import socket
 import sqlite3
 import stat
-import subprocess
-import sys
 import sysconfig
 import time
 from collections.abc import Iterator
@@ -240,34 +238,6 @@ def digits_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("digits-cache")
     datasets.prepare("digits", root / "data", root / "cache")
     return root / "cache" / "digits"
-
-
-WARM_IMPORTS = "import numpy, torch, torchvision, optuna, safetensors"
-
-
-@pytest.fixture(scope="session")
-def warm_process_sandbox() -> None:
-    """Read the runner's Python stack (this venv) once from disk before the first process case.
-
-    A job's budget is wall-clock time from the sandbox's start; on a cold page cache the first start
-    spends 15 s and more importing torch, which would eat a 10 s budget before the attack ever ran (the
-    timed-out cases assert that it did run). The suite measures the sandbox, not the disk."""
-    subprocess.run([sys.executable, "-c", WARM_IMPORTS], check=True, timeout=600)
-
-
-@pytest.fixture(scope="session")
-def warm_docker_sandbox() -> None:
-    """The same for the sandbox image's own Python stack (measured here: 16.8 s cold, 4.4 s warm)."""
-    import docker
-
-    from lemur_agent_server.config import Settings
-
-    client = docker.from_env()
-    try:
-        client.containers.run(Settings.from_env().image, ["python3", "-c", WARM_IMPORTS], network_mode="none",
-                              remove=True)
-    finally:
-        client.close()
 
 
 @pytest.fixture
