@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -38,24 +39,103 @@ EVENT_ERROR = "error"  # {stage, kind, message, traceback}
 EVENT_DONE = "done"  # {best_trial}
 EVENT_FIRST_STEP = "first_step"  # {trial, t_unix}: the first optimizer step of a job has finished
 
-# --- failure kinds (shared by host and runner) ------------------------------------------------------
-KIND_SYNTAX = "syntax"
-KIND_CONTRACT = "contract"
-KIND_SHAPE = "shape"
-KIND_EXCEPTION = "exception"
-KIND_NAN_LOSS = "nan_loss"
-KIND_OOM = "out_of_memory"
-KIND_TIMEOUT = "timeout"
-KIND_SANDBOX = "sandbox"
-FAILURE_KINDS = (
-    KIND_SYNTAX, KIND_CONTRACT, KIND_SHAPE, KIND_EXCEPTION, KIND_NAN_LOSS, KIND_OOM, KIND_TIMEOUT,
-    KIND_SANDBOX,
-)
+# --- statuses, stages and failure kinds ------------------------------------------------------------
+# One owner for every status string the host and the runner exchange or store. StrEnum members are
+# `str`s, so they compare equal to the literals already in the zoo and serialise to them in JSON.
 
-# --- stages -----------------------------------------------------------------------------------------
-STAGE_CHECK = "checking"
-STAGE_TRAIN = "training"
-STAGE_EVALUATE = "evaluating"
+
+class JobStatus(StrEnum):
+    """A job's state in the queue (`job.status`). The running states double as the stage it is in."""
+
+    QUEUED = "queued"
+    CHECKING = "checking"
+    TRAINING = "training"
+    EVALUATING = "evaluating"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+
+    def is_finished(self) -> bool:
+        """True once the job can no longer change (like Optuna's `TrialState.is_finished`)."""
+        return self in _FINISHED_JOB
+
+    @classmethod
+    def finished(cls) -> tuple[JobStatus, ...]:
+        return tuple(s for s in cls if s.is_finished())
+
+
+_FINISHED_JOB = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.TIMED_OUT, JobStatus.CANCELLED})
+
+
+class RunStatus(StrEnum):
+    """How one archived run (one trial of one repeat) ended (`run.status`)."""
+
+    SUCCEEDED = "succeeded"
+    PRUNED = "pruned"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+
+    def is_failure(self) -> bool:
+        return self in (RunStatus.FAILED, RunStatus.TIMED_OUT)
+
+
+class TrialStatus(StrEnum):
+    """How the runner reports a trial's end (`trial_end.status`); `run_status` maps it into the zoo."""
+
+    RUNNING = "running"
+    COMPLETED = "completed"
+    PRUNED = "pruned"
+    FAILED = "failed"
+
+    def is_finished(self) -> bool:
+        return self is not TrialStatus.RUNNING
+
+    def run_status(self) -> RunStatus:
+        return {TrialStatus.COMPLETED: RunStatus.SUCCEEDED, TrialStatus.PRUNED: RunStatus.PRUNED}.get(
+            self, RunStatus.FAILED)
+
+
+class Stage(StrEnum):
+    """Where a job was when something happened (`error.stage`)."""
+
+    QUEUE = "queue"
+    CHECK = "checking"
+    TRAIN = "training"
+    EVALUATE = "evaluating"
+
+
+class FailureKind(StrEnum):
+    """Why a job or a trial failed (`error.kind`), shared by host and runner."""
+
+    SYNTAX = "syntax"
+    CONTRACT = "contract"
+    SHAPE = "shape"
+    EXCEPTION = "exception"
+    NAN_LOSS = "nan_loss"
+    OOM = "out_of_memory"
+    TIMEOUT = "timeout"
+    SANDBOX = "sandbox"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+
+
+# Older names, kept so both sides read the same members.
+KIND_SYNTAX = FailureKind.SYNTAX
+KIND_CONTRACT = FailureKind.CONTRACT
+KIND_SHAPE = FailureKind.SHAPE
+KIND_EXCEPTION = FailureKind.EXCEPTION
+KIND_NAN_LOSS = FailureKind.NAN_LOSS
+KIND_OOM = FailureKind.OOM
+KIND_TIMEOUT = FailureKind.TIMEOUT
+KIND_SANDBOX = FailureKind.SANDBOX
+# the kinds a runner may report; the host adds CANCELLED and INTERRUPTED itself
+FAILURE_KINDS = tuple(k for k in FailureKind if k not in (FailureKind.CANCELLED, FailureKind.INTERRUPTED))
+
+STAGE_CHECK = Stage.CHECK
+STAGE_TRAIN = Stage.TRAIN
+STAGE_EVALUATE = Stage.EVALUATE
 
 EVENTS_FILE = "events.jsonl"
 SPEC_FILE = "spec.json"
