@@ -134,9 +134,32 @@ class Handle(abc.ABC):
         """True once the sandbox's processes have ended."""
 
 
+class LogTail:
+    """The last `cap` bytes of a sandbox's stdout+stderr; `truncated` once more than that came.
+
+    Why a cap: the output is the submission's, so it can be gigabytes; only its end (where the
+    traceback is) is kept for the result.
+    """
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.truncated = False
+        self._buf = bytearray()
+
+    def feed(self, chunk: bytes) -> None:
+        self._buf += chunk
+        if len(self._buf) > self.cap:
+            del self._buf[: len(self._buf) - self.cap]
+            self.truncated = True
+
+    def text(self) -> str:
+        return bytes(self._buf).decode("utf-8", errors="replace")
+
+
 class MonitoredHandle(Handle):
     """A sandbox owned by a daemon monitor thread (both backends): the thread sets `_exit`, then
     `_done` once everything of the job is released; `_request(reason)` asks for a kill from any thread.
+    The thread keeps the output's tail in `_log` (`_feed_log`, capped at `Limits.log_cap_bytes`).
 
     Why threads: a blocking wait on a process or the engine must never run on the server's loop.
     """
@@ -144,6 +167,14 @@ class MonitoredHandle(Handle):
     _done: threading.Event
     _exit: Exit | None
     _limits: Limits
+    _log: LogTail
+
+    def _feed_log(self, chunk: bytes) -> None:
+        """Keep the output's tail (the last `Limits.log_cap_bytes`)."""
+        self._log.feed(chunk)
+
+    def _tail(self) -> str:
+        return self._log.text()
 
     @abc.abstractmethod
     def _request(self, reason: str) -> None:

@@ -53,7 +53,7 @@ from typing import Any
 import anyio
 
 from sandbox import _cgroups, _namespaces
-from sandbox.backend import Backend, Exit, Handle, JobPaths, Limits, MonitoredHandle, RunnerPaths, out_cap_text
+from sandbox.backend import Backend, Exit, Handle, JobPaths, Limits, LogTail, MonitoredHandle, RunnerPaths, out_cap_text
 from sandbox.protocol import MODEL_FILE, SPEC_FILE
 
 log = logging.getLogger(__name__)
@@ -444,8 +444,7 @@ class _ProcessHandle(MonitoredHandle):
         self._killed = False
         self._ready_s: float | None = None
         self._pre = bytearray()  # output before the ready marker (bootstrap errors)
-        self._log = bytearray()
-        self._truncated = False
+        self._log = LogTail(limits.log_cap_bytes)
         self._exit: Exit | None = None
         self._done = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
@@ -539,14 +538,6 @@ class _ProcessHandle(MonitoredHandle):
                 self._pre = bytearray()
         self._feed_log(chunk)
 
-    def _feed_log(self, chunk: bytes) -> None:
-        """Append, keeping only the last `log_cap_bytes`."""
-        self._log += chunk
-        cap = self._limits.log_cap_bytes
-        if len(self._log) > cap:
-            del self._log[: len(self._log) - cap]
-            self._truncated = True
-
     def _kill(self) -> None:
         """SIGKILL the process group (unshare, or the runner itself) and every pid of the cgroup.
         Only this thread reaps the process, so its pid (the group id) cannot have been reused."""
@@ -585,7 +576,7 @@ class _ProcessHandle(MonitoredHandle):
         reason = self._reason if self._killed else None  # a request after a normal exit is moot
         return Exit(exit_code=code, signal=sig, timed_out=reason == "timeout",
                     cancelled=reason == "cancel", oom_killed=oom, log_tail=self._tail(),
-                    log_truncated=self._truncated, wall_s=wall, isolation=isolation,
+                    log_truncated=self._log.truncated, wall_s=wall, isolation=isolation,
                     out_exceeded=self._out_watch.over_cap())
 
     def _read_status(self) -> str:
@@ -630,6 +621,3 @@ class _ProcessHandle(MonitoredHandle):
         if self._pre:  # no ready marker: keep the bootstrap's messages
             pre, self._pre = bytes(self._pre), bytearray()
             self._feed_log(pre)
-
-    def _tail(self) -> str:
-        return bytes(self._log).decode("utf-8", errors="replace")
