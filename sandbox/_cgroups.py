@@ -7,8 +7,13 @@ rlimits are per process and RLIMIT_NPROC does nothing for uid 0; they are only t
 
 Placement: the job's cgroup is created *inside the server's own cgroup* of each controller (read
 from /proc/self/cgroup), so a sandbox can never exceed the limits the server itself runs under.
-The directory name is ``lemur-sbx-<job>-o<server pid>-<random>``: the owner pid lets
-`sweep_orphans` remove only cgroups whose server is gone, never those of a concurrent server.
+The directory name is ``lemur-sbx-<job>-t<server start ticks>-o<server pid>-<random>``: the owner's
+pid *and* start time (PIDs are reused, start times are not, see `sandbox._owner`) let `sweep_orphans`
+remove only cgroups whose server is gone, never those of a concurrent server. (The name still ends in
+the older ``-o<pid>-<random>`` form, which older servers read by pid alone; such a name without a start
+time counts as alive while that pid runs in the cgroup the job dir sits in.)
+A kill goes only to a process that is a member of the job's cgroup at the moment of the signal
+(checked through a pidfd), never to a pid that was merely listed there a moment before.
 """
 
 from __future__ import annotations
@@ -19,14 +24,17 @@ import re
 import secrets
 import signal
 import time
+from collections.abc import Iterable
 from pathlib import Path
+
+from sandbox import _owner
 
 CGROUP_MOUNT = Path("/sys/fs/cgroup")
 PREFIX = "lemur-sbx-"
 _V1_REQUIRED = ("memory", "pids")
 _V1_OPTIONAL = ("cpu", "freezer")
 _CPU_PERIOD_US = 100_000
-_OWNER_RE = re.compile(r"-o(\d+)-[0-9a-f]{6}$")
+_OWNER_RE = re.compile(r"(?:-t(\d+))?-o(\d+)-[0-9a-f]{6}$")  # start ticks (absent in old names), pid
 
 
 def version() -> str | None:
@@ -39,10 +47,10 @@ def version() -> str | None:
     return None
 
 
-def _own_paths() -> dict[str, str]:
-    """controller name (or "" for the v2 hierarchy) -> this process's cgroup path."""
+def _own_paths(pid: int | str = "self") -> dict[str, str]:
+    """controller name (or "" for the v2 hierarchy) -> the cgroup path of this process (or of `pid`)."""
     out: dict[str, str] = {}
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
         _, controllers, path = line.split(":", 2)
         for name in controllers.split(",") if controllers else [""]:
             out[name] = path
@@ -63,7 +71,8 @@ def base_dirs(ver: str) -> dict[str, Path]:
 
 def job_name(job: str) -> str:
     safe = re.sub(r"[^A-Za-z0-9_.]", "_", job)[:48] or "job"
-    return f"{PREFIX}{safe}-o{os.getpid()}-{secrets.token_hex(3)}"
+    pid = os.getpid()
+    return f"{PREFIX}{safe}-t{_owner.start_ticks(pid)}-o{pid}-{secrets.token_hex(3)}"
 
 
 def _write(path: Path, value: str) -> None:
@@ -179,7 +188,7 @@ class JobCgroup:
                 if not pids:
                     return True
                 for pid in pids:
-                    _sigkill(pid)
+                    _kill_member(pid, self.dirs.items())
                 if frozen:
                     frozen = not self._thaw()
                 if time.monotonic() > deadline:
@@ -227,8 +236,8 @@ class JobCgroup:
         """Kill what is left and remove the directories (retries: rmdir fails while tasks exit)."""
         if self.pids():
             self.kill_all()
-        for d in list(self.dirs.values()):
-            _rmdir_retry(d)
+        for controller, d in list(self.dirs.items()):
+            _rmdir_retry(controller, d)
         self.dirs.clear()
 
 
@@ -256,6 +265,41 @@ def _try_write(path: Path, value: str) -> bool:
         return False
 
 
+def _cgroup_path(controller: str, d: Path) -> str:
+    """`d` as /proc/<pid>/cgroup writes it for `controller`."""
+    rel = d.relative_to(CGROUP_MOUNT / controller if controller else CGROUP_MOUNT)
+    return "/" if rel == Path(".") else f"/{rel}"
+
+
+def is_member(pid: int, dirs: Iterable[tuple[str, Path]]) -> bool:
+    """True when process `pid` is in one of the cgroups `dirs` ((controller, directory) pairs) now."""
+    try:
+        paths = _own_paths(pid)
+    except (OSError, ValueError):
+        return False
+    return any(paths.get(c) == _cgroup_path(c, d) for c, d in dirs)
+
+
+def _kill_member(pid: int, dirs: Iterable[tuple[str, Path]]) -> None:
+    """SIGKILL `pid` only if it is a member of the job's cgroup. Through a pidfd, the membership is
+    checked on the very process that gets the signal, so a pid reused in between is never hit."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    except OSError:  # no pidfd (kernel < 5.3): check, then kill by pid (a narrow race remains)
+        if is_member(pid, dirs):
+            _sigkill(pid)
+        return
+    try:
+        if is_member(pid, dirs):
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    finally:
+        os.close(fd)
+
+
 def _sigkill(pid: int) -> None:
     try:
         os.kill(pid, signal.SIGKILL)
@@ -263,7 +307,7 @@ def _sigkill(pid: int) -> None:
         pass
 
 
-def _rmdir_retry(d: Path, timeout_s: float = 2.0) -> bool:
+def _rmdir_retry(controller: str, d: Path, timeout_s: float = 2.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -275,7 +319,7 @@ def _rmdir_retry(d: Path, timeout_s: float = 2.0) -> bool:
             if time.monotonic() > deadline:
                 return False
             for pid in _pids_of(d):
-                _sigkill(pid)
+                _kill_member(pid, [(controller, d)])
             time.sleep(0.01)
 
 
@@ -286,20 +330,17 @@ def _pids_of(d: Path) -> list[int]:
         return []
 
 
-def _owner_alive(name: str) -> bool:
+def _owner_alive(name: str, controller: str, base: Path) -> bool:
+    """Whether the server that created job cgroup `name` (found in `base`, the server cgroup of
+    `controller`) still runs: its pid with the start time in the name; for an old name without one,
+    its pid running in `base` (a reused pid elsewhere does not count)."""
     m = _OWNER_RE.search(name)
     if m is None:
         return False
-    pid = int(m.group(1))
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    ticks, pid = m.group(1), int(m.group(2))
+    if ticks is not None:
+        return _owner.is_running(pid, ticks)
+    return pid == os.getpid() or is_member(pid, [(controller, base)])
 
 
 def sweep_orphans() -> int:
@@ -318,7 +359,7 @@ def sweep_orphans() -> int:
         except OSError:
             continue
         for d in entries:
-            if not _owner_alive(d.name):
+            if not _owner_alive(d.name, controller, base):
                 jobs.setdefault(d.name, {})[controller] = d
     for dirs in jobs.values():
         JobCgroup(ver, dirs, {}).remove()  # the freezer (when present) makes the kill race-free

@@ -563,7 +563,8 @@ async def test_no_privileges_inside(backend: ProcessBackend, world: World) -> No
     assert got["umount_cover"] == errno.EPERM and got["mount"] == errno.EPERM
     # CI runs as root with user namespaces available, so the backend must pick the user namespace mode,
     # say so, and the bootstrap's max_user_namespaces=0 must refuse a nested one
-    assert backend.describe()["user"] == "uid 0 without capabilities in a user namespace (nested user namespaces blocked)"
+    assert backend.describe()["user"] == ("uid 0 without capabilities in a user namespace "
+                                          "(nested user namespaces blocked)")
     assert got["new_userns"] == errno.ENOSPC
 
 
