@@ -104,6 +104,41 @@ class BuildError(RuntimeError):
     """A step of the image build failed; the message says which and how to fix it."""
 
 
+class RegistryUnreachable(BuildError):
+    """The base image had to come from a registry, and no registry could be reached (or it refused).
+
+    Why a class of its own: on a machine without a registry (CI, air-gapped hosts) the engine's error is
+    a DNS or TCP message about registry-1.docker.io that does not say what to do; this one does."""
+
+    def __init__(self, base: str, reason: str) -> None:
+        self.base, self.reason = base, reason
+        super().__init__(f"no registry reachable to pull the base image {base} ({reason}): build with `--base local` "
+                         "(the base made from Debian packages, no registry needed)")
+
+
+# What the engine says when a pull cannot reach its registry, or the registry refuses the name
+# (from `docker pull` on a host without one: `Error response from daemon: Get
+# "https://registry-1.docker.io/v2/": dial tcp: lookup registry-1.docker.io on 10.255.255.53:53: no such host`).
+_REGISTRY_FAILURES = (
+    ("name resolution failed", re.compile(r"no such host|server misbehaving|temporary failure in name resolution|"
+                                          r"name or service not known|dial tcp: lookup ", re.I)),
+    ("no connection", re.compile(r"connection refused|network is unreachable|no route to host|i/o timeout|"
+                                 r"tls handshake timeout|client\.timeout exceeded|"
+                                 r"request canceled while waiting for connection|context deadline exceeded", re.I)),
+    ("access denied or no such repository", re.compile(r"pull access denied|repository does not exist|"
+                                                       r"unauthorized: |denied: requested access", re.I)),
+)
+
+
+def registry_failure(output: str) -> str | None:
+    """Why a `docker pull` (or a build pulling its base) could not get the image from a registry, or
+    None when its output shows some other failure."""
+    for reason, pattern in _REGISTRY_FAILURES:
+        if pattern.search(output):
+            return reason
+    return None
+
+
 # --- small helpers ------------------------------------------------------------------------------------
 def _run(argv: Sequence[str], log: Log, what: str, **kw) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
     """Run a command, stream nothing, raise BuildError with its output tail on failure."""
@@ -399,36 +434,87 @@ def _runner_files(source_root: Path) -> list[Path]:
     return files
 
 
+def _resolve_base(base: str | None, dockerfile: Path, log: Log) -> str:
+    """The base image's reference, made (`local`) or pulled when it is not here yet."""
+    if base == LOCAL_BASE:
+        return ensure_local_base(None, log=log)
+    base = base or dockerfile_default_base(dockerfile)
+    if not image_exists(base):
+        pull_base(base, log)
+    return base
+
+
+def pull_base(base: str, log: Log = print) -> None:
+    """`docker pull base`; RegistryUnreachable when no registry answers (the message says what to do)."""
+    log(f"pulling {base} (needs a registry)")
+
+    def progress(line: str) -> None:  # the engine's own error is not shown: ours says what to do
+        if not line.lstrip().startswith("Error response from daemon"):
+            log(line)
+
+    try:
+        _stream([_docker_cli(), "pull", base], progress, f"docker pull {base}")
+    except BuildError as exc:
+        reason = registry_failure(str(exc))
+        if reason is not None:
+            raise RegistryUnreachable(base, reason) from exc
+        raise
+
+
+def _inputs_digest(base: str, dockerfile: Path, source_root: Path, files: list[Path]) -> str:
+    """A digest of everything the image is made from (the label that makes a rebuild a no-op)."""
+    digest = hashlib.sha256()
+    for part in (_image_id(base).encode(), dockerfile.read_bytes(), json.dumps(RUNNER_REQUIREMENTS).encode(),
+                 json.dumps(BASE_REQUIREMENTS).encode()):
+        digest.update(part)
+    for rel in files:
+        digest.update(str(rel).encode() + b"\0" + (source_root / rel).read_bytes())
+    return digest.hexdigest()[:20]
+
+
+def _missing_requirements(have: set[str], log: Log) -> list[str]:
+    """What the runner needs that the base lacks (torch from the pinned pair on a bare Python base)."""
+    missing = [r for r in RUNNER_REQUIREMENTS if _req_name(r) not in have]
+    if any(_req_name(r) in _TORCH_NAMES for r in missing):
+        missing = [r for r in missing if _req_name(r) not in _TORCH_NAMES]
+        missing += [r for r in BASE_REQUIREMENTS if _req_name(r) in _TORCH_NAMES]
+        log("  the base has no torch/torchvision: installing them into the image (slow: GBs of wheels)")
+    return missing
+
+
+def _stage_context(ctx: Path, dockerfile: Path, source_root: Path, files: list[Path], info: dict,  # type: ignore[type-arg]
+                   log: Log) -> None:
+    """The small build context: the Dockerfile, the runner sources and pydeps/ (what the base lacks)."""
+    shutil.copy2(dockerfile, ctx / "Dockerfile")
+    for rel in files:
+        (ctx / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source_root / rel, ctx / rel)
+    have = {_normalize(n) for n in info["dists"]}
+    pydeps = ctx / "pydeps"
+    pip_install_target(pydeps, _missing_requirements(have, log), info["python"], info["abi"], info["libc"],
+                       info["machine"], log)
+    dropped = _remove_dists(pydeps, have)  # the base's copy wins: never shadow its numpy etc.
+    if dropped:
+        log(f"  kept the base's own {', '.join(sorted(dropped))}")
+
+
 def build_image(tag: str, base: str | None, context: Path | None = None, log: Log = print,
                 force: bool = False) -> None:
     """Build the sandbox image `tag` from the top-level Dockerfile in `context` (the source checkout).
 
-    `base`: None -> the Dockerfile's default (an official CUDA PyTorch image, pulled by the engine);
-    "local" -> `ensure_local_base()` (Debian packages + torch wheels, no registry); anything else -> that
-    image. Returns at once when `tag` exists and was built from the same inputs (unless `force`).
+    `base`: None -> the Dockerfile's default (an official CUDA PyTorch image, pulled by the engine;
+    RegistryUnreachable without a registry); "local" -> `ensure_local_base()` (Debian packages + torch
+    wheels, no registry); anything else -> that image. Returns at once when `tag` exists and was built
+    from the same inputs (unless `force`).
     """
     t_all = time.monotonic()
     source_root = Path(context) if context is not None else Path(__file__).resolve().parent.parent
     dockerfile = source_root / "Dockerfile"
     if not dockerfile.is_file():
         raise BuildError(f"no Dockerfile in {source_root}: build from a source checkout of lemur-agent-server")
-    if base == LOCAL_BASE:
-        base = ensure_local_base(None, log=log)
-    base = base or dockerfile_default_base(dockerfile)
-    docker = _docker_cli()
     files = _runner_files(source_root)
-
-    if not image_exists(base):
-        log(f"pulling {base} (needs a registry)")
-        _stream([docker, "pull", base], log, f"docker pull {base}")
-    base_id = _image_id(base)
-    digest = hashlib.sha256()
-    for part in (base_id, dockerfile.read_bytes(), json.dumps(RUNNER_REQUIREMENTS).encode(),
-                 json.dumps(BASE_REQUIREMENTS).encode()):
-        digest.update(part if isinstance(part, bytes) else part.encode())
-    for rel in files:
-        digest.update(str(rel).encode() + b"\0" + (source_root / rel).read_bytes())
-    key = digest.hexdigest()[:20]
+    base = _resolve_base(base, dockerfile, log)
+    key = _inputs_digest(base, dockerfile, source_root, files)
     labels = image_labels(tag)
     if not force and labels is not None and labels.get(_DIGEST_LABEL) == key:
         log(f"{tag}: up to date (base {base}, inputs {key})")
@@ -436,28 +522,13 @@ def build_image(tag: str, base: str | None, context: Path | None = None, log: Lo
 
     log(f"building {tag} on {base}")
     info = probe_base(base, log)
-    have = {_normalize(n) for n in info["dists"]}
-    missing = [r for r in RUNNER_REQUIREMENTS if _req_name(r) not in have]
-    if any(_req_name(r) in _TORCH_NAMES for r in missing):  # a bare Python base: torch from the pinned pair
-        missing = [r for r in missing if _req_name(r) not in _TORCH_NAMES]
-        missing += [r for r in BASE_REQUIREMENTS if _req_name(r) in _TORCH_NAMES]
-        log("  the base has no torch/torchvision: installing them into the image (slow: GBs of wheels)")
     with tempfile.TemporaryDirectory(prefix="lemur-sbx-context-",
                                      dir=os.environ.get("LEMUR_SANDBOX_BUILD_TMP")) as tmp:
-        ctx = Path(tmp)
-        shutil.copy2(dockerfile, ctx / "Dockerfile")
-        for rel in files:
-            (ctx / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source_root / rel, ctx / rel)
-        pydeps = ctx / "pydeps"
-        pip_install_target(pydeps, missing, info["python"], info["abi"], info["libc"], info["machine"], log)
-        dropped = _remove_dists(pydeps, have)  # the base's copy wins: never shadow its numpy etc.
-        if dropped:
-            log(f"  kept the base's own {', '.join(sorted(dropped))}")
+        _stage_context(Path(tmp), dockerfile, source_root, files, info, log)
         t0 = time.monotonic()
-        env = {**os.environ}
-        _stream([docker, "build", "--build-arg", f"BASE={base}", "--label", f"{_DIGEST_LABEL}={key}",
-                 "--label", f"lemur-agent-server.base={base}", "-t", tag, str(ctx)], log, "docker build", env=env)
+        _stream([_docker_cli(), "build", "--build-arg", f"BASE={base}", "--label", f"{_DIGEST_LABEL}={key}",
+                 "--label", f"lemur-agent-server.base={base}", "-t", tag, tmp], log, "docker build",
+                env={**os.environ})
         log(f"  docker build: {time.monotonic() - t0:.1f} s")
     _prune_dangling(log)
     log(f"{tag}: built in {time.monotonic() - t_all:.1f} s")
