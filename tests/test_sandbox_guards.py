@@ -13,7 +13,17 @@ import pytest
 
 from lemur_agent_server.evaluator.pipeline import MIN_TRAIN_SHARE, _check_failure, trusted_duration
 from sandbox import _namespaces, protocol
-from sandbox.backend import MAX_EVENT_LINE, Exit, Handle, JobPaths, Limits, OutDirWatch, _LineReader, out_usage
+from sandbox.backend import (
+    MAX_EVENT_LINE,
+    Exit,
+    Handle,
+    JobPaths,
+    Limits,
+    LogTail,
+    OutDirWatch,
+    _LineReader,
+    out_usage,
+)
 
 
 def test_line_reader_drops_an_overlong_line_whole_and_keeps_the_rest() -> None:
@@ -141,3 +151,13 @@ def test_a_budget_spent_starting_the_sandbox_says_the_code_never_ran() -> None:
     running = _check_failure(SimpleNamespace(check=None, error=None, ready={"event": "ready"}), killed)
     assert running is not None and running["kind"] == protocol.KIND_TIMEOUT and "started" not in running
     assert running["message"] == "Killed after 15.2 s: the time budget ran out."
+
+
+def test_log_tail_keeps_the_last_cap_bytes_and_says_it_cut() -> None:
+    """Both backends keep a sandbox's output through MonitoredHandle's LogTail."""
+    tail = LogTail(8)
+    tail.feed(b"1234")
+    tail.feed(b"5678")
+    assert (tail.text(), tail.truncated) == ("12345678", False)
+    tail.feed(b"9\xff")  # past the cap: the oldest bytes go; a torn UTF-8 sequence does not raise
+    assert (tail.text(), tail.truncated) == ("3456789\ufffd", True)
