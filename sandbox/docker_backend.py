@@ -8,8 +8,10 @@ How one job runs (`DockerBackend.start`):
 
 * `containers.create` + `start` (never `containers.run`: a failed start leaves a Created container
   behind), named `lemur-sbx-<job>-<random>` and labelled `lemur-agent-server.sandbox=1`,
-  `lemur-agent-server.instance=<id>`, `lemur-agent-server.owner=<boot id>:<pid>:<start time>`, so a
-  restarted server finds its orphans (`cleanup_orphans`). A container is never reused for a second job.
+  `lemur-agent-server.instance=<id>`, `lemur-agent-server.owner=<boot id>:<pid>:<start time>` (a
+  reused pid is not the owner) and `lemur-agent-server.job=<job>` ("prestart" on a warm container:
+  labels are fixed at creation, its name says the job once adopted), so a restarted server finds its
+  orphans (`cleanup_orphans`). A container is never reused for a second job.
 * Locked down: `network_mode=none` (only `lo`), read-only root, `/tmp` and `/dev/shm` size-capped
   tmpfs (noexec), `cap_drop=ALL`, `no-new-privileges`, the engine's default seccomp profile, user
   65534:65534, `pids_limit`, `mem_limit == memswap_limit`, `nano_cpus` (clamped to the engine's CPUs),
@@ -21,11 +23,13 @@ How one job runs (`DockerBackend.start`):
 * The out dir is made writable for uid 65534 before the start: chown when the server is root; a
   POSIX ACL for 65534 plus a default ACL for the server's uid otherwise (so the server can still delete
   what the sandbox wrote), or mode 0777 where ACLs are unsupported.
-* A monitor thread per job owns the container from start to removal: it streams the log (keeping the
+* A monitor thread per job (`sandbox.docker_handle`) owns the container from start to removal: it
+  streams the log (keeping the
   last `Limits.log_cap_bytes`, `log_truncated` when more came), enforces the wall clock from outside
   (`wait(timeout)` then `kill`: never trust SIGTERM or `timeout docker run`), reads `State.ExitCode` and
   `State.OOMKilled` with `inspect` BEFORE `remove(force=True)` (OOMKilled can be true with exit 0),
-  and always removes the container. `cancel()` kills at once. If the task awaiting `wait()` is
+  and always removes the container (after a kill it waits at most `KILL_GRACE_S` for the engine to
+  report the stop). `cancel()` kills at once. If the task awaiting `wait()` is
   cancelled, the container is still killed and removed (shielded), and even if nobody awaits at all,
   the thread enforces the deadline and cleans up.
 * Every Docker SDK call is blocking: the async methods run them with `anyio.to_thread.run_sync`.
