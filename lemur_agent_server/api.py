@@ -202,12 +202,13 @@ def _curve(zoo_path: Path, job_id: str, res: dict[str, Any]) -> tuple[str, list[
     """
     conn = connection.connect_sync(zoo_path, readonly=True)
     try:
-        run = conn.execute("SELECT id, uid, device FROM run WHERE job_id=? AND selected=1", (job_id,)).fetchone()
+        run = conn.execute("SELECT id, uid, device, transform FROM run WHERE job_id=? AND selected=1",
+                           (job_id,)).fetchone()
         if run is not None:
             points = conn.execute("SELECT epoch, accuracy, loss, duration_ns FROM point WHERE run_id=? "
                                   "ORDER BY epoch", (run[0],)).fetchall()
-            return run[1], [{"epoch": p[0], "accuracy": p[1], "loss": p[2], "duration_ns": p[3], "device": run[2]}
-                            for p in points]
+            return run[1], [{"epoch": p[0], "accuracy": p[1], "loss": p[2], "duration_ns": p[3], "device": run[2],
+                             "transform": run[3]} for p in points]
     finally:
         conn.close()
     if isinstance(res.get("curve"), list):
@@ -220,6 +221,9 @@ def _write_save_path(save_path: str | os.PathLike[str], name: str, task: str, da
                      prm: dict[str, Any], uid: str, curve: list[dict[str, Any]]) -> None:
     """One LEMUR `<epoch>.json` per whole epoch of the curve (half-epoch points are ours, not LEMUR's)."""
     lemur_uid = codehash.lemur_id(uid)  # LEMUR's uids are md5 hex strings; stable for one run
+    transform = next((p["transform"] for p in curve if p.get("transform")), None)
+    if transform and not prm.get("transform"):
+        prm = {**prm, "transform": transform}  # the one the run used (LEMUR's importer needs it)
     by_epoch = {}
     for point in curve:
         epoch, accuracy = point.get("epoch"), point.get("accuracy")

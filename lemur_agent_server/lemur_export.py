@@ -15,7 +15,8 @@ run uid, the same in every epoch file, so an import groups the epochs back into 
 export into the same OUT replaces the records instead of adding copies.
 
 Not exported, with the reason counted in the report: a model name or dataset/metric that contains `_`
-(LEMUR splits the folder name on `_`), a run without a whole-epoch point.
+(LEMUR splits the folder name on `_`), a run without a whole-epoch point or without a transform
+(LEMUR's importer reads `record["transform"]` and skips the whole file when one lacks it).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def _runs_sql(filters: Filters, statuses: tuple[str, ...], include_imported: boo
     clause = f"({status} OR p.source = '{IMPORT_SOURCE}')" if include_imported else \
         f"{status} AND p.source != '{IMPORT_SOURCE}'"
     where = (where + " AND " if where else " WHERE ") + clause
-    return ("SELECT p.id, p.uid, p.task, p.dataset, p.metric, p.prm, p.device, m.name, m.code "
+    return ("SELECT p.id, p.uid, p.task, p.dataset, p.metric, p.prm, p.device, m.name, m.code, p.transform "
             f"FROM run p JOIN model m ON m.id = p.model_id{where} ORDER BY m.name, p.id"), args
 
 
@@ -73,8 +74,12 @@ def _unsafe_part(name: str, task: str, dataset: str, metric: str) -> str | None:
 
 
 def _records(conn: sqlite3.Connection, row: tuple[Any, ...]) -> dict[float, dict[str, Any]]:
-    run_id, uid, task, dataset, metric, prm_text, device, name, _ = row
+    run_id, uid, task, dataset, metric, prm_text, device, name, _, transform = row
     prm = json.loads(prm_text) if prm_text else {}
+    if transform and not prm.get("transform"):
+        prm["transform"] = transform
+    if not prm.get("transform"):
+        return {}  # LEMUR's importer needs each record's transform: the whole file would be skipped
     lemur_uid = codehash.lemur_id(uid)
     out = {}
     for epoch, accuracy, loss, duration_ns in conn.execute(
@@ -106,7 +111,7 @@ def export_lemur(zoo: str | Path | None, out: str | Path, filters: Filters | Non
             problem = _unsafe_part(row[7], row[2], row[3], row[4])
             records = {} if problem else _records(conn, row)
             if problem or not records:
-                report.skip(problem or "no whole-epoch curve point")
+                report.skip(problem or "no whole-epoch curve point, or no transform")
                 continue
             config = SPLITTER.join((row[2], row[3], row[4], row[7]))
             for epoch, rec in records.items():

@@ -25,7 +25,7 @@ def make_zoo(path: Path) -> None:
                 source="evaluator", prm={"lr": 0.1}, points=[Point(epoch=1.0, accuracy=0.5, duration_ns=10)])])
         # failed runs stay out by default
         await store.add_runs(1, [Run(uid="failed-1", task="img-classification", dataset="mnist", metric="acc",
-                                     status="failed", source="evaluator", prm={"lr": 0.3},
+                                     status="failed", source="evaluator", prm={"lr": 0.3}, transform="norm_32",
                                      points=[Point(epoch=1.0, accuracy=0.2, duration_ns=10)])])
         await store.close()
 
@@ -112,9 +112,31 @@ def test_imported_runs_only_on_request(tmp_path: Path):
         store = await ZooStore.open(zoo)
         await store.add_model_with_runs(Model(name="AlexNet", code=CODE.format(i=1), origin="lemur"), [
             Run(uid="lemur:x:1", task="img-classification", dataset="cifar-10", metric="acc", status="imported",
-                source="lemur-import", prm={"lr": 0.1}, points=[Point(epoch=1.0, accuracy=0.5, duration_ns=10)])])
+                source="lemur-import", prm={"lr": 0.1, "transform": "norm_32"},
+                points=[Point(epoch=1.0, accuracy=0.5, duration_ns=10)])])
         await store.close()
 
     anyio.run(build)
     assert lemur_export.export_lemur(zoo, out).runs == 0
     assert lemur_export.export_lemur(zoo, out, include_imported=True).runs == 1
+
+
+def test_every_record_names_its_transform(tmp_path: Path):
+    """LEMUR's importer reads record['transform'] and skips the whole file when a record lacks it."""
+    zoo, out = tmp_path / "zoo.sqlite", tmp_path / "out"
+
+    async def build():
+        store = await ZooStore.open(zoo)
+        point = [Point(epoch=1.0, accuracy=0.5, duration_ns=10)]
+        await store.add_model_with_runs(Model(name="m-1", code=CODE.format(i=1), origin="submitted"), [
+            Run(uid="a", task="img-classification", dataset="mnist", metric="acc", status="succeeded",
+                source="evaluator", prm={"lr": 0.1}, transform="norm_64", points=point),
+            Run(uid="b", task="img-classification", dataset="cifar-10", metric="acc", status="succeeded",
+                source="evaluator", prm={"lr": 0.1}, points=point)])
+        await store.close()
+
+    anyio.run(build)
+    report = lemur_export.export_lemur(zoo, out)
+    assert report.runs == 1 and report.skipped == {"no whole-epoch curve point, or no transform": 1}
+    rec = json.loads((out / "ab/nn/stat/train/img-classification_mnist_acc_m-1/1.json").read_text())[0]
+    assert rec["transform"] == "norm_64" and rec["lr"] == 0.1
