@@ -68,7 +68,8 @@ def data(only_best_accuracy: bool = False, task: str | None = None, dataset: str
     nanoseconds. Each model's code is one shared string; each row's `prm` is its own dict.
     `include_nn_stats=True` adds LEMUR's `nn_*` architecture columns (api_tables.NN_STAT_COLUMNS):
     parameter count, FLOPs and code length from the model, the rest from the imported `nn_stat`
-    table where present, else None. `sql` (LEMUR's JoinConf pair mode) is not supported.
+    table where present, else None; plus ours, `nn_fingerprint` and `nn_code_quality`. `sql` (LEMUR's
+    JoinConf pair mode) is not supported.
     """
     if sql is not None:
         raise ValueError("data(sql=JoinConf(...)) (LEMUR's paired-record mode) is not supported here; call "
@@ -96,7 +97,7 @@ def data(only_best_accuracy: bool = False, task: str | None = None, dataset: str
         conn.close()
     frame = _frame(rows, code)
     if stats is not None:
-        for column in api_tables.NN_STAT_COLUMNS:
+        for column in api_tables.NN_STAT_COLUMNS + api_tables.NN_EXTRA_COLUMNS:
             frame[column] = [stats.get(m, {}).get(column) for m in (r[4] for r in rows)]
     return frame
 

@@ -38,6 +38,8 @@ NN_STAT_DATA_COLUMNS = ["id", "nn_name", "prm_id", *STAT_FIELDS, "meta", "error"
 _RENAMED = {"has_residual_connections": "nn_has_residual", "num_classes_defined": "nn_num_classes",
             "num_functions_defined": "nn_num_functions"}
 NN_STAT_COLUMNS = [_RENAMED.get(f, f"nn_{f}") for f in STAT_FIELDS] + ["nn_stats_meta", "nn_stats_error"]
+# ours, beyond LEMUR's: the architecture fingerprint (identical graphs share it) and the code-quality score
+NN_EXTRA_COLUMNS = ["nn_fingerprint", "nn_code_quality"]
 
 _RUN_FIELDS = ("id", "device_type", "os_version", "valid", "emulator", "error_message", "duration", "iterations",
                "unit", *(f"{unit}_{what}" for unit in ("cpu", "gpu", "npu")
@@ -81,9 +83,11 @@ def nn_stats_by_model(conn: sqlite3.Connection, model_ids: Sequence[int]) -> dic
     for start in range(0, len(model_ids), 900):
         chunk = list(model_ids[start:start + 900])
         marks = ",".join("?" * len(chunk))
-        for mid, params, flops, length in conn.execute(
-                f"SELECT id, params, flops, length(code) FROM model WHERE id IN ({marks})", chunk):
-            stats[mid] = {"nn_total_params": params, "nn_flops": flops, "nn_code_length": length}
+        for mid, params, flops, length, fingerprint, quality in conn.execute(
+                f"SELECT id, params, flops, length(code), fingerprint, code_quality FROM model WHERE id IN ({marks})",
+                chunk):
+            stats[mid] = {"nn_total_params": params, "nn_flops": flops, "nn_code_length": length,
+                          "nn_fingerprint": fingerprint, "nn_code_quality": quality}
         if "model_id" not in present:
             continue
         fields = [*STAT_FIELDS, "meta_json", "error"]

@@ -150,6 +150,7 @@ def test_data_takes_lemur_2_2_arguments(tmp_path: Path):
     assert sorted(frame["nn_total_params"]) == [1000, 2000, 3000]
     assert all(frame["nn_code_length"] == frame["nn_code"].str.len())
     assert frame["nn_max_depth"].isna().all()  # not measured and no imported nn_stat: unknown, not zero
+    assert "nn_fingerprint" in frame.columns and "nn_code_quality" in frame.columns
     assert "nn_total_params" not in api.data(zoo=zoo).columns
     with pytest.raises(ValueError, match="JoinConf"):
         api.data(sql=object(), zoo=zoo)
@@ -185,3 +186,21 @@ def test_data_takes_lemur_2_2_arguments(tmp_path: Path):
     best = api.data(nn="alt-m0", epoch=2.0, dataset="cifar-10", include_nn_stats=True, zoo=zoo).iloc[0]
     assert best["nn_total_params"] == 1234 and best["nn_max_depth"] == 7 and best["nn_has_residual"] == 1
     assert best["nn_stats_meta"] == {"k": 1}
+
+
+def test_save_path_without_archive_writes_the_known_points(tmp_path: Path):
+    """save_to_db=False archives no run: the statistics come from the job's result (its curve, if given)."""
+    zoo = tmp_path / "zoo.sqlite"
+    api.data(zoo=zoo)  # creates the empty zoo
+    res = {"accuracy": 0.5, "epochs": 2.0, "duration_ns": 2000, "prm": {"lr": 0.1}}
+    uid, curve = api._curve(zoo, "job-none", res)
+    assert curve == [{"epoch": 2.0, "accuracy": 0.5, "duration_ns": 2000}]
+    api._write_save_path(tmp_path / "s", "n-1", "img-classification", "digits", "acc", dict(PRM), uid, curve)
+    assert [p.name for p in (tmp_path / "s").iterdir()] == ["2.json"]
+    with_curve = dict(res, curve=[{"epoch": 0.5, "accuracy": 0.3}, {"epoch": 1.0, "accuracy": 0.4, "loss": 1.5},
+                                  {"epoch": 2.0, "accuracy": 0.5}])
+    uid, curve = api._curve(zoo, "job-none", with_curve)
+    api._write_save_path(tmp_path / "c", "n-1", "img-classification", "digits", "acc", dict(PRM), uid, curve)
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["1.json", "2.json"]
+    one = json.loads((tmp_path / "c" / "1.json").read_text())[0]
+    assert one["accuracy"] == 0.4 and one["train_stat"] == {"train_loss": 1.5} and one["transform"] == "norm_32"
