@@ -18,8 +18,32 @@ from typing import Any
 import anyio
 import pandas as pd
 
-from zoo import connection
+from lemur_agent_server import api_tables, lemur_stats
+from lemur_agent_server.api_errors import (  # noqa: F401  (re-exported: callers catch api.<Name>)
+    AccuracyError,
+    AccuracyException,
+    CancelledError,
+    CheckNNError,
+    CodeSyntaxError,
+    ContractError,
+    InvalidRequestError,
+    LearnTimeError,
+    LearnTimeException,
+    NanLossError,
+    OutOfMemoryError,
+    OutputShapeError,
+    SandboxError,
+    TrainingError,
+    UnsupportedOptionError,
+    error_for,
+)
+from lemur_agent_server.api_tables import nn_stat_data, run_data  # noqa: F401  (LEMUR's API names)
+from sandbox import datasets
+from zoo import codehash, connection
 from zoo.query import Filters, as_tuple, grouped_sql
+
+# LEMUR's `good()`: a trained model counts only if its accuracy is above this multiple of chance
+GOOD_FACTOR = 1.2
 
 COLUMNS = ["task", "dataset", "metric", "nn", "nn_code", "nn_id", "epoch", "accuracy", "duration", "prm",
            "transform", "accuracy_to_time", "params", "run_uid", "status"]
@@ -34,39 +58,68 @@ def _zoo_path(zoo: str | os.PathLike[str] | None) -> Path:
 
 def data(only_best_accuracy: bool = False, task: str | None = None, dataset: str | None = None,
          metric: str | None = None, nn: str | Sequence[str] | None = None, epoch: float | None = None,
-         max_rows: int | None = None, nn_prefixes: str | Sequence[str] | None = None, unique_nn: bool = False,
-         *, zoo: str | os.PathLike[str] | None = None) -> pd.DataFrame:
+         max_rows: int | None = None, sql: Any = None, nn_prefixes: str | Sequence[str] | None = None,
+         unique_nn: bool = False, include_nn_stats: bool = False, *,
+         zoo: str | os.PathLike[str] | None = None) -> pd.DataFrame:
     """Records of the zoo as a DataFrame with LEMUR's column names (one row per curve point).
 
-    Same filters and semantics as the `query_models` tool; rows are ordered like LEMUR's
-    (task, dataset, metric, nn, epoch). `duration` is training-only nanoseconds. Each model's code is
-    one shared string; each row's `prm` is its own dict.
+    LEMUR 2.2.11's parameters in its order. Same filters and semantics as the `query_models` tool;
+    rows are ordered like LEMUR's (task, dataset, metric, nn, epoch). `duration` is training-only
+    nanoseconds. Each model's code is one shared string; each row's `prm` is its own dict.
+    `include_nn_stats=True` adds LEMUR's `nn_*` architecture columns (api_tables.NN_STAT_COLUMNS):
+    parameter count, FLOPs and code length from the model, the rest from the imported `nn_stat`
+    table where present, else None; plus ours, `nn_fingerprint` and `nn_code_quality`. `sql` (LEMUR's
+    JoinConf pair mode) is not supported.
     """
+    if sql is not None:
+        raise ValueError("data(sql=JoinConf(...)) (LEMUR's paired-record mode) is not supported here; call "
+                         "data() without sql and pair the rows yourself (e.g. a merge on task/dataset/metric).")
     filters = Filters(task=task, dataset=dataset, metric=metric, nn=as_tuple(nn), nn_prefix=as_tuple(nn_prefixes),
                       epoch=epoch, only_best_accuracy=only_best_accuracy, unique_nn=unique_nn)
     inner, args = grouped_sql(filters)
-    sql = (f"SELECT q.task, q.dataset, q.metric, m.name, q.model_id, q.epoch, q.accuracy, q.duration_ns, "
-           f"q.accuracy_to_time, m.params, r.uid, r.prm, r.transform, r.status, q.run_id FROM ({inner}) q "
-           f"JOIN model m ON m.id = q.model_id JOIN run r ON r.id = q.run_id "
-           f"ORDER BY q.task, q.dataset, q.metric, m.name, q.epoch, q.run_id")
+    query = (f"SELECT q.task, q.dataset, q.metric, m.name, q.model_id, q.epoch, q.accuracy, q.duration_ns, "
+             f"q.accuracy_to_time, m.params, r.uid, r.prm, r.transform, r.status, q.run_id FROM ({inner}) q "
+             f"JOIN model m ON m.id = q.model_id JOIN run r ON r.id = q.run_id "
+             f"ORDER BY q.task, q.dataset, q.metric, m.name, q.epoch, q.run_id")
     if max_rows is not None:
-        sql += " LIMIT ?"
+        query += " LIMIT ?"
         args.append(int(max_rows))
     conn = connection.connect_sync(_zoo_path(zoo), readonly=True)
     conn.row_factory = None
     try:
         conn.execute("BEGIN")  # one snapshot for the rows and the code
-        rows = conn.execute(sql, args).fetchall()
+        rows = conn.execute(query, args).fetchall()
         ids = sorted({r[4] for r in rows})
-        code: dict[int, tuple[str, str]] = {}
-        for start in range(0, len(ids), 900):
-            chunk = ids[start:start + 900]
-            for mid, text, lemur_id in conn.execute(
-                    f"SELECT id, code, lemur_id FROM model WHERE id IN ({','.join('?' * len(chunk))})", chunk):
-                code[mid] = (text, lemur_id)
+        code = _model_code(conn, ids)
+        stats = api_tables.nn_stats_by_model(conn, ids) if include_nn_stats else None
         conn.execute("COMMIT")
     finally:
         conn.close()
+    frame = _frame(rows, code)
+    if stats is not None:
+        for column in api_tables.NN_STAT_COLUMNS + api_tables.NN_EXTRA_COLUMNS:
+            frame[column] = [stats.get(m, {}).get(column) for m in (r[4] for r in rows)]
+    return frame
+
+
+def _cache_clear() -> None:
+    """LEMUR's `data` is lru_cached and NNGPT calls `data.cache_clear()` after writes; ours reads fresh."""
+
+
+data.cache_clear = _cache_clear  # type: ignore[attr-defined]
+
+
+def _model_code(conn: Any, ids: list[int]) -> dict[int, tuple[str, str]]:
+    code: dict[int, tuple[str, str]] = {}
+    for start in range(0, len(ids), 900):
+        chunk = ids[start:start + 900]
+        for mid, text, lemur_id in conn.execute(
+                f"SELECT id, code, lemur_id FROM model WHERE id IN ({','.join('?' * len(chunk))})", chunk):
+            code[mid] = (text, lemur_id)
+    return code
+
+
+def _frame(rows: list[tuple[Any, ...]], code: dict[int, tuple[str, str]]) -> pd.DataFrame:
     columns = list(zip(*rows)) if rows else [()] * 15
     parsed: dict[int, dict[str, Any]] = {}
 
@@ -84,37 +137,50 @@ def data(only_best_accuracy: bool = False, task: str | None = None, dataset: str
         "run_uid": columns[10], "status": columns[13]}, columns=COLUMNS)
 
 
-class CheckNNError(RuntimeError):
-    """check_nn failed; `.result` holds the structured job (status, stage, kind, message, log tail)."""
-
-    def __init__(self, message: str, result: dict[str, Any]):
-        super().__init__(message)
-        self.result = result
+def lemur_name(nn_code: str, prefix: str | None = None) -> str:
+    """LEMUR's model name: `md5(code with all whitespace removed)`, as `prefix-<md5>` when a prefix is given."""
+    digest = codehash.lemur_id(nn_code)
+    return f"{prefix}-{digest}" if prefix else digest
 
 
-def check_nn(nn_code: str, task: str, dataset: str, metric: str, prm: dict[str, Any], save_to_db: bool = True,
-             prefix: str | None = None, epoch_limit_minutes: float = 30.0, *,
-             zoo: str | os.PathLike[str] | None = None, sandbox: str | None = None,
-             max_train_samples: int | None = None) -> tuple[str, float, float, float]:
-    """Train `nn_code` once with `prm` (LEMUR's dict incl. batch, transform, epoch) in a sandbox.
+def _refuse_unsupported(export_onnx: bool, transform_dir: str | os.PathLike[str] | None) -> None:
+    """Options LEMUR has that we cannot honour: say so before any work, never ignore them silently."""
+    if transform_dir is not None:
+        raise UnsupportedOptionError(
+            f"transform_dir={str(transform_dir)!r}: custom transform code is not run here (untrusted code runs "
+            f"only inside the sandbox, and transforms are ours). Pass transform_dir=None and set prm['transform'] "
+            f"to one of: {', '.join(datasets.TRANSFORMS)}.", {"error": {"kind": "unsupported_option"}})
+    if export_onnx:
+        raise UnsupportedOptionError(
+            "export_onnx=True: ONNX export is not available yet (it must run inside the sandbox, which does not "
+            "export ONNX today). Call with export_onnx=False; the selected weights are archived as safetensors "
+            "(see the job's result 'weights').", {"error": {"kind": "unsupported_option"}})
 
-    Returns (name, accuracy, accuracy_to_time, code_quality) like LEMUR. The time limit is
-    `epoch_limit_minutes` per epoch, enforced as a hard wall-clock budget for the whole run.
-    Raises CheckNNError (with `.result`) on any failure.
-    """
-    from lemur_agent_server.config import Settings
-    from lemur_agent_server.evaluator.queue import JobQueue
+
+def _request(nn_code: str, task: str, dataset: str, metric: str, prm: dict[str, Any], prefix: str | None,
+             epoch_limit_minutes: float, max_train_samples: int | None) -> Any:
     from lemur_agent_server.evaluator.requests import EvalRequest
-    from zoo.store import ZooStore
 
     fixed = copy.deepcopy(dict(prm))
     epochs = float(fixed.pop("epoch", 1) or 1)
-    for key in ("uid", "duration", "accuracy", "epoch_max"):
+    for key in ("uid", "duration", "accuracy", "epoch_max", "duration_seconds", "train_stat"):
         fixed.pop(key, None)
-    request = EvalRequest(code=nn_code, task=task, dataset=dataset, metric=metric, prm=fixed, n_trials=1,
-                          epochs=epochs, eval_every=min(0.5, epochs),
-                          time_budget_s=max(30.0, epoch_limit_minutes * 60 * epochs), name_prefix=prefix,
-                          max_train_samples=max_train_samples)
+    try:
+        return EvalRequest(code=nn_code, task=task, dataset=dataset, metric=metric, prm=fixed, n_trials=1,
+                           epochs=epochs, eval_every=min(0.5, epochs),
+                           time_budget_s=max(30.0, epoch_limit_minutes * 60 * epochs), name_prefix=prefix,
+                           max_train_samples=max_train_samples)
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        raise InvalidRequestError(f"check_nn: bad arguments: {exc}", {"error": {"kind": "invalid_request",
+                                                                                "message": str(exc)}}) from None
+
+
+def _run_job(request: Any, save_to_db: bool, zoo: str | os.PathLike[str] | None,
+             sandbox: str | None) -> tuple[Path, str, Any]:
+    from lemur_agent_server.config import Settings
+    from lemur_agent_server.evaluator.queue import JobQueue
+    from zoo.store import ZooStore
+
     settings = Settings.from_env(zoo, sandbox=sandbox)
 
     async def run() -> tuple[str, Any]:
@@ -126,11 +192,84 @@ def check_nn(nn_code: str, task: str, dataset: str, metric: str, prm: dict[str, 
             await store.close()
 
     job_id, outcome = anyio.run(run)
+    return Path(settings.zoo_path), job_id, outcome
+
+
+def _curve(zoo_path: Path, job_id: str, res: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+    """(run uid, curve points) of the job's selected run: from the zoo when archived, else from the result.
+
+    Without archiving only the last point is known (the job's result), unless the pipeline adds the
+    selected trial's curve to it as `result["curve"]`.
+    """
+    conn = connection.connect_sync(zoo_path, readonly=True)
+    try:
+        run = conn.execute("SELECT id, uid, device, transform FROM run WHERE job_id=? AND selected=1",
+                           (job_id,)).fetchone()
+        if run is not None:
+            points = conn.execute("SELECT epoch, accuracy, loss, duration_ns FROM point WHERE run_id=? "
+                                  "ORDER BY epoch", (run[0],)).fetchall()
+            return run[1], [{"epoch": p[0], "accuracy": p[1], "loss": p[2], "duration_ns": p[3], "device": run[2],
+                             "transform": run[3]} for p in points]
+    finally:
+        conn.close()
+    if isinstance(res.get("curve"), list):
+        return f"{job_id}:selected", [p for p in res["curve"] if isinstance(p, dict)]
+    last = {"epoch": res.get("epochs"), "accuracy": res.get("accuracy"), "duration_ns": res.get("duration_ns")}
+    return f"{job_id}:selected", [last]
+
+
+def _write_save_path(save_path: str | os.PathLike[str], name: str, task: str, dataset: str, metric: str,
+                     prm: dict[str, Any], uid: str, curve: list[dict[str, Any]]) -> None:
+    """One LEMUR `<epoch>.json` per whole epoch of the curve (half-epoch points are ours, not LEMUR's)."""
+    lemur_uid = codehash.lemur_id(uid)  # LEMUR's uids are md5 hex strings; stable for one run
+    transform = next((p["transform"] for p in curve if p.get("transform")), None)
+    if transform and not prm.get("transform"):
+        prm = {**prm, "transform": transform}  # the one the run used (LEMUR's importer needs it)
+    by_epoch = {}
+    for point in curve:
+        epoch, accuracy = point.get("epoch"), point.get("accuracy")
+        if not isinstance(epoch, (int, float)) or not isinstance(accuracy, (int, float)):
+            continue
+        if not lemur_stats.is_whole_epoch(float(epoch)):
+            continue
+        by_epoch[float(epoch)] = [lemur_stats.record(
+            prm=prm, uid=lemur_uid, task=task, dataset=dataset, metric=metric, model=name, accuracy=accuracy,
+            duration_ns=point.get("duration_ns"), loss=point.get("loss"), device=point.get("device"))]
+    lemur_stats.add_records(save_path, by_epoch)
+
+
+def check_nn(nn_code: str, task: str, dataset: str, metric: str, prm: dict[str, Any], save_to_db: bool = True,
+             prefix: str | None = None, save_path: str | os.PathLike[str] | None = None, export_onnx: bool = False,
+             epoch_limit_minutes: float = 30, transform_dir: str | os.PathLike[str] | None = None, *,
+             zoo: str | os.PathLike[str] | None = None, sandbox: str | None = None,
+             max_train_samples: int | None = None) -> tuple[str, float, float, float]:
+    """Train `nn_code` once with `prm` (LEMUR's dict incl. batch, transform, epoch) in a sandbox.
+
+    LEMUR 2.2.11's parameters in LEMUR's order (NNGPT passes the first eight positionally), then ours,
+    keyword-only. Returns (name, accuracy, accuracy_to_time, code_quality) like LEMUR; the name is
+    LEMUR's `lemur_name(nn_code, prefix)`, and the archived model's `data()` `nn_id` is its md5.
+    The time limit is `epoch_limit_minutes` per epoch, enforced as a hard wall-clock budget for the run.
+
+    `save_path`: LEMUR's statistics files, one `<epoch>.json` per epoch, added to what is there.
+    Unlike LEMUR they are written whether or not `save_to_db` is set. `prm` is never mutated.
+
+    Raises a `CheckNNError` subclass per failure kind (see lemur_agent_server.api_errors), each with
+    `.result`; `AccuracyError` (alias `AccuracyException`) when accuracy is not above 1.2 x chance.
+    """
+    _refuse_unsupported(export_onnx, transform_dir)
+    request = _request(nn_code, task, dataset, metric, prm, prefix, epoch_limit_minutes, max_train_samples)
+    zoo_path, job_id, outcome = _run_job(request, save_to_db, zoo, sandbox)
     result = {"job_id": job_id, "status": outcome.status, "result": outcome.result, "error": outcome.error}
     res = outcome.result or {}
     if outcome.status != "succeeded" or res.get("accuracy") is None:
-        err = outcome.error or {}
-        raise CheckNNError(f"check_nn {outcome.status}: {err.get('kind', '')} {err.get('message', '')}".strip(),
-                           result)
-    return res["model_name"], float(res["accuracy"]), float(res.get("accuracy_to_time") or 0.0), \
-        float(res.get("code_quality") or 0.0)
+        raise error_for(outcome.status, result)
+    name = lemur_name(nn_code, prefix)
+    accuracy = float(res["accuracy"])
+    if save_path is not None:
+        uid, curve = _curve(zoo_path, job_id, res)
+        _write_save_path(save_path, name, task, dataset, metric, dict(prm), uid, curve)
+    chance = datasets.get_info(dataset).chance
+    if not accuracy > GOOD_FACTOR * chance:
+        raise AccuracyError(f"check_nn: accuracy {accuracy:.4f} is not above {GOOD_FACTOR} x chance "
+                            f"({GOOD_FACTOR * chance:.4f}) for {dataset} (LEMUR's acceptance rule)", result)
+    return name, accuracy, float(res.get("accuracy_to_time") or 0.0), float(res.get("code_quality") or 0.0)

@@ -17,8 +17,9 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
-from stats.export import TABLES, export
+from stats.export import FINETUNE_FORMATS, TABLES, export
 from stats.plots import DEFAULT_HEIGHT, DEFAULT_WIDTH, MAX_HEIGHT, MAX_WIDTH, MIN_HEIGHT, MIN_WIDTH, PLOT_KINDS, render
 from stats.report import REPORT_TOP
 from stats.scope import StatsError
@@ -67,10 +68,20 @@ def run_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    if args.format not in FINETUNE_FORMATS:
+        return None
+    dev, test = args.dev_fraction, args.test_fraction
+    if not (0 <= dev < 1 and 0 <= test < 1 and dev + test < 1):
+        raise StatsError(f"--dev-fraction {dev} and --test-fraction {test} must be in [0, 1) and sum to less "
+                         "than 1 (train gets the rest).")
+    return {"seed": args.seed, "fractions": (1 - dev - test, dev), "min_gap": args.min_gap}
+
+
 def run_export(args: argparse.Namespace) -> int:
     try:
         res = export(resolve_zoo_path(args.zoo), args.out, args.format, filters_from_args(args), args.table,
-                     top=args.top, workers=args.workers)
+                     top=args.top, workers=args.workers, finetune=_finetune_options(args))
     except StatsError as exc:
         return _fail(exc)
     print(res.describe())
@@ -103,10 +114,17 @@ def add_stats_subparsers(subparsers: argparse._SubParsersAction) -> argparse.Arg
                        description="Export the zoo. csv/parquet write one --table, streamed; xlsx writes a report "
                                    "with one sheet per task/dataset/metric and the plots embedded.\n\n"
                                    f"Tables:\n{tables}")
-    e.add_argument("--format", choices=["csv", "parquet", "xlsx"], help="default: OUT's suffix")
+    e.add_argument("--format", choices=["csv", "parquet", "xlsx", *FINETUNE_FORMATS],
+                   help="default: OUT's suffix; sft-jsonl/dpo-jsonl write OUT/{train,dev,test}.jsonl")
     e.add_argument("--table", choices=list(TABLES), default="points", help="csv/parquet only (default %(default)s)")
     e.add_argument("--top", type=int, default=REPORT_TOP, help="xlsx: models per leaderboard (default %(default)s)")
     e.add_argument("--workers", type=int, help="xlsx: processes drawing plots (default: automatic; 0: none)")
+    g = e.add_argument_group("sft-jsonl / dpo-jsonl (split by model, duplicates removed by fingerprint)")
+    g.add_argument("--seed", type=int, default=0, help="split seed (default %(default)s)")
+    g.add_argument("--dev-fraction", type=float, default=0.1, help="share of models in dev (default %(default)s)")
+    g.add_argument("--test-fraction", type=float, default=0.1, help="share of models in test (default %(default)s)")
+    g.add_argument("--min-gap", type=float, default=0.05,
+                   help="dpo: least accuracy difference between chosen and rejected (default %(default)s)")
     _add_filters(e)
     e.add_argument("out", type=Path, metavar="OUT")
     e.set_defaults(func=run_export)

@@ -1,4 +1,5 @@
-"""Exports of the zoo: one table as CSV or Parquet (here), or the Excel report (`stats.report`).
+"""Exports of the zoo: one table as CSV or Parquet (here), the Excel report (`stats.report`), or
+fine-tuning data for code LLMs (SFT/DPO JSONL, `stats.finetune`).
 
 Why streamed: a table export is for analysis elsewhere and may be the whole dataset (millions of
 curve points), so it goes from SQLite in chunks through pyarrow (C++ CSV and Parquet writers) and
@@ -21,12 +22,14 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from stats import aggregates as agg
+from stats.finetune import FinetuneResult, write_finetune
 from stats.plots import open_zoo
 from stats.report import REPORT_TOP, write_report
 from stats.scope import StatsError, Triple, no_data, points_where
 from zoo.query import Filters, _where
 
-ExportFormat = Literal["csv", "parquet", "xlsx"]
+ExportFormat = Literal["csv", "parquet", "xlsx", "sft-jsonl", "dpo-jsonl"]
+FINETUNE_FORMATS = ("sft-jsonl", "dpo-jsonl")  # folders of train/dev/test JSONL (stats.finetune)
 TableName = Literal["points", "runs", "models", "epochs", "leaderboard", "failures", "catalog"]
 CHUNK_ROWS = 100_000
 
@@ -187,8 +190,10 @@ def _write_table(conn: sqlite3.Connection, f: Filters, table: str, out: Path, fm
 
 def export(zoo: Path | str | sqlite3.Connection, out: Path | str, fmt: ExportFormat | None = None,
            filters: Filters | None = None, table: str = "points", top: int = REPORT_TOP,
-           workers: int | None = None) -> ExportResult:
-    """Write `table` as csv/parquet, or the Excel report (`fmt="xlsx"`, `table` ignored), to `out`.
+           workers: int | None = None, finetune: dict[str, Any] | None = None) -> ExportResult | FinetuneResult:
+    """Write `table` as csv/parquet, or the Excel report (`fmt="xlsx"`, `table` ignored), to `out`;
+    for sft-jsonl/dpo-jsonl, `out` is a folder that gets train/dev/test.jsonl (`finetune`: keyword
+    arguments of stats.finetune.write_finetune: seed, fractions, min_gap).
 
     The format defaults to the file suffix. `workers`: processes that render the report's plots
     (None: automatic, 0: in this process). Raises StatsError for an unknown format or table, or
@@ -196,8 +201,11 @@ def export(zoo: Path | str | sqlite3.Connection, out: Path | str, fmt: ExportFor
     """
     out = Path(out)
     fmt = fmt or out.suffix.lstrip(".").lower()  # type: ignore[assignment]
+    if fmt in FINETUNE_FORMATS:
+        return _export_finetune(zoo, out, fmt, filters or Filters(), finetune or {})
     if fmt not in ("csv", "parquet", "xlsx"):
-        raise StatsError(f"Unknown export format {fmt!r}. Use csv, parquet or xlsx (or an OUT ending in one).")
+        raise StatsError(f"Unknown export format {fmt!r}. Use csv, parquet, xlsx (or an OUT ending in one), "
+                         "sft-jsonl or dpo-jsonl.")
     if fmt != "xlsx" and table not in TABLES:
         raise StatsError(f"Unknown table {table!r}. Use one of: {', '.join(TABLES)}.")
     f = filters or Filters()
@@ -216,3 +224,13 @@ def export(zoo: Path | str | sqlite3.Connection, out: Path | str, fmt: ExportFor
             conn.close()
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _export_finetune(zoo: Path | str | sqlite3.Connection, out: Path, fmt: str, f: Filters,
+                     options: dict[str, Any]) -> FinetuneResult:
+    conn = zoo if isinstance(zoo, sqlite3.Connection) else open_zoo(zoo)
+    try:
+        return write_finetune(conn, out, fmt, f, **options)
+    finally:
+        if not isinstance(zoo, sqlite3.Connection):
+            conn.close()

@@ -27,7 +27,8 @@ def test_check_nn_like_lemur(tmp_path: Path, data_root: Path, monkeypatch):
                                                 prefix="api", zoo=zoo, sandbox="process")
     assert prm == PRM  # never mutates the caller's prm
     assert name.startswith("api-") and 0.3 < accuracy <= 1 and a2t > 0 and 0 < quality <= 1
-    frame = api.data(nn=name, zoo=zoo)
+    frame = api.data(zoo=zoo)
+    frame = frame[frame["nn_id"] == name.removeprefix("api-")]  # LEMUR's name: prefix-md5 = prefix-nn_id
     assert sorted(frame["epoch"]) == [0.5, 1.0, 1.5, 2.0]  # a curve point every half epoch
     assert frame.iloc[-1]["prm"]["lr"] == 0.05
 
