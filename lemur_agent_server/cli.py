@@ -257,7 +257,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             async with JobQueue.running(settings, store, workers=args.wait) as queue:
                 job_id = await queue.submit(request)
                 if not args.wait:
-                    return await store.get_job(job_id)
+                    return await store.jobs.get(job_id)
                 bar = tqdm(total=request.time_budget_s, unit="s", file=sys.stderr, desc=job_id)
 
                 async def show(row: dict[str, Any]) -> None:

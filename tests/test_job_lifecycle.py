@@ -52,7 +52,7 @@ async def wait_status(store: ZooStore, job_id: str, wanted: set[str], timeout: f
 
     deadline = time.monotonic() + timeout
     while True:
-        row = await store.get_job(job_id)
+        row = await store.jobs.get(job_id)
         if row["status"] in wanted:
             return row
         assert time.monotonic() < deadline, row
@@ -85,7 +85,7 @@ async def killed_worker_scenario(settings, store: ZooStore) -> None:
             first.kill()
     time.sleep(1.0)
     assert not runner_pids(job_id), "the sandbox outlived its killed server"
-    assert (await store.get_job(job_id))["status"] == "training"  # looks alive until someone notices
+    assert (await store.jobs.get(job_id))["status"] == "training"  # looks alive until someone notices
     assert await store.fetchall("SELECT id FROM run WHERE job_id=?", (job_id,)) == []
 
     second = start_worker(settings, stale_s=2)
@@ -113,7 +113,7 @@ async def test_clean_shutdown_hands_the_job_back(make_settings):
             job = (await client.call_tool("get_job", {"job_id": job["job_id"], "wait_s": 1})).structured_content
             assert not job["done"], job
     async with await ZooStore.open(settings.zoo_path) as store:
-        row = await store.get_job(job["job_id"])
+        row = await store.jobs.get(job["job_id"])
     assert row["status"] == "queued" and row["owner"] is None  # handed back, not stuck as training
     assert not runner_pids(job["job_id"])
     async with Client(build_server(settings)) as client:
