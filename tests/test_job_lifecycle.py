@@ -4,6 +4,7 @@ stopped server hands its job back at once; and the job tools answer in the legac
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -134,14 +135,25 @@ async def test_job_tools_in_the_legacy_era(make_settings):
         assert bad.structured_content["error"]["kind"] == "syntax"
         job = (await client.call_tool("submit_model", {"code": models.SLOW, "dataset": "digits", "epochs": 5,
                                                        "prm": {"batch": 16}})).structured_content
+        while job["status"] != "training":  # then the long poll below sees trial 0 train
+            job = (await client.call_tool("get_job", {"job_id": job["job_id"], "wait_s": 1})).structured_content
+            assert not job["done"], job
         seen = []
 
         async def on_progress(progress, total, message):
-            seen.append(message)
+            seen.append((progress, total, message))
 
         polled = await client.call_tool("get_job", {"job_id": job["job_id"], "wait_s": 4},
                                         progress_callback=on_progress)
         assert not polled.is_error and polled.structured_content["job_id"] == job["job_id"]
+        assert not polled.structured_content["done"]  # 5 slow epochs: still running after 4 s
+        assert len(seen) >= 2, seen  # the long poll reports while it waits
+        assert all(total == 4 for _, total, _ in seen)
+        steps = [p for p, _, _ in seen]
+        assert steps == sorted(steps) and len(set(steps)) == len(steps) and steps[-1] <= 4 + 1e-3
+        assert all(re.fullmatch(r"(queued|checking|training|evaluating): trial \S+ epoch \S+ best val \S+", m)
+                   for _, _, m in seen), seen
+        assert any(m.startswith("training: trial 0 ") for _, _, m in seen), seen
         cancelled = (await client.call_tool("cancel_job", {"job_id": job["job_id"]})).structured_content
         assert cancelled["status"] == "cancelled"
         unknown = await client.call_tool("get_job", {"job_id": "job-nope"})
