@@ -110,6 +110,15 @@ async def test_unknown_model_and_bad_args_are_clear_errors(client):
     assert result.is_error and "cursor" in result.content[0].text.lower()
 
 
+async def test_get_model_names_ignore_case_and_suggest_only_similar_names(client):
+    out = await call(client, "get_model", name="lenet5", include_code=False)
+    assert out["name"] == "LeNet5"
+    result = await client.call_tool("get_model", {"name": "no-such-model-xyz"})
+    assert result.is_error and "Similar names" not in result.content[0].text
+    result = await client.call_tool("get_model", {"name": "LeNet-5"})
+    assert result.is_error and "Similar names: LeNet5." in result.content[0].text
+
+
 async def test_code_resource_and_prompt(client):
     templates = (await client.list_resource_templates()).resource_templates
     assert any("models/{name}/code" in t.uri_template for t in templates)
