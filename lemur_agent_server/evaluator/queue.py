@@ -76,7 +76,8 @@ class JobQueue:
                 if workers:
                     for slot in range(settings.slot_count):
                         tg.start_soon(queue._worker, slot)
-                    tg.start_soon(queue._heartbeats)
+                # without workers too: a job run_now runs in the caller's task is heart-beaten like any other
+                tg.start_soon(queue._heartbeats)
                 yield queue
                 tg.cancel_scope.cancel()
         finally:
