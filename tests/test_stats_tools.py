@@ -152,8 +152,8 @@ async def test_the_tools_are_plain_functions_too(client: Client, zoo: Path) -> N
                                                       "dataset": CIFAR.dataset, "metric": CIFAR.metric,
                                                       "limit": 4})).structured_content
     assert board.model_dump(mode="json") == via_mcp
-    image, text = await stats_tools.plot(zoo, "mean_std", f, width=600, height=400)
-    assert Image.open(io.BytesIO(_png(image))).size == (600, 400)
+    image, text = await stats_tools.plot(zoo, "mean_std", f, width=800, height=400)
+    assert Image.open(io.BytesIO(_png(image))).size == (800, 400)
     assert "cifar-10" in text.text
     with pytest.raises(ToolError, match="Unknown model 'ghost'"):
         await stats_tools.leaderboard(zoo, Filters(nn=("ghost",)))
