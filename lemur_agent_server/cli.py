@@ -21,6 +21,7 @@ import anyio
 
 from lemur_agent_server import __version__
 from lemur_agent_server.config import Settings
+from sandbox.protocol import JobStatus
 
 log = logging.getLogger("lemur_agent_server")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -309,7 +310,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     outcome = anyio.run(run)
     print(json.dumps({"status": outcome.status, "result": outcome.result, "error": outcome.error}, indent=1,
                      default=str))
-    return 0 if outcome.status == "succeeded" else 1
+    return 0 if outcome.status == JobStatus.SUCCEEDED else 1
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -349,7 +350,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     row = anyio.run(run)
     print(json.dumps(row, indent=1, default=str))
-    return 0 if row and row["status"] in ("succeeded", "queued") else 1
+    return 0 if row and row["status"] in (JobStatus.SUCCEEDED, JobStatus.QUEUED) else 1
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -406,7 +407,7 @@ def cmd_evaluate_seeds(args: argparse.Namespace) -> int:
 
     results = anyio.run(run)
     print(json.dumps(results, indent=1, default=str))
-    return 0 if all(r["status"] in ("succeeded", "timed_out") for r in results) else 1
+    return 0 if all(r["status"] in (JobStatus.SUCCEEDED, JobStatus.TIMED_OUT) for r in results) else 1
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:

@@ -150,7 +150,7 @@ async def get_job(state: AppState, job_id: str, wait_s: float = 0, report: Progr
     jobs = state.zoo().jobs
     row = await jobs.get(job_id)
     if row is None:
-        recent = [j["id"] for j in await jobs.list(limit=5)]
+        recent = [j["id"] for j in await jobs.recent(limit=5)]
         raise ToolError(f"No job '{job_id}'. Recent jobs: {recent or 'none'}. Use the job_id that "
                         "submit_model returned.")
     if wait_s > 0 and state.queue is not None:

@@ -152,7 +152,8 @@ class JobStore:
     async def get(self, job_id: str) -> dict[str, Any] | None:
         return _decode(await self._zoo.fetchone("SELECT * FROM job WHERE id=?", (job_id,)))
 
-    async def list(self, limit: int = 20, status: str | None = None) -> list[dict[str, Any]]:
+    async def recent(self, limit: int = 20, status: str | None = None) -> list[dict[str, Any]]:
+        """The newest jobs first (ids, kinds, states), optionally of one status."""
         where, args = ("WHERE status=? ", (status, limit)) if status else ("", (limit,))
         return await self._zoo.fetchall(
             f"SELECT id, kind, status, model_name, created, finished FROM job {where}ORDER BY created DESC LIMIT ?",
