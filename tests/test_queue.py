@@ -194,6 +194,19 @@ async def test_a_job_of_a_dead_process_on_this_host_is_requeued_at_start(make_se
     assert row["status"] == "queued" and row["owner"] is None, row
 
 
+async def test_a_running_server_requeues_a_dead_owners_job_within_a_heartbeat(make_settings):
+    settings = make_settings(seed_zoo=False, stale_after_s=600)
+    request = EvalRequest(code=models.GOOD, dataset="digits", **QUICK)
+    async with await ZooStore.open(settings.zoo_path) as store:
+        async with JobQueue.running(settings, store):
+            owner = f"{socket.gethostname()}:{dead_pid()}:deadbeef"
+            # a kind no worker here runs, so the re-queued job stays visible as queued
+            insert_job(settings.zoo_path, "job-later-orphan", "batch", request, status="training", owner=owner,
+                       heartbeat=time.time(), attempts=1)
+            row = await wait_for(settings.zoo_path, "job-later-orphan", {"queued"}, queue_module.HEARTBEAT_S + 3)
+    assert row["owner"] is None and row["heartbeat"] is None
+
+
 async def test_a_live_owner_keeps_its_job_and_a_reused_pid_does_not(make_settings):
     settings = make_settings(seed_zoo=False, stale_after_s=600)
     request = EvalRequest(code=models.GOOD, dataset="digits", **QUICK)
