@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 from sandbox.protocol import FailureKind, JobStatus, Stage
 
 if TYPE_CHECKING:
+    import aiosqlite
+
     from zoo.store import ZooStore
 
 ACTIVE = (JobStatus.CHECKING, JobStatus.TRAINING, JobStatus.EVALUATING)
@@ -195,11 +197,20 @@ class JobStore:
     async def finish(self, claim: Claim, status: JobStatus, result: dict[str, Any] | None = None,
                      error: dict[str, Any] | None = None) -> bool:
         """End a job (with the model it archived, from `result`). False when the claim is no longer held."""
+        async with self._zoo.transaction() as db:
+            return await self.finish_in(db, claim, status, result, error)
+
+    @staticmethod
+    async def finish_in(db: aiosqlite.Connection, claim: Claim, status: JobStatus,
+                        result: dict[str, Any] | None = None, error: dict[str, Any] | None = None) -> bool:
+        """`finish` inside the caller's open transaction, so a job's runs and its end can commit together
+        (the caller rolls its archive back when this returns False: the job is no longer its own)."""
         assert JobStatus(status).is_finished(), status
         model_name = (result or {}).get("model_name")
-        return await self._update_claimed(
-            claim, "status=?, result=?, error=?, finished=?, model_name=COALESCE(?, model_name)",
-            (status, _json(result), _json(error), time.time(), model_name))
+        cur = await db.execute(
+            f"UPDATE job SET status=?, result=?, error=?, finished=?, model_name=COALESCE(?, model_name) "
+            f"WHERE {_CLAIMED}", (status, _json(result), _json(error), time.time(), model_name, *claim.args()))
+        return cur.rowcount == 1
 
     async def requeue(self, claim: Claim) -> bool:
         """Give a running job back to the queue (clean shutdown); the attempt does not count."""
