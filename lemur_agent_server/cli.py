@@ -2,7 +2,8 @@
 evaluate-seeds, stats, sandbox build.
 
 Every subcommand takes `--zoo PATH` (or LEMUR_ZOO). On `serve` over stdio nothing but the protocol
-may reach stdout, so all logging goes to stderr.
+may reach stdout, so all logging goes to stderr. A failure prints one line on stderr that says what to
+do (exit 2 for bad input, 1 otherwise); `--debug` adds the traceback.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sqlite3
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +21,68 @@ import anyio
 
 from lemur_agent_server import __version__
 from lemur_agent_server.config import Settings
+from sandbox.protocol import JobStatus
 
 log = logging.getLogger("lemur_agent_server")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 # The reference models are SGD nets: search where SGD trains them in a few epochs, not LEMUR's full range.
 SEED_SEARCH_SPACE = {"lr": {"low": 1e-3, "high": 0.2, "log": True}, "momentum": {"low": 0.8, "high": 0.99},
                      "batch": {"choices": [32, 64]}}
+
+
+class CliError(Exception):
+    """A failure the user can fix by changing the command line: printed as one line, exit status 2."""
+
+
+BAD_INPUT_EXIT = 2
+FAILURE_EXIT = 1
+# failures caused by what the user passed (a path, a value): exit 2. pydantic's ValidationError is a ValueError.
+_BAD_INPUT = (CliError, ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The exception itself, or the single one inside task-group wrappers (anyio raises groups)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _validation_line(exc: Any) -> str:
+    parts = [f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg'].removeprefix('Value error, ').rstrip('.')}"
+             for e in exc.errors()[:5]]
+    return "invalid input: " + "; ".join(parts) + ". Fix the option and run again."
+
+
+def explain(exc: BaseException) -> tuple[int, str]:
+    """(exit status, one line for stderr) of a failed command."""
+    from pydantic import ValidationError
+
+    exc = _leaf(exc)
+    if isinstance(exc, ValidationError):
+        return BAD_INPUT_EXIT, _validation_line(exc)
+    if isinstance(exc, OSError) and exc.filename is not None:
+        line = f"{exc.filename}: {exc.strerror or exc}"
+        hint = "check the path and run again" if isinstance(exc, _BAD_INPUT) else "--debug shows the traceback"
+        return (BAD_INPUT_EXIT if isinstance(exc, _BAD_INPUT) else FAILURE_EXIT), f"{line}; {hint}."
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else "(no message)"
+    if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
+        return BAD_INPUT_EXIT, f"{first}: pass --zoo the path of a zoo SQLite file (or a new path to create one)."
+    if isinstance(exc, _BAD_INPUT):
+        more = " (--debug shows the full message)" if "\n" in text else ""
+        return BAD_INPUT_EXIT, first + more
+    return FAILURE_EXIT, f"{type(exc).__name__}: {first} (run again with --debug for the full output and traceback)"
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    """argparse type of --prm: a JSON object, with an error that shows the expected form."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not JSON: {text[:80]!r}; write an object like '{{\"lr\": 0.01}}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text[:80]!r} is not a JSON object; write it like '{{\"lr\": 0.01}}'")
+    return value
 
 
 def _common(parser: argparse.ArgumentParser, top: bool = False) -> None:
@@ -35,6 +94,13 @@ def _common(parser: argparse.ArgumentParser, top: bool = False) -> None:
                         **kw)
     parser.add_argument("--sandbox", choices=("auto", "docker", "process"), help="isolation backend", **kw)
     parser.add_argument("-v", "--verbose", action="store_true", **kw)
+    parser.add_argument("--debug", action="store_true", help="show the traceback when a command fails", **kw)
+
+
+def _check_zoo_arg(args: argparse.Namespace) -> None:
+    zoo = getattr(args, "zoo", None)
+    if zoo and Path(zoo).is_dir():
+        raise CliError(f"--zoo {zoo} is a directory; pass the path of a zoo .sqlite file (new or existing).")
 
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
@@ -78,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("file", type=Path)
         p.add_argument("--task", default="img-classification")
         p.add_argument("--dataset", required=True)
-        p.add_argument("--prm", type=json.loads, default={}, help='fixed hyperparameters as JSON, e.g. {"lr":0.01}')
+        p.add_argument("--prm", type=_json_object, default={},
+                       help='fixed hyperparameters as JSON, e.g. {"lr":0.01}')
         if name == "submit":
             p.add_argument("--budget-s", type=float, default=300.0)
             p.add_argument("--trials", type=int, default=3)
@@ -140,10 +207,18 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command or "serve"
     handler = {"serve": cmd_serve, "worker": cmd_worker, "query": cmd_query, "check": cmd_check,
                "submit": cmd_submit, "import-lemur": cmd_import, "evaluate-seeds": cmd_evaluate_seeds,
-               "sandbox": cmd_sandbox}.get(command)
-    if handler is None:
-        return int(args.func(args) or 0)  # stats subcommands set func
-    return int(handler(args) or 0)
+               "sandbox": cmd_sandbox}.get(command) or args.func  # stats subcommands set func
+    try:
+        _check_zoo_arg(args)
+        return int(handler(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one line (and a traceback on --debug)
+        status, line = explain(exc)
+        if getattr(args, "debug", False):
+            traceback.print_exception(exc, file=sys.stderr)
+        print(f"lemur-agent-server {command}: {line}", file=sys.stderr)
+        return status
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -213,7 +288,7 @@ def _read_code(path: Path) -> str:
     try:
         return path.read_text()
     except OSError as exc:
-        raise SystemExit(f"cannot read {path}: {exc.strerror}") from exc
+        raise CliError(f"cannot read {path}: {exc.strerror}; pass the path of a model .py file") from exc
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -235,7 +310,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     outcome = anyio.run(run)
     print(json.dumps({"status": outcome.status, "result": outcome.result, "error": outcome.error}, indent=1,
                      default=str))
-    return 0 if outcome.status == "succeeded" else 1
+    return 0 if outcome.status == JobStatus.SUCCEEDED else 1
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -257,7 +332,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             async with JobQueue.running(settings, store, workers=args.wait) as queue:
                 job_id = await queue.submit(request)
                 if not args.wait:
-                    return await store.get_job(job_id)
+                    return await store.jobs.get(job_id)
                 bar = tqdm(total=request.time_budget_s, unit="s", file=sys.stderr, desc=job_id)
 
                 async def show(row: dict[str, Any]) -> None:
@@ -275,7 +350,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     row = anyio.run(run)
     print(json.dumps(row, indent=1, default=str))
-    return 0 if row and row["status"] in ("succeeded", "queued") else 1
+    return 0 if row and row["status"] in (JobStatus.SUCCEEDED, JobStatus.QUEUED) else 1
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -284,15 +359,20 @@ def cmd_import(args: argparse.Namespace) -> int:
     from lemur_agent_server.lemur_import import import_lemur_sync
 
     settings = _settings(args)
-    bar = tqdm(unit="file", file=sys.stderr, desc="import")
+    bars: list[tqdm] = []  # made at the first file: a path that fails at once leaves just its error line
 
     def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
+        if not bars:
+            bars.append(tqdm(unit="file", file=sys.stderr, desc="import"))
+        bars[0].total = total
+        bars[0].n = done
+        bars[0].refresh()
 
-    report = import_lemur_sync(settings.zoo_path, args.path, progress)
-    bar.close()
+    try:
+        report = import_lemur_sync(settings.zoo_path, args.path, progress)
+    finally:
+        for bar in bars:
+            bar.close()
     print(json.dumps(report.as_dict() if hasattr(report, "as_dict") else report.__dict__, indent=1, default=str))
     return 0
 
@@ -327,7 +407,7 @@ def cmd_evaluate_seeds(args: argparse.Namespace) -> int:
 
     results = anyio.run(run)
     print(json.dumps(results, indent=1, default=str))
-    return 0 if all(r["status"] in ("succeeded", "timed_out") for r in results) else 1
+    return 0 if all(r["status"] in (JobStatus.SUCCEEDED, JobStatus.TIMED_OUT) for r in results) else 1
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:

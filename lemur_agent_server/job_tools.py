@@ -8,19 +8,20 @@ progress while it waits.
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, Literal
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
 
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import ToolAnnotations
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, WithJsonSchema
 
 from lemur_agent_server.evaluator.requests import EvalRequest
 from lemur_agent_server.state import AppState
+from lemur_agent_server.tool_wiring import tool
 from sandbox import datasets
-
-JobStatus = Literal["queued", "checking", "training", "evaluating", "succeeded", "failed", "timed_out", "cancelled"]
+from sandbox.protocol import JobStatus
 
 Code = Annotated[str, Field(description="The complete Python source of the model file (Net contract; see "
                                         "list_catalog.net_contract)", min_length=1, max_length=400_000)]
@@ -50,9 +51,14 @@ class CheckResult(BaseModel):
     next_step: str
 
 
+# the job statuses as a plain string enum in the schema, as clients have always seen it
+StatusField = Annotated[JobStatus, WithJsonSchema({"enum": [s.value for s in JobStatus], "title": "Status",
+                                                   "type": "string"})]
+
+
 class JobView(BaseModel):
     job_id: str
-    status: JobStatus
+    status: StatusField
     done: bool = Field(description="True once the job reached a final state")
     model_name: str | None = None
     progress: dict[str, Any] | None = Field(default=None, description="Stage, trial, epoch, best validation "
@@ -69,16 +75,16 @@ class JobView(BaseModel):
 
 
 def job_view(row: dict[str, Any]) -> JobView:
-    status = row["status"]
-    done = status in ("succeeded", "failed", "timed_out", "cancelled")
-    if status == "succeeded":
+    status = JobStatus(row["status"])
+    done = status.is_finished()
+    if status is JobStatus.SUCCEEDED:
         hint = "Done. query_models(task, dataset, unique_nn=true) shows where it ranks; get_model(model_name)."
-    elif status == "failed":
+    elif status is JobStatus.FAILED:
         hint = "Read error.kind and error.message, fix the code, check_model it, then submit_model again."
-    elif status == "timed_out":
+    elif status is JobStatus.TIMED_OUT:
         hint = ("The time budget ran out; result holds what finished. Use fewer trials/epochs, a smaller "
                 "model, or a larger time_budget_s.")
-    elif status == "cancelled":
+    elif status is JobStatus.CANCELLED:
         hint = "Cancelled. Submit again when ready."
     else:
         hint = "Still running: call get_job(job_id, wait_s=50) again."
@@ -103,9 +109,82 @@ def require_dataset(state: AppState, name: str) -> None:
                         "(digits always is), or ask the operator to install the files.")
 
 
+# --- the tools' logic, callable without MCP --------------------------------------------------------
+async def check_model(state: AppState, request: EvalRequest) -> CheckResult:
+    """Run the check stage of `request` now and say what to fix."""
+    require_dataset(state, request.dataset)
+    outcome = await state.jobs().check(request)
+    result = outcome.result or {}
+    problems = []
+    if outcome.error:
+        problems = outcome.error.get("problems") or [
+            {k: v for k, v in outcome.error.items() if k in ("stage", "kind", "message", "traceback")}]
+    ok = outcome.status == JobStatus.SUCCEEDED
+    return CheckResult(
+        ok=ok, model_name=result.get("model_name", ""), problems=problems, params=result.get("params"),
+        flops=result.get("flops"), fingerprint=result.get("fingerprint"), in_shape=result.get("in_shape"),
+        out_shape=result.get("out_shape"), code_quality=result.get("code_quality"),
+        code_quality_detail=result.get("code_quality_detail"), duplicates=result.get("duplicates") or {},
+        isolation=result.get("isolation"),
+        next_step="submit_model with the same code" if ok else "fix the problems and call check_model again")
+
+
+async def submit_model(state: AppState, request: EvalRequest) -> JobView:
+    """Queue `request` as a job (static failures end at once) and return its view."""
+    if request.time_budget_s > state.settings.max_time_budget_s:
+        raise ToolError(f"time_budget_s={request.time_budget_s} exceeds this server's limit of "
+                        f"{state.settings.max_time_budget_s} s; lower it.")
+    require_dataset(state, request.dataset)
+    job_id = await state.jobs().submit(request)
+    row = await state.zoo().jobs.get(job_id)
+    assert row is not None
+    return job_view(row)
+
+
+ProgressFn = Callable[[float, float, str], Awaitable[None]]
+
+
+async def get_job(state: AppState, job_id: str, wait_s: float = 0, report: ProgressFn | None = None) -> JobView:
+    """The job's view, after waiting up to `wait_s` for it to end; `report(progress, total, message)`
+    hears each change while waiting (the MCP tool sends them as progress notifications)."""
+    jobs = state.zoo().jobs
+    row = await jobs.get(job_id)
+    if row is None:
+        recent = [j["id"] for j in await jobs.recent(limit=5)]
+        raise ToolError(f"No job '{job_id}'. Recent jobs: {recent or 'none'}. Use the job_id that "
+                        "submit_model returned.")
+    if wait_s > 0 and state.queue is not None:
+        started = time.monotonic()
+        tick = 0
+
+        async def on_change(current: dict[str, Any]) -> None:
+            nonlocal tick
+            if report is None:
+                return
+            tick += 1
+            progress = current.get("progress") or {}
+            await report(min(wait_s, time.monotonic() - started) + tick * 1e-6, wait_s,
+                         f"{current['status']}: trial {progress.get('trial')} epoch {progress.get('epoch')} "
+                         f"best val {progress.get('best_val_accuracy')}")
+
+        row = await state.queue.wait(job_id, wait_s, on_change) or row
+    return job_view(row)
+
+
+async def cancel_job(state: AppState, job_id: str) -> JobView:
+    """Request the job's cancellation and return its view once it took effect (at most 10 s)."""
+    status = await state.jobs().cancel(job_id)
+    if status is None:
+        raise ToolError(f"No job '{job_id}'. Use the job_id that submit_model returned.")
+    row = await state.queue.wait(job_id, 10) if state.queue else await state.zoo().jobs.get(job_id)
+    assert row is not None
+    return job_view(row)
+
+
+# --- MCP wiring: names, arguments and descriptions; each tool calls its function above ------------------
 def register_job_tools(mcp: MCPServer, state: AppState) -> None:
-    @mcp.tool(annotations=ToolAnnotations(read_only_hint=True, open_world_hint=False))
-    async def check_model(
+    @tool(mcp, "check_model", ToolAnnotations(read_only_hint=True, open_world_hint=False))
+    async def check_model_tool(
         code: Code,
         dataset: DatasetArg,
         task: TaskArg = "img-classification",
@@ -117,26 +196,11 @@ def register_job_tools(mcp: MCPServer, state: AppState) -> None:
         duplicates already in the zoo, and the code-quality score with its breakdown.
         Use it before every submit_model. `problems` lists what to fix. Next: submit_model.
         """
-        request = build_request(code=code, dataset=dataset, task=task, prm=prm or {})
-        require_dataset(state, dataset)
-        outcome = await state.jobs().check(request)
-        result = outcome.result or {}
-        problems = []
-        if outcome.error:
-            problems = outcome.error.get("problems") or [
-                {k: v for k, v in outcome.error.items() if k in ("stage", "kind", "message", "traceback")}]
-        ok = outcome.status == "succeeded"
-        return CheckResult(
-            ok=ok, model_name=result.get("model_name", ""), problems=problems, params=result.get("params"),
-            flops=result.get("flops"), fingerprint=result.get("fingerprint"), in_shape=result.get("in_shape"),
-            out_shape=result.get("out_shape"), code_quality=result.get("code_quality"),
-            code_quality_detail=result.get("code_quality_detail"), duplicates=result.get("duplicates") or {},
-            isolation=result.get("isolation"),
-            next_step="submit_model with the same code" if ok else "fix the problems and call check_model again")
+        return await check_model(state, build_request(code=code, dataset=dataset, task=task, prm=prm or {}))
 
-    @mcp.tool(annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False,
-                                          open_world_hint=False))
-    async def submit_model(
+    @tool(mcp, "submit_model", ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False,
+                                               open_world_hint=False))
+    async def submit_model_tool(
         code: Code,
         dataset: DatasetArg,
         task: TaskArg = "img-classification",
@@ -167,21 +231,13 @@ def register_job_tools(mcp: MCPServer, state: AppState) -> None:
         Returns at once with job_id (static failures are reported immediately).
         Next: get_job(job_id, wait_s=50) until done is true.
         """
-        request = build_request(code=code, dataset=dataset, task=task, metric=metric, prm=prm or {},
-                                search_space=search_space or {}, n_trials=n_trials, epochs=epochs,
-                                time_budget_s=time_budget_s, eval_every=eval_every, seed=seed, repeats=repeats,
-                                name_prefix=name_prefix, max_train_samples=max_train_samples)
-        if request.time_budget_s > state.settings.max_time_budget_s:
-            raise ToolError(f"time_budget_s={request.time_budget_s} exceeds this server's limit of "
-                            f"{state.settings.max_time_budget_s} s; lower it.")
-        require_dataset(state, dataset)
-        job_id = await state.jobs().submit(request)
-        row = await state.zoo().get_job(job_id)
-        assert row is not None
-        return job_view(row)
+        return await submit_model(state, build_request(
+            code=code, dataset=dataset, task=task, metric=metric, prm=prm or {}, search_space=search_space or {},
+            n_trials=n_trials, epochs=epochs, time_budget_s=time_budget_s, eval_every=eval_every, seed=seed,
+            repeats=repeats, name_prefix=name_prefix, max_train_samples=max_train_samples))
 
-    @mcp.tool(annotations=ToolAnnotations(read_only_hint=True, open_world_hint=False))
-    async def get_job(
+    @tool(mcp, "get_job", ToolAnnotations(read_only_hint=True, open_world_hint=False))
+    async def get_job_tool(
         job_id: Annotated[str, Field(description="job_id returned by submit_model", min_length=1, max_length=64)],
         wait_s: Annotated[float, Field(description="Wait up to this many seconds (0..50) for the job to end; "
                                                    "progress is reported while waiting", ge=0, le=50)] = 0,
@@ -192,41 +248,14 @@ def register_job_tools(mcp: MCPServer, state: AppState) -> None:
         notifications. When done it carries the result (accuracy, accuracy_to_time, code_quality,
         selected hyperparameters, every trial) or the error (stage, kind, message, log tail).
         """
-        store = state.zoo()
-        row = await store.get_job(job_id)
-        if row is None:
-            recent = [j["id"] for j in await store.list_jobs(limit=5)]
-            raise ToolError(f"No job '{job_id}'. Recent jobs: {recent or 'none'}. Use the job_id that "
-                            "submit_model returned.")
-        if wait_s > 0 and state.queue is not None:
-            started = time.monotonic()
-            tick = 0
+        return await get_job(state, job_id, wait_s, ctx.report_progress if ctx is not None else None)
 
-            async def report(current: dict[str, Any]) -> None:
-                nonlocal tick
-                if ctx is None:
-                    return
-                tick += 1
-                progress = current.get("progress") or {}
-                await ctx.report_progress(
-                    min(wait_s, time.monotonic() - started) + tick * 1e-6, wait_s,
-                    f"{current['status']}: trial {progress.get('trial')} epoch {progress.get('epoch')} "
-                    f"best val {progress.get('best_val_accuracy')}")
-
-            row = await state.queue.wait(job_id, wait_s, report) or row
-        return job_view(row)
-
-    @mcp.tool(annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True,
-                                          open_world_hint=False))
-    async def cancel_job(
+    @tool(mcp, "cancel_job", ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True,
+                                             open_world_hint=False))
+    async def cancel_job_tool(
         job_id: Annotated[str, Field(description="job_id to cancel", min_length=1, max_length=64)],
     ) -> JobView:
         """Cancel a queued or running job: its sandbox is killed, finished trials stay archived.
         Cancelling a finished job changes nothing. Returns the job's state after the request.
         """
-        status = await state.jobs().cancel(job_id)
-        if status is None:
-            raise ToolError(f"No job '{job_id}'. Use the job_id that submit_model returned.")
-        row = await state.queue.wait(job_id, 10) if state.queue else await state.zoo().get_job(job_id)
-        assert row is not None
-        return job_view(row)
+        return await cancel_job(state, job_id)

@@ -18,6 +18,7 @@ from pydantic import Field
 from lemur_agent_server import contract
 from lemur_agent_server.schemas import Catalog, CatalogEntry, DatasetEntry, ModelDetail, QueryResult
 from lemur_agent_server.state import AppState
+from lemur_agent_server.tool_wiring import tool
 from sandbox import datasets
 from zoo.query import Filters, Page, QueryError
 
@@ -32,7 +33,7 @@ Metric = Annotated[str | None, Field(description="Metric, e.g. 'acc' (accuracy i
 
 
 async def unknown_model_error(state: AppState, name: str) -> ToolError:
-    near = await state.zoo().model_names(like_prefix=name[:3], limit=5)
+    near = await state.zoo().similar_model_names(name, limit=5)
     hint = f" Similar names: {', '.join(near)}." if near else ""
     return ToolError(f"Unknown model '{name}'.{hint} Use query_models to find names.")
 
@@ -48,9 +49,126 @@ def dataset_entries(settings_data_root: Any) -> list[DatasetEntry]:
     return entries
 
 
+# --- the tools' logic, callable without MCP --------------------------------------------------------
+async def list_catalog(state: AppState) -> Catalog:
+    """What the zoo holds and what the evaluator accepts."""
+    store = state.zoo()
+    counts = await store.catalog_counts()
+    transforms = await store.transform_counts()
+    sandbox_info = state.queue.describe_sandbox() if state.queue else {"backend": "none (no worker)"}
+    return Catalog(
+        zoo=[CatalogEntry(**c) for c in counts],
+        totals=await store.totals(),
+        evaluator_datasets=dataset_entries(state.settings.data_root),
+        transforms=list(datasets.TRANSFORMS),
+        transform_help=contract.TRANSFORM_HELP,
+        zoo_transforms={t["transform"]: t["runs"] for t in transforms[:50]},
+        metrics=["acc"],
+        net_contract=contract.NET_CONTRACT,
+        hyperparameters=contract.HYPERPARAMETERS,
+        sandbox=sandbox_info,
+    )
+
+
+async def query_models(state: AppState, filters: Filters, page: Page, include_code: bool = False) -> QueryResult:
+    """One page of learning-curve points for the filters, with code on demand within a budget."""
+    store = state.zoo()
+    try:
+        result = await store.query(filters, page)
+    except QueryError as exc:
+        raise ToolError(str(exc)) from exc
+    rows = result["rows"]
+    code_cut = False
+    if include_code and rows:
+        code_cut = await _attach_code(store, rows)
+    more = result["next_cursor"] is not None
+    if result["total"] == 0:
+        hint = "No rows match. Loosen the filters, or call list_catalog to see what the zoo holds."
+    elif more:
+        hint = "More rows exist: call again with cursor=next_cursor. get_model(name) shows one model."
+    else:
+        hint = "All matching rows returned. get_model(name) shows code, curve and runs of one model."
+    return QueryResult(
+        rows=[{k: v for k, v in r.items() if k not in ("run_uid", "status", "model_id", "transform")}
+              for r in rows],
+        total=result["total"], returned=len(rows), offset=0 if page.cursor else page.offset,
+        next_cursor=result["next_cursor"], truncated=more or code_cut, hint=hint,
+    )
+
+
+BEST_RUN_FIELDS = ("uid", "task", "dataset", "metric", "transform", "prm", "seed", "epochs", "status", "accuracy",
+                   "duration_ns", "accuracy_to_time", "device", "versions", "dataset_hash", "job_id", "trial",
+                   "isolation", "created")
+
+
+async def get_model(state: AppState, name: str, include_code: bool = True) -> ModelDetail:
+    """Everything known about one model; `name` matches case-insensitively when only one model fits."""
+    store = state.zoo()
+    resolved = await store.resolve_model_name(name)
+    detail = await store.model_detail(resolved) if resolved is not None else None
+    if detail is None:
+        raise await unknown_model_error(state, name)
+    model = detail["model"]
+    same = []
+    if model.get("fingerprint"):
+        same = [m["name"] for m in await store.models_by_fingerprint(model["fingerprint"])
+                if m["name"] != model["name"]][:20]
+    code = model["code"] if include_code else None
+    cut = False
+    if code is not None and len(code) > MODEL_CODE_CAP_CHARS:
+        code, cut = code[:MODEL_CODE_CAP_CHARS], True
+    best = detail["best_run"]
+    if best:
+        best = {k: _maybe_json(v) for k, v in best.items() if k in BEST_RUN_FIELDS}
+    return ModelDetail(
+        name=model["name"], origin=model["origin"], created=model["created"], code_hash=model["code_hash"],
+        lemur_id=model["lemur_id"], fingerprint=model["fingerprint"], params=model["params"],
+        flops=model["flops"], code_quality=model["code_quality"],
+        code_quality_detail=_maybe_json(model["code_quality_detail"]),
+        supported_hyperparameters=_maybe_json(model["supported_hyperparameters"]),
+        summary=detail["summary"], best_run=best, curve=detail["curve"], weights=detail["weights"],
+        recent_runs=[{k: _maybe_json(v) for k, v in r.items()} for r in detail["recent_runs"]],
+        same_architecture=same, code=code, code_truncated=cut,
+    )
+
+
+async def model_code(state: AppState, name: str) -> str:
+    """The code of one model (exact name, as in its resource URI)."""
+    row = await state.zoo().model_by_name(name)
+    if row is None:
+        raise ResourceNotFoundError(f"Unknown model '{name}'. Use query_models to find names.")
+    return row["code"]
+
+
+async def design_model(state: AppState, task: str, dataset: str) -> str:
+    """The design prompt: the Net contract plus the code of the best models for the task."""
+    store = state.zoo()
+    result = await store.query(Filters(task=task, dataset=dataset, unique_nn=True), Page(limit=3))
+    names = [r["name"] for r in result["rows"]]
+    source = f"the best models for {task}/{dataset} in the zoo"
+    if not names:
+        names = await store.model_names(limit=3)
+        source = "reference models (the zoo has no runs for this task/dataset yet)"
+    examples = []
+    for name in names:
+        row = await store.model_by_name(name)
+        if row:
+            examples.append(f"### {name}\n```python\n{row['code'][:12000]}\n```")
+    return (
+        f"Design a new neural network for task '{task}' on dataset '{dataset}'.\n\n"
+        f"## The Net contract\n{contract.NET_CONTRACT}\n"
+        f"## Hyperparameters\n" + "\n".join(f"- {k}: {v}" for k, v in contract.HYPERPARAMETERS.items())
+        + f"\n\n## Transforms\n{contract.TRANSFORM_HELP}\n\n## Examples: {source}\n" + "\n\n".join(examples)
+        + "\n\n## Workflow\n1. check_model(code, task, dataset) until it reports no problems.\n"
+        "2. submit_model(...) returns a job_id at once.\n3. get_job(job_id, wait_s=50) until it ends.\n"
+        "4. query_models(task, dataset, unique_nn=true) to see where your model ranks."
+    )
+
+
+# --- MCP wiring: names, arguments and descriptions; each tool calls its function above ------------------
 def register_read_tools(mcp: MCPServer, state: AppState) -> None:
-    @mcp.tool(annotations=READ_ONLY)
-    async def list_catalog() -> Catalog:
+    @tool(mcp, "list_catalog", READ_ONLY)
+    async def list_catalog_tool() -> Catalog:
         """Show what the zoo holds and what the evaluator accepts. Call this FIRST.
 
         Returns: the task/dataset/metric combinations in the zoo with counts of models and runs; the
@@ -59,25 +177,10 @@ def register_read_tools(mcp: MCPServer, state: AppState) -> None:
         follow; the hyperparameter conventions; and the sandbox isolation in use.
         Next: query_models to rank existing models, get_model to read one, submit_model to train yours.
         """
-        store = state.zoo()
-        counts = await store.catalog_counts()
-        transforms = await store.transform_counts()
-        sandbox_info = state.queue.describe_sandbox() if state.queue else {"backend": "none (no worker)"}
-        return Catalog(
-            zoo=[CatalogEntry(**c) for c in counts],
-            totals=await store.totals(),
-            evaluator_datasets=dataset_entries(state.settings.data_root),
-            transforms=list(datasets.TRANSFORMS),
-            transform_help=contract.TRANSFORM_HELP,
-            zoo_transforms={t["transform"]: t["runs"] for t in transforms[:50]},
-            metrics=["acc"],
-            net_contract=contract.NET_CONTRACT,
-            hyperparameters=contract.HYPERPARAMETERS,
-            sandbox=sandbox_info,
-        )
+        return await list_catalog(state)
 
-    @mcp.tool(annotations=READ_ONLY)
-    async def query_models(
+    @tool(mcp, "query_models", READ_ONLY)
+    async def query_models_tool(
         task: Task = None,
         dataset: Dataset = None,
         metric: Metric = None,
@@ -114,32 +217,10 @@ def register_read_tools(mcp: MCPServer, state: AppState) -> None:
                           nn_prefix=tuple(nn_prefix or ()), epoch=epoch, min_accuracy=min_accuracy,
                           only_best_accuracy=only_best_accuracy, unique_nn=unique_nn)
         page = Page(sort=sort, descending=descending, limit=limit, offset=offset, cursor=cursor)
-        store = state.zoo()
-        try:
-            result = await store.query(filters, page)
-        except QueryError as exc:
-            raise ToolError(str(exc)) from exc
-        rows = result["rows"]
-        code_cut = False
-        if include_code and rows:
-            code_cut = await _attach_code(store, rows)
-        returned = len(rows)
-        more = result["next_cursor"] is not None
-        if result["total"] == 0:
-            hint = "No rows match. Loosen the filters, or call list_catalog to see what the zoo holds."
-        elif more:
-            hint = "More rows exist: call again with cursor=next_cursor. get_model(name) shows one model."
-        else:
-            hint = "All matching rows returned. get_model(name) shows code, curve and runs of one model."
-        return QueryResult(
-            rows=[{k: v for k, v in r.items() if k not in ("run_uid", "status", "model_id", "transform")}
-                  for r in rows],
-            total=result["total"], returned=returned, offset=0 if cursor else offset,
-            next_cursor=result["next_cursor"], truncated=more or code_cut, hint=hint,
-        )
+        return await query_models(state, filters, page, include_code)
 
-    @mcp.tool(annotations=READ_ONLY)
-    async def get_model(
+    @tool(mcp, "get_model", READ_ONLY)
+    async def get_model_tool(
         name: Annotated[str, Field(description="Exact model name from query_models", min_length=1, max_length=300)],
         include_code: Annotated[bool, Field(description="Return the model's code (default true)")] = True,
     ) -> ModelDetail:
@@ -149,71 +230,20 @@ def register_read_tools(mcp: MCPServer, state: AppState) -> None:
         with the same architecture. Use it to study a strong model before writing a variant.
         Next: submit_model with your modified code.
         """
-        store = state.zoo()
-        detail = await store.model_detail(name)
-        if detail is None:
-            raise await unknown_model_error(state, name)
-        model = detail["model"]
-        same = []
-        if model.get("fingerprint"):
-            same = [m["name"] for m in await store.models_by_fingerprint(model["fingerprint"])
-                    if m["name"] != name][:20]
-        code = model["code"] if include_code else None
-        cut = False
-        if code is not None and len(code) > MODEL_CODE_CAP_CHARS:
-            code, cut = code[:MODEL_CODE_CAP_CHARS], True
-        best = detail["best_run"]
-        if best:
-            best = {k: _maybe_json(v) for k, v in best.items()
-                    if k in ("uid", "task", "dataset", "metric", "transform", "prm", "seed", "epochs", "status",
-                             "accuracy", "duration_ns", "accuracy_to_time", "device", "versions",
-                             "dataset_hash", "job_id", "trial", "isolation", "created")}
-        return ModelDetail(
-            name=model["name"], origin=model["origin"], created=model["created"], code_hash=model["code_hash"],
-            lemur_id=model["lemur_id"], fingerprint=model["fingerprint"], params=model["params"],
-            flops=model["flops"], code_quality=model["code_quality"],
-            code_quality_detail=_maybe_json(model["code_quality_detail"]),
-            supported_hyperparameters=_maybe_json(model["supported_hyperparameters"]),
-            summary=detail["summary"], best_run=best, curve=detail["curve"], weights=detail["weights"],
-            recent_runs=[{k: _maybe_json(v) for k, v in r.items()} for r in detail["recent_runs"]],
-            same_architecture=same, code=code, code_truncated=cut,
-        )
+        return await get_model(state, name, include_code)
 
-    @mcp.resource("lemur://models/{name}/code", mime_type="text/x-python",
+    @mcp.resource("lemur://models/{name}/code", name="model_code", mime_type="text/x-python",
                   description="The Python code of one model in the zoo")
-    async def model_code(name: str) -> str:
-        row = await state.zoo().model_by_name(name)
-        if row is None:
-            raise ResourceNotFoundError(f"Unknown model '{name}'. Use query_models to find names.")
-        return row["code"]
+    async def model_code_resource(name: str) -> str:
+        return await model_code(state, name)
 
-    @mcp.prompt()
-    async def design_model(
+    @mcp.prompt(name="design_model")
+    async def design_model_prompt(
         task: Annotated[str, Field(description="Task, e.g. img-classification")] = "img-classification",
         dataset: Annotated[str, Field(description="Dataset, e.g. cifar-10")] = "cifar-10",
     ) -> str:
         """Start designing a new network: the Net contract plus the code of the best models for the task."""
-        store = state.zoo()
-        result = await store.query(Filters(task=task, dataset=dataset, unique_nn=True), Page(limit=3))
-        names = [r["name"] for r in result["rows"]]
-        source = f"the best models for {task}/{dataset} in the zoo"
-        if not names:
-            names = await store.model_names(limit=3)
-            source = "reference models (the zoo has no runs for this task/dataset yet)"
-        examples = []
-        for name in names:
-            row = await store.model_by_name(name)
-            if row:
-                examples.append(f"### {name}\n```python\n{row['code'][:12000]}\n```")
-        return (
-            f"Design a new neural network for task '{task}' on dataset '{dataset}'.\n\n"
-            f"## The Net contract\n{contract.NET_CONTRACT}\n"
-            f"## Hyperparameters\n" + "\n".join(f"- {k}: {v}" for k, v in contract.HYPERPARAMETERS.items())
-            + f"\n\n## Transforms\n{contract.TRANSFORM_HELP}\n\n## Examples: {source}\n" + "\n\n".join(examples)
-            + "\n\n## Workflow\n1. check_model(code, task, dataset) until it reports no problems.\n"
-            "2. submit_model(...) returns a job_id at once.\n3. get_job(job_id, wait_s=50) until it ends.\n"
-            "4. query_models(task, dataset, unique_nn=true) to see where your model ranks."
-        )
+        return await design_model(state, task, dataset)
 
 
 async def _attach_code(store: Any, rows: list[dict[str, Any]]) -> bool:

@@ -22,6 +22,7 @@ from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp.types import ImageContent, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field
 
+from lemur_agent_server.tool_wiring import tool
 from stats import aggregates as agg
 from stats.plots import (
     DEFAULT_HEIGHT,
@@ -117,10 +118,48 @@ def _content(res: PlotResult) -> list[ImageContent | TextContent]:
             TextContent(type="text", text=f"{res.summary}\n[{res.kind} plot, {res.width}x{res.height} px PNG]")]
 
 
+# --- the tools' logic, callable without MCP --------------------------------------------------------
+async def plot(zoo_path: Path, kind: str, f: Filters, width: int = DEFAULT_WIDTH, height: int = DEFAULT_HEIGHT,
+               models: tuple[str, ...] = (), limit: int = 5) -> list[ImageContent | TextContent]:
+    """One plot of the zoo as image + text content; `models` are the curves to draw (kind=curves)."""
+    res = await _in_thread(functools.partial(render, kind, zoo_path, f, width=width, height=height,
+                                             models=models, limit=limit))
+    return _content(res)
+
+
+async def leaderboard(zoo_path: Path, f: Filters, by: str = "accuracy", limit: int = 20,
+                      offset: int = 0) -> Leaderboard:
+    """One page of the ranking of models by their best run."""
+    return await _in_thread(functools.partial(_leaderboard, zoo_path, f, by, limit, offset))
+
+
+def plot_kinds() -> str:
+    return json.dumps({"template": "lemur://plots/{kind}{?task,dataset,metric,epoch}",
+                       "kinds": {k: s.description for k, s in PLOT_KINDS.items()}}, indent=1)
+
+
+async def plot_png(zoo_path: Path, kind: str, task: str | None = None, dataset: str | None = None,
+                   metric: str | None = None, epoch: str | None = None) -> bytes:
+    """A plot as PNG bytes for the resource URI's (string) parameters."""
+    if kind not in PLOT_KINDS:
+        raise ResourceNotFoundError(f"Unknown plot kind {kind!r}. Use one of: {', '.join(PLOT_KINDS)}.")
+    try:
+        ep = float(epoch) if epoch not in (None, "") else None
+    except ValueError as exc:
+        raise ResourceNotFoundError(f"epoch must be a number, not {epoch!r}.") from exc
+    f = Filters(task=task or None, dataset=dataset or None, metric=metric or None, epoch=ep)
+    try:
+        res = await anyio.to_thread.run_sync(functools.partial(render, kind, zoo_path, f), limiter=_LIMITER)
+    except StatsError as exc:
+        raise ResourceNotFoundError(str(exc)) from exc
+    return res.png
+
+
+# --- MCP wiring: names, arguments and descriptions; each tool calls its function above ------------------
 def register_stats_tools(mcp: MCPServer, get_zoo_path: Callable[[], Path]) -> None:
     """Add the `plot` and `leaderboard` tools and the `lemur://plots/...` resources to `mcp`."""
 
-    @mcp.tool(annotations=READ_ONLY, description=(
+    @tool(mcp, "plot", READ_ONLY, description=(
         "Draw one plot of the zoo's training results and return it as a PNG image plus a short text "
         "summary of what it shows (key numbers, so you can reason even without seeing the image). Use it "
         "to compare learning curves, see the accuracy/time or accuracy/size trade-off (Pareto fronts), "
@@ -130,7 +169,7 @@ def register_stats_tools(mcp: MCPServer, get_zoo_path: Callable[[], Path]) -> No
         "else the one with the most runs (the summary says which). Aggregates are computed over the whole zoo in "
         "SQL; scatters draw at most 5,000 points and say how many they skipped. Takes about 0.2-3 s. "
         "Next: leaderboard or query_models for the exact rows behind a plot, get_model for a model's code."))
-    async def plot(
+    async def plot_tool(
         kind: Annotated[PlotKind, Field(description="Which plot; see the list in the description")],
         task: Task = None,
         dataset: Dataset = None,
@@ -150,13 +189,10 @@ def register_stats_tools(mcp: MCPServer, get_zoo_path: Callable[[], Path]) -> No
     ) -> list[ImageContent | TextContent]:
         curves = kind == "curves"
         f = _filters(task, dataset, metric, None if curves else models, nn_prefix, epoch, min_accuracy)
-        path = get_zoo_path()
-        res = await _in_thread(functools.partial(render, kind, path, f, width=width, height=height,
-                                                 models=tuple(models or ()) if curves else (), limit=limit))
-        return _content(res)
+        return await plot(get_zoo_path(), kind, f, width, height, tuple(models or ()) if curves else (), limit)
 
-    @mcp.tool(annotations=READ_ONLY)
-    async def leaderboard(
+    @tool(mcp, "leaderboard", READ_ONLY)
+    async def leaderboard_tool(
         by: Annotated[Literal["accuracy", "accuracy_to_time"], Field(
             description="Rank by test accuracy, or by LEMUR's accuracy-to-time (accuracy gained per training "
                         "time; favours fast models)")] = "accuracy",
@@ -181,30 +217,16 @@ def register_stats_tools(mcp: MCPServer, get_zoo_path: Callable[[], Path]) -> No
         Next: get_model(name) for the code and curve of a row, plot(kind='curves', models=[...]) to compare.
         """
         f = _filters(task, dataset, metric, models, nn_prefix, epoch, min_accuracy)
-        path = get_zoo_path()
-        return await _in_thread(functools.partial(_leaderboard, path, f, by, limit, offset))
+        return await leaderboard(get_zoo_path(), f, by, limit, offset)
 
     @mcp.resource("lemur://plots", name="plot_kinds", mime_type="application/json",
                   description="The plot kinds, what each shows, and the URI template to read one as a PNG.")
-    def plot_kinds() -> str:
-        return json.dumps({"template": "lemur://plots/{kind}{?task,dataset,metric,epoch}",
-                           "kinds": {k: s.description for k, s in PLOT_KINDS.items()}}, indent=1)
+    def plot_kinds_resource() -> str:
+        return plot_kinds()
 
     @mcp.resource("lemur://plots/{kind}{?task,dataset,metric,epoch}", name="plot", mime_type="image/png",
                   description="A plot of the zoo as a PNG (1000x600 px), with default filters unless task, dataset, "
                               "metric or epoch are given. Kinds: " + ", ".join(PLOT_KINDS))
     async def plot_resource(kind: str, task: str | None = None, dataset: str | None = None,
                             metric: str | None = None, epoch: str | None = None) -> bytes:
-        if kind not in PLOT_KINDS:
-            raise ResourceNotFoundError(f"Unknown plot kind {kind!r}. Use one of: {', '.join(PLOT_KINDS)}.")
-        try:
-            ep = float(epoch) if epoch not in (None, "") else None
-        except ValueError as exc:
-            raise ResourceNotFoundError(f"epoch must be a number, not {epoch!r}.") from exc
-        f = Filters(task=task or None, dataset=dataset or None, metric=metric or None, epoch=ep)
-        path = get_zoo_path()
-        try:
-            res = await anyio.to_thread.run_sync(functools.partial(render, kind, path, f), limiter=_LIMITER)
-        except StatsError as exc:
-            raise ResourceNotFoundError(str(exc)) from exc
-        return res.png
+        return await plot_png(get_zoo_path(), kind, task, dataset, metric, epoch)

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
+from sandbox.protocol import JobStatus, RunStatus
 from stats.scope import (
     Triple,
     all_runs_sql,
@@ -29,11 +30,11 @@ from stats.scope import (
     runs_sql,
     sample_clause,
 )
+from zoo.jobs import JobKind
 from zoo.query import Filters, name_filter
-from zoo.store import TERMINAL_JOB_STATES
 
 LeaderboardBy = Literal["accuracy", "accuracy_to_time"]
-FAILED_STATUSES = ("failed", "timed_out")
+FAILED_STATUSES = tuple(str(s) for s in RunStatus if s.is_failure())
 SCATTER_CAP = 5_000  # points drawn in a scatter; the rest are summarised (front, counts)
 CORRELATION_CAP = 20_000  # runs sampled for correlations
 
@@ -345,8 +346,9 @@ def job_outcomes(conn: sqlite3.Connection, f: Filters) -> dict[str, Any]:
     server evaluated into has any (imported and synthetic zoos have none: `jobs` is 0). Filters apply
     through the request (task, dataset, metric) and the model name (nn, nn_prefix); epoch and
     min_accuracy describe runs, not jobs, and are ignored here. `check_model` calls leave no job."""
-    where = ["kind IN ('submit', 'evaluate')", f"status IN ({', '.join('?' * len(TERMINAL_JOB_STATES))})"]
-    args: list[Any] = list(TERMINAL_JOB_STATES)
+    finished = JobStatus.finished()
+    where = ["kind IN (?, ?)", f"status IN ({', '.join('?' * len(finished))})"]
+    args: list[Any] = [JobKind.SUBMIT, JobKind.EVALUATE, *finished]
     for key in ("task", "dataset", "metric"):
         value = getattr(f, key)
         if value is not None:
@@ -359,7 +361,7 @@ def job_outcomes(conn: sqlite3.Connection, f: Filters) -> dict[str, Any]:
     df = _frame(conn, "SELECT status, json_extract(error, '$.stage') AS stage, json_extract(error, '$.kind') AS "
                 "kind, COUNT(*) AS jobs, MIN(json_extract(error, '$.message')) AS example FROM job WHERE "
                 + " AND ".join(where) + " GROUP BY 1, 2, 3", args)
-    by_status, reasons = _status_tables(df, "jobs", df["status"] != "succeeded")
+    by_status, reasons = _status_tables(df, "jobs", df["status"] != JobStatus.SUCCEEDED)
     return {"jobs": int(df["jobs"].sum()), "by_status": by_status, "reasons": reasons}
 
 

@@ -22,6 +22,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
+from sandbox.protocol import JobStatus, RunStatus
 from stats import aggregates as agg
 from stats.fit import POINT_NAME_GID, SUBTITLE_GID
 from stats.palette import DIVERGING_CMAP, GREY, REFERENCE, series
@@ -397,7 +398,8 @@ def check_failures(f: Filters, fl: dict[str, Any]) -> dict[str, Any]:
     return {"f": f, "failures": fl}
 
 
-STATUS_COLOURS = {"succeeded": series(2), "pruned": series(5), "failed": series(4), "timed_out": series(3)}
+STATUS_COLOURS = {RunStatus.SUCCEEDED: series(2), RunStatus.PRUNED: series(5), RunStatus.FAILED: series(4),
+                  RunStatus.TIMED_OUT: series(3)}
 
 
 def draw_failures(fig: Figure, d: dict[str, Any]) -> str:
@@ -446,12 +448,12 @@ def draw_failures(fig: Figure, d: dict[str, Any]) -> str:
 def _jobs_note(jobs: dict[str, Any] | None) -> str:
     if not jobs or not jobs["jobs"]:
         return ""
-    ok = int(jobs["by_status"].loc[jobs["by_status"]["status"] == "succeeded", "jobs"].sum())
+    ok = int(jobs["by_status"].loc[jobs["by_status"]["status"] == JobStatus.SUCCEEDED, "jobs"].sum())
     return f" · submissions: {_n(ok)} of {_n(jobs['jobs'])} succeeded"
 
 
 def _job_reason(x: Any) -> str:
-    if pd.isna(x.example) and x.status == "timed_out":  # the budget stopped a search that had trials to keep
+    if pd.isna(x.example) and x.status == JobStatus.TIMED_OUT:  # the budget stopped a search that had trials to keep
         return f"timed_out {_n(x.jobs)} without an error (the budget ended the search; finished trials were kept)"
     if pd.isna(x.example):
         return f"{x.status} {_n(x.jobs)} without an error"

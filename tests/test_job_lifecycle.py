@@ -4,6 +4,7 @@ stopped server hands its job back at once; and the job tools answer in the legac
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -52,7 +53,7 @@ async def wait_status(store: ZooStore, job_id: str, wanted: set[str], timeout: f
 
     deadline = time.monotonic() + timeout
     while True:
-        row = await store.get_job(job_id)
+        row = await store.jobs.get(job_id)
         if row["status"] in wanted:
             return row
         assert time.monotonic() < deadline, row
@@ -85,7 +86,7 @@ async def killed_worker_scenario(settings, store: ZooStore) -> None:
             first.kill()
     time.sleep(1.0)
     assert not runner_pids(job_id), "the sandbox outlived its killed server"
-    assert (await store.get_job(job_id))["status"] == "training"  # looks alive until someone notices
+    assert (await store.jobs.get(job_id))["status"] == "training"  # looks alive until someone notices
     assert await store.fetchall("SELECT id FROM run WHERE job_id=?", (job_id,)) == []
 
     second = start_worker(settings, stale_s=2)
@@ -113,7 +114,7 @@ async def test_clean_shutdown_hands_the_job_back(make_settings):
             job = (await client.call_tool("get_job", {"job_id": job["job_id"], "wait_s": 1})).structured_content
             assert not job["done"], job
     async with await ZooStore.open(settings.zoo_path) as store:
-        row = await store.get_job(job["job_id"])
+        row = await store.jobs.get(job["job_id"])
     assert row["status"] == "queued" and row["owner"] is None  # handed back, not stuck as training
     assert not runner_pids(job["job_id"])
     async with Client(build_server(settings)) as client:
@@ -134,14 +135,25 @@ async def test_job_tools_in_the_legacy_era(make_settings):
         assert bad.structured_content["error"]["kind"] == "syntax"
         job = (await client.call_tool("submit_model", {"code": models.SLOW, "dataset": "digits", "epochs": 5,
                                                        "prm": {"batch": 16}})).structured_content
+        while job["status"] != "training":  # then the long poll below sees trial 0 train
+            job = (await client.call_tool("get_job", {"job_id": job["job_id"], "wait_s": 1})).structured_content
+            assert not job["done"], job
         seen = []
 
         async def on_progress(progress, total, message):
-            seen.append(message)
+            seen.append((progress, total, message))
 
         polled = await client.call_tool("get_job", {"job_id": job["job_id"], "wait_s": 4},
                                         progress_callback=on_progress)
         assert not polled.is_error and polled.structured_content["job_id"] == job["job_id"]
+        assert not polled.structured_content["done"]  # 5 slow epochs: still running after 4 s
+        assert len(seen) >= 2, seen  # the long poll reports while it waits
+        assert all(total == 4 for _, total, _ in seen)
+        steps = [p for p, _, _ in seen]
+        assert steps == sorted(steps) and len(set(steps)) == len(steps) and steps[-1] <= 4 + 1e-3
+        assert all(re.fullmatch(r"(queued|checking|training|evaluating): trial \S+ epoch \S+ best val \S+", m)
+                   for _, _, m in seen), seen
+        assert any(m.startswith("training: trial 0 ") for _, _, m in seen), seen
         cancelled = (await client.call_tool("cancel_job", {"job_id": job["job_id"]})).structured_content
         assert cancelled["status"] == "cancelled"
         unknown = await client.call_tool("get_job", {"job_id": "job-nope"})

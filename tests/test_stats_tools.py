@@ -138,3 +138,24 @@ async def test_plots_are_resources(client: Client) -> None:
         await client.read_resource("lemur://plots/pie")
     with pytest.raises(MCPError, match="list_catalog"):
         await client.read_resource("lemur://plots/box?dataset=svhn")
+
+
+async def test_the_tools_are_plain_functions_too(client: Client, zoo: Path) -> None:  # noqa: F811
+    from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
+
+    from lemur_agent_server import stats_tools
+    from zoo.query import Filters
+
+    f = Filters(task=CIFAR.task, dataset=CIFAR.dataset, metric=CIFAR.metric)
+    board = await stats_tools.leaderboard(zoo, f, "accuracy_to_time", limit=4)
+    via_mcp = (await client.call_tool("leaderboard", {"by": "accuracy_to_time", "task": CIFAR.task,
+                                                      "dataset": CIFAR.dataset, "metric": CIFAR.metric,
+                                                      "limit": 4})).structured_content
+    assert board.model_dump(mode="json") == via_mcp
+    image, text = await stats_tools.plot(zoo, "mean_std", f, width=800, height=400)
+    assert Image.open(io.BytesIO(_png(image))).size == (800, 400)
+    assert "cifar-10" in text.text
+    with pytest.raises(ToolError, match="Unknown model 'ghost'"):
+        await stats_tools.leaderboard(zoo, Filters(nn=("ghost",)))
+    with pytest.raises(ResourceNotFoundError, match="Unknown plot kind 'pie'"):
+        await stats_tools.plot_png(zoo, "pie")

@@ -1,4 +1,4 @@
-"""The async zoo store used by the server: models, runs with their curves, weights and jobs.
+"""The async zoo store used by the server: models, runs with their curves and weights (jobs: `zoo.jobs`).
 
 Why one writer connection behind a lock: SQLite allows one writer at a time anyway, and a run with
 its curve points must land in one transaction so that concurrent readers (other tools, other server
@@ -8,8 +8,8 @@ so a long query never delays a job's progress update.
 
 from __future__ import annotations
 
+import difflib
 import json
-import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,12 +18,13 @@ from typing import Any
 import aiosqlite
 import anyio
 
+from sandbox.protocol import RunStatus
 from zoo import codehash, connection, schema
+from zoo.jobs import JobStore
 from zoo.query import Filters, Page, count_sql, decode_row, encode_cursor, page_sql
 from zoo.records import Model, Run
 
-TERMINAL_JOB_STATES = ("succeeded", "failed", "timed_out", "cancelled")
-ACTIVE_JOB_STATES = ("checking", "training", "evaluating")
+_FAILED_RUN_SQL = ",".join(f"'{s}'" for s in RunStatus if s.is_failure())
 
 
 def _json(value: Any) -> str | None:
@@ -39,6 +40,7 @@ class ZooStore:
         self._r = reader
         self._write_lock = anyio.Lock()
         self._read_lock = anyio.Lock()
+        self.jobs = JobStore(self)  # the queue's table, same file and writer
 
     # --- lifecycle ---------------------------------------------------------------------------------
     @classmethod
@@ -158,6 +160,27 @@ class ZooStore:
     async def models_by_fingerprint(self, fingerprint: str) -> list[dict[str, Any]]:
         return await self.fetchall("SELECT id, name, origin FROM model WHERE fingerprint=?", (fingerprint,))
 
+    async def resolve_model_name(self, name: str) -> str | None:
+        """`name` itself, else the one model whose name equals it ignoring case (None: none, or ambiguous)."""
+        rows = await self.fetchall("SELECT name FROM model WHERE name = ? COLLATE NOCASE ORDER BY name LIMIT 2",
+                                   (name,))
+        names = [r["name"] for r in rows]
+        if name in names:
+            return name
+        return names[0] if len(names) == 1 else None
+
+    async def similar_model_names(self, name: str, limit: int = 5, cutoff: float = 0.6) -> list[str]:
+        """Names that really resemble `name` (difflib's ratio over lower-cased names), best first; maybe none."""
+        names = [r["name"] for r in await self.fetchall("SELECT name FROM model")]
+        by_lower: dict[str, str] = {}
+        for n in names:
+            by_lower.setdefault(n.lower(), n)
+
+        def close() -> list[str]:
+            return difflib.get_close_matches(name.lower(), list(by_lower), n=limit, cutoff=cutoff)
+
+        return [by_lower[n] for n in await anyio.to_thread.run_sync(close)]
+
     async def model_names(self, like_prefix: str | None = None, limit: int = 20) -> list[str]:
         if like_prefix:
             rows = await self.fetchall("SELECT name FROM model WHERE name >= ? ORDER BY name LIMIT ?",
@@ -243,7 +266,7 @@ class ZooStore:
             summary = [dict(r) for r in await db.execute_fetchall(
                 "SELECT task, dataset, metric, COUNT(*) AS runs, MAX(accuracy) AS best_accuracy,"
                 " AVG(accuracy) AS mean_accuracy, MAX(accuracy_to_time) AS best_accuracy_to_time,"
-                " MAX(epochs) AS max_epochs, SUM(status IN ('failed','timed_out')) AS failed_runs"
+                f" MAX(epochs) AS max_epochs, SUM(status IN ({_FAILED_RUN_SQL})) AS failed_runs"
                 " FROM run WHERE model_id=? GROUP BY task, dataset, metric ORDER BY best_accuracy DESC",
                 (model["id"],))]
             best = await (await db.execute(
@@ -282,126 +305,3 @@ class ZooStore:
         row = await self.fetchone(
             "SELECT (SELECT COUNT(*) FROM model) AS models, (SELECT COUNT(*) FROM run) AS runs")
         return dict(row) if row else {"models": 0, "runs": 0}
-
-    # --- jobs --------------------------------------------------------------------------------------
-    async def create_job(self, job_id: str, kind: str, request: dict[str, Any], model_name: str | None) -> None:
-        async with self.transaction() as db:
-            await db.execute(
-                "INSERT INTO job(id, kind, status, request, model_name, created) VALUES(?,?,?,?,?,?)",
-                (job_id, kind, "queued", _json(request), model_name, time.time()))
-
-    async def get_job(self, job_id: str) -> dict[str, Any] | None:
-        row = await self.fetchone("SELECT * FROM job WHERE id=?", (job_id,))
-        if row:
-            for key in ("request", "progress", "result", "error"):
-                if row.get(key):
-                    row[key] = json.loads(row[key])
-        return row
-
-    async def claim_next_job(self, owner: str) -> dict[str, Any] | None:
-        """Atomically move the oldest queued job to `checking` for this owner."""
-        async with self.transaction() as db:
-            row = await (await db.execute(
-                "SELECT id FROM job WHERE status='queued' AND cancel_requested=0 ORDER BY created LIMIT 1"
-            )).fetchone()
-            if row is None:
-                return None
-            now = time.time()
-            await db.execute(
-                "UPDATE job SET status='checking', owner=?, heartbeat=?, started=COALESCE(started, ?),"
-                " attempts=attempts+1 WHERE id=?", (owner, now, now, row[0]))
-        return await self.get_job(row[0])
-
-    async def claim_specific_job(self, job_id: str, owner: str) -> dict[str, Any] | None:
-        """Claim one queued job by id (used to fail static-check failures at submit time)."""
-        async with self.transaction() as db:
-            now = time.time()
-            cur = await db.execute(
-                "UPDATE job SET status='checking', owner=?, heartbeat=?, started=?, attempts=attempts+1 "
-                "WHERE id=? AND status='queued'", (owner, now, now, job_id))
-            if cur.rowcount != 1:
-                return None
-        return await self.get_job(job_id)
-
-    async def update_job(self, job_id: str, **fields: Any) -> None:
-        allowed = {"status", "progress", "result", "error", "model_name", "finished", "heartbeat", "owner"}
-        bad = set(fields) - allowed
-        if bad:
-            raise ValueError(f"not job fields: {sorted(bad)}")
-        sets = ", ".join(f"{k}=?" for k in fields)
-        values = [_json(v) if isinstance(v, (dict, list)) else v for v in fields.values()]
-        async with self.transaction() as db:
-            await db.execute(f"UPDATE job SET {sets} WHERE id=?", (*values, job_id))
-
-    async def finish_job(self, job_id: str, status: str, result: dict[str, Any] | None = None,
-                         error: dict[str, Any] | None = None) -> None:
-        assert status in TERMINAL_JOB_STATES, status
-        await self.update_job(job_id, status=status, result=result, error=error, finished=time.time())
-
-    async def request_cancel(self, job_id: str) -> str | None:
-        """Mark a job for cancellation. A queued job is cancelled at once. Returns its status after."""
-        async with self.transaction() as db:
-            row = await (await db.execute("SELECT status FROM job WHERE id=?", (job_id,))).fetchone()
-            if row is None:
-                return None
-            status = row[0]
-            if status in TERMINAL_JOB_STATES:
-                return status
-            if status == "queued":
-                await db.execute("UPDATE job SET status='cancelled', cancel_requested=1, finished=? WHERE id=?",
-                                 (time.time(), job_id))
-                return "cancelled"
-            await db.execute("UPDATE job SET cancel_requested=1 WHERE id=?", (job_id,))
-            return status
-
-    async def recover_jobs(self, stale_after_s: float, max_attempts: int = 2) -> dict[str, list[str]]:
-        """Jobs whose owner stopped heart-beating: re-queue them, or fail them as `interrupted`.
-
-        Runs are written in one transaction per job at its end, so an interrupted job never leaves a
-        half-written run behind; it is simply run again (or reported) here.
-        """
-        cutoff = time.time() - stale_after_s
-        placeholders = ",".join("?" * len(ACTIVE_JOB_STATES))
-        requeued: list[str] = []
-        failed: list[str] = []
-        async with self.transaction() as db:
-            rows = await db.execute_fetchall(
-                f"SELECT id, attempts, cancel_requested FROM job WHERE status IN ({placeholders}) "
-                "AND (heartbeat IS NULL OR heartbeat < ?)", (*ACTIVE_JOB_STATES, cutoff))
-            for job_id, attempts, cancel in rows:
-                if cancel:
-                    await db.execute("UPDATE job SET status='cancelled', finished=? WHERE id=?",
-                                     (time.time(), job_id))
-                elif attempts < max_attempts:
-                    await db.execute("UPDATE job SET status='queued', owner=NULL, heartbeat=NULL WHERE id=?",
-                                     (job_id,))
-                    requeued.append(job_id)
-                else:
-                    error = {"stage": "queue", "kind": "interrupted",
-                             "message": f"The server running this job stopped {attempts} times; "
-                                        "submit again if you still need it."}
-                    await db.execute("UPDATE job SET status='failed', error=?, finished=? WHERE id=?",
-                                     (_json(error), time.time(), job_id))
-                    failed.append(job_id)
-        return {"requeued": requeued, "failed": failed}
-
-    async def requeue_job(self, job_id: str) -> None:
-        """Give a running job back to the queue (clean shutdown); the attempt does not count."""
-        async with self.transaction() as db:
-            await db.execute(
-                "UPDATE job SET status='queued', owner=NULL, heartbeat=NULL, attempts=MAX(0, attempts-1) "
-                "WHERE id=? AND status IN ('checking','training','evaluating')", (job_id,))
-
-    async def heartbeat(self, job_ids: Sequence[str]) -> None:
-        if not job_ids:
-            return
-        async with self.transaction() as db:
-            await db.executemany("UPDATE job SET heartbeat=? WHERE id=?", [(time.time(), j) for j in job_ids])
-
-    async def list_jobs(self, limit: int = 20, status: str | None = None) -> list[dict[str, Any]]:
-        if status:
-            return await self.fetchall(
-                "SELECT id, kind, status, model_name, created, finished FROM job WHERE status=? "
-                "ORDER BY created DESC LIMIT ?", (status, limit))
-        return await self.fetchall("SELECT id, kind, status, model_name, created, finished FROM job "
-                                   "ORDER BY created DESC LIMIT ?", (limit,))

@@ -3,15 +3,14 @@
 Why persisted in the zoo: a stdio client (and every MCP Inspector CLI call) starts a fresh server
 process, and hosts restart servers at will. A job lives in the `job` table; a worker claims it
 atomically, heart-beats while it runs, and writes its runs in one transaction at the end. A server
-that starts finds jobs whose owner stopped heart-beating and re-queues them (or fails them as
-`interrupted` after repeated crashes), so no job is lost or stuck and no run is half-written.
+that starts, and every heartbeat after, finds jobs whose owner died (its process gone from this host,
+or its heartbeat stale) and re-queues them (or fails them as `interrupted` after repeated crashes),
+so no job is lost or stuck and no run is half-written. The persistence rules live in `zoo.jobs`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,13 +27,21 @@ from lemur_agent_server.evaluator.backends import choose_backend
 from lemur_agent_server.evaluator.requests import EvalRequest
 from lemur_agent_server.evaluator.static_checks import static_problems
 from sandbox.backend import Backend, Limits
-from zoo.store import TERMINAL_JOB_STATES, ZooStore
+from sandbox.protocol import FailureKind, JobStatus, Stage
+from zoo.jobs import Claim, JobKind, new_owner_id
+from zoo.store import ZooStore
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 3.0
 IDLE_POLL_S = 1.0
 CHECK_CONCURRENCY = 1
+WORKER_KINDS = (JobKind.SUBMIT, JobKind.EVALUATE)  # the kinds a worker slot claims and runs (as themselves)
+
+
+async def _no_progress(stage: str, info: dict[str, Any]) -> None:
+    """Progress of a job that has no row to write it to (a check, a static failure before its row)."""
+    return None
 
 
 class JobQueue:
@@ -42,10 +49,12 @@ class JobQueue:
         self.settings = settings
         self.store = store
         self.backend = backend
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.jobs = store.jobs
+        self.owner = new_owner_id()
         self._wakeup = anyio.Event()
         self._changed: dict[str, anyio.Event] = {}
         self._running: dict[str, pipeline.Job] = {}
+        self._claims: dict[str, Claim] = {}
         self._check_slots = anyio.Semaphore(CHECK_CONCURRENCY)
         self.last_timings: dict[str, dict[str, float]] = {}
         self._tg: anyio.abc.TaskGroup | None = None
@@ -60,16 +69,15 @@ class JobQueue:
         removed = await backend.cleanup_orphans()
         if removed:
             log.info("removed %d orphaned sandboxes", removed)
-        recovered = await store.recover_jobs(settings.stale_after_s)
-        if recovered["requeued"] or recovered["failed"]:
-            log.info("recovered jobs: %s", recovered)
+        await queue._recover()
         try:
             async with anyio.create_task_group() as tg:
                 queue._tg = tg
                 if workers:
                     for slot in range(settings.slot_count):
                         tg.start_soon(queue._worker, slot)
-                    tg.start_soon(queue._heartbeats)
+                # without workers too: a job run_now runs in the caller's task is heart-beaten like any other
+                tg.start_soon(queue._heartbeats)
                 yield queue
                 tg.cancel_scope.cancel()
         finally:
@@ -96,37 +104,39 @@ class JobQueue:
 
     # --- public API --------------------------------------------------------------------------------
     async def submit(self, request: EvalRequest) -> str:
-        """Persist a job and return its id at once. Code failing static checks fails at once, archived."""
+        """Persist a job and return its id at once. Code failing static checks fails at once, archived.
+
+        The static checks run before any job row exists: if they crash, the caller gets the error and
+        nothing stays queued. A failing submission is archived, then its job is written already
+        finished in one statement (a crash in between leaves a failed run and no job, never a queued one).
+        """
         job_id = "job-" + uuid.uuid4().hex[:12]
-        await self.store.create_job(job_id, "submit", request.model_dump(), None)
-        if static_problems(request.code):
-            claimed = await self.store.claim_specific_job(job_id, self.owner)
-            if claimed:
-                await self._run(claimed)
-        else:
+        if not static_problems(request.code):
+            await self.jobs.create(job_id, JobKind.SUBMIT, request.model_dump())
             self._wakeup.set()
+            return job_id
+        outcome = await pipeline.evaluate(self._job(job_id, JobKind.SUBMIT, request, _no_progress))
+        await self.jobs.create_finished(job_id, JobKind.SUBMIT, request.model_dump(), JobStatus(outcome.status),
+                                        outcome.result, outcome.error, (outcome.result or {}).get("model_name"))
+        self._notify(job_id)
         return job_id
 
     async def check(self, request: EvalRequest) -> pipeline.Outcome:
         """The check stage only, now, outside the training slots (it takes seconds)."""
         job_id = "check-" + uuid.uuid4().hex[:12]
         request = request.model_copy(update={"time_budget_s": min(request.time_budget_s, pipeline.CHECK_WALL_S)})
-
-        async def no_progress(stage: str, info: dict[str, Any]) -> None:
-            return None
-
         async with self._check_slots:
-            job = self._job(job_id, "check", request, no_progress)
-            return await pipeline.evaluate(job)
+            return await pipeline.evaluate(self._job(job_id, JobKind.CHECK, request, _no_progress))
 
     async def run_now(self, request: EvalRequest, archive: bool = True) -> tuple[str, pipeline.Outcome]:
         """Evaluate in the caller's task, outside the worker slots (the Python API's check_nn)."""
         job_id = "job-" + uuid.uuid4().hex[:12]
-        await self.store.create_job(job_id, "submit" if archive else "evaluate", request.model_dump(), None)
-        row = await self.store.claim_specific_job(job_id, self.owner)
+        kind = JobKind.SUBMIT if archive else JobKind.EVALUATE
+        claim = await self.jobs.create_claimed(job_id, kind, request.model_dump(), self.owner)
+        row = await self.jobs.get(job_id)
         assert row is not None
-        await self._run(row, kind="submit" if archive else "evaluate")
-        final = await self.store.get_job(job_id)
+        await self._run(row, claim)
+        final = await self.jobs.get(job_id)
         assert final is not None
         return job_id, pipeline.Outcome(final["status"], final.get("result"), final.get("error"))
 
@@ -134,21 +144,21 @@ class JobQueue:
                    on_change: Callable[[dict[str, Any]], Awaitable[None]] | None = None) -> dict[str, Any] | None:
         """The job row, after it ends or `wait_s` passes, whichever is first (long poll)."""
         deadline = time.monotonic() + wait_s
-        row = await self.store.get_job(job_id)
-        while row is not None and row["status"] not in TERMINAL_JOB_STATES:
+        row = await self.jobs.get(job_id)
+        while row is not None and not JobStatus(row["status"]).is_finished():
             left = deadline - time.monotonic()
             if left <= 0:
                 break
             event = self._changed.setdefault(job_id, anyio.Event())
             with anyio.move_on_after(min(left, IDLE_POLL_S)):
                 await event.wait()
-            row = await self.store.get_job(job_id)
+            row = await self.jobs.get(job_id)
             if on_change and row is not None:
                 await on_change(row)
         return row
 
     async def cancel(self, job_id: str) -> str | None:
-        status = await self.store.request_cancel(job_id)
+        status = await self.jobs.request_cancel(job_id)
         job = self._running.get(job_id)
         if job is not None:
             job.cancelled.set()
@@ -156,88 +166,93 @@ class JobQueue:
         return status
 
     # --- workers -----------------------------------------------------------------------------------
-    def _job(self, job_id: str, kind: str, request: EvalRequest,
-             progress: Callable[[str, dict[str, Any]], Awaitable[None]]) -> pipeline.Job:
-        gpu = self.settings.gpus[0] if self.settings.gpus else None
+    def _job(self, job_id: str, kind: JobKind, request: EvalRequest,
+             progress: Callable[[str, dict[str, Any]], Awaitable[None]], slot: int = 0) -> pipeline.Job:
+        gpus = self.settings.gpus
         return pipeline.Job(
             job_id=job_id, kind=kind, request=request, store=self.store, backend=self.backend,
             jobs_root=self.settings.jobs_dir, data_root=self.settings.data_root,
             cache_root=self.settings.cache_dir, threads=self.settings.threads,
-            memory_bytes=int(self.settings.memory_gb * (1 << 30)), gpu=gpu, progress=progress,
-            prewarm=self.prewarm)
+            memory_bytes=int(self.settings.memory_gb * (1 << 30)), gpu=gpus[slot % len(gpus)] if gpus else None,
+            progress=progress, prewarm=self.prewarm)
 
     async def _worker(self, slot: int) -> None:
         while True:
-            row = await self.store.claim_next_job(self.owner)
+            row = await self.jobs.claim_next(self.owner, WORKER_KINDS)
             if row is None:
                 with anyio.move_on_after(IDLE_POLL_S):
                     await self._wakeup.wait()
                 self._wakeup = anyio.Event() if self._wakeup.is_set() else self._wakeup
                 continue
-            await self._run(row, slot)
+            await self._run(row, Claim.of(row), slot)
 
-    async def _run(self, row: dict[str, Any], slot: int = 0, kind: str = "submit") -> None:
+    async def _run(self, row: dict[str, Any], claim: Claim, slot: int = 0) -> None:
+        """Run one claimed job as its own kind; every write to its row goes through the claim."""
         job_id = row["id"]
         request = EvalRequest.model_validate(row["request"])
-        last_write = 0.0
+        last: dict[str, Any] = {"stage": None, "written": 0.0}
 
         async def progress(stage: str, info: dict[str, Any]) -> None:
-            nonlocal last_write
             now = time.monotonic()
-            if now - last_write > 0.5 or stage != current.get("stage"):
-                current["stage"] = stage
-                await self.store.update_job(job_id, status=stage, progress=info, heartbeat=time.time())
-                last_write = now
-                self._notify(job_id)
+            if now - last["written"] > 0.5 or stage != last["stage"]:
+                last.update(stage=stage, written=now)
+                if await self.jobs.progress(claim, JobStatus(stage), info):
+                    self._notify(job_id)
 
-        current: dict[str, Any] = {}
-        gpu = self.settings.gpus[slot % len(self.settings.gpus)] if self.settings.gpus else None
-        job = self._job(job_id, kind, request, progress)
-        job.gpu = gpu
+        job = self._job(job_id, JobKind(row["kind"]), request, progress, slot)
         self._running[job_id] = job
+        self._claims[job_id] = claim
         try:
             if row.get("cancel_requested"):
                 job.cancelled.set()
             outcome = await pipeline.evaluate(job)
-            await self.store.finish_job(job_id, outcome.status, outcome.result, outcome.error)
-            if outcome.result and outcome.result.get("model_name"):
-                await self.store.update_job(job_id, model_name=outcome.result["model_name"])
+            await self.jobs.finish(claim, JobStatus(outcome.status), outcome.result, outcome.error)
             self.last_timings[job_id] = {"claimed": row.get("started") or 0.0,
                                          "first_step": job.first_step_at or 0.0}
         except anyio.get_cancelled_exc_class():
             # the server is stopping cleanly: hand the job back now instead of waiting to look stale
             with anyio.CancelScope(shield=True):
-                await self.store.requeue_job(job_id)
+                await self.jobs.requeue(claim)
             raise
         except Exception as exc:  # a bug of ours must not kill the worker slot
             log.exception("job %s crashed", job_id)
             with anyio.CancelScope(shield=True):
-                await self.store.finish_job(job_id, "failed", None, {
-                    "stage": "evaluating", "kind": "sandbox",
+                await self.jobs.finish(claim, JobStatus.FAILED, None, {
+                    "stage": Stage.EVALUATE, "kind": FailureKind.SANDBOX,
                     "message": f"Internal evaluator error ({type(exc).__name__}); the job was not lost but "
                                "could not finish. Submit again; report it if it repeats."})
         finally:
             self._running.pop(job_id, None)
+            self._claims.pop(job_id, None)
             self._notify(job_id)
 
+    async def _recover(self) -> None:
+        """Re-queue the jobs of dead owners now (a gone process on this host, a stale heartbeat elsewhere)."""
+        recovered = await self.jobs.recover(self.settings.stale_after_s)
+        if recovered["requeued"] or recovered["failed"]:
+            log.info("recovered jobs: %s", recovered)
+        if recovered["requeued"]:
+            self._wakeup.set()
+
     async def _heartbeats(self) -> None:
-        beats = 0
         while True:
             await anyio.sleep(min(HEARTBEAT_S, self.settings.stale_after_s / 4))
-            beats += 1
-            if beats % 5 == 0:  # jobs of another server process on this zoo that died meanwhile
-                recovered = await self.store.recover_jobs(self.settings.stale_after_s)
-                if recovered["requeued"]:
-                    self._wakeup.set()
-            running = list(self._running)
-            if not running:
+            await self._recover()  # one read of the active jobs: a dead owner on this host is seen at once
+            claims = list(self._claims.values())
+            if not claims:
                 continue
-            await self.store.heartbeat(running)
-            for job_id in running:  # cancels requested through another server process
-                row = await self.store.get_job(job_id)
-                job = self._running.get(job_id)
-                if row and row.get("cancel_requested") and job is not None:
-                    job.cancelled.set()
+            for job_id in await self.jobs.heartbeat(claims):  # re-queued and claimed elsewhere: stop ours
+                log.warning("job %s is no longer ours (claimed elsewhere); stopping it here", job_id)
+                self._cancel_locally(job_id)
+            for claim in claims:  # cancels requested through another server process
+                row = await self.jobs.get(claim.job_id)
+                if row and row.get("cancel_requested"):
+                    self._cancel_locally(claim.job_id)
+
+    def _cancel_locally(self, job_id: str) -> None:
+        job = self._running.get(job_id)
+        if job is not None:
+            job.cancelled.set()
 
     def _notify(self, job_id: str) -> None:
         event = self._changed.pop(job_id, None)

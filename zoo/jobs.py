@@ -1,0 +1,273 @@
+"""The job queue's persistence: create, claim, heartbeat, recover, requeue, finish and cancel.
+
+Why its own store beside the archive (like Optuna's heartbeat module next to its storage): the
+queue's rules — who owns a job, when an owner counts as dead, that a finished job never changes
+again — are a different concern from models and runs, and read best in one small place. It shares
+the zoo's SQLite file and writer connection (`ZooStore.transaction`), so a job and the runs it
+archives live in one database, and the table is the one `zoo.schema` creates.
+
+Ownership: a worker claims a job by writing its `owner` id and counting `attempts` up. Every later
+write of that worker (progress, heartbeat, finish, requeue) is conditional on `owner = ? AND
+attempts = ?` and on the job still being active, so a stalled server whose job was re-queued and
+claimed elsewhere can no longer touch it, and a late progress call can never move a finished job
+back to `training`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sandbox.protocol import FailureKind, JobStatus, Stage
+
+if TYPE_CHECKING:
+    import aiosqlite
+
+    from zoo.store import ZooStore
+
+ACTIVE = (JobStatus.CHECKING, JobStatus.TRAINING, JobStatus.EVALUATING)
+_ACTIVE_SQL = ",".join(f"'{s}'" for s in ACTIVE)
+_CLAIMED = "id=? AND owner=? AND attempts=? AND status IN (" + _ACTIVE_SQL + ")"
+# a process started this long after the owner's last heartbeat is not the owner (its PID was reused);
+# /proc/stat's boot time has a resolution of one second
+_PID_REUSE_SLACK_S = 2.0
+
+
+class JobKind(StrEnum):
+    """What a job does (`job.kind`); a worker runs each job as its own kind."""
+
+    SUBMIT = "submit"  # train and archive in the zoo
+    EVALUATE = "evaluate"  # train and score, archive nothing (the Python API's check_nn(save_to_db=False))
+    CHECK = "check"  # the check stage only (never persisted: check_model runs it in the caller's task)
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """One worker's hold on one attempt of a job: the key of every write it makes to the job."""
+
+    job_id: str
+    owner: str
+    attempt: int
+
+    @classmethod
+    def of(cls, row: dict[str, Any]) -> Claim:
+        return cls(row["id"], row["owner"], int(row["attempts"]))
+
+    def args(self) -> tuple[str, str, int]:
+        return self.job_id, self.owner, self.attempt
+
+
+def new_owner_id() -> str:
+    """`host:pid:random`: the host and pid let another server on this host see that the owner died."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _process_start_unix(pid: int) -> tuple[float | None, bool]:
+    """(start time in unix seconds, is a zombie) of a live process, from /proc (None where unreadable)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        btime = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                     if line.startswith("btime "))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None, False
+    fields = stat.rsplit(")", 1)[1].split()  # the command name may hold spaces and parentheses
+    return btime + int(fields[19]) / os.sysconf("SC_CLK_TCK"), fields[0] == "Z"
+
+
+def owner_is_gone(owner: str | None, last_seen: float | None) -> bool:
+    """True when `owner` ran on this host and its process is gone (or its PID now names another process).
+
+    An owner on another host is never judged here: only its heartbeat going stale says it died.
+    """
+    parts = (owner or "").rsplit(":", 2)
+    if len(parts) != 3 or parts[0] != socket.gethostname() or not parts[1].isdigit():
+        return False
+    pid = int(parts[1])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, another user's process
+    started, zombie = _process_start_unix(pid)
+    if zombie:
+        return True
+    return started is not None and last_seen is not None and started > last_seen + _PID_REUSE_SLACK_S
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, sort_keys=True, default=str)
+
+
+def _decode(row: dict[str, Any] | None) -> dict[str, Any] | None:
+    if row:
+        for key in ("request", "progress", "result", "error"):
+            if row.get(key):
+                row[key] = json.loads(row[key])
+    return row
+
+
+class JobStore:
+    """The `job` table of one zoo. Reach it as `ZooStore.jobs`."""
+
+    def __init__(self, zoo: ZooStore):
+        self._zoo = zoo
+
+    # --- creating and reading ----------------------------------------------------------------------
+    async def create(self, job_id: str, kind: str, request: dict[str, Any], model_name: str | None = None) -> None:
+        """A queued job, for any worker to claim."""
+        async with self._zoo.transaction() as db:
+            await db.execute(
+                "INSERT INTO job(id, kind, status, request, model_name, created) VALUES(?,?,?,?,?,?)",
+                (job_id, kind, JobStatus.QUEUED, _json(request), model_name, time.time()))
+
+    async def create_claimed(self, job_id: str, kind: str, request: dict[str, Any], owner: str) -> Claim:
+        """A job already claimed by `owner` (run in the caller's task), in one statement: it is never queued."""
+        now = time.time()
+        async with self._zoo.transaction() as db:
+            await db.execute(
+                "INSERT INTO job(id, kind, status, request, owner, heartbeat, attempts, created, started)"
+                " VALUES(?,?,?,?,?,?,1,?,?)",
+                (job_id, kind, JobStatus.CHECKING, _json(request), owner, now, now, now))
+        return Claim(job_id, owner, 1)
+
+    async def create_finished(self, job_id: str, kind: str, request: dict[str, Any], status: JobStatus,
+                              result: dict[str, Any] | None, error: dict[str, Any] | None,
+                              model_name: str | None = None) -> None:
+        """A job that ended before it was queued (static-check failures), in one statement."""
+        assert JobStatus(status).is_finished(), status
+        now = time.time()
+        async with self._zoo.transaction() as db:
+            await db.execute(
+                "INSERT INTO job(id, kind, status, request, model_name, result, error, created, started, finished)"
+                " VALUES(?,?,?,?,?,?,?,?,?,?)",
+                (job_id, kind, status, _json(request), model_name, _json(result), _json(error), now, now, now))
+
+    async def get(self, job_id: str) -> dict[str, Any] | None:
+        return _decode(await self._zoo.fetchone("SELECT * FROM job WHERE id=?", (job_id,)))
+
+    async def recent(self, limit: int = 20, status: str | None = None) -> list[dict[str, Any]]:
+        """The newest jobs first (ids, kinds, states), optionally of one status."""
+        where, args = ("WHERE status=? ", (status, limit)) if status else ("", (limit,))
+        return await self._zoo.fetchall(
+            f"SELECT id, kind, status, model_name, created, finished FROM job {where}ORDER BY created DESC LIMIT ?",
+            args)
+
+    # --- claiming ----------------------------------------------------------------------------------
+    async def claim_next(self, owner: str, kinds: Sequence[str]) -> dict[str, Any] | None:
+        """Atomically move the oldest queued job of one of `kinds` to `checking` for this owner."""
+        marks = ",".join("?" * len(kinds))
+        async with self._zoo.transaction() as db:
+            row = await (await db.execute(
+                f"SELECT id FROM job WHERE status=? AND cancel_requested=0 AND kind IN ({marks}) "
+                "ORDER BY created LIMIT 1", (JobStatus.QUEUED, *kinds))).fetchone()
+            if row is None:
+                return None
+            now = time.time()
+            await db.execute(
+                "UPDATE job SET status=?, owner=?, heartbeat=?, started=COALESCE(started, ?),"
+                " attempts=attempts+1 WHERE id=?", (JobStatus.CHECKING, owner, now, now, row[0]))
+        return await self.get(row[0])
+
+    # --- the owner's writes (each conditional on its claim) -----------------------------------------
+    async def progress(self, claim: Claim, status: JobStatus, progress: dict[str, Any]) -> bool:
+        """The stage a running job is in and its progress. False when the claim is no longer held."""
+        return await self._update_claimed(claim, "status=?, progress=?, heartbeat=?",
+                                          (status, _json(progress), time.time()))
+
+    async def heartbeat(self, claims: Iterable[Claim]) -> list[str]:
+        """Heart-beat the claims; returns the ids of jobs whose claim was lost (re-queued, cancelled, ...)."""
+        lost = []
+        now = time.time()
+        async with self._zoo.transaction() as db:
+            for claim in claims:
+                cur = await db.execute(f"UPDATE job SET heartbeat=? WHERE {_CLAIMED}", (now, *claim.args()))
+                if cur.rowcount != 1:
+                    lost.append(claim.job_id)
+        return lost
+
+    async def finish(self, claim: Claim, status: JobStatus, result: dict[str, Any] | None = None,
+                     error: dict[str, Any] | None = None) -> bool:
+        """End a job (with the model it archived, from `result`). False when the claim is no longer held."""
+        async with self._zoo.transaction() as db:
+            return await self.finish_in(db, claim, status, result, error)
+
+    @staticmethod
+    async def finish_in(db: aiosqlite.Connection, claim: Claim, status: JobStatus,
+                        result: dict[str, Any] | None = None, error: dict[str, Any] | None = None) -> bool:
+        """`finish` inside the caller's open transaction, so a job's runs and its end can commit together
+        (the caller rolls its archive back when this returns False: the job is no longer its own)."""
+        assert JobStatus(status).is_finished(), status
+        model_name = (result or {}).get("model_name")
+        cur = await db.execute(
+            f"UPDATE job SET status=?, result=?, error=?, finished=?, model_name=COALESCE(?, model_name) "
+            f"WHERE {_CLAIMED}", (status, _json(result), _json(error), time.time(), model_name, *claim.args()))
+        return cur.rowcount == 1
+
+    async def requeue(self, claim: Claim) -> bool:
+        """Give a running job back to the queue (clean shutdown); the attempt does not count."""
+        return await self._update_claimed(
+            claim, "status=?, owner=NULL, heartbeat=NULL, attempts=MAX(0, attempts-1)", (JobStatus.QUEUED,))
+
+    async def _update_claimed(self, claim: Claim, sets: str, values: tuple[Any, ...]) -> bool:
+        async with self._zoo.transaction() as db:
+            cur = await db.execute(f"UPDATE job SET {sets} WHERE {_CLAIMED}", (*values, *claim.args()))
+            return cur.rowcount == 1
+
+    # --- anyone's writes ---------------------------------------------------------------------------
+    async def request_cancel(self, job_id: str) -> str | None:
+        """Mark a job for cancellation. A queued job is cancelled at once. Returns its status after."""
+        async with self._zoo.transaction() as db:
+            row = await (await db.execute("SELECT status FROM job WHERE id=?", (job_id,))).fetchone()
+            if row is None:
+                return None
+            status = JobStatus(row[0])
+            if status.is_finished():
+                return status
+            if status is JobStatus.QUEUED:
+                await db.execute("UPDATE job SET status=?, cancel_requested=1, finished=? WHERE id=?",
+                                 (JobStatus.CANCELLED, time.time(), job_id))
+                return JobStatus.CANCELLED
+            await db.execute("UPDATE job SET cancel_requested=1 WHERE id=?", (job_id,))
+            return status
+
+    async def recover(self, stale_after_s: float, max_attempts: int = 2,
+                      is_gone: Callable[[str | None, float | None], bool] = owner_is_gone) -> dict[str, list[str]]:
+        """Active jobs whose owner died: re-queue them, or fail them as `interrupted` after `max_attempts`.
+
+        An owner counts as dead at once when its process is gone from this host (`is_gone`), and
+        after `stale_after_s` without a heartbeat anywhere else. Runs are written in one transaction
+        at a job's end, so an interrupted job leaves no half-written run; it simply runs again.
+        """
+        cutoff = time.time() - stale_after_s
+        requeued: list[str] = []
+        failed: list[str] = []
+        async with self._zoo.transaction() as db:
+            rows = await db.execute_fetchall(
+                f"SELECT id, attempts, cancel_requested, owner, heartbeat FROM job WHERE status IN ({_ACTIVE_SQL})")
+            for job_id, attempts, cancel, owner, beat in rows:
+                if beat is not None and beat >= cutoff and not is_gone(owner, beat):
+                    continue
+                if cancel:
+                    await db.execute("UPDATE job SET status=?, finished=? WHERE id=?",
+                                     (JobStatus.CANCELLED, time.time(), job_id))
+                elif attempts < max_attempts:
+                    await db.execute("UPDATE job SET status=?, owner=NULL, heartbeat=NULL WHERE id=?",
+                                     (JobStatus.QUEUED, job_id))
+                    requeued.append(job_id)
+                else:
+                    error = {"stage": Stage.QUEUE, "kind": FailureKind.INTERRUPTED,
+                             "message": f"The server running this job stopped {attempts} times; "
+                                        "submit again if you still need it."}
+                    await db.execute("UPDATE job SET status=?, error=?, finished=? WHERE id=?",
+                                     (JobStatus.FAILED, _json(error), time.time(), job_id))
+                    failed.append(job_id)
+        return {"requeued": requeued, "failed": failed}
