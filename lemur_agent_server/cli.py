@@ -21,7 +21,9 @@ import anyio
 
 from lemur_agent_server import __version__
 from lemur_agent_server.config import Settings
+from lemur_agent_server.lemur_export import add_parser as add_export_lemur
 from sandbox.protocol import JobStatus
+from stats.cli import add_stats_subparsers
 
 log = logging.getLogger("lemur_agent_server")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -175,12 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "registry); 'local' builds a base from Debian packages and local wheels")
     build.add_argument("--tag")
 
-    try:
-        from stats.cli import add_stats_subparsers
-    except ImportError:
-        pass
-    else:
-        add_stats_subparsers(sub)
+    add_export_lemur(sub)
+    add_stats_subparsers(sub)
     return parser
 
 
