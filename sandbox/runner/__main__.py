@@ -46,8 +46,6 @@ def _cpu_name() -> str:
 
 def _validate(spec: protocol.JobSpec) -> None:
     """Reject malformed specs before any model code runs (the host should have caught these)."""
-    from sandbox.runner.params import parse_transform, validate_search_space
-
     problems: list[str] = []
     if spec.protocol != protocol.PROTOCOL_VERSION:
         problems.append(f"protocol {spec.protocol} but this runner speaks {protocol.PROTOCOL_VERSION}")
@@ -57,10 +55,10 @@ def _validate(spec: protocol.JobSpec) -> None:
         [spec.fixed_prm["transform"]] if "transform" in spec.fixed_prm else []
     ):
         try:
-            parse_transform(name)
+            protocol.parse_transform(name)
         except ValueError as exc:
             problems.append(str(exc))
-    problems += validate_search_space(spec.search_space)
+    problems += protocol.validate_search_space(spec.search_space)
     if len(spec.image_shape) != 3 or spec.num_classes < 1 or spec.epochs <= 0:
         problems.append("image_shape must be [C, H, W], num_classes >= 1 and epochs > 0")
     if problems:
