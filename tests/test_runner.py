@@ -506,3 +506,49 @@ def test_time_budget_is_honoured(tmp_path: Path, digits: datasets.PreparedDatase
     # the cut trial has a score, so it is the selection (the host's rule) and its weights are kept
     assert done["best_trial"] == 0
     assert ends[0]["weights"] and (run.out / ends[0]["weights"]).is_file()
+
+
+# --- warm mode: `--wait`, the pre-start contract of sandbox.docker_backend ------------------------------
+def _start_waiting(job_dir: Path, prepared: datasets.PreparedDataset, code: str, **env: str
+                   ) -> tuple[subprocess.Popen[str], Path, protocol.JobSpec]:
+    (job_dir / "in").mkdir(parents=True)
+    (job_dir / "out").mkdir()
+    (job_dir / "in" / protocol.MODEL_FILE).write_text(code)
+    spec = protocol.JobSpec(mode="check", model_path=str(job_dir / "in" / protocol.MODEL_FILE),
+                            out_dir=str(job_dir / "out"),
+                            **{**prepared.spec_fields(), "transforms": [prepared.info.default_transform]})
+    spec_path = job_dir / "in" / protocol.SPEC_FILE
+    proc = subprocess.Popen([sys.executable, "-m", "sandbox.runner", "--wait", str(spec_path)], cwd=job_dir / "out",
+                            env={**os.environ, "PYTHONPATH": str(REPO), **env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    return proc, spec_path, spec
+
+
+def test_wait_mode_runs_the_job_once_its_spec_arrives(tmp_path: Path, digits: datasets.PreparedDataset) -> None:
+    from sandbox.runner.__main__ import WAIT_MARKER
+
+    proc, spec_path, spec = _start_waiting(tmp_path, digits, read_code("LeNet5"))
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            first_line = pool.submit(proc.stdout.readline).result(timeout=120)
+        assert first_line.startswith(WAIT_MARKER), first_line
+        time.sleep(2.0)  # a warm sandbox waits: nothing written, the job's clock not started
+        assert list((tmp_path / "out").iterdir()) == []
+        staged = spec_path.with_suffix(".tmp")
+        staged.write_text(spec.to_json())
+        staged.rename(spec_path)  # the host moves spec.json in last
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stdout + stderr
+    events = [json.loads(line) for line in (tmp_path / "out" / protocol.EVENTS_FILE).read_text().splitlines()]
+    assert [e["event"] for e in events] == [protocol.EVENT_READY, protocol.EVENT_CHECK, protocol.EVENT_DONE]
+    # counted from the spec, not the process start: the 2 s of waiting (and the imports) are not in it
+    assert events[0]["import_s"] < 2.0, events
+
+
+def test_wait_mode_exits_quietly_when_no_spec_arrives(tmp_path: Path, digits: datasets.PreparedDataset) -> None:
+    proc, _, _ = _start_waiting(tmp_path, digits, read_code("LeNet5"), LEMUR_RUNNER_WAIT_MAX_S="0.5")
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert stdout.startswith("lemur-runner: waiting") and list((tmp_path / "out").iterdir()) == []
