@@ -27,6 +27,7 @@ This module is imported by the runner as well, so it uses the standard library o
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 from collections.abc import Callable, Iterable
@@ -244,8 +245,10 @@ def parse_transform(name: Any) -> Transform:
         flags.add(parts.pop())
     if (len(parts) != 2 or parts[0] not in TRANSFORM_KINDS or not parts[1].isdigit()
             or int(parts[1]) not in TRANSFORM_SIZES or str(name) != "_".join([*parts, *sorted(flags)])):
+        close = difflib.get_close_matches(str(name), transform_names(), n=3)
+        hint = f"; closest: {', '.join(close)}" if close else ""
         raise ValueError(f"unknown transform {name!r} (expected {'|'.join(TRANSFORM_KINDS)}_<size>[_flip] with "
-                         f"size in {TRANSFORM_SIZES}, e.g. norm_32 or norm_32_flip)")
+                         f"size in {TRANSFORM_SIZES}, e.g. norm_32 or norm_32_flip{hint})")
     return Transform(name=str(name), size=int(parts[1]), normalize=TRANSFORM_KINDS[parts[0]], flip="flip" in flags)
 
 

@@ -55,6 +55,11 @@ def test_transform_grammar_rejects_what_it_does_not_define(name: object) -> None
 
 
 # --- search space: one format, one validator, checked at the door -----------------------------------------
+def test_an_unknown_transform_names_the_closest_ones() -> None:
+    with pytest.raises(ValueError, match=r"closest: norm_32_flip"):
+        protocol.parse_transform("norm_32_flp")
+
+
 def test_search_space_validator_is_shared_by_host_and_runner() -> None:
     from sandbox.runner import params
 
