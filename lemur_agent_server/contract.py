@@ -60,8 +60,9 @@ HYPERPARAMETERS = {
 
 TRANSFORM_HELP = (
     "norm_N resizes images to N x N and normalizes with the dataset's mean/std; norm_N_flip also flips "
-    "training batches horizontally at random; echo_N resizes without normalizing. Classic nets with "
-    "large strides (AlexNet: 11x11 stride 4) need norm_224 or larger."
+    "training batches horizontally at random; echo_N resizes without normalizing; norm, norm_flip, echo and "
+    "echo_flip keep the dataset's own size (no resize). Classic nets with large strides (AlexNet: 11x11 "
+    "stride 4) need norm_224 or larger."
 )
 
 # The search_space format, quoted by the submit tool's description; validated by the one function both

@@ -50,12 +50,16 @@ TRANSFORM_SIZES = protocol.TRANSFORM_SIZES
 TRANSFORMS: list[str] = protocol.transform_names()
 
 
-def transform_size(name: str) -> int:
-    """Square side (pixels) that transform `name` resizes images to. Raises ValueError if unknown."""
+def transform_size(name: str, native: int | None = None) -> int:
+    """Square side (pixels) that transform `name` resizes images to; a sizeless name (`norm`) keeps the
+    dataset's own side `native`. Raises ValueError if unknown, or sizeless without `native`."""
     try:
-        return protocol.parse_transform(name).size
+        size = protocol.parse_transform(name, native).size
     except ValueError:
         raise ValueError(f"unknown transform {name!r}; allowed: {', '.join(TRANSFORMS)}") from None
+    if size is None:
+        raise ValueError(f"transform {name!r} keeps the dataset's own size: say which dataset")
+    return size
 
 
 # --- registry -----------------------------------------------------------------------------------------

@@ -214,8 +214,9 @@ def weights_name(trial: int) -> str:
 
 
 # --- transforms (LEMUR names) -----------------------------------------------------------------------
-# Grammar: `<kind>_<size>[_<flag>...]`, e.g. norm_32, echo_224_flip. A new kind, size or flag is one
-# entry in the tables below; every name list (catalog, defaults, validation) is derived from them.
+# Grammar: `<kind>[_<size>][_<flag>...]`, e.g. norm_32, echo_224_flip, norm (no size: the dataset's own
+# size, as LEMUR's `norm`, `norm_flip`). A new kind, size or flag is one entry in the tables below; every
+# name list (catalog, defaults, validation) is derived from them.
 TRANSFORM_KINDS: dict[str, bool] = {"norm": True, "echo": False}  # kind -> normalises with mean/std
 TRANSFORM_SIZES = (32, 64, 128, 224, 256, 299)  # square side the images are resized to
 TRANSFORM_FLAGS = ("flip",)  # flip: random horizontal flips of training batches
@@ -223,33 +224,44 @@ TRANSFORM_FLAGS = ("flip",)  # flip: random horizontal flips of training batches
 
 @dataclasses.dataclass(frozen=True)
 class Transform:
-    """A LEMUR transform name decoded: resize to `size`x`size`, optional flip, optional normalisation."""
+    """A LEMUR transform name decoded: resize to `size`x`size` (None: keep the dataset's own size),
+    optional flip, optional normalisation."""
 
     name: str
-    size: int
+    size: int | None
     normalize: bool
     flip: bool
 
+    def side(self, native: int) -> int:
+        """The square side images have after this transform, for a dataset whose images are `native` wide."""
+        return self.size if self.size is not None else int(native)
+
 
 def transform_names() -> list[str]:
-    """Every transform name the grammar accepts, kind by kind, size by size, plain before flipped."""
-    return [f"{kind}_{size}{flag}" for kind in TRANSFORM_KINDS for size in TRANSFORM_SIZES
-            for flag in ("", *(f"_{f}" for f in TRANSFORM_FLAGS))]
+    """Every transform name the grammar accepts: sized ones kind by kind, size by size, plain before
+    flipped, then the sizeless ones."""
+    flags = ("", *(f"_{f}" for f in TRANSFORM_FLAGS))
+    sized = [f"{kind}_{size}{flag}" for kind in TRANSFORM_KINDS for size in TRANSFORM_SIZES for flag in flags]
+    return sized + [f"{kind}{flag}" for kind in TRANSFORM_KINDS for flag in flags]
 
 
-def parse_transform(name: Any) -> Transform:
-    """Decode a transform name; raises ValueError saying what the grammar accepts."""
+def parse_transform(name: Any, native_size: int | None = None) -> Transform:
+    """Decode a transform name; raises ValueError saying what the grammar accepts. A sizeless name gets
+    `native_size` (the dataset's image side) as its size when given."""
     parts = str(name).split("_")
     flags = set()
-    while len(parts) > 2 and parts[-1] in TRANSFORM_FLAGS and parts[-1] not in flags:
+    while len(parts) > 1 and parts[-1] in TRANSFORM_FLAGS and parts[-1] not in flags:
         flags.add(parts.pop())
-    if (len(parts) != 2 or parts[0] not in TRANSFORM_KINDS or not parts[1].isdigit()
-            or int(parts[1]) not in TRANSFORM_SIZES or str(name) != "_".join([*parts, *sorted(flags)])):
+    sized = len(parts) == 2 and parts[1].isdigit() and int(parts[1]) in TRANSFORM_SIZES
+    if (len(parts) not in (1, 2) or parts[0] not in TRANSFORM_KINDS or (len(parts) == 2 and not sized)
+            or str(name) != "_".join([*parts, *sorted(flags)])):
         close = difflib.get_close_matches(str(name), transform_names(), n=3)
         hint = f"; closest: {', '.join(close)}" if close else ""
-        raise ValueError(f"unknown transform {name!r} (expected {'|'.join(TRANSFORM_KINDS)}_<size>[_flip] with "
-                         f"size in {TRANSFORM_SIZES}, e.g. norm_32 or norm_32_flip{hint})")
-    return Transform(name=str(name), size=int(parts[1]), normalize=TRANSFORM_KINDS[parts[0]], flip="flip" in flags)
+        raise ValueError(f"unknown transform {name!r} (expected {'|'.join(TRANSFORM_KINDS)}[_<size>][_flip] with "
+                         f"size in {TRANSFORM_SIZES}, e.g. norm_32, norm_32_flip, or norm for the dataset's own "
+                         f"size{hint})")
+    size = int(parts[1]) if sized else native_size
+    return Transform(name=str(name), size=size, normalize=TRANSFORM_KINDS[parts[0]], flip="flip" in flags)
 
 
 # --- search space -----------------------------------------------------------------------------------

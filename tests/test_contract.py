@@ -41,20 +41,25 @@ def test_transform_grammar_has_one_owner() -> None:
 
     assert params.parse_transform is protocol.parse_transform
     assert datasets.TRANSFORMS == protocol.transform_names()
-    assert len(set(datasets.TRANSFORMS)) == len(protocol.TRANSFORM_KINDS) * len(protocol.TRANSFORM_SIZES) * 2
+    assert len(set(datasets.TRANSFORMS)) == len(protocol.TRANSFORM_KINDS) * (len(protocol.TRANSFORM_SIZES) + 1) * 2
     t = protocol.parse_transform("echo_224_flip")
     assert (t.size, t.normalize, t.flip) == (224, False, True)
     assert datasets.transform_size("norm_64_flip") == 64
 
 
-@pytest.mark.parametrize("name", ["norm_33", "norm", "norm_32_flip_flip", "flip_32", "norm_32_", "Norm_32",
-                                  "norm_32_flip\n", 32, None])
+@pytest.mark.parametrize("name", ["norm_33", "flip", "norm_flip_32", "norm_32_flip_flip", "flip_32", "norm_32_",
+                                  "Norm_32", "norm_32_flip\n", 32, None])
 def test_transform_grammar_rejects_what_it_does_not_define(name: object) -> None:
     with pytest.raises(ValueError, match="unknown transform"):
         protocol.parse_transform(name)
 
 
 # --- search space: one format, one validator, checked at the door -----------------------------------------
+def test_a_request_may_fix_a_sizeless_transform() -> None:
+    assert request(prm={"transform": "norm_flip"}).prm["transform"] == "norm_flip"
+    assert request(search_space={"transform": {"choices": ["echo", "norm_64"]}}).search_space
+
+
 def test_an_unknown_transform_names_the_closest_ones() -> None:
     with pytest.raises(ValueError, match=r"closest: norm_32_flip"):
         protocol.parse_transform("norm_32_flp")

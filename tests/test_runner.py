@@ -187,6 +187,8 @@ JOBS: dict[str, tuple[str, str, dict[str, Any]]] = {
         for name, tf in REFERENCE_CASES
     },
     "fp-sequential": (SEQUENTIAL_NET, "check", {}),
+    "native-size": (SEQUENTIAL_NET, "train", {"fixed_prm": {"transform": "norm_flip", "batch": 32}, "n_trials": 1,
+                                              "epochs": 0.5, **SMALL}),
     "fp-functional": (FUNCTIONAL_NET, "check", {}),
     "fp-wider": (WIDER_NET, "check", {}),
     "syntax": (SEQUENTIAL_NET.replace("def forward(self, x):", "def forward(self, x)"), "check", {}),
@@ -287,6 +289,14 @@ def test_fingerprint_identifies_the_computation_not_the_code(runs: dict[str, Run
 
 
 # --- failure kinds ---------------------------------------------------------------------------------------
+def test_a_sizeless_transform_keeps_the_dataset_size(runs: dict[str, Run]) -> None:
+    run = runs["native-size"]  # LEMUR's `norm_flip`: normalise and flip, no resize (digits are 8 x 8)
+    assert run.rc == 0, run.log
+    assert run.one(protocol.EVENT_CHECK)["in_shape"] == [1, 1, 8, 8]
+    end = run.one(protocol.EVENT_TRIAL_END)
+    assert end["status"] == "completed" and len(run.of(protocol.EVENT_POINT)) == 1, run.events
+
+
 def test_syntax_error(runs: dict[str, Run]) -> None:
     assert_error(runs["syntax"], protocol.STAGE_CHECK, protocol.KIND_SYNTAX, "line")
 

@@ -97,8 +97,10 @@ class Job:
 def default_transforms(info: datasets.DatasetInfo) -> list[str]:
     """Transforms searched unless prm or search_space says otherwise: the dataset's default first, then
     the other transforms of the same size (larger resizes cost a lot on CPU; ask for them explicitly)."""
-    size = datasets.transform_size(info.default_transform)
-    same = [t for t in datasets.TRANSFORMS if datasets.transform_size(t) == size and t != info.default_transform]
+    size = datasets.transform_size(info.default_transform, info.image_shape[-1])
+    # sizeless names (`norm`: the dataset's own size) only by request: at 32 x 32 they would repeat norm_32
+    same = [t for t in datasets.TRANSFORMS
+            if protocol.parse_transform(t).size == size and t != info.default_transform]
     return [info.default_transform, *same]
 
 

@@ -27,7 +27,7 @@ MEDIAN_PRUNER_STARTUP = 2
 
 def _first_segment_fits(job: Job, prm: dict[str, Any]) -> bool:
     """Whether the first partial epoch of a trial with `prm` is likely to fit in the time left."""
-    size = parse_transform(prm["transform"]).size
+    size = parse_transform(prm["transform"], job.spec.image_shape[-1]).size
     n_train = len(job.data.train_x)
     batch = min(int(prm["batch"]), n_train)
     per_epoch = batches_per_epoch(n_train, batch)

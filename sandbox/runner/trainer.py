@@ -115,7 +115,7 @@ class TrialRun:
         self.trial = trial
         self.prm = prm
         self.optuna_trial = optuna_trial
-        self.tf: Transform = parse_transform(prm["transform"])
+        self.tf: Transform = parse_transform(prm["transform"], job.spec.image_shape[-1])
         self.pixels = self.tf.size * self.tf.size
         self.train_ns = 0
         self.best_val: float | None = None
