@@ -218,7 +218,7 @@ def weights_name(trial: int) -> str:
 # size, as LEMUR's `norm`, `norm_flip`). A new kind, size or flag is one entry in the tables below; every
 # name list (catalog, defaults, validation) is derived from them.
 TRANSFORM_KINDS: dict[str, bool] = {"norm": True, "echo": False}  # kind -> normalises with mean/std
-TRANSFORM_SIZES = (32, 64, 128, 224, 256, 299)  # square side the images are resized to
+TRANSFORM_SIZES = (32, 64, 128, 224, 256, 299, 512)  # square side the images are resized to
 TRANSFORM_FLAGS = ("flip",)  # flip: random horizontal flips of training batches
 
 

@@ -65,7 +65,8 @@ def test_transform_names_sizes_and_runner_agreement() -> None:
     from sandbox.runner.params import parse_transform  # torch-free, same rules as the sandbox
 
     assert {"norm_32", "norm_299_flip", "echo_224", "echo_64_flip", "norm", "echo_flip"} <= set(datasets.TRANSFORMS)
-    assert len(datasets.TRANSFORMS) == 24 + 4  # 2 kinds x 6 sizes x (plain, flip), and the 4 sizeless names
+    assert len(datasets.TRANSFORMS) == 28 + 4  # 2 kinds x 7 sizes x (plain, flip), and the 4 sizeless names
+    assert "norm_512_flip" in datasets.TRANSFORMS
     for name in datasets.TRANSFORMS:
         parsed = parse_transform(name, 28)
         assert parsed.size == datasets.transform_size(name, 28)

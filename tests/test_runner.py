@@ -187,6 +187,7 @@ JOBS: dict[str, tuple[str, str, dict[str, Any]]] = {
         for name, tf in REFERENCE_CASES
     },
     "fp-sequential": (SEQUENTIAL_NET, "check", {}),
+    "size-512": (SEQUENTIAL_NET, "check", {"fixed_prm": {"transform": "echo_512"}}),
     "native-size": (SEQUENTIAL_NET, "train", {"fixed_prm": {"transform": "norm_flip", "batch": 32}, "n_trials": 1,
                                               "epochs": 0.5, **SMALL}),
     "fp-functional": (FUNCTIONAL_NET, "check", {}),
@@ -295,6 +296,12 @@ def test_a_sizeless_transform_keeps_the_dataset_size(runs: dict[str, Run]) -> No
     assert run.one(protocol.EVENT_CHECK)["in_shape"] == [1, 1, 8, 8]
     end = run.one(protocol.EVENT_TRIAL_END)
     assert end["status"] == "completed" and len(run.of(protocol.EVENT_POINT)) == 1, run.events
+
+
+def test_a_512_transform_resizes_to_512(runs: dict[str, Run]) -> None:
+    run = runs["size-512"]  # LEMUR's norm_512 / echo_512 records
+    assert run.rc == 0, run.log
+    assert run.one(protocol.EVENT_CHECK)["in_shape"] == [1, 1, 512, 512]
 
 
 def test_syntax_error(runs: dict[str, Run]) -> None:
