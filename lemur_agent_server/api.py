@@ -179,9 +179,15 @@ def _run_job(request: Any, save_to_db: bool, zoo: str | os.PathLike[str] | None,
              sandbox: str | None) -> tuple[Path, str, Any]:
     from lemur_agent_server.config import Settings
     from lemur_agent_server.evaluator.queue import JobQueue
+    from lemur_agent_server.evaluator.requests import RequestRefused, admit
     from zoo.store import ZooStore
 
     settings = Settings.from_env(zoo, sandbox=sandbox)
+    try:  # the server's own limits first, as at every door (the queue checks them again)
+        admit(request, settings)
+    except RequestRefused as exc:
+        raise InvalidRequestError(f"check_nn: {exc}", {"error": {"kind": "invalid_request",
+                                                                 "message": str(exc)}}) from None
 
     async def run() -> tuple[str, Any]:
         store = await ZooStore.open(settings.zoo_path)

@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "submit":
             p.add_argument("--budget-s", type=float, default=300.0)
             p.add_argument("--trials", type=int, default=3)
-            p.add_argument("--epochs", type=float, default=1.0)
+            p.add_argument("--epochs", type=float, default=None, help="default 1, or the epoch in --prm")
             p.add_argument("--eval-every", type=float, default=0.5)
             p.add_argument("--seed", type=int, default=0)
             p.add_argument("--prefix")

@@ -17,14 +17,14 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import ToolAnnotations
 from pydantic import BaseModel, Field, ValidationError, WithJsonSchema
 
-from lemur_agent_server.evaluator.requests import EvalRequest
+from lemur_agent_server.contract import SEARCH_SPACE_HELP
+from lemur_agent_server.evaluator.requests import EvalRequest, RequestRefused
 from lemur_agent_server.state import AppState
 from lemur_agent_server.tool_wiring import tool
-from sandbox import datasets
-from sandbox.protocol import JobStatus
+from sandbox.protocol import MAX_CODE_CHARS, JobStatus
 
 Code = Annotated[str, Field(description="The complete Python source of the model file (Net contract; see "
-                                        "list_catalog.net_contract)", min_length=1, max_length=400_000)]
+                                        "list_catalog.net_contract)", min_length=1, max_length=MAX_CODE_CHARS)]
 DatasetArg = Annotated[str, Field(description="Dataset to train on: digits, mnist, fashion-mnist, cifar-10, "
                                               "cifar-100 or svhn (list_catalog says which are present)")]
 TaskArg = Annotated[str, Field(description="Task; only 'img-classification' is evaluated")]
@@ -101,19 +101,13 @@ def build_request(**fields: Any) -> EvalRequest:
         raise ToolError(f"Invalid request: {messages}") from exc
 
 
-def require_dataset(state: AppState, name: str) -> None:
-    if not datasets.available(name, state.settings.data_root):
-        info = datasets.get_info(name)
-        raise ToolError(f"Dataset '{name}' is not present on this server ({info.source}); data root "
-                        f"{state.settings.data_root}. Choose a dataset list_catalog marks available "
-                        "(digits always is), or ask the operator to install the files.")
-
-
 # --- the tools' logic, callable without MCP --------------------------------------------------------
 async def check_model(state: AppState, request: EvalRequest) -> CheckResult:
     """Run the check stage of `request` now and say what to fix."""
-    require_dataset(state, request.dataset)
-    outcome = await state.jobs().check(request)
+    try:
+        outcome = await state.jobs().check(request)
+    except RequestRefused as exc:
+        raise ToolError(str(exc)) from exc
     result = outcome.result or {}
     problems = []
     if outcome.error:
@@ -131,11 +125,10 @@ async def check_model(state: AppState, request: EvalRequest) -> CheckResult:
 
 async def submit_model(state: AppState, request: EvalRequest) -> JobView:
     """Queue `request` as a job (static failures end at once) and return its view."""
-    if request.time_budget_s > state.settings.max_time_budget_s:
-        raise ToolError(f"time_budget_s={request.time_budget_s} exceeds this server's limit of "
-                        f"{state.settings.max_time_budget_s} s; lower it.")
-    require_dataset(state, request.dataset)
-    job_id = await state.jobs().submit(request)
+    try:
+        job_id = await state.jobs().submit(request)
+    except RequestRefused as exc:
+        raise ToolError(str(exc)) from exc
     row = await state.zoo().jobs.get(job_id)
     assert row is not None
     return job_view(row)
@@ -206,11 +199,11 @@ def register_job_tools(mcp: MCPServer, state: AppState) -> None:
         task: TaskArg = "img-classification",
         metric: Annotated[str, Field(description="Metric; 'acc' (test accuracy)")] = "acc",
         prm: PrmArg = None,
-        search_space: Annotated[dict[str, dict[str, Any]] | None, Field(
-            description="Override search ranges: {'lr': {'low': 1e-4, 'high': 0.1, 'log': true}, "
-                        "'batch': {'choices': [32, 64]}}")] = None,
+        search_space: Annotated[dict[str, dict[str, Any]] | None, Field(description=SEARCH_SPACE_HELP)] = None,
         n_trials: Annotated[int, Field(description="Optuna TPE trials, 1..200", ge=1, le=200)] = 3,
-        epochs: Annotated[float, Field(description="Epochs per trial, >0 (0.5 allowed)", gt=0, le=200)] = 1.0,
+        epochs: Annotated[float | None, Field(
+            description="Epochs per trial, >0 (0.5 allowed); default 1, or prm.epoch when prm carries LEMUR's "
+                        "epoch", gt=0, le=200)] = None,
         time_budget_s: Annotated[float, Field(
             description="Hard wall-clock limit for the whole job in seconds (5..86400); unfinished trials are "
                         "pruned and the job ends timed_out with what it has", ge=5, le=86400)] = 300.0,

@@ -24,7 +24,7 @@ import anyio.abc
 from lemur_agent_server.config import Settings
 from lemur_agent_server.evaluator import pipeline
 from lemur_agent_server.evaluator.backends import choose_backend
-from lemur_agent_server.evaluator.requests import EvalRequest
+from lemur_agent_server.evaluator.requests import EvalRequest, admit
 from lemur_agent_server.evaluator.static_checks import static_problems
 from sandbox.backend import Backend, Limits
 from sandbox.protocol import FailureKind, JobStatus, Stage
@@ -110,6 +110,7 @@ class JobQueue:
         nothing stays queued. A failing submission is archived, then its job is written already
         finished in one statement (a crash in between leaves a failed run and no job, never a queued one).
         """
+        request = admit(request, self.settings)
         job_id = "job-" + uuid.uuid4().hex[:12]
         if not static_problems(request.code):
             await self.jobs.create(job_id, JobKind.SUBMIT, request.model_dump())
@@ -123,13 +124,15 @@ class JobQueue:
 
     async def check(self, request: EvalRequest) -> pipeline.Outcome:
         """The check stage only, now, outside the training slots (it takes seconds)."""
+        request = admit(request, self.settings)
         job_id = "check-" + uuid.uuid4().hex[:12]
-        request = request.model_copy(update={"time_budget_s": min(request.time_budget_s, pipeline.CHECK_WALL_S)})
+        request = request.model_copy(update={"time_budget_s": request.budget.for_check().budget_s})
         async with self._check_slots:
             return await pipeline.evaluate(self._job(job_id, JobKind.CHECK, request, _no_progress))
 
     async def run_now(self, request: EvalRequest, archive: bool = True) -> tuple[str, pipeline.Outcome]:
         """Evaluate in the caller's task, outside the worker slots (the Python API's check_nn)."""
+        request = admit(request, self.settings)
         job_id = "job-" + uuid.uuid4().hex[:12]
         kind = JobKind.SUBMIT if archive else JobKind.EVALUATE
         claim = await self.jobs.create_claimed(job_id, kind, request.model_dump(), self.owner)

@@ -7,14 +7,12 @@ checked (with an error that says how to fix it) before any job exists.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from lemur_agent_server.config import ENV_DATA, Settings
 from sandbox import datasets, protocol
-
-if TYPE_CHECKING:
-    from lemur_agent_server.config import Settings
 
 TASK = "img-classification"
 METRICS = ("acc",)
@@ -135,15 +133,27 @@ def _prm_problem(key: str, value: Any) -> str | None:
     return None
 
 
+class RequestRefused(ValueError):
+    """A well-formed request this server will not take (its limits, its installed data). Every door turns
+    it into its own error: a ToolError for MCP, exit code 2 for the CLI, InvalidRequestError for the API."""
+
+
 def admit(request: EvalRequest, settings: Settings) -> EvalRequest:
     """The server's own limits, the same for every door (MCP tool, CLI, Python API, batch): the time
     budget under `settings.max_time_budget_s`, the dataset's files present under `settings.data_root`.
-    Returns the request unchanged; raises ValueError saying what to change."""
+    Returns the request unchanged; raises RequestRefused saying what to change. The message names the
+    dataset and how to get it, never the server's own paths (an agent cannot act on them)."""
     if request.time_budget_s > settings.max_time_budget_s:
-        raise ValueError(f"time_budget_s={request.time_budget_s:g} exceeds this server's limit of "
-                         f"{settings.max_time_budget_s:g} s; lower it (or split the work into several jobs).")
+        raise RequestRefused(f"time_budget_s={request.time_budget_s:g} exceeds this server's limit of "
+                             f"{settings.max_time_budget_s:g} s; lower it (or split the work into several jobs).")
     if not datasets.available(request.dataset, settings.data_root):
-        raise ValueError(f"Dataset '{request.dataset}' is not present on this server ({request.info.source}); data "
-                         f"root {settings.data_root}. Choose a dataset list_catalog marks available (digits always "
-                         "is), or ask the operator to install the files.")
+        raise RequestRefused(
+            f"Dataset '{request.dataset}' is not installed on this server. Choose a dataset list_catalog marks "
+            "available (digits always is), or ask the operator to install it (files in torchvision layout "
+            f"under the server's data root, ${ENV_DATA}: {_public_source(request.info.source)}).")
     return request
+
+
+def _public_source(source: str) -> str:
+    """A dataset's source text without the server's data root (it says `<data_root>` already)."""
+    return source.split("; ")[0]
