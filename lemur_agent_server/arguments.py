@@ -134,8 +134,8 @@ def validation_message(tool: str, exc: ValidationError, schema: dict[str, Any]) 
     for error in exc.errors()[:5]:
         loc = [str(p) for p in error.get("loc", ())]
         field = ".".join(loc) or "arguments"
-        reason = str(error.get("msg", "invalid value")).replace("Unable to parse input string as an integer, "
-                                                                 "exceeded maximum size", "too large an integer")
+        reason = str(error.get("msg", "invalid value")).removeprefix("Value error, ").replace(
+            "Unable to parse input string as an integer, exceeded maximum size", "too large an integer")
         got = f" (got {clip(error.get('input'), 60)})" if "input" in error and loc else ""
         parts.append(f"{field}: {reason}{got}; allowed: {allowed(props.get(loc[0]) if loc else None)}")
     more = f" (and {exc.error_count() - 5} more)" if exc.error_count() > 5 else ""

@@ -76,9 +76,9 @@ class LemurServer(MCPServer[Any]):
                                       "Retry once; if it happens again, call the tool with other arguments and "
                                       "tell the server's operator.") from exc.__cause__
         except ToolError as exc:
-            if isinstance(exc.__cause__, ValidationError):
-                raise ToolError(clip_message(validation_message(name, exc.__cause__, schemas[name]))) \
-                    from exc.__cause__
+            invalid = _validation_cause(exc)
+            if invalid is not None:  # the SDK's argument check, or a request model inside the tool
+                raise ToolError(clip_message(validation_message(name, invalid, schemas[name]))) from invalid
             if len(str(exc)) > MAX_MESSAGE_CHARS:
                 raise ToolError(clip_message(str(exc))) from exc.__cause__
             raise
@@ -90,6 +90,17 @@ class LemurServer(MCPServer[Any]):
         lowlevel = self._lowlevel_server  # the SDK has no public accessor yet (its own Client reads it too)
         async with guarded_stdio_server() as (read_stream, write_stream):
             await lowlevel.run(read_stream, write_stream, lowlevel.create_initialization_options())
+
+
+def _validation_cause(exc: BaseException) -> ValidationError | None:
+    """The pydantic rejection behind a ToolError: its cause, or its cause's cause (a tool that builds a
+    request model raises ToolError from it, and the SDK wraps that ToolError once more)."""
+    cause = exc.__cause__
+    for _ in range(3):
+        if isinstance(cause, ValidationError):
+            return cause
+        cause = cause.__cause__ if cause is not None else None
+    return None
 
 
 def build_server(settings: Settings) -> LemurServer:

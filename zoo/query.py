@@ -196,7 +196,8 @@ def page_sql(f: Filters, page: Page) -> tuple[str, list[Any]]:
     where = ""
     if page.cursor:
         if page.sort == "name":
-            raise QueryError("sort='name' pages with offset, not cursor.")
+            raise QueryError("sort='name' pages with offset, not cursor: call again without the cursor and pass "
+                             "offset instead.")
         c = _decode_cursor(f, page)
         op = "<" if page.desc else ">"
         low = _NULL_LOW if page.desc else _NULL_HIGH
