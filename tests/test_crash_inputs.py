@@ -157,3 +157,29 @@ async def test_unknown_argument_lists_the_arguments(client):
 async def test_surrogate_arguments_are_refused(client):
     text = error_text(await client.call_tool("query_models", {"dataset": "\ud800"}))
     assert "lone surrogate" in text
+
+
+@pytest.mark.anyio
+async def test_no_worker_server_queues_a_submission_that_a_worker_beside_it_runs(make_settings):
+    import anyio
+
+    from lemur_agent_server.evaluator.queue import JobQueue
+    from zoo.store import ZooStore
+
+    settings = make_settings(run_workers=False)
+    async with Client(build_server(settings)) as c:
+        submitted = await c.call_tool("submit_model", {"code": "x = 1", "dataset": "digits", "time_budget_s": 5})
+        assert not submitted.is_error, submitted.content
+        job_id = submitted.structured_content["job_id"]
+        assert submitted.structured_content["status"] == "queued"
+        check = await c.call_tool("check_model", {"code": "x = 1", "dataset": "digits"})
+        assert "--no-worker" in error_text(check) and "submit_model" in error_text(check)
+    store = await ZooStore.open(settings.zoo_path)
+    try:
+        async with JobQueue.running(make_settings(), store):  # `lemur-agent-server worker` on the same zoo
+            with anyio.fail_after(60):
+                while (row := await store.get_job(job_id))["status"] in ("queued", "checking"):
+                    await anyio.sleep(0.2)
+        assert row["status"] == "failed" and row["error"]["kind"] == "contract"
+    finally:
+        await store.close()
