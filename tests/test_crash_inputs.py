@@ -90,7 +90,7 @@ async def test_offset_beyond_sqlite_is_a_clear_error(client, tool):
 @pytest.mark.anyio
 async def test_offset_beyond_the_page_bound_is_refused_by_the_query(client):
     text = error_text(await client.call_tool("query_models", {"offset": 2**62}))
-    assert "offset must be an integer in 0..1,000,000,000" in text
+    assert "offset must be an integer in 0..1,000,000,000; call again with a smaller offset" in text
 
 
 def tampered(cursor: str, **changes) -> str:

@@ -71,8 +71,8 @@ class Page:
         if self.limit is not None and not _is_int(self.limit, 0, SQL_INT_MAX):
             raise QueryError(f"limit must be an integer in 0..{SQL_INT_MAX} (or none); pass e.g. limit=20.")
         if not _is_int(self.offset, 0, MAX_OFFSET):
-            raise QueryError(f"offset must be an integer in 0..{MAX_OFFSET:,}; page with next_cursor instead "
-                             "of large offsets.")
+            raise QueryError(f"offset must be an integer in 0..{MAX_OFFSET:,}; call again with a smaller offset, "
+                             "or page with next_cursor.")
 
 
 def as_tuple(value: str | Sequence[str] | None) -> tuple[str, ...]:
