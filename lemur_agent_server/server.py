@@ -12,11 +12,13 @@ from typing import Any
 
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
-from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
+from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError, UnexpectedToolError
+from mcp.shared.exceptions import MCPError
+from mcp.types import INVALID_PARAMS
 from pydantic import ValidationError
 
 from lemur_agent_server import __version__
-from lemur_agent_server.arguments import argument_problem, validation_message
+from lemur_agent_server.arguments import DEFAULT_STRING_CHARS, argument_problem, validation_message
 from lemur_agent_server.clip import MAX_MESSAGE_CHARS, clip, clip_message
 from lemur_agent_server.config import Settings
 from lemur_agent_server.job_tools import register_job_tools
@@ -27,6 +29,7 @@ from lemur_agent_server.stats_tools import register_stats_tools
 from zoo.store import ZooStore
 
 log = logging.getLogger(__name__)
+MAX_URI_CHARS = 2_000
 
 INSTRUCTIONS = """\
 lemur-agent-server: a zoo of neural networks with their training runs, and a sandboxed evaluator.
@@ -82,6 +85,27 @@ class LemurServer(MCPServer[Any]):
             if len(str(exc)) > MAX_MESSAGE_CHARS:
                 raise ToolError(clip_message(str(exc))) from exc.__cause__
             raise
+
+    async def read_resource(self, uri: Any, context: Context[Any, Any] | None = None) -> Any:
+        """Resource errors quote the URI; cut it (the SDK's "Unknown resource: <uri>" repeats it whole)."""
+        if len(str(uri)) > MAX_URI_CHARS:
+            raise ResourceNotFoundError(f"The URI has {len(str(uri)):,} characters; at most {MAX_URI_CHARS:,} are "
+                                        "allowed. Use a URI from resources/list or resources/templates/list.")
+        try:
+            return await super().read_resource(uri, context)
+        except ResourceError as exc:
+            if len(str(exc)) <= MAX_MESSAGE_CHARS:
+                raise
+            raise type(exc)(clip_message(str(exc), 500)) from exc
+
+    async def get_prompt(self, name: str, arguments: dict[str, Any] | None = None,
+                         context: Context[Any, Any] | None = None) -> Any:
+        """Prompt arguments are pasted into the prompt's text: bound them like tool arguments."""
+        for key, value in (arguments or {}).items():
+            if isinstance(value, str) and len(value) > DEFAULT_STRING_CHARS:
+                raise MCPError(INVALID_PARAMS, f"Prompt argument {clip(key, 40)} has {len(value):,} characters; at "
+                                               f"most {DEFAULT_STRING_CHARS:,} are allowed. Shorten it and ask again.")
+        return await super().get_prompt(name, arguments, context)
 
     async def run_stdio_async(self) -> None:
         """stdio with a guard: every line gets a JSON-RPC answer, a parse error too (see stdio_guard)."""

@@ -183,3 +183,24 @@ async def test_no_worker_server_queues_a_submission_that_a_worker_beside_it_runs
         assert row["status"] == "failed" and row["error"]["kind"] == "contract"
     finally:
         await store.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("uri", ["lemur://models/" + "n" * 100_000 + "/code", "lemur://plots/" + "k" * 100_000])
+async def test_long_resource_uris_are_not_echoed(client, uri):
+    from mcp import MCPError
+
+    with pytest.raises(MCPError) as refused:
+        await client.read_resource(uri)
+    assert len(refused.value.error.message) < 500
+    assert "at most 2,000 are allowed" in refused.value.error.message
+
+
+@pytest.mark.anyio
+async def test_long_prompt_arguments_are_refused(client):
+    from mcp import MCPError
+
+    with pytest.raises(MCPError) as refused:
+        await client.get_prompt("design_model", {"task": "t" * 1_000_000, "dataset": "mnist"})
+    assert "at most 1,000 are allowed" in refused.value.error.message
+    assert len(refused.value.error.message) < 500
