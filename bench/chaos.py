@@ -42,6 +42,7 @@ async def run(calls: int, seed: int, workers: bool, root: Path) -> tuple[Report,
             report.outcomes.update(part.outcomes)
             report.by_tool.update(part.by_tool)
             report.worst = sorted(report.worst + part.worst, reverse=True)[:5]
+            report.longest_error = max(report.longest_error, part.longest_error)
             report.broken.extend(part.broken[: max(0, 50 - len(report.broken))])
             done += batch
             print(f"  {done} calls, {time.monotonic() - started:.0f} s", file=sys.stderr)
@@ -65,6 +66,7 @@ def main() -> int:
     print("per tool:")
     for (tool, outcome), count in sorted(report.by_tool.items()):
         print(f"  {tool[:40]:40} {outcome:15} {count:6}")
+    print(f"longest error answer: {report.longest_error} characters")
     print("biggest answers (characters, tool, arguments):")
     for chars, tool, preview in report.worst:
         print(f"  {chars:7} {tool[:40]} {preview[:150]}")

@@ -42,9 +42,12 @@ class Report:
     by_tool: Counter = dataclasses.field(default_factory=Counter)
     worst: list[tuple[int, str, str]] = dataclasses.field(default_factory=list)  # (chars, tool, args preview)
     broken: list[tuple[str, str, str, str]] = dataclasses.field(default_factory=list)  # (rule, tool, args, text)
+    longest_error: int = 0
 
     def add(self, outcome: str, tool: str, args: dict[str, Any], text: str) -> None:
         self.outcomes[outcome] += 1
+        if outcome != "ok":
+            self.longest_error = max(self.longest_error, len(text))
         self.by_tool[(tool, outcome)] += 1
         preview = _preview(args)
         self.worst = sorted([*self.worst, (len(text), tool, preview)], reverse=True)[:5]
