@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, ValidationError, WithJsonSchema
 
 from lemur_agent_server.contract import SEARCH_SPACE_HELP
 from lemur_agent_server.evaluator.requests import EvalRequest, RequestRefused
+from lemur_agent_server.schemas import MAX_FILTER_CHARS
 from lemur_agent_server.state import AppState
 from lemur_agent_server.tool_wiring import tool
 from sandbox.protocol import MAX_CODE_CHARS, JobStatus
@@ -26,8 +27,9 @@ from sandbox.protocol import MAX_CODE_CHARS, JobStatus
 Code = Annotated[str, Field(description="The complete Python source of the model file (Net contract; see "
                                         "list_catalog.net_contract)", min_length=1, max_length=MAX_CODE_CHARS)]
 DatasetArg = Annotated[str, Field(description="Dataset to train on: digits, mnist, fashion-mnist, cifar-10, "
-                                              "cifar-100 or svhn (list_catalog says which are present)")]
-TaskArg = Annotated[str, Field(description="Task; only 'img-classification' is evaluated")]
+                                              "cifar-100 or svhn (list_catalog says which are present)",
+                                  max_length=MAX_FILTER_CHARS)]
+TaskArg = Annotated[str, Field(description="Task; only 'img-classification' is evaluated", max_length=MAX_FILTER_CHARS)]
 PrmArg = Annotated[dict[str, Any] | None, Field(
     description="Fixed hyperparameters, e.g. {'lr': 0.01, 'batch': 64, 'transform': 'norm_32'}; values in "
                 "[0, 1] except batch (integer) and transform (name). Anything not fixed is searched.")]
@@ -197,7 +199,7 @@ def register_job_tools(mcp: MCPServer, state: AppState) -> None:
         code: Code,
         dataset: DatasetArg,
         task: TaskArg = "img-classification",
-        metric: Annotated[str, Field(description="Metric; 'acc' (test accuracy)")] = "acc",
+        metric: Annotated[str, Field(description="Metric; 'acc' (test accuracy)", max_length=MAX_FILTER_CHARS)] = "acc",
         prm: PrmArg = None,
         search_space: Annotated[dict[str, dict[str, Any]] | None, Field(description=SEARCH_SPACE_HELP)] = None,
         n_trials: Annotated[int, Field(description="Optuna TPE trials, 1..200", ge=1, le=200)] = 3,

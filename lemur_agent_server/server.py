@@ -53,10 +53,6 @@ class LemurServer(MCPServer[Any]):
         self.state = state  # for tests and the runners: the zoo store and the job queue of this server
         self._schemas: dict[str, dict[str, Any]] | None = None
 
-    @property
-    def _lemur_state(self) -> AppState:  # the name tests/hostile used before `state`; goes once they use it
-        return self.state
-
     async def tool_schemas(self) -> dict[str, dict[str, Any]]:
         """Input schema per tool name (tools are registered once, at build time)."""
         if self._schemas is None:

@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from lemur_agent_server.clip import clip
 from lemur_agent_server.config import ENV_DATA, Settings
 from sandbox import datasets, protocol
 
@@ -43,7 +44,7 @@ class EvalRequest(BaseModel):
     @classmethod
     def _task(cls, value: str) -> str:
         if value != TASK:
-            raise ValueError(f"task '{value}' is not evaluated here; use '{TASK}'. list_catalog shows the zoo's "
+            raise ValueError(f"task '{clip(value)}' is not evaluated here; use '{TASK}'. list_catalog shows the zoo's "
                              "other tasks, which can be queried but not trained.")
         return value
 
@@ -51,7 +52,7 @@ class EvalRequest(BaseModel):
     @classmethod
     def _metric(cls, value: str) -> str:
         if value not in METRICS:
-            raise ValueError(f"metric '{value}' is not supported; use one of {list(METRICS)}.")
+            raise ValueError(f"metric '{clip(value)}' is not supported; use one of {list(METRICS)}.")
         return value
 
     @field_validator("dataset")
@@ -59,7 +60,7 @@ class EvalRequest(BaseModel):
     def _dataset(cls, value: str) -> str:
         names = [i.name for i in datasets.known_datasets()]
         if value not in names:
-            raise ValueError(f"unknown dataset '{value}'; choose one of {names} (list_catalog says which "
+            raise ValueError(f"unknown dataset '{clip(value)}'; choose one of {names} (list_catalog says which "
                              "are present on this server).")
         return value
 
@@ -117,19 +118,19 @@ def _prm_problem(key: str, value: Any) -> str | None:
     """What is wrong with one fixed hyperparameter, or None."""
     if key == "transform":
         return None if value in datasets.TRANSFORMS else (
-            f"prm.transform '{value}' is not allowed; choose one of {datasets.TRANSFORMS}.")
+            f"prm.transform '{clip(value)}' is not allowed; choose one of {datasets.TRANSFORMS}.")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return f"prm.{key} must be a finite number, got {value!r}."
+        return f"prm.{clip(key)} must be a finite number, got {clip(value)}."
     if key == "batch":
         return None if isinstance(value, int) and 1 <= value <= MAX_BATCH else (
-            f"prm.batch must be an integer in 1..{MAX_BATCH}, got {value!r}.")
+            f"prm.batch must be an integer in 1..{MAX_BATCH}, got {clip(value)}.")
     if key == "epoch":
         return None if 0 < value <= MAX_EPOCHS else (
             f"prm.epoch={value} must lie in (0, {MAX_EPOCHS}]; it sets the number of epochs, like `epochs`.")
     if key == "lr":
         return None if 0 < value <= 10 else f"prm.lr={value} must lie in (0, 10]."
     if not 0 <= value <= 1:
-        return f"prm.{key}={value} is outside [0, 1]; LEMUR hyperparameters lie in [0, 1]."
+        return f"prm.{clip(key)}={value} is outside [0, 1]; LEMUR hyperparameters lie in [0, 1]."
     return None
 
 
