@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from mcp.server.mcpserver.exceptions import ToolError
 
 from lemur_agent_server.config import Settings
+from zoo.jobs import JobKind
 from zoo.store import ZooStore
 
 if TYPE_CHECKING:
@@ -27,12 +28,16 @@ class WorkerElsewhere:
     Why not refuse: the zoo's job table is the queue every worker reads, so accepting the job is
     all this process has to do; checking needs a sandbox now, so `check` is the one refusal."""
 
-    def __init__(self, store: ZooStore):
+    def __init__(self, store: ZooStore, settings: Settings):
         self.store = store
+        self.settings = settings
 
     async def submit(self, request: EvalRequest) -> str:
+        from lemur_agent_server.evaluator.requests import admit
+
+        request = admit(request, self.settings)  # the same door as the evaluator's own queue
         job_id = "job-" + uuid.uuid4().hex[:12]
-        await self.store.create_job(job_id, "submit", request.model_dump(), None)
+        await self.store.jobs.create(job_id, JobKind.SUBMIT, request.model_dump())
         return job_id
 
     async def check(self, request: EvalRequest) -> Any:
@@ -41,7 +46,7 @@ class WorkerElsewhere:
                         "zoo runs it; poll get_job), or ask the operator to start the server without --no-worker.")
 
     async def cancel(self, job_id: str) -> str | None:
-        return await self.store.request_cancel(job_id)  # the worker running it sees the flag and stops
+        return await self.store.jobs.request_cancel(job_id)  # the worker running it sees the flag and stops
 
 
 @dataclasses.dataclass
@@ -58,5 +63,5 @@ class AppState:
     def jobs(self) -> JobQueue | WorkerElsewhere:
         """The evaluator of this process, or (with --no-worker) the shared queue a worker runs."""
         if self.queue is None:
-            return WorkerElsewhere(self.zoo())
+            return WorkerElsewhere(self.zoo(), self.settings)
         return self.queue

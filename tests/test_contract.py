@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from lemur_agent_server.config import Settings
 from lemur_agent_server.evaluator import phase
-from lemur_agent_server.evaluator.requests import EvalRequest, admit
+from lemur_agent_server.evaluator.requests import EvalRequest, RequestRefused, admit
 from sandbox import datasets, protocol
 from sandbox.protocol import RunStatus, TimeBudget, TrialStatus
 from zoo.records import Point
@@ -191,5 +191,8 @@ def test_admit_refuses_a_dataset_whose_files_are_missing(tmp_path: Path) -> None
     empty = tmp_path / "no-data"
     empty.mkdir()
     req = EvalRequest(code=CODE, dataset="cifar-10")
-    with pytest.raises(ValueError, match=r"Dataset 'cifar-10' is not present on this server.*list_catalog"):
+    with pytest.raises(RequestRefused, match=r"Dataset 'cifar-10' is not installed on this server.*list_catalog") \
+            as err:
         admit(req, _settings(tmp_path, empty))
+    assert str(tmp_path) not in str(err.value)  # the agent learns what to do, not where the server keeps files
+    assert "cifar-10-batches-py" in str(err.value)

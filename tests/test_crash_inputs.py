@@ -15,6 +15,7 @@ from lemur_agent_server.evaluator.static_checks import MAX_NESTING, static_probl
 from lemur_agent_server.reference_models import REFERENCE_MODELS, read_code
 from lemur_agent_server.server import build_server
 from tests.zoo_factory import build_zoo
+from zoo.query import Page, QueryError
 
 DEEP_CODE = {
     "minus_100k": "x = " + "-" * 100_000 + "1",
@@ -88,9 +89,15 @@ async def test_offset_beyond_sqlite_is_a_clear_error(client, tool):
 
 
 @pytest.mark.anyio
-async def test_offset_beyond_the_page_bound_is_refused_by_the_query(client):
+async def test_offset_beyond_the_page_bound_is_refused_by_the_schema(client):
     text = error_text(await client.call_tool("query_models", {"offset": 2**62}))
-    assert "offset must be an integer in 0..1,000,000,000; call again with a smaller offset" in text
+    assert "offset" in text and "1000000000" in text and "call query_models again" in text
+
+
+def test_offset_beyond_the_page_bound_is_refused_by_the_query():
+    """The CLI and data() reach the query without the tool schema: Page.check bounds them too."""
+    with pytest.raises(QueryError, match=r"offset must be an integer in 0..1,000,000,000; call again with a smaller"):
+        Page(offset=2**62).check()
 
 
 def tampered(cursor: str, **changes) -> str:
@@ -178,7 +185,7 @@ async def test_no_worker_server_queues_a_submission_that_a_worker_beside_it_runs
     try:
         async with JobQueue.running(make_settings(), store):  # `lemur-agent-server worker` on the same zoo
             with anyio.fail_after(60):
-                while (row := await store.get_job(job_id))["status"] in ("queued", "checking"):
+                while (row := await store.jobs.get(job_id))["status"] in ("queued", "checking"):
                     await anyio.sleep(0.2)
         assert row["status"] == "failed" and row["error"]["kind"] == "contract"
     finally:
