@@ -139,8 +139,7 @@ def _frame(rows: list[tuple[Any, ...]], code: dict[int, tuple[str, str]]) -> pd.
 
 def lemur_name(nn_code: str, prefix: str | None = None) -> str:
     """LEMUR's model name: `md5(code with all whitespace removed)`, as `prefix-<md5>` when a prefix is given."""
-    digest = codehash.lemur_id(nn_code)
-    return f"{prefix}-{digest}" if prefix else digest
+    return codehash.model_name(prefix, nn_code)
 
 
 def _refuse_unsupported(export_onnx: bool, transform_dir: str | os.PathLike[str] | None) -> None:

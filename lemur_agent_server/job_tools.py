@@ -213,8 +213,10 @@ def register_job_tools(mcp: MCPServer, state: AppState) -> None:
         seed: Annotated[int, Field(description="Seed of the search and the training", ge=0)] = 0,
         repeats: Annotated[int, Field(description="Extra reruns of the selected hyperparameters with other "
                                                   "seeds, 1..10 (1 = none)", ge=1, le=10)] = 1,
-        name_prefix: Annotated[str | None, Field(description="Name prefix; the model is named "
-                                                             "{prefix}-{code hash}", max_length=64)] = None,
+        name_prefix: Annotated[str | None, Field(
+            description="Name prefix; a new model is named {prefix}-{md5} (LEMUR's rule: md5 of the code without "
+                        "whitespace), or {md5} without a prefix; code already in the zoo keeps its name",
+            max_length=64)] = None,
         max_train_samples: Annotated[int | None, Field(
             description="Train on at most this many images (quick experiments); test accuracy always uses "
                         "the full test split", ge=16)] = None,

@@ -136,7 +136,7 @@ async def evaluate(job: Job) -> Outcome:
     req = job.request
     same_code = await job.store.models_by_hash(codehash.code_hash(req.code))
     # same normalized code -> same model: a resubmission adds runs to the existing name
-    name = same_code[0]["name"] if same_code else codehash.model_name(req.name_prefix or "nn", req.code)
+    name = same_code[0]["name"] if same_code else codehash.model_name(req.name_prefix, req.code)
     problems = static_problems(req.code)
     score, quality = await anyio.to_thread.run_sync(code_quality, req.code)
     model = Model(name=name, code=req.code, origin="submitted", prefix=req.name_prefix or "nn",
