@@ -52,6 +52,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
+from lemur_agent_server.lemur_db_source import find_database
 from zoo import codehash
 from zoo.records import Model, Point, Run, accuracy_to_time, is_number
 from zoo.store import ZooStore
@@ -121,6 +122,9 @@ class ImportReport:
     problems: list[Problem] = dataclasses.field(default_factory=list)
     problems_total: int = 0
     seconds: float = 0.0
+    source: str = "lemur-files"  # lemur-files (a checkout or wheel) | lemur-db (a 2.2 ab.nn.db)
+    train_points: int = 0        # curve points that got training diagnostics (2.2 database: train_stat)
+    extras: dict[str, int] = dataclasses.field(default_factory=dict)  # side-table rows added, by table
 
     def add_problem(self, path: str, reason: str) -> None:
         self.problems_total += 1
@@ -275,13 +279,15 @@ def open_tree(path: Path) -> _Tree:
     path = Path(path).expanduser()
     if path.is_file():
         if not zipfile.is_zipfile(path):
-            raise ValueError(f"{path} is a file but not a zip; pass an nn-dataset wheel or a checkout with ab/nn/.")
+            raise ValueError(f"{path} is a file but neither a zip nor an SQLite database; pass an nn-dataset "
+                             "wheel, a checkout with ab/nn/, or LEMUR 2.2's db/ab.nn.db.")
         return _ZipTree(path)
     if (path / "ab" / "nn").is_dir():
         return _DirTree(path)
     if path.name == "nn" and path.parent.name == "ab" and path.is_dir():
         return _DirTree(path.parent.parent)
-    raise ValueError(f"{path} holds no ab/nn/ folder; pass a LEMUR checkout or an nn-dataset wheel.")
+    raise ValueError(f"{path} holds no ab/nn/ folder; pass a LEMUR checkout, an nn-dataset wheel, or a "
+                     "LEMUR 2.2 database (db/ab.nn.db, or a folder holding it).")
 
 
 # --- listing -------------------------------------------------------------------------------------------
@@ -598,13 +604,20 @@ async def _write(store: ZooStore, batch: _Batch, report: ImportReport) -> None:
 
 async def import_lemur(store: ZooStore, path: str | Path, progress: Progress | None = None, *,
                        code_only_models: bool = True) -> ImportReport:
-    """Import a LEMUR checkout or nn-dataset wheel at `path` into `store`; see the module doc.
+    """Import a LEMUR checkout, nn-dataset wheel or 2.2 database at `path` into `store`; see the module doc.
+
+    A LEMUR 2.2 `ab.nn.db` (or a folder holding `db/ab.nn.db` and no statistics files) goes to
+    `lemur_db_import`, on its own connection to the store's file (one bulk transaction).
 
     `progress(done_files, total_files)` is called after each model (stat and code files counted).
     With `code_only_models`, model files without any statistics are imported too, so that code
     lookups and duplicate checks see the whole LEMUR zoo. Bad files are reported, never fatal; only
     a path that is neither a checkout nor a zip raises ValueError.
     """
+    database = await anyio.to_thread.run_sync(find_database, Path(path))
+    if database is not None:
+        from lemur_agent_server.lemur_db_import import import_database
+        return await anyio.to_thread.run_sync(import_database, store.path, database, progress)
     started = time.perf_counter()
     report = ImportReport()
     tree = await anyio.to_thread.run_sync(open_tree, Path(path))
@@ -634,7 +647,13 @@ async def import_lemur(store: ZooStore, path: str | Path, progress: Progress | N
 
 def import_lemur_sync(zoo_path: str | Path | None, path: str | Path,
                       progress: Progress | None = None) -> ImportReport:
-    """Blocking wrapper for the CLI and scripts: opens the zoo, imports, closes it."""
+    """Blocking wrapper for the CLI and scripts: opens the zoo, imports, closes it. A LEMUR 2.2 database
+    is imported synchronously, without the async store."""
+    database = find_database(Path(path))
+    if database is not None:
+        from lemur_agent_server.lemur_db_import import import_database
+        return import_database(zoo_path, database, progress)
+
     async def main() -> ImportReport:
         store = await ZooStore.open(zoo_path)
         try:

@@ -1,0 +1,323 @@
+"""Import a LEMUR 2.2 database (`db/ab.nn.db`) into the zoo, in one pass and one transaction.
+
+What lands where (the schema facts are in lemur_db_source):
+- every `nn` row is a zoo model (origin `lemur`), with or without records;
+- `stat` rows are grouped into runs exactly as the 2.1 file importer groups its records
+  (`lemur_import.group_trials`: a uid seen at several epochs is one trial; a uid seen once is grouped
+  by its hyperparameters, undoing 2.2.11's per-epoch uids), and the run uids are the file importer's
+  (`lemur:<task>_<dataset>_<metric>_<nn>:<uid>`), so a database built from the 2.1 files and the files
+  themselves import to the same runs, and a second import adds nothing;
+- a trial's `prm` rows become the run's JSON once (`transform` kept, `epoch` and other per-record keys
+  dropped, as `lemur_import.hyperparameters` does); stat's own transform column fills a missing one;
+- `train_stat` goes to the curve point (train loss as the point's loss, test loss, train accuracy,
+  gradient norm, samples/s, the per-epoch usage as JSON) and the hardware once per run (`run_hardware`,
+  its GPU as the run's device);
+- `nn_stat`, `run`, `tflite`, `prun` are copied into `lemur_*` tables (lemur_db_extras), and nn_stat's
+  parameter count and FLOPs fill the models' empty `params`/`flops`.
+
+Why one transaction with indexes rebuilt at the end (zoo.bulk_load): that is what makes 578k records
+fit in the time budget; readers see the zoo before or after the import, never half of it.
+Bad rows (no numeric accuracy or epoch, a model without code) are counted and reported, never fatal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from itertools import groupby
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from lemur_agent_server import lemur_db_extras
+from lemur_agent_server.lemur_db_source import HARDWARE_COLUMNS, TRAIN_COLUMNS, USAGE_COLUMNS, LemurDatabase
+from lemur_agent_server.lemur_import import (
+    CHANCE,
+    ORIGIN,
+    SOURCE,
+    STATUS,
+    ConfigName,
+    ImportReport,
+    TrialRecord,
+    group_trials,
+    hyperparameters,
+    model_prefix,
+)
+from zoo import codehash
+from zoo.bulk_load import BulkWriter
+from zoo.records import Point, accuracy_to_time, is_number
+
+Progress = Callable[[int, int], None]
+RUN_UID_PREFIX = "lemur:"
+PARALLEL_HASH_MIN = 2_000     # below this many new models, hashing in-process is faster than a pool
+PROGRESS_EVERY = 5_000
+HASH_CHUNK = 256        # records between progress calls
+
+
+@dataclasses.dataclass
+class DbRecord(TrialRecord):
+    """A stat row as a TrialRecord, plus its train_stat values (None when it has none)."""
+
+    train: tuple[Any, ...] | None = None
+    prm_json: str = "{}"
+
+
+# --- models --------------------------------------------------------------------------------------------
+def _hashes(code: str) -> tuple[str, str]:
+    return codehash.code_hash(code), codehash.lemur_id(code)
+
+
+def _hash_chunk(codes: list[str]) -> list[tuple[str, str]]:
+    return [_hashes(code) for code in codes]
+
+
+def hash_codes(codes: list[str]) -> Iterator[tuple[str, str]]:
+    """(code_hash, lemur_id) per code; across processes for a large zoo (tokenizing is the cost:
+    about 0.17 s per MB of code, 10k LEMUR models are tens of MB)."""
+    if len(codes) < PARALLEL_HASH_MIN or (os.cpu_count() or 1) < 2:
+        return map(_hashes, codes)
+    pool = ProcessPoolExecutor(max_workers=min(4, os.cpu_count() or 2), mp_context=get_context("spawn"))
+    futures = [pool.submit(_hash_chunk, codes[i:i + HASH_CHUNK]) for i in range(0, len(codes), HASH_CHUNK)]
+    pool.shutdown(wait=False)
+
+    def drain() -> Iterator[tuple[str, str]]:
+        for future in futures:
+            yield from future.result()
+    return drain()
+
+
+def import_models(db: LemurDatabase, writer: BulkWriter, report: ImportReport) -> Callable[[], None]:
+    """Every nn row not yet in the zoo becomes a model; an existing name with other code is reported.
+
+    Ids are reserved at once so the records can refer to them; the code hashes are computed meanwhile
+    (in other processes for a large zoo) and the returned `finish()` inserts the rows.
+    """
+    new: list[tuple[int, str, str]] = []
+    for name, code in db.models():
+        report.code_files += 1
+        if not isinstance(code, str) or not isinstance(name, str) or not name:
+            report.add_problem(f"nn:{name}", "model code is not text; model skipped")
+            continue
+        existing = writer.models.get(name)
+        if existing is None:
+            new.append((writer.reserve_model(name), name, code))
+            continue
+        report.models_existing += 1
+        if existing[1] != codehash.code_hash(code):
+            report.add_problem(f"nn:{name}", "the zoo already has a model of this name with other code; its "
+                                             "code was kept and the imported runs were attached to it")
+    report.models_added += len(new)
+    hashes = hash_codes([code for _, _, code in new])
+
+    def finish() -> None:
+        writer.add_models([(model_id, name, code, code_hash, lemur_id, model_prefix(name), ORIGIN)
+                           for (model_id, name, code), (code_hash, lemur_id) in zip(new, hashes, strict=True)])
+    return finish
+
+
+# --- records ---------------------------------------------------------------------------------------------
+class HyperCache:
+    """A trial's hyperparameters (and their JSON) computed once per (uid, stat transform)."""
+
+    def __init__(self, by_uid: dict[str, dict[str, Any]]):
+        self.by_uid = by_uid
+        self.cache: dict[tuple[Any, Any], tuple[dict[str, Any], str]] = {}
+
+    def get(self, uid: Any, transform: Any) -> tuple[dict[str, Any], str]:
+        key = (uid, transform)
+        hit = self.cache.get(key)
+        if hit is None:
+            hyper = hyperparameters(self.by_uid.get(uid, {}))
+            if "transform" not in hyper and isinstance(transform, str) and transform:
+                hyper["transform"] = transform
+            hit = self.cache[key] = (hyper, json.dumps(hyper, sort_keys=True, default=str))
+        return hit
+
+
+def _bad_reason(row: tuple[Any, ...]) -> str | None:
+    accuracy, epoch = row[8], row[7]
+    if not is_number(accuracy):
+        return f"accuracy {accuracy!r} is not a finite number"
+    if not is_number(epoch) or epoch < 0:
+        return f"epoch {epoch!r} is not a non-negative number"
+    return None
+
+
+def to_record(row: tuple[Any, ...], order: int, chance: float, hypers: HyperCache) -> DbRecord:
+    _, _, _, _, _, transform, uid, epoch, accuracy, duration = row[:10]
+    duration_ns = int(duration) if is_number(duration) and duration >= 0 else None
+    train = row[10:] if len(row) > 10 and any(v is not None for v in row[10:]) else None
+    loss = train[0] if train is not None and is_number(train[0]) else None
+    hyper, prm_json = hypers.get(uid, transform)
+    return DbRecord(epoch=float(epoch), uid=str(uid) if uid not in (None, "") else None, hyper=hyper,
+                    point=Point(epoch=float(epoch), accuracy=float(accuracy), duration_ns=duration_ns,
+                                loss=float(loss) if loss is not None else None,
+                                accuracy_to_time=accuracy_to_time(float(accuracy), chance, duration_ns)),
+                    order=order, train=train, prm_json=prm_json)
+
+
+@dataclasses.dataclass
+class TrainLayout:
+    """Where the train_stat values sit in a record's `train` tuple."""
+
+    columns: list[str]
+
+    def __post_init__(self) -> None:
+        index = {c: i for i, c in enumerate(self.columns)}
+        self.core = [index.get(c) for c in TRAIN_COLUMNS]
+        self.hardware = [(c, index[c]) for c in HARDWARE_COLUMNS if c in index]
+        self.usage = [(c, index[c]) for c in USAGE_COLUMNS if c in index]
+        self.gpu = index.get("gpu_type")
+
+    def row(self, run_id: int, record: DbRecord) -> tuple[Any, ...] | None:
+        train = record.train
+        if train is None:
+            return None
+        usage = {c: train[i] for c, i in self.usage if train[i] is not None}
+        return (run_id, record.epoch, *(train[i] if i is not None else None for i in self.core),
+                json.dumps(usage) if usage else None)
+
+    def hardware_json(self, lane: list[DbRecord]) -> str | None:
+        for record in lane:
+            if record.train is not None:
+                values = {c: record.train[i] for c, i in self.hardware if record.train[i] is not None}
+                if values:
+                    return json.dumps(values, sort_keys=True)
+        return None
+
+    def device(self, lane: list[DbRecord]) -> str | None:
+        if self.gpu is None:
+            return None
+        return next((r.train[self.gpu] for r in lane if r.train is not None
+                     and isinstance(r.train[self.gpu], str) and r.train[self.gpu]), None)
+
+
+def write_config(writer: BulkWriter, layout: TrainLayout, parsed: ConfigName, model_id: int,
+                 records: list[DbRecord], report: ImportReport) -> None:
+    """One config's records as runs with their points, diagnostics and hardware."""
+    config = f"{parsed.task}_{parsed.dataset}_{parsed.metric}_{parsed.nn}"
+    for key, lane in group_trials(records):
+        run_id = writer.new_run_id(f"{RUN_UID_PREFIX}{config}:{key}")
+        if run_id is None:
+            report.runs_existing += 1
+            continue
+        lane_records: list[DbRecord] = lane  # type: ignore[assignment]  # group_trials keeps the subclass
+        last = lane_records[-1].point
+        writer.add_run((run_id, f"{RUN_UID_PREFIX}{config}:{key}", model_id, parsed.task, parsed.dataset,
+                        parsed.metric, _transform(lane_records[0].hyper), lane_records[0].prm_json,
+                        last.epoch, STATUS, last.accuracy, last.duration_ns, last.accuracy_to_time,
+                        layout.device(lane_records), SOURCE, writer.created))
+        for record in lane_records:
+            p = record.point
+            writer.add_point(run_id, p.epoch, model_id, parsed.task, parsed.dataset, parsed.metric,
+                             p.accuracy, p.loss, p.duration_ns, p.accuracy_to_time)  # type: ignore[arg-type]
+            train_row = layout.row(run_id, record)
+            if train_row is not None:
+                writer.add_train(train_row)
+                report.train_points += 1
+        hardware = layout.hardware_json(lane_records)
+        if hardware is not None:
+            writer.add_hardware(run_id, hardware)
+        report.runs_added += 1
+        report.points_added += len(lane_records)
+
+
+def _transform(hyper: dict[str, Any]) -> str | None:
+    value = hyper.get("transform")
+    return value if isinstance(value, str) else None
+
+
+def _config_key(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    return row[4], row[1], row[2], row[3]   # nn, task, dataset, metric
+
+
+@dataclasses.dataclass
+class _Pass:
+    """State of the streaming pass over stat, for the progress bar."""
+
+    total: int
+    progress: Progress | None
+    done: int = 0
+    reported: int = 0
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self.progress and self.done - self.reported >= PROGRESS_EVERY:
+            self.reported = self.done
+            self.progress(self.done, self.total)
+
+
+def import_records(db: LemurDatabase, writer: BulkWriter, report: ImportReport, state: _Pass) -> None:
+    """Stream stat (ordered by config), one config at a time into runs."""
+    layout = TrainLayout(db.train_columns())
+    hypers = HyperCache(db.hyperparameters())
+    for (nn, task, dataset, metric), rows in groupby(db.records(layout.columns), key=_config_key):
+        _import_config(writer, layout, hypers, ConfigName(str(task), str(dataset), str(metric), str(nn)),
+                       rows, report, state)
+
+
+def _import_config(writer: BulkWriter, layout: TrainLayout, hypers: HyperCache, parsed: ConfigName,
+                   rows: Iterable[tuple[Any, ...]], report: ImportReport, state: _Pass) -> None:
+    chance = CHANCE.get(parsed.dataset, 0.0)
+    records: list[DbRecord] = []
+    seen = 0
+    for order, row in enumerate(rows):
+        seen += 1
+        reason = _bad_reason(row)
+        if reason is None:
+            records.append(to_record(row, order, chance, hypers))
+        else:
+            report.skipped_records += 1
+            report.add_problem(f"stat:{row[0]}", f"{reason}; record skipped")
+    report.records += seen
+    report.configs += 1
+    model = writer.models.get(parsed.nn)
+    if model is None:
+        report.configs_without_code += 1
+        report.skipped_records += len(records)
+        report.add_problem(f"stat:{parsed.task}_{parsed.dataset}_{parsed.metric}_{parsed.nn}",
+                           f"no model code for {parsed.nn!r} in table nn; {len(records)} records skipped")
+    elif records:
+        write_config(writer, layout, parsed, model[0], records, report)
+    state.advance(seen)
+
+
+# --- entry point -------------------------------------------------------------------------------------------
+def import_database(zoo_path: str | Path | None, db_path: str | Path,
+                    progress: Progress | None = None) -> ImportReport:
+    """Import the LEMUR database at `db_path` into the zoo at `zoo_path`; see the module doc.
+
+    `progress(done, total)` counts records (stat rows) then side-table rows. Raises ValueError for an
+    SQLite file that is not a LEMUR database; bad rows inside one are reported in the result.
+    """
+    started = time.perf_counter()
+    report = ImportReport(source="lemur-db")
+    db = LemurDatabase(Path(db_path))
+    writer = BulkWriter.open(zoo_path)
+    try:
+        total = db.count("stat")
+        side = sum(db.count(t) for t in lemur_db_extras.SIDE_TABLES)
+        state = _Pass(total=total + side, progress=progress)
+        if progress:
+            progress(0, state.total)
+        writer.begin(expected_rows=total, run_uid_prefix=RUN_UID_PREFIX)
+        finish_models = import_models(db, writer, report)
+        import_records(db, writer, report, state)
+        finish_models()
+        report.extras = lemur_db_extras.import_side_tables(db, writer.conn, report.add_problem)
+        state.advance(side)
+        writer.commit()
+        if progress:
+            progress(state.total, state.total)
+    except BaseException:
+        writer.rollback()
+        raise
+    finally:
+        writer.close()
+        db.close()
+    report.seconds = time.perf_counter() - started
+    return report

@@ -1,0 +1,169 @@
+"""Bulk writes into the zoo: many models, runs and curve points in ONE transaction, fast.
+
+Why not the store's per-run inserts: importing LEMUR's 578k records through `ZooStore._add_run` costs
+a SELECT per run, an INSERT per row and the upkeep of six point indexes and three best_point indexes
+on every row. Here:
+
+- ids are assigned in Python (next free id), so runs and points go in with `executemany` batches and
+  no `lastrowid` round trips; existence is checked against sets loaded once;
+- for a large load the secondary indexes of the tables written are dropped first and rebuilt from
+  their own `CREATE INDEX` text at the end (one sort per index instead of a B-tree insert per row);
+- best_point receives one upsert per (task, dataset, metric, epoch, model) of the new points, the best
+  of them chosen in Python, with the store's rule (strictly better accuracy wins, ties keep the first);
+- everything is one transaction: readers (WAL) see the zoo before or after the import, never half.
+Foreign keys are off on this private connection: the writer creates parents before children itself.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from zoo import connection, schema
+
+BULK_TABLES = ("run", "point", "best_point", "point_train")
+FLUSH_ROWS = 50_000
+
+RUN_INSERT = (
+    "INSERT INTO run(id, uid, model_id, task, dataset, metric, transform, prm, epochs, status, accuracy,"
+    " duration_ns, accuracy_to_time, device, source, created) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
+POINT_INSERT = (
+    "INSERT INTO point(run_id, epoch, model_id, task, dataset, metric, accuracy, val_accuracy, loss,"
+    " duration_ns, accuracy_to_time, elapsed_s, created) VALUES(?,?,?,?,?,?,?,NULL,?,?,?,NULL,?)")
+TRAIN_INSERT = (
+    "INSERT INTO point_train(run_id, epoch, train_loss, test_loss, train_accuracy, gradient_norm,"
+    " samples_per_second, usage) VALUES(?,?,?,?,?,?,?,?)")
+HARDWARE_INSERT = "INSERT INTO run_hardware(run_id, hardware) VALUES(?,?)"
+MODEL_INSERT = (
+    "INSERT INTO model(id, name, code, code_hash, lemur_id, prefix, origin, created) VALUES(?,?,?,?,?,?,?,?)")
+
+BestKey = tuple[str, str, str, float, int]
+
+
+class BulkWriter:
+    """Open with `BulkWriter.open(zoo_path)`, then `begin(expected_rows)`, add, `commit()`, `close()`."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+        self.created = time.time()
+        self.models: dict[str, tuple[int, str]] = {}   # name -> (id, code_hash)
+        self.run_uids: set[str] = set()
+        self.next_model_id = 1
+        self.next_run_id = 1
+        self.best: dict[BestKey, tuple[float, int | None, float | None, int]] = {}
+        self._dropped: list[str] = []
+        self._rows: dict[str, list[Sequence[Any]]] = {RUN_INSERT: [], POINT_INSERT: [], TRAIN_INSERT: [],
+                                                      HARDWARE_INSERT: []}
+        self._pending = 0
+
+    @classmethod
+    def open(cls, zoo_path: str | Path | None) -> BulkWriter:
+        path = connection.resolve_zoo_path(zoo_path)
+        connection.initialize(path)
+        conn = sqlite3.connect(path, isolation_level=None, timeout=connection.BUSY_TIMEOUT_MS / 1000)
+        connection.apply_pragmas(conn)
+        conn.execute("PRAGMA foreign_keys=OFF")
+        conn.execute("PRAGMA cache_size=-262144")  # 256 MiB while the indexes are rebuilt
+        return cls(conn)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # --- transaction ---------------------------------------------------------------------------------
+    def begin(self, expected_rows: int, run_uid_prefix: str, drop_threshold: int = 20_000) -> None:
+        """Start the write transaction, load what exists, and drop indexes if the load is large."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        for row_id, name, code_hash in self.conn.execute("SELECT id, name, code_hash FROM model"):
+            self.models[name] = (row_id, code_hash)
+        self.run_uids = {r[0] for r in self.conn.execute(
+            "SELECT uid FROM run WHERE uid >= ? AND uid < ?", (run_uid_prefix, run_uid_prefix + "\U0010ffff"))}
+        self.next_model_id = self._max_id("model") + 1
+        self.next_run_id = self._max_id("run") + 1
+        if expected_rows >= drop_threshold:
+            self._drop_indexes()
+
+    def _max_id(self, table: str) -> int:
+        return int(self.conn.execute(f"SELECT COALESCE(MAX(id), 0) FROM {table}").fetchone()[0])
+
+    def _drop_indexes(self) -> None:
+        marks = ",".join("?" * len(BULK_TABLES))
+        rows = self.conn.execute(
+            f"SELECT name, sql FROM sqlite_master WHERE type='index' AND sql IS NOT NULL AND tbl_name IN ({marks})",
+            BULK_TABLES).fetchall()
+        for name, sql in rows:
+            self.conn.execute(f'DROP INDEX "{name}"')
+            self._dropped.append(sql)
+
+    def commit(self) -> None:
+        """Flush, upsert best points, rebuild the dropped indexes, COMMIT."""
+        self.flush()
+        self.conn.executemany(schema.BEST_POINT_UPSERT, [
+            (task, dataset, metric, epoch, model_id, acc, duration, a2t, self.created, run_id)
+            for (task, dataset, metric, epoch, model_id), (acc, duration, a2t, run_id) in self.best.items()])
+        for sql in self._dropped:
+            self.conn.execute(sql)
+        self._dropped.clear()
+        self.conn.execute("COMMIT")
+        self.conn.execute("PRAGMA optimize")
+
+    def rollback(self) -> None:
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
+
+    # --- rows ----------------------------------------------------------------------------------------
+    def reserve_model(self, name: str) -> int:
+        """The id a new model will get; the row itself comes later with `add_models` (its hash may
+        still be computing), which is fine on this connection: foreign keys are checked by nobody
+        until the transaction commits, and it commits with every row in place."""
+        model_id = self.next_model_id
+        self.next_model_id += 1
+        self.models[name] = (model_id, "")
+        return model_id
+
+    def add_models(self, rows: Sequence[tuple[int, str, str, str, str, str | None, str]]) -> None:
+        """(id, name, code, code_hash, lemur_id, prefix, origin) of models reserved before."""
+        for model_id, name, _, code_hash, *_ in rows:
+            self.models[name] = (model_id, code_hash)
+        self.conn.executemany(MODEL_INSERT, [(*row, self.created) for row in rows])
+
+    def new_run_id(self, uid: str) -> int | None:
+        """An id for a run not yet in the zoo; None if its uid exists (the import is idempotent)."""
+        if uid in self.run_uids:
+            return None
+        self.run_uids.add(uid)
+        run_id = self.next_run_id
+        self.next_run_id += 1
+        return run_id
+
+    def add_run(self, row: Sequence[Any]) -> None:
+        """A RUN_INSERT row (its id from `new_run_id`)."""
+        self._rows[RUN_INSERT].append(row)
+
+    def add_point(self, run_id: int, epoch: float, model_id: int, task: str, dataset: str, metric: str,
+                  accuracy: float, loss: float | None, duration_ns: int | None, a2t: float | None) -> None:
+        self._rows[POINT_INSERT].append((run_id, epoch, model_id, task, dataset, metric, accuracy, loss,
+                                         duration_ns, a2t, self.created))
+        key = (task, dataset, metric, epoch, model_id)
+        best = self.best.get(key)
+        if best is None or accuracy > best[0]:
+            self.best[key] = (accuracy, duration_ns, a2t, run_id)
+        self._pending += 1
+        if self._pending >= FLUSH_ROWS:
+            self.flush()
+
+    def add_train(self, row: Sequence[Any]) -> None:
+        """A TRAIN_INSERT row: (run_id, epoch, 5 diagnostics, usage JSON or None)."""
+        self._rows[TRAIN_INSERT].append(row)
+
+    def add_hardware(self, run_id: int, hardware_json: str) -> None:
+        self._rows[HARDWARE_INSERT].append((run_id, hardware_json))
+
+    def flush(self) -> None:
+        for sql, rows in self._rows.items():
+            if rows:
+                self.conn.executemany(sql, rows)
+                rows.clear()
+        self._pending = 0
