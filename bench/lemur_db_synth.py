@@ -142,7 +142,8 @@ def build_synthetic(path: Path, records: int, models: int = 10_482, epochs: int 
             name = names[trials % models]
             task, dataset, metric = TASKS[trials % len(TASKS)]
             trials += 1
-            prm = {"uid": md5(("trial", trials)), "lr": round(rng.uniform(1e-4, 0.1), 6), "batch": 2 ** rng.randint(4, 8),
+            prm = {"uid": md5(("trial", trials)), "lr": round(rng.uniform(1e-4, 0.1), 6),
+                   "batch": 2 ** rng.randint(4, 8),
                    "momentum": round(rng.random(), 4), "dropout": round(rng.random() / 2, 4),
                    "transform": rng.choice(TRANSFORMS), "epoch": epochs}
             with_train = rng.random() < train_share

@@ -10,8 +10,8 @@ What lands where (the schema facts are in lemur_db_source):
 - a trial's `prm` rows become the run's JSON once (`transform` kept, `epoch` and other per-record keys
   dropped, as `lemur_import.hyperparameters` does); stat's own transform column fills a missing one;
 - `train_stat` goes to the curve point (train loss as the point's loss, test loss, train accuracy,
-  gradient norm, samples/s, the per-epoch usage as JSON) and the hardware once per run (`run_hardware`,
-  its GPU as the run's device);
+  gradient norm, samples/s, the per-epoch cpu/ram/gpu usage) and the hardware once per run (`hardware`,
+  each distinct machine once, `run_hardware`; its GPU is the run's device);
 - `nn_stat`, `run`, `tflite`, `prun` are copied into `lemur_*` tables (lemur_db_extras), and nn_stat's
   parameter count and FLOPs fill the models' empty `params`/`flops`.
 
@@ -49,7 +49,7 @@ from lemur_agent_server.lemur_import import (
 )
 from zoo import codehash
 from zoo.bulk_load import BulkWriter
-from zoo.records import Point, accuracy_to_time, is_number
+from zoo.records import Point, accuracy_to_time
 
 Progress = Callable[[int, int], None]
 RUN_UID_PREFIX = "lemur:"
@@ -134,29 +134,41 @@ class HyperCache:
             hyper = hyperparameters(self.by_uid.get(uid, {}))
             if "transform" not in hyper and isinstance(transform, str) and transform:
                 hyper["transform"] = transform
-            hit = self.cache[key] = (hyper, json.dumps(hyper, sort_keys=True, default=str))
+            hit = self.cache[key] = (hyper, json.dumps(hyper, sort_keys=True, separators=(",", ":"), default=str))
         return hit
 
 
-def _bad_reason(row: tuple[Any, ...]) -> str | None:
+def finite(value: Any) -> bool:
+    """`zoo.records.is_number` for what SQLite returns (exactly int, float, str, bytes or None), at a
+    third of its cost: it runs twice per record (`inf - inf` and `nan - nan` are NaN, never 0)."""
+    kind = type(value)
+    return kind is int or (kind is float and value - value == 0.0)
+
+
+def bad_reason(row: tuple[Any, ...]) -> str | None:
     accuracy, epoch = row[8], row[7]
-    if not is_number(accuracy):
+    if not finite(accuracy):
         return f"accuracy {accuracy!r} is not a finite number"
-    if not is_number(epoch) or epoch < 0:
+    if not finite(epoch) or epoch < 0:
         return f"epoch {epoch!r} is not a non-negative number"
     return None
 
 
-def to_record(row: tuple[Any, ...], order: int, chance: float, hypers: HyperCache) -> DbRecord:
+def to_record(row: tuple[Any, ...], order: int, chance: float, hypers: HyperCache,
+              no_train: tuple[None, ...]) -> DbRecord:
+    """A valid stat row (see `bad_reason`) as a record; `no_train` is the all-NULL train tuple."""
     _, _, _, _, _, transform, uid, epoch, accuracy, duration = row[:10]
-    duration_ns = int(duration) if is_number(duration) and duration >= 0 else None
-    train = row[10:] if len(row) > 10 and any(v is not None for v in row[10:]) else None
-    loss = train[0] if train is not None and is_number(train[0]) else None
+    duration_ns = int(duration) if finite(duration) and duration >= 0 else None
+    train = row[10:]
+    if train == no_train:
+        train, loss = None, None
+    else:
+        loss = float(train[0]) if finite(train[0]) else None
     hyper, prm_json = hypers.get(uid, transform)
-    return DbRecord(epoch=float(epoch), uid=str(uid) if uid not in (None, "") else None, hyper=hyper,
-                    point=Point(epoch=float(epoch), accuracy=float(accuracy), duration_ns=duration_ns,
-                                loss=float(loss) if loss is not None else None,
-                                accuracy_to_time=accuracy_to_time(float(accuracy), chance, duration_ns)),
+    epoch, accuracy = float(epoch), float(accuracy)
+    return DbRecord(epoch=epoch, uid=str(uid) if uid not in (None, "") else None, hyper=hyper,
+                    point=Point(epoch=epoch, accuracy=accuracy, duration_ns=duration_ns, loss=loss,
+                                accuracy_to_time=accuracy_to_time(accuracy, chance, duration_ns)),
                     order=order, train=train, prm_json=prm_json)
 
 
@@ -170,23 +182,22 @@ class TrainLayout:
         index = {c: i for i, c in enumerate(self.columns)}
         self.core = [index.get(c) for c in TRAIN_COLUMNS]
         self.hardware = [(c, index[c]) for c in HARDWARE_COLUMNS if c in index]
-        self.usage = [(c, index[c]) for c in USAGE_COLUMNS if c in index]
+        self.usage = [index.get(c) for c in USAGE_COLUMNS]
         self.gpu = index.get("gpu_type")
 
     def row(self, run_id: int, record: DbRecord) -> tuple[Any, ...] | None:
         train = record.train
         if train is None:
             return None
-        usage = {c: train[i] for c, i in self.usage if train[i] is not None}
         return (run_id, record.epoch, *(train[i] if i is not None else None for i in self.core),
-                json.dumps(usage) if usage else None)
+                *(train[i] if i is not None else None for i in self.usage))
 
     def hardware_json(self, lane: list[DbRecord]) -> str | None:
         for record in lane:
             if record.train is not None:
                 values = {c: record.train[i] for c, i in self.hardware if record.train[i] is not None}
                 if values:
-                    return json.dumps(values, sort_keys=True)
+                    return json.dumps(values, sort_keys=True, separators=(",", ":"))
         return None
 
     def device(self, lane: list[DbRecord]) -> str | None:
@@ -263,13 +274,14 @@ def import_records(db: LemurDatabase, writer: BulkWriter, report: ImportReport, 
 def _import_config(writer: BulkWriter, layout: TrainLayout, hypers: HyperCache, parsed: ConfigName,
                    rows: Iterable[tuple[Any, ...]], report: ImportReport, state: _Pass) -> None:
     chance = CHANCE.get(parsed.dataset, 0.0)
+    no_train = (None,) * len(layout.columns)
     records: list[DbRecord] = []
     seen = 0
     for order, row in enumerate(rows):
         seen += 1
-        reason = _bad_reason(row)
+        reason = bad_reason(row)
         if reason is None:
-            records.append(to_record(row, order, chance, hypers))
+            records.append(to_record(row, order, chance, hypers, no_train))
         else:
             report.skipped_records += 1
             report.add_problem(f"stat:{row[0]}", f"{reason}; record skipped")
@@ -304,7 +316,7 @@ def import_database(zoo_path: str | Path | None, db_path: str | Path,
         state = _Pass(total=total + side, progress=progress)
         if progress:
             progress(0, state.total)
-        writer.begin(expected_rows=total, run_uid_prefix=RUN_UID_PREFIX)
+        writer.begin(run_uid_prefix=RUN_UID_PREFIX)
         finish_models = import_models(db, writer, report)
         import_records(db, writer, report, state)
         finish_models()

@@ -25,7 +25,7 @@ from typing import Any
 from zoo import connection, schema
 
 BULK_TABLES = ("run", "point", "best_point", "point_train")
-FLUSH_ROWS = 50_000
+FLUSH_ROWS = 50_000   # rows buffered per executemany; more than any drop_threshold, see begin()
 
 RUN_INSERT = (
     "INSERT INTO run(id, uid, model_id, task, dataset, metric, transform, prm, epochs, status, accuracy,"
@@ -35,8 +35,9 @@ POINT_INSERT = (
     " duration_ns, accuracy_to_time, elapsed_s, created) VALUES(?,?,?,?,?,?,?,NULL,?,?,?,NULL,?)")
 TRAIN_INSERT = (
     "INSERT INTO point_train(run_id, epoch, train_loss, test_loss, train_accuracy, gradient_norm,"
-    " samples_per_second, usage) VALUES(?,?,?,?,?,?,?,?)")
-HARDWARE_INSERT = "INSERT INTO run_hardware(run_id, hardware) VALUES(?,?)"
+    " samples_per_second, cpu_usage_percent, occupied_ram_kb, ram_usage_percent, occupied_gpu_memory_kb,"
+    " gpu_memory_usage_percent) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)")
+HARDWARE_INSERT = "INSERT INTO run_hardware(run_id, hardware_id) VALUES(?,?)"
 MODEL_INSERT = (
     "INSERT INTO model(id, name, code, code_hash, lemur_id, prefix, origin, created) VALUES(?,?,?,?,?,?,?,?)")
 
@@ -44,13 +45,17 @@ BestKey = tuple[str, str, str, float, int]
 
 
 class BulkWriter:
-    """Open with `BulkWriter.open(zoo_path)`, then `begin(expected_rows)`, add, `commit()`, `close()`."""
+    """Open with `BulkWriter.open(zoo_path)`, then `begin(prefix)`, add rows, `commit()`, `close()`."""
 
     def __init__(self, conn: sqlite3.Connection):
         self.conn = conn
         self.created = time.time()
         self.models: dict[str, tuple[int, str]] = {}   # name -> (id, code_hash)
         self.run_uids: set[str] = set()
+        self.hardware: dict[str, int] = {}              # spec JSON -> hardware id
+        self.next_hardware_id = 1
+        self.drop_threshold = 20_000
+        self._new_points = 0
         self.next_model_id = 1
         self.next_run_id = 1
         self.best: dict[BestKey, tuple[float, int | None, float | None, int]] = {}
@@ -73,8 +78,9 @@ class BulkWriter:
         self.conn.close()
 
     # --- transaction ---------------------------------------------------------------------------------
-    def begin(self, expected_rows: int, run_uid_prefix: str, drop_threshold: int = 20_000) -> None:
-        """Start the write transaction, load what exists, and drop indexes if the load is large."""
+    def begin(self, run_uid_prefix: str, drop_threshold: int = 20_000) -> None:
+        """Start the write transaction and load what exists. The indexes are dropped once the new points
+        reach `drop_threshold` (before the first flush), so a re-import that adds nothing rebuilds none."""
         self.conn.execute("BEGIN IMMEDIATE")
         for row_id, name, code_hash in self.conn.execute("SELECT id, name, code_hash FROM model"):
             self.models[name] = (row_id, code_hash)
@@ -82,8 +88,9 @@ class BulkWriter:
             "SELECT uid FROM run WHERE uid >= ? AND uid < ?", (run_uid_prefix, run_uid_prefix + "\U0010ffff"))}
         self.next_model_id = self._max_id("model") + 1
         self.next_run_id = self._max_id("run") + 1
-        if expected_rows >= drop_threshold:
-            self._drop_indexes()
+        self.next_hardware_id = self._max_id("hardware") + 1
+        self.hardware = dict(self.conn.execute("SELECT spec, id FROM hardware").fetchall())
+        self.drop_threshold = drop_threshold
 
     def _max_id(self, table: str) -> int:
         return int(self.conn.execute(f"SELECT COALESCE(MAX(id), 0) FROM {table}").fetchone()[0])
@@ -108,6 +115,8 @@ class BulkWriter:
         self._dropped.clear()
         self.conn.execute("COMMIT")
         self.conn.execute("PRAGMA optimize")
+        # a bulk transaction leaves a WAL as large as the load: fold it in and truncate it now
+        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def rollback(self) -> None:
         if self.conn.in_transaction:
@@ -151,15 +160,24 @@ class BulkWriter:
         if best is None or accuracy > best[0]:
             self.best[key] = (accuracy, duration_ns, a2t, run_id)
         self._pending += 1
+        self._new_points += 1
+        if self._new_points == self.drop_threshold:
+            self._drop_indexes()
         if self._pending >= FLUSH_ROWS:
             self.flush()
 
     def add_train(self, row: Sequence[Any]) -> None:
-        """A TRAIN_INSERT row: (run_id, epoch, 5 diagnostics, usage JSON or None)."""
+        """A TRAIN_INSERT row: (run_id, epoch, 5 diagnostics, 5 usage values)."""
         self._rows[TRAIN_INSERT].append(row)
 
-    def add_hardware(self, run_id: int, hardware_json: str) -> None:
-        self._rows[HARDWARE_INSERT].append((run_id, hardware_json))
+    def add_hardware(self, run_id: int, spec_json: str) -> None:
+        """The run trained on the machine `spec_json` describes; each distinct description stored once."""
+        hardware_id = self.hardware.get(spec_json)
+        if hardware_id is None:
+            hardware_id = self.hardware[spec_json] = self.next_hardware_id
+            self.next_hardware_id += 1
+            self.conn.execute("INSERT INTO hardware(id, spec) VALUES(?,?)", (hardware_id, spec_json))
+        self._rows[HARDWARE_INSERT].append((run_id, hardware_id))
 
     def flush(self) -> None:
         for sql, rows in self._rows.items():

@@ -25,6 +25,9 @@ _TABLES = {
     "lemur_tflite": ("tflite", "accuracy IS NULL, accuracy DESC, lemur_id"),
     "lemur_prun": ("pruning", "accuracy IS NULL, accuracy DESC, lemur_id"),
 }
+_CORE = ("train_loss", "test_loss", "train_accuracy", "gradient_norm", "samples_per_second")
+_USAGE = ("cpu_usage_percent", "occupied_ram_kb", "ram_usage_percent", "occupied_gpu_memory_kb",
+          "gpu_memory_usage_percent")
 _DROP = {"id", "model_name", "nn_name"}  # repeated by the caller's model; LEMUR's row id stays as lemur_id
 
 
@@ -63,15 +66,14 @@ def curve_diagnostics(conn: sqlite3.Connection, run_id: int, max_points: int = M
     """{"hardware": {...} | None, "points": [{epoch, train_loss, test_loss, train_accuracy, gradient_norm,
     samples_per_second, usage?}]}: LEMUR's train_stat of the run's epochs, in epoch order; empty
     points when the run has none (the 2.1 files, or our own runs)."""
-    row = conn.execute("SELECT hardware FROM run_hardware WHERE run_id=?", (run_id,)).fetchone()
+    row = conn.execute("SELECT h.spec FROM run_hardware r JOIN hardware h ON h.id = r.hardware_id "
+                       "WHERE r.run_id=?", (run_id,)).fetchone()
     points = []
-    for epoch, train_loss, test_loss, train_accuracy, gradient_norm, samples_per_second, usage in conn.execute(
-            "SELECT epoch, train_loss, test_loss, train_accuracy, gradient_norm, samples_per_second, usage "
-            "FROM point_train WHERE run_id=? ORDER BY epoch LIMIT ?", (run_id, max_points)):
-        point: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "test_loss": test_loss,
-                                 "train_accuracy": train_accuracy, "gradient_norm": gradient_norm,
-                                 "samples_per_second": samples_per_second}
+    for values in conn.execute(f"SELECT epoch, {', '.join(_CORE + _USAGE)} FROM point_train WHERE run_id=? "
+                               "ORDER BY epoch LIMIT ?", (run_id, max_points)):
+        point: dict[str, Any] = {"epoch": values[0], **dict(zip(_CORE, values[1:6], strict=True))}
+        usage = {k: v for k, v in zip(_USAGE, values[6:], strict=True) if v is not None}
         if usage:
-            point["usage"] = json.loads(usage)
+            point["usage"] = usage
         points.append(point)
     return {"hardware": json.loads(row[0]) if row else None, "points": points}
