@@ -6,6 +6,7 @@ prm rows, half the trials with train_stat, nn_stat/run/prun rows), imports it in
 zoo's size. Targets (issue 10): 578,595 records <= 30 s on a 2-core machine, zoo <= 150 MB.
 
     python bench/import.py [--records 578595] [--db /tmp/lemur22-synth.db] [--zoo /tmp/zoo-import.sqlite]
+    python bench/import.py --source nn_dataset-2.1.2-py3-none-any.whl   # the 2.1 file importer instead
 """
 
 from __future__ import annotations
@@ -47,19 +48,22 @@ def main() -> int:
     parser.add_argument("--db", type=Path, default=Path("/tmp/lemur22-synth.db"))
     parser.add_argument("--zoo", type=Path, default=Path("/tmp/zoo-import-bench.sqlite"))
     parser.add_argument("--rebuild", action="store_true", help="rebuild the synthetic database")
+    parser.add_argument("--source", type=Path, help="import this instead (a LEMUR wheel, checkout or database)")
     args = parser.parse_args()
-    if args.rebuild or not args.db.exists():
+    source = args.source or args.db
+    if args.source is None and (args.rebuild or not args.db.exists()):
         t = time.perf_counter()
         info = build_synthetic(args.db, args.records, models=args.models)
         print(f"built {args.db}: {info} in {time.perf_counter() - t:.1f} s, {args.db.stat().st_size / 1e6:.0f} MB")
+    args.zoo.parent.mkdir(parents=True, exist_ok=True)
     for old in args.zoo.parent.glob(args.zoo.name + "*"):
         old.unlink()
-    report = import_lemur_sync(args.zoo, args.db)
+    report = import_lemur_sync(args.zoo, source)
     print(f"import: {report.records:,} records, {report.runs_added:,} runs, {report.points_added:,} points, "
           f"{report.models_added:,} models, {report.train_points:,} points with train_stat, extras {report.extras}")
     print(f"import: {report.seconds:.1f} s, {report.records_per_second:,.0f} records/s, "
           f"zoo {zoo_mb(args.zoo):.0f} MB (problems: {report.problems_total})")
-    again = import_lemur_sync(args.zoo, args.db)
+    again = import_lemur_sync(args.zoo, source)
     print(f"second import: {again.seconds:.1f} s, runs added {again.runs_added}, models added {again.models_added}")
     for name, mb in table_mb(args.zoo):
         print(f"  {name:<28} {mb:7.1f} MB")

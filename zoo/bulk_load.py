@@ -16,6 +16,7 @@ Foreign keys are off on this private connection: the writer creates parents befo
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from zoo import connection, schema
+from zoo.records import Run
 
 BULK_TABLES = ("run", "point", "best_point", "point_train")
 FLUSH_ROWS = 50_000   # rows buffered per executemany; more than any drop_threshold, see begin()
@@ -151,14 +153,31 @@ class BulkWriter:
         """A RUN_INSERT row (its id from `new_run_id`)."""
         self._rows[RUN_INSERT].append(row)
 
+    def add_imported_run(self, run: Run, model_id: int) -> bool:
+        """A records.Run of an import (no seed, job or weights) with its points; False if its uid exists."""
+        run_id = self.new_run_id(run.uid)
+        if run_id is None:
+            return False
+        last = run.last_point
+        epochs = max((p.epoch for p in run.points), default=None)
+        self.add_run((run_id, run.uid, model_id, run.task, run.dataset, run.metric, run.transform,
+                      json.dumps(run.prm, sort_keys=True, separators=(",", ":"), default=str), epochs, run.status,
+                      last.accuracy if last else None, last.duration_ns if last else None,
+                      last.accuracy_to_time if last else None, run.device, run.source, self.created))
+        for p in run.points:
+            self.add_point(run_id, p.epoch, model_id, run.task, run.dataset, run.metric, p.accuracy, p.loss,
+                           p.duration_ns, p.accuracy_to_time)
+        return True
+
     def add_point(self, run_id: int, epoch: float, model_id: int, task: str, dataset: str, metric: str,
-                  accuracy: float, loss: float | None, duration_ns: int | None, a2t: float | None) -> None:
+                  accuracy: float | None, loss: float | None, duration_ns: int | None, a2t: float | None) -> None:
         self._rows[POINT_INSERT].append((run_id, epoch, model_id, task, dataset, metric, accuracy, loss,
                                          duration_ns, a2t, self.created))
-        key = (task, dataset, metric, epoch, model_id)
-        best = self.best.get(key)
-        if best is None or accuracy > best[0]:
-            self.best[key] = (accuracy, duration_ns, a2t, run_id)
+        if accuracy is not None:
+            key = (task, dataset, metric, epoch, model_id)
+            best = self.best.get(key)
+            if best is None or accuracy > best[0]:
+                self.best[key] = (accuracy, duration_ns, a2t, run_id)
         self._pending += 1
         self._new_points += 1
         if self._new_points == self.drop_threshold:
