@@ -107,7 +107,7 @@ def import_models(db: LemurDatabase, writer: BulkWriter, report: ImportReport) -
             new.append((writer.reserve_model(name), name, code))
             continue
         report.models_existing += 1
-        if existing[1] != codehash.code_hash(code):
+        if writer.has_other_code(name, code):
             report.add_problem(f"nn:{name}", "the zoo already has a model of this name with other code; its "
                                              "code was kept and the imported runs were attached to it")
     report.models_added += len(new)

@@ -58,7 +58,6 @@ from typing import Any
 import anyio
 
 from lemur_agent_server.lemur_db_source import find_database
-from zoo import codehash
 from zoo.bulk_load import BulkWriter
 from zoo.records import Model, Point, Run, accuracy_to_time, is_number
 from zoo.store import ZooStore
@@ -614,7 +613,7 @@ def _write(writer: BulkWriter, batch: _Batch, report: ImportReport, new_models: 
     else:
         model_id = existing[0]
         report.models_existing += 1
-        if existing[1] != codehash.code_hash(model.code):
+        if writer.has_other_code(model.name, model.code):
             origin = writer.conn.execute("SELECT origin FROM model WHERE id=?", (model_id,)).fetchone()[0]
             report.add_problem(f"ab/nn/nn/{model.name}.py",
                                f"the zoo already has a {origin} model of this name with other "

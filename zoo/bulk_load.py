@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from zoo import connection, schema
+from zoo import codehash, connection, schema
 from zoo.records import Run
 
 BULK_TABLES = ("run", "point", "best_point", "point_train")
@@ -139,6 +139,15 @@ class BulkWriter:
         for model_id, name, _, code_hash, *_ in rows:
             self.models[name] = (model_id, code_hash)
         self.conn.executemany(MODEL_INSERT, [(*row, self.created) for row in rows])
+
+    def has_other_code(self, name: str, code: str) -> bool:
+        """Whether the existing model `name` has code other than `code` (by our code hash). The stored
+        text is compared first: a re-import then costs a lookup per model, not a tokenizer pass."""
+        model_id, stored_hash = self.models[name]
+        row = self.conn.execute("SELECT code FROM model WHERE id=?", (model_id,)).fetchone()
+        if row is not None and row[0] == code:
+            return False
+        return stored_hash != codehash.code_hash(code)
 
     def new_run_id(self, uid: str) -> int | None:
         """An id for a run not yet in the zoo; None if its uid exists (the import is idempotent)."""
