@@ -39,6 +39,7 @@ from lemur_agent_server.lemur_import import (
     parse_config,
     parse_record,
 )
+from zoo import connection, schema
 from zoo.lemur_extras import MAX_ROWS, curve_diagnostics, model_extras
 from zoo.query import Filters, Page
 from zoo.records import Model, Point
@@ -588,3 +589,26 @@ async def test_an_sqlite_file_that_is_not_lemur_raises(store: ZooStore, tmp_path
         conn.execute("CREATE TABLE x (y)")
     with pytest.raises(ValueError, match="without LEMUR's tables"):
         await import_lemur(store, path)
+
+
+def test_large_database_rebuilds_indexes_and_best_points(tmp_path: Path) -> None:
+    """Past the bulk threshold the importer drops the point indexes and rebuilds them at the end: the
+    zoo must come out with the same indexes as a fresh one and best_point equal to its recomputation."""
+    from bench.lemur_db_synth import build_synthetic
+
+    db = tmp_path / "synthetic.db"
+    info = build_synthetic(db, records=22_000, models=40, train_share=0.3)
+    fresh = tmp_path / "fresh.sqlite"
+    connection.initialize(fresh)
+    zoo = tmp_path / "zoo.sqlite"
+    report = import_lemur_sync(zoo, db)
+    assert (report.records, report.points_added, report.problems_total) == (info["records"], info["records"], 0)
+    query = "SELECT name, sql FROM sqlite_master WHERE type='index' ORDER BY name"
+    with closing(sqlite3.connect(fresh)) as a, closing(sqlite3.connect(zoo)) as b:
+        assert b.execute(query).fetchall() == a.execute(query).fetchall()
+        best = "SELECT task, dataset, metric, epoch, model_id, accuracy FROM best_point ORDER BY 1, 2, 3, 4, 5"
+        imported = b.execute(best).fetchall()
+        b.execute("BEGIN")
+        schema.rebuild_best_points(b)
+        assert imported == b.execute(best).fetchall() and len(imported) >= 500
+        b.execute("ROLLBACK")
