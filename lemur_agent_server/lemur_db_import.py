@@ -155,15 +155,12 @@ def bad_reason(row: tuple[Any, ...]) -> str | None:
 
 
 def to_record(row: tuple[Any, ...], order: int, chance: float, hypers: HyperCache,
-              no_train: tuple[None, ...]) -> DbRecord:
-    """A valid stat row (see `bad_reason`) as a record; `no_train` is the all-NULL train tuple."""
-    _, _, _, _, _, transform, uid, epoch, accuracy, duration = row[:10]
+              trains: dict[str, tuple[Any, ...]]) -> DbRecord:
+    """A valid stat row (see `bad_reason`) as a record, with its train_stat values from `trains`."""
+    stat_id, _, _, _, _, transform, uid, epoch, accuracy, duration = row
     duration_ns = int(duration) if finite(duration) and duration >= 0 else None
-    train = row[10:]
-    if train == no_train:
-        train, loss = None, None
-    else:
-        loss = float(train[0]) if finite(train[0]) else None
+    train = trains.get(stat_id)
+    loss = float(train[0]) if train is not None and finite(train[0]) else None
     hyper, prm_json = hypers.get(uid, transform)
     epoch, accuracy = float(epoch), float(accuracy)
     return DbRecord(epoch=epoch, uid=str(uid) if uid not in (None, "") else None, hyper=hyper,
@@ -266,22 +263,22 @@ def import_records(db: LemurDatabase, writer: BulkWriter, report: ImportReport, 
     """Stream stat (ordered by config), one config at a time into runs."""
     layout = TrainLayout(db.train_columns())
     hypers = HyperCache(db.hyperparameters())
-    for (nn, task, dataset, metric), rows in groupby(db.records(layout.columns), key=_config_key):
-        _import_config(writer, layout, hypers, ConfigName(str(task), str(dataset), str(metric), str(nn)),
+    trains = db.train_rows(layout.columns)
+    for (nn, task, dataset, metric), rows in groupby(db.records(), key=_config_key):
+        _import_config(writer, layout, hypers, trains, ConfigName(str(task), str(dataset), str(metric), str(nn)),
                        rows, report, state)
 
 
-def _import_config(writer: BulkWriter, layout: TrainLayout, hypers: HyperCache, parsed: ConfigName,
-                   rows: Iterable[tuple[Any, ...]], report: ImportReport, state: _Pass) -> None:
+def _import_config(writer: BulkWriter, layout: TrainLayout, hypers: HyperCache, trains: dict[str, tuple[Any, ...]],
+                   parsed: ConfigName, rows: Iterable[tuple[Any, ...]], report: ImportReport, state: _Pass) -> None:
     chance = CHANCE.get(parsed.dataset, 0.0)
-    no_train = (None,) * len(layout.columns)
     records: list[DbRecord] = []
     seen = 0
     for order, row in enumerate(rows):
         seen += 1
         reason = bad_reason(row)
         if reason is None:
-            records.append(to_record(row, order, chance, hypers, no_train))
+            records.append(to_record(row, order, chance, hypers, trains))
         else:
             report.skipped_records += 1
             report.add_problem(f"stat:{row[0]}", f"{reason}; record skipped")

@@ -107,16 +107,22 @@ class LemurDatabase:
         have = set(self.columns("train_stat"))
         return [c for c in TRAIN_COLUMNS + HARDWARE_COLUMNS + USAGE_COLUMNS if c in have]
 
-    def records(self, train_columns: list[str]) -> Iterator[tuple[Any, ...]]:
-        """stat rows (STAT_COLUMNS, then `train_columns` of the matching train_stat row or NULLs), ordered
-        by config and trial so the caller can group them in one streaming pass."""
-        select = ", ".join(f"s.{c}" for c in STAT_COLUMNS)
-        join = ""
-        if train_columns:
-            select += ", " + ", ".join(f"t.{c}" for c in train_columns)
-            join = " LEFT JOIN train_stat t ON t.stat_id = s.id"
+    def records(self) -> Iterator[tuple[Any, ...]]:
+        """stat rows (STAT_COLUMNS), ordered by config and trial so the caller can group them in one
+        streaming pass. Why no JOIN with train_stat here: sorting the joined wide rows costs five times
+        the sort of stat alone (7 s against 1.3 s for 578k records); `train_rows` is read beside it."""
+        select = ", ".join(STAT_COLUMNS)
         yield from self.conn.execute(
-            f"SELECT {select} FROM stat s{join} ORDER BY s.nn, s.task, s.dataset, s.metric, s.epoch, s.rowid")
+            f"SELECT {select} FROM stat ORDER BY nn, task, dataset, metric, epoch, rowid")
+
+    def train_rows(self, train_columns: list[str]) -> dict[str, tuple[Any, ...]]:
+        """stat_id -> the `train_columns` of its train_stat row, rows with any value only (one
+        sequential scan; about 0.7 KB of memory per row, 200 MB for a fully filled 289k rows)."""
+        if not train_columns:
+            return {}
+        rows = self.conn.execute(f"SELECT stat_id, {', '.join(train_columns)} FROM train_stat")
+        empty = (None,) * len(train_columns)
+        return {row[0]: row[1:] for row in rows if row[1:] != empty}
 
     def side_rows(self, table: str) -> tuple[list[str], Iterator[tuple[Any, ...]]]:
         """All rows of a side table with its column names; empty when the table is absent."""
