@@ -63,6 +63,7 @@ def main() -> int:
           f"{report.models_added:,} models, {report.train_points:,} points with train_stat, extras {report.extras}")
     print(f"import: {report.seconds:.1f} s, {report.records_per_second:,.0f} records/s, "
           f"zoo {zoo_mb(args.zoo):.0f} MB (problems: {report.problems_total})")
+    print(f"phases (s): {report.phases}")
     again = import_lemur_sync(args.zoo, source)
     print(f"second import: {again.seconds:.1f} s, runs added {again.runs_added}, models added {again.models_added}")
     for name, mb in table_mb(args.zoo):

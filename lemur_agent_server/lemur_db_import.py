@@ -314,12 +314,16 @@ def import_database(zoo_path: str | Path | None, db_path: str | Path,
         if progress:
             progress(0, state.total)
         writer.begin(run_uid_prefix=RUN_UID_PREFIX)
+        clock = report.phase_clock()
         finish_models = import_models(db, writer, report)
         import_records(db, writer, report, state)
+        clock("records")
         finish_models()
+        clock("model hashes")
         report.extras = lemur_db_extras.import_side_tables(db, writer.conn, report.add_problem)
         state.advance(side)
-        writer.commit()
+        clock("side tables")
+        writer.commit(clock)
         if progress:
             progress(state.total, state.total)
     except BaseException:

@@ -130,6 +130,17 @@ class ImportReport:
     source: str = "lemur-files"  # lemur-files (a checkout or wheel) | lemur-db (a 2.2 ab.nn.db)
     train_points: int = 0        # curve points that got training diagnostics (2.2 database: train_stat)
     extras: dict[str, int] = dataclasses.field(default_factory=dict)  # side-table rows added, by table
+    phases: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds per phase, for bench/import.py
+
+    def phase_clock(self) -> Callable[[str], None]:
+        """`clock(name)` adds the seconds since the previous call (or this one) to `phases[name]`."""
+        last = [time.perf_counter()]
+
+        def clock(name: str) -> None:
+            now = time.perf_counter()
+            self.phases[name] = round(self.phases.get(name, 0.0) + now - last[0], 2)
+            last[0] = now
+        return clock
 
     def add_problem(self, path: str, reason: str) -> None:
         self.problems_total += 1
@@ -654,14 +665,17 @@ def import_tree(zoo_path: str | Path | None, path: str | Path, progress: Progres
             progress(0, total)
         writer = BulkWriter.open(zoo_path)
         writer.begin(run_uid_prefix="lemur:")
+        clock = report.phase_clock()
         new_models: list[tuple[int, str, str]] = []
         for batch in _batches(tree, plan):
             _write(writer, batch, report, new_models)
             done += batch.files + batch.code_files
             if progress:
                 progress(done, total)
+        clock("records")
         _finish_models(writer, new_models)
-        writer.commit()
+        clock("model hashes")
+        writer.commit(clock)
     except BaseException:
         if writer is not None:
             writer.rollback()

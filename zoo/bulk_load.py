@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,19 +106,22 @@ class BulkWriter:
             self.conn.execute(f'DROP INDEX "{name}"')
             self._dropped.append(sql)
 
-    def commit(self) -> None:
-        """Flush, upsert best points, rebuild the dropped indexes, COMMIT."""
+    def commit(self, clock: Callable[[str], None] = lambda _: None) -> None:
+        """Flush, upsert best points, rebuild the dropped indexes, COMMIT; `clock(phase)` times them."""
         self.flush()
         self.conn.executemany(schema.BEST_POINT_UPSERT, [
             (task, dataset, metric, epoch, model_id, acc, duration, a2t, self.created, run_id)
             for (task, dataset, metric, epoch, model_id), (acc, duration, a2t, run_id) in self.best.items()])
+        clock("rows written")
         for sql in self._dropped:
             self.conn.execute(sql)
         self._dropped.clear()
+        clock("indexes")
         self.conn.execute("COMMIT")
         self.conn.execute("PRAGMA optimize")
         # a bulk transaction leaves a WAL as large as the load: fold it in and truncate it now
         self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        clock("commit")
 
     def rollback(self) -> None:
         if self.conn.in_transaction:
