@@ -12,6 +12,7 @@ zoo's size. Targets (issue 10): 578,595 records <= 30 s on a 2-core machine, zoo
 from __future__ import annotations
 
 import argparse
+import os
 import sqlite3
 import sys
 import time
@@ -58,12 +59,21 @@ def main() -> int:
     args.zoo.parent.mkdir(parents=True, exist_ok=True)
     for old in args.zoo.parent.glob(args.zoo.name + "*"):
         old.unlink()
+    load_before = os.getloadavg()[0]
+    before = os.times()
     report = import_lemur_sync(args.zoo, source)
+    after = os.times()
+    cpu_main = (after.user - before.user) + (after.system - before.system)
+    cpu_children = (after.children_user - before.children_user) + (after.children_system - before.children_system)
     print(f"import: {report.records:,} records, {report.runs_added:,} runs, {report.points_added:,} points, "
           f"{report.models_added:,} models, {report.train_points:,} points with train_stat, extras {report.extras}")
     print(f"import: {report.seconds:.1f} s, {report.records_per_second:,.0f} records/s, "
           f"zoo {zoo_mb(args.zoo):.0f} MB (problems: {report.problems_total})")
     print(f"phases (s): {report.phases}")
+    print(f"cpu: {cpu_main:.1f} s in this process, {cpu_children:.1f} s in the hashing processes; "
+          f"load average before/after {load_before:.1f}/{os.getloadavg()[0]:.1f} (a shared machine: wall time "
+          "grows with the other processes' load; on an idle 2-core machine the wall time is about the larger "
+          "of this process's cpu time and half the total)")
     again = import_lemur_sync(args.zoo, source)
     print(f"second import: {again.seconds:.1f} s, runs added {again.runs_added}, models added {again.models_added}")
     for name, mb in table_mb(args.zoo):
