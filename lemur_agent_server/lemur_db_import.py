@@ -24,16 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterable
 from itertools import groupby
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 from lemur_agent_server import lemur_db_extras
+from lemur_agent_server.code_hashing import CodeHasher
 from lemur_agent_server.lemur_db_source import HARDWARE_COLUMNS, TRAIN_COLUMNS, USAGE_COLUMNS, LemurDatabase
 from lemur_agent_server.lemur_import import (
     CHANCE,
@@ -47,13 +45,11 @@ from lemur_agent_server.lemur_import import (
     hyperparameters,
     model_prefix,
 )
-from zoo import codehash
 from zoo.bulk_load import BulkWriter
 from zoo.records import Point, accuracy_to_time
 
 Progress = Callable[[int, int], None]
 RUN_UID_PREFIX = "lemur:"
-PARALLEL_HASH_MIN = 2_000     # below this many new models, hashing in-process is faster than a pool
 PROGRESS_EVERY = 5_000
 HASH_CHUNK = 256        # records between progress calls
 
@@ -67,34 +63,12 @@ class DbRecord(TrialRecord):
 
 
 # --- models --------------------------------------------------------------------------------------------
-def _hashes(code: str) -> tuple[str, str]:
-    return codehash.code_hash(code), codehash.lemur_id(code)
-
-
-def _hash_chunk(codes: list[str]) -> list[tuple[str, str]]:
-    return [_hashes(code) for code in codes]
-
-
-def hash_codes(codes: list[str]) -> Iterator[tuple[str, str]]:
-    """(code_hash, lemur_id) per code; across processes for a large zoo (tokenizing is the cost:
-    about 0.17 s per MB of code, 10k LEMUR models are tens of MB)."""
-    if len(codes) < PARALLEL_HASH_MIN or (os.cpu_count() or 1) < 2:
-        return map(_hashes, codes)
-    pool = ProcessPoolExecutor(max_workers=min(4, os.cpu_count() or 2), mp_context=get_context("spawn"))
-    futures = [pool.submit(_hash_chunk, codes[i:i + HASH_CHUNK]) for i in range(0, len(codes), HASH_CHUNK)]
-    pool.shutdown(wait=False)
-
-    def drain() -> Iterator[tuple[str, str]]:
-        for future in futures:
-            yield from future.result()
-    return drain()
-
-
-def import_models(db: LemurDatabase, writer: BulkWriter, report: ImportReport) -> Callable[[], None]:
+def import_models(db: LemurDatabase, writer: BulkWriter, report: ImportReport,
+                  hasher: CodeHasher) -> Callable[[], None]:
     """Every nn row not yet in the zoo becomes a model; an existing name with other code is reported.
 
     Ids are reserved at once so the records can refer to them; the code hashes are computed meanwhile
-    (in other processes for a large zoo) and the returned `finish()` inserts the rows.
+    (lemur_agent_server.code_hashing) and the returned `finish()` inserts the rows.
     """
     new: list[tuple[int, str, str]] = []
     for name, code in db.models():
@@ -111,11 +85,13 @@ def import_models(db: LemurDatabase, writer: BulkWriter, report: ImportReport) -
             report.add_problem(f"nn:{name}", "the zoo already has a model of this name with other code; its "
                                              "code was kept and the imported runs were attached to it")
     report.models_added += len(new)
-    hashes = hash_codes([code for _, _, code in new])
+    for _, _, code in new:
+        hasher.add(code)
 
     def finish() -> None:
         writer.add_models([(model_id, name, code, code_hash, lemur_id, model_prefix(name), ORIGIN)
-                           for (model_id, name, code), (code_hash, lemur_id) in zip(new, hashes, strict=True)])
+                           for (model_id, name, code), (code_hash, lemur_id)
+                           in zip(new, hasher.results(), strict=True)])
     return finish
 
 
@@ -307,6 +283,7 @@ def import_database(zoo_path: str | Path | None, db_path: str | Path,
     report = ImportReport(source="lemur-db")
     db = LemurDatabase(Path(db_path))
     writer = BulkWriter.open(zoo_path)
+    hasher = CodeHasher()
     try:
         total = db.count("stat")
         side = sum(db.count(t) for t in lemur_db_extras.SIDE_TABLES)
@@ -315,7 +292,7 @@ def import_database(zoo_path: str | Path | None, db_path: str | Path,
             progress(0, state.total)
         writer.begin(run_uid_prefix=RUN_UID_PREFIX)
         clock = report.phase_clock()
-        finish_models = import_models(db, writer, report)
+        finish_models = import_models(db, writer, report, hasher)
         import_records(db, writer, report, state)
         clock("records")
         finish_models()
@@ -330,6 +307,7 @@ def import_database(zoo_path: str | Path | None, db_path: str | Path,
         writer.rollback()
         raise
     finally:
+        hasher.close()
         writer.close()
         db.close()
     report.seconds = time.perf_counter() - started

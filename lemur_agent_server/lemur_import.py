@@ -57,6 +57,7 @@ from typing import Any
 
 import anyio
 
+from lemur_agent_server.code_hashing import CodeHasher
 from lemur_agent_server.lemur_db_source import find_database
 from zoo.bulk_load import BulkWriter
 from zoo.records import Model, Point, Run, accuracy_to_time, is_number
@@ -610,9 +611,10 @@ def _count(batch: _Batch, report: ImportReport) -> None:
         report.add_problem(problem.path, problem.reason)
 
 
-def _write(writer: BulkWriter, batch: _Batch, report: ImportReport, new_models: list[tuple[int, str, str]]) -> None:
+def _write(writer: BulkWriter, batch: _Batch, report: ImportReport, new_models: list[tuple[int, str, str]],
+           hasher: CodeHasher) -> None:
     """One model and its runs into the bulk transaction; counts what was new. A new model's row waits in
-    `new_models` for its code hash (computed for all of them at the end, in other processes)."""
+    `new_models` for its code hash (computed meanwhile by `hasher`, in other processes)."""
     _count(batch, report)
     model = batch.model
     if model is None:
@@ -621,6 +623,7 @@ def _write(writer: BulkWriter, batch: _Batch, report: ImportReport, new_models: 
     if existing is None:
         model_id = writer.reserve_model(model.name)
         new_models.append((model_id, model.name, model.code))
+        hasher.add(model.code)
         report.models_added += 1
     else:
         model_id = existing[0]
@@ -638,12 +641,10 @@ def _write(writer: BulkWriter, batch: _Batch, report: ImportReport, new_models: 
             report.runs_existing += 1
 
 
-def _finish_models(writer: BulkWriter, new_models: list[tuple[int, str, str]]) -> None:
-    from lemur_agent_server.lemur_db_import import hash_codes
-
-    hashes = hash_codes([code for _, _, code in new_models])
+def _finish_models(writer: BulkWriter, new_models: list[tuple[int, str, str]], hasher: CodeHasher) -> None:
     writer.add_models([(model_id, name, code, code_hash, lemur_id, model_prefix(name), ORIGIN)
-                       for (model_id, name, code), (code_hash, lemur_id) in zip(new_models, hashes, strict=True)])
+                       for (model_id, name, code), (code_hash, lemur_id)
+                       in zip(new_models, hasher.results(), strict=True)])
 
 
 def import_tree(zoo_path: str | Path | None, path: str | Path, progress: Progress | None = None, *,
@@ -654,6 +655,7 @@ def import_tree(zoo_path: str | Path | None, path: str | Path, progress: Progres
     report = ImportReport()
     tree = open_tree(Path(path))
     writer: BulkWriter | None = None
+    hasher = CodeHasher()
     try:
         listing = list_tree(tree.names())
         for problem in listing.problems:
@@ -668,12 +670,12 @@ def import_tree(zoo_path: str | Path | None, path: str | Path, progress: Progres
         clock = report.phase_clock()
         new_models: list[tuple[int, str, str]] = []
         for batch in _batches(tree, plan):
-            _write(writer, batch, report, new_models)
+            _write(writer, batch, report, new_models, hasher)
             done += batch.files + batch.code_files
             if progress:
                 progress(done, total)
         clock("records")
-        _finish_models(writer, new_models)
+        _finish_models(writer, new_models, hasher)
         clock("model hashes")
         writer.commit(clock)
     except BaseException:
@@ -683,6 +685,7 @@ def import_tree(zoo_path: str | Path | None, path: str | Path, progress: Progres
     finally:
         if writer is not None:
             writer.close()
+        hasher.close()
         tree.close()
     report.seconds = time.perf_counter() - started
     return report
