@@ -25,6 +25,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from lemur_agent_server.lemur_db_source import LemurDatabase
@@ -40,7 +41,7 @@ from lemur_agent_server.lemur_import import (
     parse_record,
 )
 from zoo import connection, schema
-from zoo.lemur_extras import MAX_ROWS, curve_diagnostics, model_extras
+from zoo.lemur_extras import MAX_ROWS, curve_diagnostics, lemur_extras_at, model_extras
 from zoo.query import Filters, Page
 from zoo.records import Model, Point
 from zoo.store import ZooStore
@@ -512,6 +513,12 @@ async def test_database_extras_are_kept_and_bounded(store: ZooStore, lemur_db: P
     assert extras["tflite"]["rows"][0]["precision_type"] == "int8"
     # a model present in nn without records is a model without runs
     assert await store.fetchall("SELECT id FROM run WHERE model_id=?", (only["id"],)) == []
+    # the same on a connection of its own, with the best run's training diagnostics, for async callers
+    a = await run_row(store, f"lemur:{CIFAR_TINY}:{DB_A}")
+    both = await anyio.to_thread.run_sync(lemur_extras_at, store.path, tiny["id"], a["id"])
+    assert both["architecture"] == extras["architecture"]
+    assert [p["epoch"] for p in both["train_diagnostics"]["points"]] == [1.0, 2.0, 3.0]
+    assert "train_diagnostics" not in await anyio.to_thread.run_sync(lemur_extras_at, store.path, only["id"], None)
 
 
 @pytest.mark.anyio

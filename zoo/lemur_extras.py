@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from pathlib import Path
 from typing import Any
+
+from zoo import connection
 
 MAX_ROWS = 10           # rows per list in model_extras
 MAX_POINTS = 200        # curve points in curve_diagnostics
@@ -77,3 +80,19 @@ def curve_diagnostics(conn: sqlite3.Connection, run_id: int, max_points: int = M
             point["usage"] = usage
         points.append(point)
     return {"hardware": json.loads(row[0]) if row else None, "points": points}
+
+
+def lemur_extras_at(zoo_path: str | Path, model_id: int, run_id: int | None = None) -> dict[str, Any]:
+    """`model_extras` (and `curve_diagnostics` of `run_id` as "train_diagnostics") on a read-only
+    connection of their own: for async callers (`await anyio.to_thread.run_sync(...)`), whose store
+    connections are not sqlite3 ones."""
+    conn = connection.connect_sync(Path(zoo_path), readonly=True)
+    try:
+        extras = model_extras(conn, model_id)
+        if run_id is not None:
+            diagnostics = curve_diagnostics(conn, run_id)
+            if diagnostics["points"] or diagnostics["hardware"]:
+                extras["train_diagnostics"] = diagnostics
+        return extras
+    finally:
+        conn.close()
