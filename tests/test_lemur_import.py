@@ -619,3 +619,50 @@ def test_large_database_rebuilds_indexes_and_best_points(tmp_path: Path) -> None
         schema.rebuild_best_points(b)
         assert imported == b.execute(best).fetchall() and len(imported) >= 500
         b.execute("ROLLBACK")
+
+
+def lemur_db_from_fixture(path: Path) -> int:
+    """The database LEMUR 2.2 would build from the fixture's files (its records with a numeric accuracy,
+    of configs with model code), written by our builder the way LEMUR's writer lays rows out."""
+    from bench.lemur_db_synth import LemurDbWriter
+
+    written = 0
+    stat = FIXTURE / "ab/nn/stat"
+    config_dirs = [d for d in (stat / "train").iterdir()] + [d for d in stat.iterdir() if d.name != "train"]
+    with LemurDbWriter(path) as w:
+        for code in (FIXTURE / "ab/nn/nn").glob("*.py"):
+            if not code.name.startswith("__"):
+                w.model(code.stem, code.read_text())
+        for config_dir in config_dirs:
+            parsed = parse_config(config_dir.name)
+            if parsed is None or not (FIXTURE / "ab/nn/nn" / f"{parsed.nn}.py").exists():
+                continue
+            for epoch_file in config_dir.glob("*.json"):
+                try:
+                    records = json.loads(epoch_file.read_text())
+                except ValueError:
+                    continue
+                for record in records:
+                    if not isinstance(record, dict) or not isinstance(record.get("accuracy"), float):
+                        continue
+                    prm = {k: v for k, v in record.items()  # what SQLite can bind (LEMUR's rows hold scalars)
+                           if k not in ("accuracy", "duration", "train_stat") and isinstance(v, (str, int, float))}
+                    train = record.get("train_stat") if isinstance(record.get("train_stat"), dict) else None
+                    w.record(parsed.task, parsed.dataset, parsed.metric, parsed.nn, int(epoch_file.stem), prm,
+                             record["accuracy"], record.get("duration"), train)
+                    written += 1
+    return written
+
+
+@pytest.mark.anyio
+async def test_database_built_from_the_files_gives_the_same_runs(store: ZooStore, tmp_path: Path) -> None:
+    """A user who imported the 2.1 files and now imports LEMUR 2.2's database of the same records gets
+    nothing twice: both importers name the runs alike, per-epoch uids included."""
+    path = tmp_path / "ab.nn.db"
+    assert lemur_db_from_fixture(path) == 16
+    files = await import_lemur(store, FIXTURE)
+    database = await import_lemur(store, path)
+    assert (files.runs_added, files.points_added) == (9, 16)
+    assert (database.runs_added, database.points_added, database.runs_existing) == (0, 0, 9)
+    assert (database.models_added, database.models_existing) == (0, 4)
+    assert await table_counts(store) == (4, 9, 16)
