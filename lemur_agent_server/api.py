@@ -37,7 +37,7 @@ from lemur_agent_server.api_errors import (  # noqa: F401  (re-exported: callers
     UnsupportedOptionError,
     error_for,
 )
-from lemur_agent_server.api_tables import nn_stat_data, run_data  # noqa: F401  (LEMUR's API names)
+from lemur_agent_server.api_tables import nn_stat_data, prun_data, run_data  # noqa: F401  (LEMUR's API names)
 from sandbox import datasets
 from zoo import codehash, connection
 from zoo.query import Filters, as_tuple, grouped_sql
@@ -67,9 +67,9 @@ def data(only_best_accuracy: bool = False, task: str | None = None, dataset: str
     rows are ordered like LEMUR's (task, dataset, metric, nn, epoch). `duration` is training-only
     nanoseconds. Each model's code is one shared string; each row's `prm` is its own dict.
     `include_nn_stats=True` adds LEMUR's `nn_*` architecture columns (api_tables.NN_STAT_COLUMNS):
-    parameter count, FLOPs and code length from the model, the rest from the imported `nn_stat`
-    table where present, else None; plus ours, `nn_fingerprint` and `nn_code_quality`. `sql` (LEMUR's
-    JoinConf pair mode) is not supported.
+    parameter count, FLOPs and code length from the model, the rest from LEMUR's `nn_stat` rows that
+    `import-lemur` kept (one row per model, an error-free one first) where present, else None; plus
+    ours, `nn_fingerprint` and `nn_code_quality`. `sql` (LEMUR's JoinConf pair mode) is not supported.
     """
     if sql is not None:
         raise ValueError("data(sql=JoinConf(...)) (LEMUR's paired-record mode) is not supported here; call "
