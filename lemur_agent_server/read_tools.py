@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
+import anyio
 from mcp.server import MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp.types import ToolAnnotations
@@ -23,6 +24,7 @@ from lemur_agent_server.schemas import (
     Cursor,
     DatasetEntry,
     FilterText,
+    LemurMeasurements,
     ModelDetail,
     NameList,
     Offset,
@@ -31,6 +33,7 @@ from lemur_agent_server.schemas import (
 from lemur_agent_server.state import AppState
 from lemur_agent_server.tool_wiring import tool
 from sandbox import datasets
+from zoo.lemur_extras import lemur_extras_at
 from zoo.query import Filters, Page, QueryError
 
 CODE_BUDGET_CHARS = 60_000  # ~15k tokens of code per query_models answer
@@ -129,6 +132,9 @@ async def get_model(state: AppState, name: str, include_code: bool = True) -> Mo
     if code is not None and len(code) > MODEL_CODE_CAP_CHARS:
         code, cut = code[:MODEL_CODE_CAP_CHARS], True
     best = detail["best_run"]
+    extras = await anyio.to_thread.run_sync(lemur_extras_at, store.path, model["id"], best["id"] if best else None)
+    diagnostics = extras.pop("train_diagnostics", {})
+    curve = _with_diagnostics(detail["curve"], diagnostics.get("points", []))
     if best:
         best = {k: _maybe_json(v) for k, v in best.items() if k in BEST_RUN_FIELDS}
     return ModelDetail(
@@ -137,10 +143,21 @@ async def get_model(state: AppState, name: str, include_code: bool = True) -> Mo
         flops=model["flops"], code_quality=model["code_quality"],
         code_quality_detail=_maybe_json(model["code_quality_detail"]),
         supported_hyperparameters=_maybe_json(model["supported_hyperparameters"]),
-        summary=detail["summary"], best_run=best, curve=detail["curve"], weights=detail["weights"],
+        summary=detail["summary"], best_run=best, curve=curve, weights=detail["weights"],
         recent_runs=[{k: _maybe_json(v) for k, v in r.items()} for r in detail["recent_runs"]],
-        same_architecture=same, code=code, code_truncated=cut,
+        same_architecture=same, lemur=LemurMeasurements(**extras) if extras else None,
+        train_hardware=diagnostics.get("hardware"), code=code, code_truncated=cut,
     )
+
+
+DIAGNOSTIC_FIELDS = ("train_loss", "test_loss", "train_accuracy", "gradient_norm", "samples_per_second")
+
+
+def _with_diagnostics(curve: list[dict[str, Any]], points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The curve with LEMUR's per-epoch training diagnostics on the points of the same epoch."""
+    by_epoch = {p["epoch"]: p for p in points}
+    return [point | {k: by_epoch[point["epoch"]].get(k) for k in DIAGNOSTIC_FIELDS}
+            if point["epoch"] in by_epoch else point for point in curve]
 
 
 async def model_code(state: AppState, name: str) -> str:
@@ -236,8 +253,11 @@ def register_read_tools(mcp: MCPServer, state: AppState) -> None:
     ) -> ModelDetail:
         """Everything known about one model: its code, architecture stats (params, FLOPs, fingerprint),
         code-quality score, its runs summarized per task/dataset/metric, the learning curve of its best
-        run (a point every half epoch where recorded), the weights file of that run, and other models
-        with the same architecture. Use it to study a strong model before writing a variant.
+        run (a point every half epoch where recorded; for LEMUR records also train/test loss, train
+        accuracy and samples/s, with the training hardware), the weights file of that run, other models
+        with the same architecture, and for imported LEMUR models LEMUR's own measurements (`lemur`:
+        layer statistics, on-device benchmarks, TFLite, pruning; a few rows each with totals).
+        Use it to study a strong model before writing a variant.
         Next: submit_model with your modified code.
         """
         return await get_model(state, name, include_code)

@@ -95,6 +95,12 @@ class CurvePoint(BaseModel):
     duration_ns: int | None = None
     accuracy_to_time: float | None = None
     elapsed_s: float | None = None
+    # LEMUR 2.2's per-epoch training diagnostics (its train_stat), where the imported record had them
+    train_loss: float | None = Field(default=None, description="Mean training loss of the epoch (LEMUR)")
+    test_loss: float | None = Field(default=None, description="Test loss after the epoch (LEMUR)")
+    train_accuracy: float | None = Field(default=None, description="Training accuracy of the epoch (LEMUR)")
+    gradient_norm: float | None = Field(default=None, description="Gradient norm (LEMUR)")
+    samples_per_second: float | None = Field(default=None, description="Training throughput (LEMUR)")
 
 
 class RunSummary(BaseModel):
@@ -107,6 +113,24 @@ class RunSummary(BaseModel):
     mean_accuracy: float | None
     best_accuracy_to_time: float | None
     max_epochs: float | None
+
+
+class LemurRows(BaseModel):
+    """At most a few rows of one of LEMUR's side tables, best first, and how many the model has."""
+
+    total: int = Field(description="Rows the model has in this table")
+    rows: list[dict[str, Any]] = Field(description="The first rows (LEMUR's column names; lemur_id = LEMUR's id)")
+
+
+class LemurMeasurements(BaseModel):
+    """What LEMUR 2.2 measured about a model beyond its training records (imported from its database)."""
+
+    architecture: LemurRows | None = Field(default=None, description="LEMUR's nn_stat: layers, params, FLOPs, "
+                                                                     "size, attention/residual flags")
+    mobile_benchmarks: LemurRows | None = Field(default=None, description="LEMUR's run: on-device latency "
+                                                                          "(CPU/GPU/NPU), RAM, precision, device")
+    tflite: LemurRows | None = Field(default=None, description="LEMUR's tflite: accuracy of TFLite exports")
+    pruning: LemurRows | None = Field(default=None, description="LEMUR's prun: pruning method, ratio, accuracy")
 
 
 class ModelDetail(BaseModel):
@@ -128,5 +152,12 @@ class ModelDetail(BaseModel):
                                                  "one: sha256, size, path, run_uid, run_accuracy")
     recent_runs: list[dict[str, Any]]
     same_architecture: list[str] = Field(description="Other models with the same fingerprint")
+    lemur: LemurMeasurements | None = Field(
+        default=None, description="LEMUR's own measurements of this model (imported LEMUR 2.2 database); "
+                                  "null when there are none. The same in full: nn_stat_data(), run_data(), "
+                                  "prun_data() of lemur_agent_server.api")
+    train_hardware: dict[str, Any] | None = Field(
+        default=None, description="Machine the best run trained on (LEMUR's train_stat: CPU, RAM, GPU); "
+                                  "its per-epoch losses and throughput are on the curve points")
     code: str | None = None
     code_truncated: bool = False
