@@ -354,14 +354,17 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from lemur_agent_server.lemur_db_source import find_database
     from lemur_agent_server.lemur_import import import_lemur_sync
 
     settings = _settings(args)
     bars: list[tqdm] = []  # made at the first file: a path that fails at once leaves just its error line
+    # what the importer counts: a 2.2 database's rows (records, then side-table rows), else a tree's files
+    unit = "row" if find_database(args.path) is not None else "file"
 
     def progress(done: int, total: int) -> None:
         if not bars:
-            bars.append(tqdm(unit="file", file=sys.stderr, desc="import"))
+            bars.append(tqdm(unit=unit, file=sys.stderr, desc="import"))
         bars[0].total = total
         bars[0].n = done
         bars[0].refresh()
