@@ -1,17 +1,21 @@
 """`nn_stat_data()`, `run_data()`, `prun_data()` and `data(include_nn_stats=True)` over the tables that
-importing a LEMUR 2.2 database fills (fixture: tests/lemur_fixture.py), with LEMUR 2.2.11's columns."""
+importing a LEMUR 2.2 database fills (fixture: tests/lemur_fixture.py), with LEMUR 2.2.11's columns;
+and the query filter `device_type` over LEMUR's mobile benchmarks."""
 
 from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
 
+import anyio
 import pandas as pd
 import pytest
 
 from lemur_agent_server import api, api_tables
 from tests import lemur_fixture as fx
 from zoo import connection
+from zoo.query import Filters, Page
+from zoo.store import ZooStore
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +101,20 @@ def test_empty_zoo_gives_empty_frames_with_lemur_columns(tmp_path: Path):
             frame = reader(zoo=zoo)
             assert frame.empty and list(frame.columns) == columns, (zoo.name, reader.__name__)
     assert not missing.exists()
+
+
+def test_query_filter_device_type_keeps_models_benchmarked_there(zoo: Path):
+    async def names(**filters) -> list[str]:
+        store = await ZooStore.open(zoo)
+        try:
+            result = await store.query(Filters(**filters), Page(sort="name", limit=100))
+        finally:
+            await store.close()
+        return [r["name"] for r in result["rows"]]
+
+    assert anyio.run(lambda: names(dataset="cifar-10")) == ["TinyNet", "TinyNet", "WideNet"]
+    assert anyio.run(lambda: names(device_type="Pixel 7", unique_nn=True)) == ["TinyNet", "WideNet"]
+    assert anyio.run(lambda: names(device_type="Galaxy S23")) == ["TinyNet", "TinyNet"]
+    assert anyio.run(lambda: names(device_type="Galaxy S23", nn=("WideNet",))) == []
+    assert anyio.run(lambda: names(device_type="iPhone")) == []
+    assert Filters(device_type="Pixel 7").digest() != Filters().digest()  # a cursor keeps its device

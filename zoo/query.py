@@ -49,6 +49,8 @@ class Filters:
     min_accuracy: float | None = None
     only_best_accuracy: bool = False
     unique_nn: bool = False
+    # only models LEMUR benchmarked on this device (its mobile `run` table, imported as lemur_mobile_run)
+    device_type: str | None = None
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
@@ -104,6 +106,10 @@ def _where(f: Filters) -> tuple[str, list[Any]]:
     if names:
         clauses.append(f"p.model_id IN (SELECT id FROM model WHERE {names})")
         args.extend(name_args)
+    if f.device_type is not None:  # by name: LEMUR's side tables name their model
+        clauses.append("p.model_id IN (SELECT m.id FROM model m JOIN lemur_mobile_run r ON r.model_name = m.name"
+                       " WHERE r.device_type = ?)")
+        args.append(f.device_type)
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
 
 
