@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--max-train-samples", type=int)
             p.add_argument("--wait", action="store_true", help="run the job here and show a progress bar")
 
-    imp = sub.add_parser("import-lemur", help="import a LEMUR nn-dataset checkout or wheel")
+    imp = sub.add_parser("import-lemur", help="import a LEMUR nn-dataset checkout, wheel or 2.2 database (ab.nn.db)")
     _common(imp)
     imp.add_argument("path", type=Path)
 

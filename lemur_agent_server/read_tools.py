@@ -222,6 +222,9 @@ def register_read_tools(mcp: MCPServer, state: AppState) -> None:
         only_best_accuracy: Annotated[bool, Field(
             description="Keep the best row per task/dataset/metric/model/epoch")] = False,
         unique_nn: Annotated[bool, Field(description="Keep only the best row per model")] = False,
+        device_type: Annotated[FilterText, Field(
+            description="Only models LEMUR benchmarked on this device (its imported mobile benchmarks), "
+                        "e.g. 'Pixel 7'")] = None,
         sort: Annotated[Literal["accuracy", "duration", "accuracy_to_time", "params", "created", "name"], Field(
             description="Sort key; accuracy, accuracy_to_time and created sort descending by default")] = "accuracy",
         descending: Annotated[bool | None, Field(description="Override the sort direction")] = None,
@@ -242,6 +245,7 @@ def register_read_tools(mcp: MCPServer, state: AppState) -> None:
         """
         filters = Filters(task=task, dataset=dataset, metric=metric, nn=tuple(nn or ()),
                           nn_prefix=tuple(nn_prefix or ()), epoch=epoch, min_accuracy=min_accuracy,
+                          device_type=device_type,
                           only_best_accuracy=only_best_accuracy, unique_nn=unique_nn)
         page = Page(sort=sort, descending=descending, limit=limit, offset=offset, cursor=cursor)
         return await query_models(state, filters, page, include_code)

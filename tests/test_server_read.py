@@ -192,3 +192,10 @@ async def test_get_model_without_lemur_data_answers_as_before(client):
     assert out["lemur"] is None and out["train_hardware"] is None
     assert all(p["train_loss"] is None and p["samples_per_second"] is None for p in out["curve"])
     assert out["best_run"]["accuracy"] == pytest.approx(0.66)
+
+
+async def test_query_models_filters_by_lemur_device_type(lemur_client):
+    out = await call(lemur_client, "query_models", device_type="Galaxy S23", sort="name", limit=100)
+    assert {r["name"] for r in out["rows"]} == {"TinyNet"} and out["total"] == 2
+    none = await call(lemur_client, "query_models", device_type="iPhone")
+    assert none["total"] == 0
