@@ -47,10 +47,11 @@ DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 # --- transforms (LEMUR names) -------------------------------------------------------------------------
 # The grammar is the host/runner contract (sandbox.protocol); these names are derived from it.
 TRANSFORM_SIZES = protocol.TRANSFORM_SIZES
-TRANSFORMS: list[str] = protocol.transform_names()  # every name a request may use
-# the names a job searches without being asked (no complex input, crops or padding: see
-# protocol.Transform.searched_by_default); the rest only when fixed in prm or listed in search_space
-SEARCHABLE_TRANSFORMS: list[str] = [t for t in TRANSFORMS if protocol.parse_transform(t).searched_by_default]
+ALL_TRANSFORMS: list[str] = protocol.transform_names()  # every name the runner applies
+# The plain resize/flip/normalise names (norm*, echo*), the ones a job may search without being asked:
+# complex input, crops or padding change what a model must accept (protocol.Transform.searched_by_default),
+# so those are used only where a request names them (prm or search_space).
+TRANSFORMS: list[str] = [t for t in ALL_TRANSFORMS if protocol.parse_transform(t).searched_by_default]
 
 
 def transform_size(name: str, native: int | None = None) -> int:

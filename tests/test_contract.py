@@ -40,10 +40,11 @@ def test_transform_grammar_has_one_owner() -> None:
     from sandbox.runner import params
 
     assert params.parse_transform is protocol.parse_transform
-    assert datasets.TRANSFORMS == protocol.transform_names()
-    assert len(set(datasets.TRANSFORMS)) == (len(protocol.TRANSFORM_KINDS) * (len(protocol.TRANSFORM_SIZES) + 1) * 2
-                                             + len(protocol.TRANSFORM_NAMED))
-    assert set(protocol.transform_catalog()) == set(datasets.TRANSFORMS)
+    assert datasets.ALL_TRANSFORMS == protocol.transform_names()
+    assert len(set(datasets.ALL_TRANSFORMS)) == (len(protocol.TRANSFORM_KINDS) * (len(protocol.TRANSFORM_SIZES) + 1) * 2
+                                                 + len(protocol.TRANSFORM_NAMED))
+    assert set(datasets.TRANSFORMS) < set(datasets.ALL_TRANSFORMS)
+    assert set(protocol.transform_catalog()) == set(datasets.ALL_TRANSFORMS)
     t = protocol.parse_transform("echo_224_flip")
     assert (t.size, t.normalize, t.flip) == (224, False, True)
     assert datasets.transform_size("norm_64_flip") == 64

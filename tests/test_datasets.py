@@ -66,9 +66,10 @@ def test_transform_names_sizes_and_runner_agreement() -> None:
 
     assert {"norm_32", "norm_299_flip", "echo_224", "echo_64_flip", "norm", "echo_flip"} <= set(datasets.TRANSFORMS)
     # 3 kinds (norm, echo, complex) x 7 sizes x (plain, flip), the 6 sizeless names, and 2 named recipes
-    assert len(datasets.TRANSFORMS) == 42 + 6 + 2
-    assert {"norm_512_flip", "complex_64", "complex", "soft_pad"} <= set(datasets.TRANSFORMS)
-    for name in datasets.TRANSFORMS:
+    assert len(datasets.ALL_TRANSFORMS) == 42 + 6 + 2
+    assert {"norm_512_flip", "complex_64", "complex", "soft_pad"} <= set(datasets.ALL_TRANSFORMS)
+    assert len(datasets.TRANSFORMS) == 28 + 4  # searched unasked: norm/echo x 7 sizes x (plain, flip), 4 sizeless
+    for name in datasets.ALL_TRANSFORMS:
         parsed = parse_transform(name, 28)
         assert parsed.size == datasets.transform_size(name, 28)
         assert parsed.normalize == name.startswith(("norm", "bf-v1-"))

@@ -34,10 +34,11 @@ BF = "bf-v1-RandomCrop_Pad_RandomHorizontalFlip"
 def test_every_lemur_name_with_500_records_is_supported_alike_by_host_and_runner(name: str) -> None:
     host = protocol.parse_transform(name, 28)
     assert params.parse_transform(name, 28) == host  # the runner's grammar is the host's
-    assert host.name == name and name in datasets.TRANSFORMS
+    assert host.name == name and name in datasets.ALL_TRANSFORMS
     assert datasets.transform_size(name, 28) == host.size == host.side(28)
-    assert EvalRequest(code="x", dataset="digits", prm={"transform": name}).prm["transform"] == name
     assert protocol.validate_search_space({"transform": {"choices": [name]}}) == []
+    space = {"transform": {"choices": [name]}}  # the server's door asks the same validator
+    assert EvalRequest(code="x", dataset="digits", search_space=space).search_space == space
     assert protocol.describe_transform(name)
 
 
@@ -55,7 +56,9 @@ def test_named_recipes_have_fixed_sizes_whatever_the_dataset() -> None:
     assert (soft.size, soft.fit, soft.normalize, soft.flip) == (800, protocol.FIT_PAD, False, False)
     assert (bf.size, bf.crop, bf.pad, bf.flip, bf.flip_p, bf.normalize) == (64, 29, 1, True, 0.64, True)
     assert not soft.searched_by_default and not bf.searched_by_default
-    assert datasets.SEARCHABLE_TRANSFORMS == [t for t in datasets.TRANSFORMS if t.startswith(("norm", "echo"))]
+    # only plain names are searched unasked: a default search must never hand a real-valued net complex input
+    assert datasets.TRANSFORMS == [t for t in datasets.ALL_TRANSFORMS if t.startswith(("norm", "echo"))]
+    assert len(datasets.TRANSFORMS) == 32
 
 
 def test_the_catalog_describes_every_name_from_its_steps() -> None:
