@@ -47,16 +47,18 @@ DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 # --- transforms (LEMUR names) -------------------------------------------------------------------------
 # The grammar is the host/runner contract (sandbox.protocol); these names are derived from it.
 TRANSFORM_SIZES = protocol.TRANSFORM_SIZES
-TRANSFORMS: list[str] = protocol.transform_names()
+ALL_TRANSFORMS: list[str] = protocol.transform_names()  # every name the runner applies
+# The plain resize/flip/normalise names (norm*, echo*), the ones a job may search without being asked:
+# complex input, crops or padding change what a model must accept (protocol.Transform.searched_by_default),
+# so those are used only where a request names them (prm or search_space).
+TRANSFORMS: list[str] = [t for t in ALL_TRANSFORMS if protocol.parse_transform(t).searched_by_default]
 
 
 def transform_size(name: str, native: int | None = None) -> int:
-    """Square side (pixels) that transform `name` resizes images to; a sizeless name (`norm`) keeps the
-    dataset's own side `native`. Raises ValueError if unknown, or sizeless without `native`."""
-    try:
-        size = protocol.parse_transform(name, native).size
-    except ValueError:
-        raise ValueError(f"unknown transform {name!r}; allowed: {', '.join(TRANSFORMS)}") from None
+    """Square side (pixels) that images have after transform `name`; a sizeless name (`norm`) keeps the
+    dataset's own side `native`. Raises ValueError if unknown (naming the closest names), or sizeless
+    without `native`."""
+    size = protocol.parse_transform(name, native).size
     if size is None:
         raise ValueError(f"transform {name!r} keeps the dataset's own size: say which dataset")
     return size

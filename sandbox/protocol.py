@@ -214,40 +214,82 @@ def weights_name(trial: int) -> str:
 
 
 # --- transforms (LEMUR names) -----------------------------------------------------------------------
-# Grammar: `<kind>[_<size>][_<flag>...]`, e.g. norm_32, echo_224_flip, norm (no size: the dataset's own
-# size, as LEMUR's `norm`, `norm_flip`). A new kind, size or flag is one entry in the tables below; every
-# name list (catalog, defaults, validation) is derived from them.
-TRANSFORM_KINDS: dict[str, bool] = {"norm": True, "echo": False}  # kind -> normalises with mean/std
+# Grammar: `<kind>[_<size>][_<flag>...]`, e.g. norm_32, echo_224_flip, complex_64, norm (no size: the
+# dataset's own size, as LEMUR's `norm`, `norm_flip`), plus a few whole names LEMUR's records use that do
+# not fit the grammar (TRANSFORM_NAMED). A new kind, size, flag or named recipe is one entry in the
+# tables below; every name list (catalog, defaults, validation) and every description is derived from them.
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformKind:
+    """What a grammar kind does to the [0, 1]-scaled pixels after the resize."""
+
+    normalize: bool  # subtract the dataset's mean, divide by its std
+    complex: bool  # hand the model complex64 tensors (imaginary part 0), as LEMUR's complex* do
+
+
+TRANSFORM_KINDS: dict[str, TransformKind] = {
+    "norm": TransformKind(normalize=True, complex=False),
+    "echo": TransformKind(normalize=False, complex=False),
+    "complex": TransformKind(normalize=False, complex=True),
+}
 TRANSFORM_SIZES = (32, 64, 128, 224, 256, 299, 512)  # square side the images are resized to
 TRANSFORM_FLAGS = ("flip",)  # flip: random horizontal flips of training batches
+FIT_RESIZE, FIT_PAD = "resize", "pad"  # how images reach `size`: bilinear resize, or zero padding
 
 
 @dataclasses.dataclass(frozen=True)
 class Transform:
-    """A LEMUR transform name decoded: resize to `size`x`size` (None: keep the dataset's own size),
-    optional flip, optional normalisation."""
+    """A LEMUR transform name decoded into the steps the runner applies, in this order, to uint8 images
+    scaled to [0, 1]: crop (random in training, centred in evaluation), symmetric pad, fit to
+    `size` x `size` (resize, or zero-pad right/bottom), random horizontal flip (training only),
+    normalisation, complex64 conversion. `size` is the side the model sees (None: the dataset's own,
+    when parsed without it)."""
 
     name: str
     size: int | None
     normalize: bool
     flip: bool
+    complex: bool = False
+    flip_p: float = 0.5  # probability of a flip per training image
+    crop: int | None = None  # square crop side (clamped to the image), before the pad and the fit
+    pad: int = 0  # symmetric padding (edge pixels mirrored) on every side, after the crop
+    fit: str = FIT_RESIZE
 
     def side(self, native: int) -> int:
         """The square side images have after this transform, for a dataset whose images are `native` wide."""
         return self.size if self.size is not None else int(native)
 
+    @property
+    def searched_by_default(self) -> bool:
+        """Whether a job may search this name without being asked to: only plain resize/flip/normalise
+        names; complex input or crops change what a model must accept, so they are used only when named."""
+        return not self.complex and self.crop is None and self.pad == 0 and self.fit == FIT_RESIZE
+
+
+# Whole names from LEMUR's records (>= 500 image-classification records each), decoded by hand from what
+# LEMUR's transform files do; sizes fixed, whatever the dataset.
+TRANSFORM_NAMED: dict[str, Transform] = {
+    "soft_pad": Transform(name="soft_pad", size=800, normalize=False, flip=False, fit=FIT_PAD),
+    "bf-v1-RandomCrop_Pad_RandomHorizontalFlip": Transform(
+        name="bf-v1-RandomCrop_Pad_RandomHorizontalFlip", size=64, normalize=True, flip=True, flip_p=0.64,
+        crop=29, pad=1),
+}
+
 
 def transform_names() -> list[str]:
     """Every transform name the grammar accepts: sized ones kind by kind, size by size, plain before
-    flipped, then the sizeless ones."""
+    flipped, then the sizeless ones, then the named recipes."""
     flags = ("", *(f"_{f}" for f in TRANSFORM_FLAGS))
     sized = [f"{kind}_{size}{flag}" for kind in TRANSFORM_KINDS for size in TRANSFORM_SIZES for flag in flags]
-    return sized + [f"{kind}{flag}" for kind in TRANSFORM_KINDS for flag in flags]
+    return sized + [f"{kind}{flag}" for kind in TRANSFORM_KINDS for flag in flags] + list(TRANSFORM_NAMED)
 
 
 def parse_transform(name: Any, native_size: int | None = None) -> Transform:
     """Decode a transform name; raises ValueError saying what the grammar accepts. A sizeless name gets
     `native_size` (the dataset's image side) as its size when given."""
+    if isinstance(name, str) and name in TRANSFORM_NAMED:
+        return TRANSFORM_NAMED[name]
     parts = str(name).split("_")
     flags = set()
     while len(parts) > 1 and parts[-1] in TRANSFORM_FLAGS and parts[-1] not in flags:
@@ -259,9 +301,40 @@ def parse_transform(name: Any, native_size: int | None = None) -> Transform:
         hint = f"; closest: {', '.join(close)}" if close else ""
         raise ValueError(f"unknown transform {name!r} (expected {'|'.join(TRANSFORM_KINDS)}[_<size>][_flip] with "
                          f"size in {TRANSFORM_SIZES}, e.g. norm_32, norm_32_flip, or norm for the dataset's own "
-                         f"size{hint})")
+                         f"size; or one of {', '.join(TRANSFORM_NAMED)}{hint})")
     size = int(parts[1]) if sized else native_size
-    return Transform(name=str(name), size=size, normalize=TRANSFORM_KINDS[parts[0]], flip="flip" in flags)
+    kind = TRANSFORM_KINDS[parts[0]]
+    return Transform(name=str(name), size=size, normalize=kind.normalize, flip="flip" in flags,
+                     complex=kind.complex)
+
+
+def describe_transform(name: str) -> str:
+    """What transform `name` does, in one line for the catalog (derived from its decoded steps, so the
+    text cannot drift from what the runner does). Raises ValueError like parse_transform."""
+    tf = parse_transform(name)
+    steps = []
+    if tf.crop is not None:
+        steps.append(f"random {tf.crop}x{tf.crop} crop of training images, centred in evaluation (no crop of "
+                     "smaller images)")
+    if tf.pad:
+        steps.append(f"mirror-pad {tf.pad} pixel{'s' if tf.pad > 1 else ''} on each side")
+    if tf.size is None:
+        steps.append("keep the dataset's own size")
+    elif tf.fit == FIT_PAD:
+        steps.append(f"zero-pad right and bottom to {tf.size}x{tf.size} (larger images are resized down)")
+    else:
+        steps.append(f"resize to {tf.size}x{tf.size}")
+    if tf.flip:
+        steps.append(f"flip training images horizontally with probability {tf.flip_p:g}")
+    steps.append("normalise with the dataset's mean/std" if tf.normalize else "pixels in [0, 1], not normalised")
+    if tf.complex:
+        steps.append("as complex64 (imaginary part 0) for complex-valued nets")
+    return "; ".join(steps)
+
+
+def transform_catalog() -> dict[str, str]:
+    """Every supported transform name -> what it does (describe_transform), in transform_names() order."""
+    return {name: describe_transform(name) for name in transform_names()}
 
 
 # --- search space -----------------------------------------------------------------------------------

@@ -40,15 +40,19 @@ def test_transform_grammar_has_one_owner() -> None:
     from sandbox.runner import params
 
     assert params.parse_transform is protocol.parse_transform
-    assert datasets.TRANSFORMS == protocol.transform_names()
-    assert len(set(datasets.TRANSFORMS)) == len(protocol.TRANSFORM_KINDS) * (len(protocol.TRANSFORM_SIZES) + 1) * 2
+    assert datasets.ALL_TRANSFORMS == protocol.transform_names()
+    assert len(set(datasets.ALL_TRANSFORMS)) == (len(protocol.TRANSFORM_KINDS) * (len(protocol.TRANSFORM_SIZES) + 1) * 2
+                                                 + len(protocol.TRANSFORM_NAMED))
+    assert set(datasets.TRANSFORMS) < set(datasets.ALL_TRANSFORMS)
+    assert set(protocol.transform_catalog()) == set(datasets.ALL_TRANSFORMS)
     t = protocol.parse_transform("echo_224_flip")
     assert (t.size, t.normalize, t.flip) == (224, False, True)
     assert datasets.transform_size("norm_64_flip") == 64
 
 
 @pytest.mark.parametrize("name", ["norm_33", "flip", "norm_flip_32", "norm_32_flip_flip", "flip_32", "norm_32_",
-                                  "Norm_32", "norm_32_flip\n", 32, None])
+                                  "Norm_32", "norm_32_flip\n", 32, None, "complex_32_flip_flip", "soft_pad_flip",
+                                  "soft_pad_32", "Soft_pad", "complex_flip_32"])
 def test_transform_grammar_rejects_what_it_does_not_define(name: object) -> None:
     with pytest.raises(ValueError, match="unknown transform"):
         protocol.parse_transform(name)
