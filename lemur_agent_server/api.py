@@ -148,7 +148,7 @@ def _refuse_unsupported(export_onnx: bool, transform_dir: str | os.PathLike[str]
         raise UnsupportedOptionError(
             f"transform_dir={str(transform_dir)!r}: custom transform code is not run here (untrusted code runs "
             f"only inside the sandbox, and transforms are ours). Pass transform_dir=None and set prm['transform'] "
-            f"to one of: {', '.join(datasets.TRANSFORMS)}.", {"error": {"kind": "unsupported_option"}})
+            f"to one of: {', '.join(datasets.ALL_TRANSFORMS)}.", {"error": {"kind": "unsupported_option"}})
     if export_onnx:
         raise UnsupportedOptionError(
             "export_onnx=True: ONNX export is not available yet (it must run inside the sandbox, which does not "

@@ -62,7 +62,9 @@ TRANSFORM_HELP = (
     "norm_N resizes images to N x N and normalizes with the dataset's mean/std; norm_N_flip also flips "
     "training batches horizontally at random; echo_N resizes without normalizing; norm, norm_flip, echo and "
     "echo_flip keep the dataset's own size (no resize). Classic nets with large strides (AlexNet: 11x11 "
-    "stride 4) need norm_224 or larger."
+    "stride 4) need norm_224 or larger. complex[_N][_flip]: pixels in [0, 1] as complex64 for complex-valued "
+    "nets; soft_pad: zero-pad to 800 x 800; bf-v1-RandomCrop_Pad_RandomHorizontalFlip: random 29 x 29 crop, "
+    "pad 1, flip with p=0.64, resize to 64, normalize. These are used only when named in prm or search_space."
 )
 
 # The search_space format, quoted by the submit tool's description; validated by the one function both

@@ -32,7 +32,7 @@ from lemur_agent_server.schemas import (
 )
 from lemur_agent_server.state import AppState
 from lemur_agent_server.tool_wiring import tool
-from sandbox import datasets
+from sandbox import datasets, protocol
 from zoo.lemur_extras import lemur_extras_at
 from zoo.query import Filters, Page, QueryError
 
@@ -74,7 +74,7 @@ async def list_catalog(state: AppState) -> Catalog:
         zoo=[CatalogEntry(**c) for c in counts],
         totals=await store.totals(),
         evaluator_datasets=dataset_entries(state.settings.data_root),
-        transforms=list(datasets.TRANSFORMS),
+        transforms=protocol.transform_catalog(),
         transform_help=contract.TRANSFORM_HELP,
         zoo_transforms={t["transform"]: t["runs"] for t in transforms[:50]},
         metrics=["acc"],

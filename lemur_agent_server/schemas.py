@@ -78,7 +78,8 @@ class Catalog(BaseModel):
     zoo: list[CatalogEntry] = Field(description="What the zoo holds: runs and models per task/dataset/metric")
     totals: dict[str, int]
     evaluator_datasets: list[DatasetEntry] = Field(description="Datasets submit_model can train on")
-    transforms: list[str]
+    transforms: dict[str, str] = Field(description="Every transform name the evaluator runs, with what it does; "
+                                                   "the default search uses the plain norm/echo ones")
     transform_help: str
     zoo_transforms: dict[str, int] = Field(description="Transforms seen in the zoo's runs, with run counts")
     metrics: list[str]

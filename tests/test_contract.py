@@ -200,3 +200,12 @@ def test_admit_refuses_a_dataset_whose_files_are_missing(tmp_path: Path) -> None
         admit(req, _settings(tmp_path, empty))
     assert str(tmp_path) not in str(err.value)  # the agent learns what to do, not where the server keeps files
     assert "cifar-10-batches-py" in str(err.value)
+
+
+def test_prm_transform_takes_every_name_the_grammar_knows() -> None:
+    """A fixed prm.transform may be any supported name (complex_32 for complex-valued nets), not only the
+    plain names of the default search; an unknown one names the closest supported ones."""
+    assert EvalRequest(code=CODE, dataset="digits", prm={"transform": "complex_32"}).prm["transform"] == "complex_32"
+    assert EvalRequest(code=CODE, dataset="digits", prm={"transform": "soft_pad"}).prm["transform"] == "soft_pad"
+    with pytest.raises(ValueError, match=r"prm.transform: .*norm_32"):
+        EvalRequest(code=CODE, dataset="digits", prm={"transform": "norm_3"})

@@ -117,8 +117,13 @@ class EvalRequest(BaseModel):
 def _prm_problem(key: str, value: Any) -> str | None:
     """What is wrong with one fixed hyperparameter, or None."""
     if key == "transform":
-        return None if value in datasets.TRANSFORMS else (
-            f"prm.transform '{clip(value)}' is not allowed; choose one of {datasets.TRANSFORMS}.")
+        if not isinstance(value, str):
+            return f"prm.transform must be a transform name (list_catalog.transforms), got {clip(value)}."
+        try:
+            protocol.parse_transform(value)
+        except ValueError as exc:  # the grammar's own message names the closest supported names
+            return f"prm.transform: {clip(str(exc), 600)}"
+        return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return f"prm.{clip(key)} must be a finite number, got {clip(value)}."
     if key == "batch":
