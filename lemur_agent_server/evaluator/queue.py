@@ -126,13 +126,13 @@ class JobQueue:
         self._notify(job_id)
         return job_id
 
-    async def _static_failure(self, job_id: str, request: EvalRequest) -> NewJob:
+    async def _static_failure(self, job_id: str, request: EvalRequest, kind: JobKind = JobKind.SUBMIT) -> NewJob:
         """Archive a submission that fails the static checks; its job row, already finished (not written)."""
-        outcome = await pipeline.evaluate(self._job(job_id, JobKind.SUBMIT, request, _no_progress))
-        return NewJob(job_id, JobKind.SUBMIT, request.model_dump(), (outcome.result or {}).get("model_name"),
+        outcome = await pipeline.evaluate(self._job(job_id, kind, request, _no_progress))
+        return NewJob(job_id, kind, request.model_dump(), (outcome.result or {}).get("model_name"),
                       experiment_key(request), JobStatus(outcome.status), outcome.result, outcome.error)
 
-    async def submit_batch(self, requests: Sequence[EvalRequest], force: bool = False
+    async def submit_batch(self, requests: Sequence[EvalRequest], force: bool = False, archive: bool = True
                            ) -> tuple[str, list[dict[str, Any]]]:
         """Queue many submissions under one batch id; one entry per request, in order.
 
@@ -140,8 +140,10 @@ class JobQueue:
         experiment answered it; skipped with `force`) or `same_as` (the index of an identical earlier
         item, whose job it shares: one batch never trains the same experiment twice). Static failures
         are archived and finished at once, like submit's. All rows are written in one transaction at
-        the end, so a crash half-way queues nothing the caller never heard of.
+        the end, so a crash half-way queues nothing the caller never heard of. `archive=False` makes
+        `evaluate` jobs (trained and scored, nothing archived: the Python API's save_to_db=False).
         """
+        kind = JobKind.SUBMIT if archive else JobKind.EVALUATE
         batch_id = "batch-" + uuid.uuid4().hex[:12]
         rows: list[NewJob] = []
         entries: list[dict[str, Any]] = []
@@ -152,7 +154,7 @@ class JobQueue:
                 entries.append({**entries[first[key]], "same_as": first[key], "reused_from": None})
                 continue
             first[key] = index
-            row = await self._batch_row(request, key, force)
+            row = await self._batch_row(request, key, force, kind)
             rows.append(row)
             entries.append({"job_id": row.job_id, "model_name": row.model_name, "status": row.status,
                             "reused_from": row.reused_from, "same_as": None,
@@ -163,16 +165,16 @@ class JobQueue:
             self._notify(row.job_id)
         return batch_id, entries
 
-    async def _batch_row(self, request: EvalRequest, key: str, force: bool) -> NewJob:
+    async def _batch_row(self, request: EvalRequest, key: str, force: bool, kind: JobKind) -> NewJob:
         job_id = new_job_id()
         if static_problems(request.code):
-            return await self._static_failure(job_id, request)
+            return await self._static_failure(job_id, request, kind)
         previous = None if force else await self.jobs.reusable(key)
         if previous is not None:
             result = {**(previous.get("result") or {}), "reused_from": previous["id"]}
-            return NewJob(job_id, JobKind.SUBMIT, request.model_dump(), previous.get("model_name"), key,
+            return NewJob(job_id, kind, request.model_dump(), previous.get("model_name"), key,
                           JobStatus.SUCCEEDED, result, None, reused_from=previous["id"])
-        return NewJob(job_id, JobKind.SUBMIT, request.model_dump(), await self._model_name(request), key)
+        return NewJob(job_id, kind, request.model_dump(), await self._model_name(request), key)
 
     async def _model_name(self, request: EvalRequest) -> str:
         """The name the job's model will have: an existing model's of the same code, else a new one."""
