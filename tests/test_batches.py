@@ -1,0 +1,219 @@
+"""Batches of submissions: per-item checks, reuse of finished experiments, wait_jobs' cursor, list_jobs,
+cancel by batch, the fair queue, and the Python API's check_nn_batch. Real zoo files, the process
+sandbox, tiny models on digits with budgets of seconds."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import anyio
+import pytest
+from mcp import Client
+
+from lemur_agent_server import api
+from lemur_agent_server.server import build_server
+from tests import models
+from zoo.jobs import Claim, NewJob
+from zoo.store import ZooStore
+
+pytestmark = pytest.mark.anyio
+
+QUICK = {"n_trials": 1, "epochs": 0.5, "time_budget_s": 60, "max_train_samples": 64,
+         "prm": {"batch": 16, "lr": 0.05, "momentum": 0.9}}
+# another network (one more operation in forward): another normalized code, so another experiment
+VARIANT = models.tiny(forward_extra="x = x * 1.0")
+FINISHED = {"succeeded", "failed", "timed_out", "cancelled"}
+
+
+async def call(client: Client, name: str, args: dict, **kwargs) -> dict:
+    result = await client.call_tool(name, args, **kwargs)
+    assert not result.is_error, result.content[0].text
+    return result.structured_content
+
+
+# --- the fair queue, at the store ----------------------------------------------------------------------
+def queued(job_id: str) -> NewJob:
+    return NewJob(job_id, "submit", {"code": "x", "dataset": "digits"})
+
+
+async def test_a_single_job_after_a_batch_of_ten_is_claimed_second_at_the_latest(make_settings):
+    settings = make_settings(seed_zoo=False)
+    async with await ZooStore.open(settings.zoo_path) as store:
+        await store.jobs.create_many("batch-big", [queued(f"job-b{i}") for i in range(10)])
+        await anyio.sleep(0.01)
+        await store.jobs.create_many(None, [queued("job-single")])
+        claimed = [(await store.jobs.claim_next("me:1:a", ["submit"]))["id"] for _ in range(11)]
+    assert "job-single" in claimed[:2], claimed
+    assert [c for c in claimed if c != "job-single"] == [f"job-b{i}" for i in range(10)]  # items in order
+
+
+async def test_two_batches_take_turns(make_settings):
+    """A batch queued while another is half done does not wait for it to drain, nor starve it."""
+    settings = make_settings(seed_zoo=False)
+    async with await ZooStore.open(settings.zoo_path) as store:
+        await store.jobs.create_many("batch-a", [queued(f"job-a{i}") for i in range(6)])
+        first = [(await store.jobs.claim_next("me:1:a", ["submit"]))["id"] for _ in range(3)]
+        await store.jobs.create_many("batch-b", [queued(f"job-b{i}") for i in range(3)])
+        rest = [(await store.jobs.claim_next("me:1:a", ["submit"]))["id"] for _ in range(6)]
+        assert await store.jobs.claim_next("me:1:a", ["submit"]) is None
+    assert first == ["job-a0", "job-a1", "job-a2"]
+    # a's last claim is older than b's arrival, so a goes once more; then they alternate
+    assert rest == ["job-a3", "job-b0", "job-a4", "job-b1", "job-a5", "job-b2"]
+
+
+async def test_every_end_gets_the_next_sequence(make_settings):
+    """finished_seq grows by one per end, whichever way the job ended (claimed, cancelled, created done)."""
+    settings = make_settings(seed_zoo=False)
+    async with await ZooStore.open(settings.zoo_path) as store:
+        jobs = store.jobs
+        await jobs.create_many("batch-s", [queued("job-1"), queued("job-2"), queued("job-3")])
+        claim = await jobs.claim_next("me:1:a", ["submit"])
+        await jobs.request_cancel("job-3")  # queued: cancelled at once
+        assert await jobs.finish(Claim.of(claim), "succeeded", {"model_name": "m"})
+        assert not await jobs.finish(Claim.of(claim), "failed")  # a second end is refused and draws nothing
+        await jobs.create_finished("job-4", "submit", {"code": "x"}, "failed", None, {"kind": "syntax"})
+        rows = {j: await jobs.get(j) for j in ("job-1", "job-2", "job-3", "job-4")}
+    assert rows["job-2"]["finished_seq"] is None
+    assert [rows[j]["finished_seq"] for j in ("job-3", "job-1", "job-4")] == [1, 2, 3]
+
+
+# --- the MCP tools, with real training ---------------------------------------------------------------
+async def test_a_batch_end_to_end(make_settings):
+    """Per-item failures, identical items training once, wait_jobs' cursor across several calls while
+    jobs finish, reuse of a finished experiment (and force), list_jobs' filters, cancel by batch."""
+    settings = make_settings(seed_zoo=False)
+    async with Client(build_server(settings)) as client:
+        items = [{"code": models.GOOD}, {"code": models.SYNTAX}, {"code": models.GOOD_REFORMATTED},
+                 {"code": models.GOOD, "prm": {"dropout": 3}}, {"code": VARIANT, "n_trials": 1}]
+        batch = await call(client, "submit_models", {"items": items, "dataset": "digits", **QUICK})
+        entries = batch["entries"]
+        assert [e["index"] for e in entries] == list(range(5))
+        assert entries[0]["status"] == "queued" and entries[0]["job_id"]
+        assert entries[1]["status"] == "failed" and entries[1]["problems"][0]["kind"] == "syntax"
+        assert entries[2]["same_as"] == 0 and entries[2]["job_id"] == entries[0]["job_id"]  # trains once
+        assert entries[3]["status"] == "invalid" and entries[3]["job_id"] is None
+        assert "outside [0, 1]" in entries[3]["problems"][0]["message"]
+        assert entries[4]["status"] == "queued"
+        assert batch["counts"] == {"queued": 3, "failed": 1, "invalid": 1}
+        job_ids = {entries[i]["job_id"] for i in (0, 1, 4)}
+
+        seen: list[str] = []
+        cursors: list[int] = []
+        progress: list[str] = []
+        cursor = None
+        done = False
+        calls = 0
+        while not done:
+            calls += 1
+            assert calls < 40
+            answer = await call(client, "wait_jobs", {"batch_id": batch["batch_id"], "cursor": cursor, "wait_s": 20,
+                                                      "limit": 1},
+                                progress_callback=lambda p, t, m: _record(progress, m))
+            seen += [j["job_id"] for j in answer["jobs"]]
+            assert all(j["done"] for j in answer["jobs"])
+            cursor = answer["cursor"]
+            cursors.append(int(cursor))
+            done = answer["done"]
+            assert answer["total"] == 3 and answer["finished"] + answer["running"] + answer["counts"].get(
+                "queued", 0) == 3
+        assert sorted(seen) == sorted(job_ids) and len(seen) == 3  # each end once, none missed
+        assert seen[0] == entries[1]["job_id"]  # the static failure ended first
+        assert cursors == sorted(cursors)
+        assert progress and all(re.fullmatch(r"\d/3 finished, \d running, \d queued, \d succeeded, \d failed", m)
+                                for m in progress), progress
+        again = await call(client, "wait_jobs", {"batch_id": batch["batch_id"], "cursor": cursor})
+        assert again["jobs"] == [] and again["done"] and again["cursor"] == cursor
+        first = await call(client, "get_job", {"job_id": entries[0]["job_id"]})
+        assert first["status"] == "succeeded", first
+
+        # the same experiment again (other layout, other prefix): answered from the first job
+        reuse = await call(client, "submit_models", {"items": [{"code": models.GOOD_REFORMATTED, "name_prefix": "x"}],
+                                                     "dataset": "digits", **QUICK})
+        entry = reuse["entries"][0]
+        assert entry["status"] == "succeeded" and entry["reused_from"] == entries[0]["job_id"]
+        reused = (await call(client, "wait_jobs", {"batch_id": reuse["batch_id"]}))["jobs"][0]
+        assert reused["result"]["accuracy"] == first["result"]["accuracy"]
+        assert reused["model_name"] == first["model_name"]
+        other_seed = await call(client, "submit_models", {"items": [{"code": models.GOOD}], "dataset": "digits",
+                                                          **{**QUICK, "seed": 1, "epochs": 5}})
+        assert other_seed["entries"][0]["status"] == "queued"  # another seed is another experiment
+
+        forced = await call(client, "submit_models", {"items": [{"code": models.GOOD}, {"code": VARIANT}],
+                                                      "dataset": "digits", "force": True, **QUICK})
+        assert [e["status"] for e in forced["entries"]] == ["queued", "queued"]
+        cancelled = await call(client, "cancel_job", {"batch_id": forced["batch_id"]})
+        assert cancelled["batch_id"] == forced["batch_id"] and cancelled["done"], cancelled
+        assert cancelled["counts"] == {"cancelled": 2}
+        stopped = await call(client, "cancel_job", {"batch_id": other_seed["batch_id"]})
+        assert stopped["done"] and stopped["counts"] == {"cancelled": 1}, stopped
+
+        listed = await call(client, "list_jobs", {"batch_id": batch["batch_id"]})
+        assert {j["job_id"] for j in listed["jobs"]} == job_ids and listed["cursor"] is None
+        assert all(j["batch_id"] == batch["batch_id"] for j in listed["jobs"])
+        succeeded = await call(client, "list_jobs", {"status": "succeeded"})
+        assert {j["job_id"] for j in succeeded["jobs"]} == {entries[0]["job_id"], entries[4]["job_id"],
+                                                             entry["job_id"]}
+        assert all(j["accuracy"] is not None for j in succeeded["jobs"])
+        page1 = await call(client, "list_jobs", {"limit": 4})
+        page2 = await call(client, "list_jobs", {"limit": 4, "cursor": page1["cursor"]})
+        assert len(page1["jobs"]) == 4 and page1["cursor"] is not None and page2["cursor"] is None
+        assert len(page2["jobs"]) == 3 and not {j["job_id"] for j in page1["jobs"]} & {
+            j["job_id"] for j in page2["jobs"]}
+        assert page1["jobs"][0]["job_id"] in {e["job_id"] for e in forced["entries"]}  # newest first
+
+        bad = await client.call_tool("wait_jobs", {"batch_id": "batch-nope"})
+        assert bad.is_error and "submit_models" in bad.content[0].text
+        both = await client.call_tool("cancel_job", {})
+        assert both.is_error and "job_id or batch_id" in both.content[0].text
+
+
+async def _record(progress: list[str], message: str | None) -> None:
+    progress.append(message or "")
+
+
+async def test_a_cursor_never_repeats_or_skips_while_jobs_end(make_settings):
+    """Ends committed between and during polls: every job exactly once, over many calls."""
+    settings = make_settings(seed_zoo=False, run_workers=False)
+    server = build_server(settings)
+    async with Client(server) as client:
+        jobs = server._lemur_state.store.jobs  # noqa: SLF001 - the test finishes the jobs itself
+        await jobs.create_many("batch-c", [queued(f"job-c{i}") for i in range(12)])
+        seen: list[str] = []
+        cursor = None
+
+        async def finish_some() -> None:
+            for _ in range(12):
+                row = await jobs.claim_next("me:1:a", ["submit"])
+                await jobs.finish(Claim.of(row), "failed", None, {"kind": "exception"})
+                await anyio.sleep(0.05)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(finish_some)
+            deadline = time.monotonic() + 30
+            while len(seen) < 12:
+                assert time.monotonic() < deadline
+                answer = await call(client, "wait_jobs", {"batch_id": "batch-c", "cursor": cursor, "wait_s": 2,
+                                                          "limit": 2})
+                seen += [j["job_id"] for j in answer["jobs"]]
+                cursor = answer["cursor"]
+        assert sorted(seen) == sorted(f"job-c{i}" for i in range(12)) and len(seen) == 12
+        assert answer["done"]
+        bad = await client.call_tool("wait_jobs", {"batch_id": "batch-c", "cursor": "abc"})
+        assert bad.is_error and "cursor" in bad.content[0].text
+
+
+# --- the Python API --------------------------------------------------------------------------------------
+def test_check_nn_batch_returns_tuples_and_exceptions_in_order(make_settings, tmp_path):
+    settings = make_settings(seed_zoo=False)
+    prm = {"lr": 0.05, "momentum": 0.9, "batch": 32, "epoch": 1}
+    items = [models.SYNTAX, {"nn_code": models.GOOD, "prefix": "b"}, {"nn_code": models.GOOD, "prm": {"dropout": 3}},
+             models.RAISES_IN_LEARN]
+    out = api.check_nn_batch(items, "img-classification", "digits", "acc", prm, zoo=settings.zoo_path,
+                             sandbox="process")
+    assert isinstance(out[0], api.CodeSyntaxError)
+    name, accuracy, a2t, quality = out[1]
+    assert name == api.lemur_name(models.GOOD, "b") and 0 < accuracy <= 1 and a2t > 0 and 0 <= quality <= 1
+    assert isinstance(out[2], api.InvalidRequestError)
+    assert isinstance(out[3], api.TrainingError) and "boom in learn" in str(out[3].error)
+    assert len(out) == 4
