@@ -4,7 +4,11 @@ sandbox, tiny models on digits with budgets of seconds."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 import time
 
 import anyio
@@ -14,6 +18,7 @@ from mcp import Client
 from lemur_agent_server import api
 from lemur_agent_server.server import build_server
 from tests import models
+from tests.conftest import REPO
 from zoo.jobs import Claim, NewJob
 from zoo.store import ZooStore
 
@@ -217,3 +222,22 @@ def test_check_nn_batch_returns_tuples_and_exceptions_in_order(make_settings, tm
     assert isinstance(out[2], api.InvalidRequestError)
     assert isinstance(out[3], api.TrainingError) and "boom in learn" in str(out[3].error)
     assert len(out) == 4
+
+
+def test_cli_submits_several_files_as_one_batch(tmp_path, data_root):
+    files = []
+    for name, code in (("a.py", models.GOOD), ("b.py", models.SYNTAX), ("c.py", models.GOOD_REFORMATTED)):
+        (tmp_path / name).write_text(code)
+        files.append(str(tmp_path / name))
+    proc = subprocess.run(
+        [sys.executable, "-m", "lemur_agent_server", "submit", *files, "--zoo", str(tmp_path / "zoo.sqlite"),
+         "--data-root", str(data_root), "--sandbox", "process", "--dataset", "digits", "--trials", "1",
+         "--epochs", "0.5", "--max-train-samples", "64", "--budget-s", "60", "--wait"],
+        cwd=REPO, env={**os.environ, "LEMUR_NO_SEED": "1"}, capture_output=True, text=True, timeout=300)
+    out = json.loads(proc.stdout)
+    jobs = out["jobs"]
+    assert out["batch_id"].startswith("batch-") and [j["file"] for j in jobs] == files
+    assert [j["status"] for j in jobs] == ["succeeded", "failed", "succeeded"], proc.stderr[-2000:]
+    assert jobs[2]["same_as"] == 0 and jobs[2]["job_id"] == jobs[0]["job_id"]  # one training for both
+    assert proc.returncode == 1  # not every file succeeded
+    assert "3/3" not in proc.stderr and "2/2" in proc.stderr  # one bar over the batch's two jobs
