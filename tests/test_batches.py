@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from lemur_agent_server.server import build_server
 from tests import models
 from tests.conftest import REPO
 from zoo.jobs import Claim, NewJob
+from zoo.schema import MIGRATIONS
 from zoo.store import ZooStore
 
 pytestmark = pytest.mark.anyio
@@ -223,6 +225,19 @@ def test_check_nn_batch_returns_tuples_and_exceptions_in_order(make_settings, tm
     assert isinstance(out[3], api.TrainingError) and "boom in learn" in str(out[3].error)
     assert len(out) == 4
 
+    # asynchronous use: queue now, wait later (here the waiting process runs the jobs itself)
+    queued = api.submit_batch([{"nn_code": models.GOOD, "prefix": "b"}, models.SYNTAX, {"nn_code": models.GOOD,
+                               "prm": {"batch": 0}}], "img-classification", "digits", "acc", prm,
+                              zoo=settings.zoo_path)
+    assert queued["batch_id"] and queued["job_ids"][0] and queued["job_ids"][1] and queued["job_ids"][2] is None
+    assert isinstance(queued["errors"][2], api.InvalidRequestError) and queued["errors"][:2] == [None, None]
+    jobs = api.wait(queued["batch_id"], timeout=60, zoo=settings.zoo_path, sandbox="process")
+    assert [j["job_id"] for j in jobs] == queued["job_ids"][:2]
+    assert [j["status"] for j in jobs] == ["succeeded", "failed"]
+    assert jobs[0]["result"]["accuracy"] == out[1][1]  # the same experiment: answered from the first batch
+    with pytest.raises(api.InvalidRequestError, match="no batch"):
+        api.wait("batch-nope", zoo=settings.zoo_path)
+
 
 def test_cli_submits_several_files_as_one_batch(tmp_path, data_root):
     files = []
@@ -241,3 +256,24 @@ def test_cli_submits_several_files_as_one_batch(tmp_path, data_root):
     assert jobs[2]["same_as"] == 0 and jobs[2]["job_id"] == jobs[0]["job_id"]  # one training for both
     assert proc.returncode == 1  # not every file succeeded
     assert "3/3" not in proc.stderr and "2/2" in proc.stderr  # one bar over the batch's two jobs
+
+
+async def test_a_zoo_from_before_batches_numbers_its_finished_jobs_in_order(tmp_path):
+    """Migration: jobs that ended before the sequence existed get 1..n by end time; the next end follows."""
+    path = tmp_path / "old.sqlite"
+    conn = sqlite3.connect(path)
+    for statement in MIGRATIONS[0]:
+        conn.execute(statement)
+    conn.execute("INSERT INTO meta(key, value) VALUES('schema_version', '1')")
+    for job_id, status, finished in (("job-late", "failed", 30.0), ("job-early", "succeeded", 10.0),
+                                     ("job-open", "queued", None)):
+        conn.execute("INSERT INTO job(id, kind, status, request, created, finished) VALUES(?,?,?,?,?,?)",
+                     (job_id, "submit", status, json.dumps({"code": "x"}), 1.0, finished))
+    conn.commit()
+    conn.close()
+    async with await ZooStore.open(path) as store:
+        seqs = {j: (await store.jobs.get(j))["finished_seq"] for j in ("job-early", "job-late", "job-open")}
+        await store.jobs.request_cancel("job-open")
+        after = (await store.jobs.get("job-open"))["finished_seq"]
+    assert seqs == {"job-early": 1, "job-late": 2, "job-open": None}
+    assert after == 3
