@@ -196,7 +196,7 @@ def _wait_message(counts: dict[str, int]) -> str:
 
 
 async def wait_jobs(state: AppState, batch_id: str | None = None, job_ids: list[str] | None = None,
-                    cursor: str | None = None, wait_s: float = 0, limit: int = 50,
+                    cursor: str | None = None, wait_s: float = 0, limit: int = 20,
                     report: ProgressFn | None = None) -> WaitView:
     """Jobs of the selection that finished after `cursor`; waits up to `wait_s` for the first of them."""
     selection = _selection(batch_id, job_ids)
@@ -317,7 +317,7 @@ def register_batch_tools(mcp: MCPServer, state: AppState) -> None:
         wait_s: Annotated[float, Field(description="Wait up to this many seconds (0..50) for a job to finish; "
                                                    "progress is reported while waiting", ge=0, le=MAX_WAIT_S)] = 0,
         limit: Annotated[int, Field(description="At most this many finished jobs per answer (1..100)", ge=1,
-                                    le=100)] = 50,
+                                    le=100)] = 20,
         ctx: Context | None = None,
     ) -> WaitView:
         """Long-poll a batch (or a list of jobs): returns the jobs that finished since `cursor` with their

@@ -72,6 +72,9 @@ class JobView(BaseModel):
         "sandbox, interrupted), message, log tail"))
     created: float
     finished: float | None = None
+    batch_id: str | None = Field(default=None, description="The batch (submit_models) the job belongs to")
+    reused_from: str | None = Field(default=None, description="The earlier job of the same experiment whose "
+                                                              "result this job reports (nothing was trained)")
     next_step: str
 
 
@@ -91,7 +94,8 @@ def job_view(row: dict[str, Any]) -> JobView:
         hint = "Still running: call get_job(job_id, wait_s=50) again."
     return JobView(job_id=row["id"], status=status, done=done, model_name=row.get("model_name"),
                    progress=row.get("progress"), result=row.get("result"), error=row.get("error"),
-                   created=row["created"], finished=row.get("finished"), next_step=hint)
+                   created=row["created"], finished=row.get("finished"), batch_id=row.get("batch_id"),
+                   reused_from=row.get("reused_from"), next_step=hint)
 
 
 def build_request(**fields: Any) -> EvalRequest:

@@ -142,6 +142,7 @@ async def test_a_batch_end_to_end(make_settings):
         reused = (await call(client, "wait_jobs", {"batch_id": reuse["batch_id"]}))["jobs"][0]
         assert reused["result"]["accuracy"] == first["result"]["accuracy"]
         assert reused["model_name"] == first["model_name"]
+        assert reused["reused_from"] == entries[0]["job_id"] and reused["batch_id"] == reuse["batch_id"]
         other_seed = await call(client, "submit_models", {"items": [{"code": models.GOOD}], "dataset": "digits",
                                                           **{**QUICK, "seed": 1, "epochs": 5}})
         assert other_seed["entries"][0]["status"] == "queued"  # another seed is another experiment
