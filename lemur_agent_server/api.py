@@ -140,8 +140,7 @@ def _frame(rows: list[tuple[Any, ...]], code: dict[int, tuple[str, str]]) -> pd.
 
 def lemur_name(nn_code: str, prefix: str | None = None) -> str:
     """LEMUR's model name: `md5(code with all whitespace removed)`, as `prefix-<md5>` when a prefix is given."""
-    digest = codehash.lemur_id(nn_code)
-    return f"{prefix}-{digest}" if prefix else digest
+    return codehash.model_name(prefix, nn_code)
 
 
 def _refuse_unsupported(export_onnx: bool, transform_dir: str | os.PathLike[str] | None) -> None:
@@ -180,9 +179,15 @@ def _run_job(request: Any, save_to_db: bool, zoo: str | os.PathLike[str] | None,
              sandbox: str | None) -> tuple[Path, str, Any]:
     from lemur_agent_server.config import Settings
     from lemur_agent_server.evaluator.queue import JobQueue
+    from lemur_agent_server.evaluator.requests import RequestRefused, admit
     from zoo.store import ZooStore
 
     settings = Settings.from_env(zoo, sandbox=sandbox)
+    try:  # the server's own limits first, as at every door (the queue checks them again)
+        admit(request, settings)
+    except RequestRefused as exc:
+        raise InvalidRequestError(f"check_nn: {exc}", {"error": {"kind": "invalid_request",
+                                                                 "message": str(exc)}}) from None
 
     async def run() -> tuple[str, Any]:
         store = await ZooStore.open(settings.zoo_path)
@@ -300,9 +305,12 @@ def _item_fields(item: BatchItem, prm: dict[str, Any] | None, prefix: str | None
 
 
 def _batch_requests(items: Sequence[BatchItem], task: str, dataset: str, metric: str, prm: dict[str, Any] | None,
-                    prefix: str | None, epoch_limit_minutes: float, max_train_samples: int | None
+                    prefix: str | None, epoch_limit_minutes: float, max_train_samples: int | None, settings: Any
                     ) -> list[tuple[str, dict[str, Any], str | None, Any]]:
-    """Per item (code, prm, prefix, EvalRequest or the InvalidRequestError it raised), in order."""
+    """Per item (code, prm, prefix, EvalRequest or the InvalidRequestError it raised), in order; each request
+    within the server's limits (an item's budget follows its own epochs)."""
+    from lemur_agent_server.evaluator.requests import RequestRefused, admit
+
     out: list[tuple[str, dict[str, Any], str | None, Any]] = []
     for item in items:
         code, fixed, own_prefix = "", {}, prefix
@@ -310,8 +318,12 @@ def _batch_requests(items: Sequence[BatchItem], task: str, dataset: str, metric:
             code, fixed, own_prefix = _item_fields(item, prm, prefix)
             request: Any = _request(code, task, dataset, metric, fixed, own_prefix, epoch_limit_minutes,
                                     max_train_samples)
+            admit(request, settings)
         except InvalidRequestError as exc:
             request = exc
+        except RequestRefused as exc:
+            request = InvalidRequestError(f"check_nn: {exc}", {"error": {"kind": "invalid_request",
+                                                                         "message": str(exc)}})
         out.append((code, fixed, own_prefix, request))
     return out
 
@@ -356,7 +368,8 @@ def check_nn_batch(items: Sequence[BatchItem], task: str, dataset: str, metric: 
     identical items train once.
     """
     settings = _queue_settings(zoo, sandbox)
-    prepared = _batch_requests(items, task, dataset, metric, prm, prefix, epoch_limit_minutes, max_train_samples)
+    prepared = _batch_requests(items, task, dataset, metric, prm, prefix, epoch_limit_minutes, max_train_samples,
+                               settings)
 
     async def run() -> tuple[list[str | None], dict[str, dict[str, Any]]]:
         from lemur_agent_server.evaluator.queue import JobQueue
@@ -394,7 +407,8 @@ def submit_batch(items: Sequence[BatchItem], task: str, dataset: str, metric: st
     "errors" (per item, the InvalidRequestError or None)}. A server or `lemur-agent-server worker` on
     the same zoo runs the jobs, or `wait(batch_id)` runs them in this process while it waits."""
     settings = _queue_settings(zoo, None)
-    prepared = _batch_requests(items, task, dataset, metric, prm, prefix, epoch_limit_minutes, max_train_samples)
+    prepared = _batch_requests(items, task, dataset, metric, prm, prefix, epoch_limit_minutes, max_train_samples,
+                               settings)
 
     async def run() -> tuple[str, list[str | None]]:
         from lemur_agent_server.evaluator.queue import JobQueue

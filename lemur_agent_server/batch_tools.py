@@ -19,7 +19,9 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import ToolAnnotations
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from lemur_agent_server.evaluator.requests import EvalRequest
+from lemur_agent_server.contract import SEARCH_SPACE_HELP
+from lemur_agent_server.evaluator import batching
+from lemur_agent_server.evaluator.requests import EvalRequest, RequestRefused
 from lemur_agent_server.job_tools import (
     Code,
     DatasetArg,
@@ -28,8 +30,8 @@ from lemur_agent_server.job_tools import (
     ProgressFn,
     TaskArg,
     job_view,
-    require_dataset,
 )
+from lemur_agent_server.schemas import MAX_FILTER_CHARS
 from lemur_agent_server.state import AppState
 from lemur_agent_server.tool_wiring import tool
 from sandbox.protocol import JobStatus
@@ -71,7 +73,7 @@ class BatchEntry(BaseModel):
 
 
 class BatchView(BaseModel):
-    batch_id: str
+    batch_id: str | None = Field(description="None when no item was valid (nothing was queued)")
     entries: list[BatchEntry]
     counts: dict[str, int] = Field(description="Entries by status")
     next_step: str
@@ -136,12 +138,6 @@ async def submit_models(state: AppState, items: list[BatchItem], shared: dict[st
     """Validate every item, queue the valid ones as one batch, and report each item."""
     if not 1 <= len(items) <= MAX_ITEMS:
         raise ToolError(f"items holds {len(items)} models; send 1..{MAX_ITEMS} per call (split larger batches).")
-    budget = shared.get("time_budget_s") or 0
-    if budget > state.settings.max_time_budget_s:
-        raise ToolError(f"time_budget_s={budget} exceeds this server's limit of {state.settings.max_time_budget_s}"
-                        " s; lower it.")
-    require_dataset(state, shared["dataset"])
-    queue = state.jobs()
     requests: list[tuple[int, EvalRequest]] = []
     entries: dict[int, BatchEntry] = {}
     for index, item in enumerate(items):
@@ -149,7 +145,18 @@ async def submit_models(state: AppState, items: list[BatchItem], shared: dict[st
             requests.append((index, _item_request(item, shared)))
         except ValidationError as exc:
             entries[index] = _invalid(index, exc)
-    batch_id, queued = await queue.submit_batch([r for _, r in requests], force=force)
+    valid = [r for _, r in requests]
+    if not valid:
+        ordered = [entries[i] for i in range(len(items))]
+        return BatchView(batch_id=None, entries=ordered, counts=_tally(ordered), next_step=(
+            "No item was valid and nothing was queued: fix each entry's problems and call submit_models again."))
+    try:  # the server's limits (budget, dataset present) are the same for every item: the whole call
+        if state.queue is not None:
+            batch_id, queued = await state.queue.submit_batch(valid, force=force)
+        else:  # --no-worker: into the zoo's queue, for a worker on the same zoo
+            batch_id, queued = await batching.submit_batch(state.zoo(), state.settings, valid, force=force)
+    except RequestRefused as exc:
+        raise ToolError(str(exc)) from exc
     index_of = [i for i, _ in requests]
     for (index, _), entry in zip(requests, queued):
         same = entry.get("same_as")
@@ -273,10 +280,10 @@ def register_batch_tools(mcp: MCPServer, state: AppState) -> None:
                         "the shared ones below (prm key by key)", min_length=1, max_length=MAX_ITEMS)],
         dataset: DatasetArg,
         task: TaskArg = "img-classification",
-        metric: Annotated[str, Field(description="Metric; 'acc' (test accuracy)")] = "acc",
+        metric: Annotated[str, Field(description="Metric; 'acc' (test accuracy)", max_length=MAX_FILTER_CHARS)
+                          ] = "acc",
         prm: PrmArg = None,
-        search_space: Annotated[dict[str, dict[str, Any]] | None, Field(
-            description="Shared search ranges, as in submit_model")] = None,
+        search_space: Annotated[dict[str, dict[str, Any]] | None, Field(description=SEARCH_SPACE_HELP)] = None,
         n_trials: Annotated[int, Field(description="Optuna trials per model, 1..200", ge=1, le=200)] = 3,
         epochs: Annotated[float, Field(description="Epochs per trial, >0", gt=0, le=200)] = 1.0,
         time_budget_s: Annotated[float, Field(description="Wall-clock limit of each job in seconds (5..86400)",

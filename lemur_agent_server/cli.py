@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "submit":
             p.add_argument("--budget-s", type=float, default=300.0)
             p.add_argument("--trials", type=int, default=3)
-            p.add_argument("--epochs", type=float, default=1.0)
+            p.add_argument("--epochs", type=float, default=None, help="default 1, or the epoch in --prm")
             p.add_argument("--eval-every", type=float, default=0.5)
             p.add_argument("--seed", type=int, default=0)
             p.add_argument("--prefix")
@@ -322,10 +322,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from zoo.store import ZooStore
 
     settings = _settings(args)
-    requests = [EvalRequest(code=_read_code(path), task=args.task, dataset=args.dataset, prm=args.prm,
-                            n_trials=args.trials, epochs=args.epochs, time_budget_s=args.budget_s,
-                            eval_every=args.eval_every, seed=args.seed, name_prefix=args.prefix,
-                            max_train_samples=args.max_train_samples) for path in args.file]
+    shared = {"task": args.task, "dataset": args.dataset, "prm": args.prm, "n_trials": args.trials,
+              "epochs": args.epochs, "time_budget_s": args.budget_s, "eval_every": args.eval_every, "seed": args.seed,
+              "name_prefix": args.prefix, "max_train_samples": args.max_train_samples}
+    shared = {k: v for k, v in shared.items() if v is not None}  # unset: the request's default (epochs: prm's)
+    requests = [EvalRequest(code=_read_code(path), **shared) for path in args.file]
     if len(requests) > 1:
         return _submit_batch(settings, args, requests)
     request = requests[0]

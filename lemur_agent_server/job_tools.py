@@ -17,18 +17,20 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import ToolAnnotations
 from pydantic import BaseModel, Field, ValidationError, WithJsonSchema
 
-from lemur_agent_server.evaluator.requests import EvalRequest
+from lemur_agent_server.contract import SEARCH_SPACE_HELP
+from lemur_agent_server.evaluator.requests import EvalRequest, RequestRefused
+from lemur_agent_server.schemas import MAX_FILTER_CHARS
 from lemur_agent_server.state import AppState
 from lemur_agent_server.tool_wiring import tool
-from sandbox import datasets
-from sandbox.protocol import JobStatus
+from sandbox.protocol import MAX_CODE_CHARS, JobStatus
 from zoo.jobs import Selection
 
 Code = Annotated[str, Field(description="The complete Python source of the model file (Net contract; see "
-                                        "list_catalog.net_contract)", min_length=1, max_length=400_000)]
+                                        "list_catalog.net_contract)", min_length=1, max_length=MAX_CODE_CHARS)]
 DatasetArg = Annotated[str, Field(description="Dataset to train on: digits, mnist, fashion-mnist, cifar-10, "
-                                              "cifar-100 or svhn (list_catalog says which are present)")]
-TaskArg = Annotated[str, Field(description="Task; only 'img-classification' is evaluated")]
+                                              "cifar-100 or svhn (list_catalog says which are present)",
+                                  max_length=MAX_FILTER_CHARS)]
+TaskArg = Annotated[str, Field(description="Task; only 'img-classification' is evaluated", max_length=MAX_FILTER_CHARS)]
 PrmArg = Annotated[dict[str, Any] | None, Field(
     description="Fixed hyperparameters, e.g. {'lr': 0.01, 'batch': 64, 'transform': 'norm_32'}; values in "
                 "[0, 1] except batch (integer) and transform (name). Anything not fixed is searched.")]
@@ -106,19 +108,13 @@ def build_request(**fields: Any) -> EvalRequest:
         raise ToolError(f"Invalid request: {messages}") from exc
 
 
-def require_dataset(state: AppState, name: str) -> None:
-    if not datasets.available(name, state.settings.data_root):
-        info = datasets.get_info(name)
-        raise ToolError(f"Dataset '{name}' is not present on this server ({info.source}); data root "
-                        f"{state.settings.data_root}. Choose a dataset list_catalog marks available "
-                        "(digits always is), or ask the operator to install the files.")
-
-
 # --- the tools' logic, callable without MCP --------------------------------------------------------
 async def check_model(state: AppState, request: EvalRequest) -> CheckResult:
     """Run the check stage of `request` now and say what to fix."""
-    require_dataset(state, request.dataset)
-    outcome = await state.jobs().check(request)
+    try:
+        outcome = await state.jobs().check(request)
+    except RequestRefused as exc:
+        raise ToolError(str(exc)) from exc
     result = outcome.result or {}
     problems = []
     if outcome.error:
@@ -136,11 +132,10 @@ async def check_model(state: AppState, request: EvalRequest) -> CheckResult:
 
 async def submit_model(state: AppState, request: EvalRequest) -> JobView:
     """Queue `request` as a job (static failures end at once) and return its view."""
-    if request.time_budget_s > state.settings.max_time_budget_s:
-        raise ToolError(f"time_budget_s={request.time_budget_s} exceeds this server's limit of "
-                        f"{state.settings.max_time_budget_s} s; lower it.")
-    require_dataset(state, request.dataset)
-    job_id = await state.jobs().submit(request)
+    try:
+        job_id = await state.jobs().submit(request)
+    except RequestRefused as exc:
+        raise ToolError(str(exc)) from exc
     row = await state.zoo().jobs.get(job_id)
     assert row is not None
     return job_view(row)
@@ -202,7 +197,10 @@ CANCEL_WAIT_S = 10.0
 
 async def cancel_batch(state: AppState, batch_id: str) -> CancelView:
     """Cancel every unfinished job of a batch; answer once they ended (at most 10 s) with the batch's counts."""
-    statuses = await state.jobs().cancel_batch(batch_id)
+    if state.queue is not None:
+        statuses = await state.queue.cancel_batch(batch_id)
+    else:  # --no-worker: the worker running a job sees its cancel flag at its next heartbeat
+        statuses = await state.zoo().jobs.request_cancel_batch(batch_id)
     if statuses is None:
         raise ToolError(f"No batch '{batch_id}'. Use the batch_id that submit_models returned.")
     jobs = state.zoo().jobs
@@ -251,13 +249,13 @@ def register_job_tools(mcp: MCPServer, state: AppState) -> None:
         code: Code,
         dataset: DatasetArg,
         task: TaskArg = "img-classification",
-        metric: Annotated[str, Field(description="Metric; 'acc' (test accuracy)")] = "acc",
+        metric: Annotated[str, Field(description="Metric; 'acc' (test accuracy)", max_length=MAX_FILTER_CHARS)] = "acc",
         prm: PrmArg = None,
-        search_space: Annotated[dict[str, dict[str, Any]] | None, Field(
-            description="Override search ranges: {'lr': {'low': 1e-4, 'high': 0.1, 'log': true}, "
-                        "'batch': {'choices': [32, 64]}}")] = None,
+        search_space: Annotated[dict[str, dict[str, Any]] | None, Field(description=SEARCH_SPACE_HELP)] = None,
         n_trials: Annotated[int, Field(description="Optuna TPE trials, 1..200", ge=1, le=200)] = 3,
-        epochs: Annotated[float, Field(description="Epochs per trial, >0 (0.5 allowed)", gt=0, le=200)] = 1.0,
+        epochs: Annotated[float | None, Field(
+            description="Epochs per trial, >0 (0.5 allowed); default 1, or prm.epoch when prm carries LEMUR's "
+                        "epoch", gt=0, le=200)] = None,
         time_budget_s: Annotated[float, Field(
             description="Hard wall-clock limit for the whole job in seconds (5..86400); unfinished trials are "
                         "pruned and the job ends timed_out with what it has", ge=5, le=86400)] = 300.0,
@@ -265,8 +263,10 @@ def register_job_tools(mcp: MCPServer, state: AppState) -> None:
         seed: Annotated[int, Field(description="Seed of the search and the training", ge=0)] = 0,
         repeats: Annotated[int, Field(description="Extra reruns of the selected hyperparameters with other "
                                                   "seeds, 1..10 (1 = none)", ge=1, le=10)] = 1,
-        name_prefix: Annotated[str | None, Field(description="Name prefix; the model is named "
-                                                             "{prefix}-{code hash}", max_length=64)] = None,
+        name_prefix: Annotated[str | None, Field(
+            description="Name prefix; a new model is named {prefix}-{md5} (LEMUR's rule: md5 of the code without "
+                        "whitespace), or {md5} without a prefix; code already in the zoo keeps its name",
+            max_length=64)] = None,
         max_train_samples: Annotated[int | None, Field(
             description="Train on at most this many images (quick experiments); test accuracy always uses "
                         "the full test split", ge=16)] = None,

@@ -16,7 +16,18 @@ from mcp.types import ToolAnnotations
 from pydantic import Field
 
 from lemur_agent_server import contract
-from lemur_agent_server.schemas import Catalog, CatalogEntry, DatasetEntry, ModelDetail, QueryResult
+from lemur_agent_server.schemas import (
+    MAX_NAME_CHARS,
+    Catalog,
+    CatalogEntry,
+    Cursor,
+    DatasetEntry,
+    FilterText,
+    ModelDetail,
+    NameList,
+    Offset,
+    QueryResult,
+)
 from lemur_agent_server.state import AppState
 from lemur_agent_server.tool_wiring import tool
 from sandbox import datasets
@@ -27,9 +38,9 @@ MODEL_CODE_CAP_CHARS = 80_000
 READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True,
                             open_world_hint=False)
 
-Task = Annotated[str | None, Field(description="Task, e.g. 'img-classification'. See list_catalog.")]
-Dataset = Annotated[str | None, Field(description="Dataset, e.g. 'cifar-10', 'mnist', 'digits'.")]
-Metric = Annotated[str | None, Field(description="Metric, e.g. 'acc' (accuracy in [0, 1]).")]
+Task = Annotated[FilterText, Field(description="Task, e.g. 'img-classification'. See list_catalog.")]
+Dataset = Annotated[FilterText, Field(description="Dataset, e.g. 'cifar-10', 'mnist', 'digits'.")]
+Metric = Annotated[FilterText, Field(description="Metric, e.g. 'acc' (accuracy in [0, 1]).")]
 
 
 async def unknown_model_error(state: AppState, name: str) -> ToolError:
@@ -184,13 +195,12 @@ def register_read_tools(mcp: MCPServer, state: AppState) -> None:
         task: Task = None,
         dataset: Dataset = None,
         metric: Metric = None,
-        nn: Annotated[list[str] | None, Field(
-            description="Only these model names (1-100 names)", max_length=100)] = None,
-        nn_prefix: Annotated[list[str] | None, Field(
+        nn: Annotated[NameList, Field(description="Only these model names (1-100 names)")] = None,
+        nn_prefix: Annotated[list[Annotated[str, Field(max_length=MAX_NAME_CHARS)]] | None, Field(
             description="Only names starting with one of these prefixes, e.g. ['rag-', 'ResNet']",
             max_length=20)] = None,
         epoch: Annotated[float | None, Field(
-            description="Only points after exactly this many epochs (0.5 steps allowed)", ge=0)] = None,
+            description="Only points after exactly this many epochs (0.5 steps allowed)", ge=0, le=10_000)] = None,
         min_accuracy: Annotated[float | None, Field(description="Minimum test accuracy, 0..1", ge=0, le=1)] = None,
         only_best_accuracy: Annotated[bool, Field(
             description="Keep the best row per task/dataset/metric/model/epoch")] = False,
@@ -199,8 +209,8 @@ def register_read_tools(mcp: MCPServer, state: AppState) -> None:
             description="Sort key; accuracy, accuracy_to_time and created sort descending by default")] = "accuracy",
         descending: Annotated[bool | None, Field(description="Override the sort direction")] = None,
         limit: Annotated[int, Field(description="Rows per page, 1..100", ge=1, le=100)] = 20,
-        offset: Annotated[int, Field(description="Rows to skip (ignored with cursor)", ge=0)] = 0,
-        cursor: Annotated[str | None, Field(description="next_cursor from the previous page")] = None,
+        offset: Annotated[Offset, Field(description="Rows to skip (ignored with cursor)")] = 0,
+        cursor: Annotated[Cursor, Field(description="next_cursor from the previous page")] = None,
         include_code: Annotated[bool, Field(
             description="Attach each row's model code (budget ~60k characters per answer)")] = False,
     ) -> QueryResult:

@@ -1,14 +1,30 @@
-"""Pydantic shapes of the read-side tools' answers (structured output).
+"""Pydantic shapes of the read-side tools' answers (structured output), and the bounded argument
+types the tools share.
 
 Arguments are declared on the tool functions themselves (flat, each with a description) so that
-clients such as the MCP Inspector can pass them as simple key=value pairs.
+clients such as the MCP Inspector can pass them as simple key=value pairs. Their bounds live here so
+that every tool shows the same range in its schema (an agent reads the range before it calls) and
+`lemur_agent_server.arguments` names the same range when a call breaks it. Use them with a
+description: `offset: Annotated[Offset, Field(description="Rows to skip")] = 0`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field
+
+from zoo.query import MAX_CURSOR_CHARS, MAX_OFFSET
+
+MAX_NAME_CHARS = 300  # a model name (get_model already allows 300)
+MAX_FILTER_CHARS = 100  # task, dataset and metric filters: the longest real one has 18 characters
+MAX_NAMES = 100
+
+Offset = Annotated[int, Field(ge=0, le=MAX_OFFSET)]
+Cursor = Annotated[str | None, Field(max_length=MAX_CURSOR_CHARS)]
+FilterText = Annotated[str | None, Field(max_length=MAX_FILTER_CHARS)]
+ModelName = Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
+NameList = Annotated[list[Annotated[str, Field(max_length=MAX_NAME_CHARS)]] | None, Field(max_length=MAX_NAMES)]
 
 
 class ModelRow(BaseModel):

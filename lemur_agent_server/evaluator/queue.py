@@ -26,14 +26,14 @@ import anyio
 import anyio.abc
 
 from lemur_agent_server.config import Settings
-from lemur_agent_server.evaluator import pipeline
+from lemur_agent_server.evaluator import batching, pipeline
 from lemur_agent_server.evaluator.backends import choose_backend
+from lemur_agent_server.evaluator.batching import new_job_id
 from lemur_agent_server.evaluator.dedup import experiment_key
-from lemur_agent_server.evaluator.requests import EvalRequest
+from lemur_agent_server.evaluator.requests import EvalRequest, admit
 from lemur_agent_server.evaluator.static_checks import static_problems
 from sandbox.backend import Backend, Limits
 from sandbox.protocol import FailureKind, JobStatus, Stage
-from zoo import codehash
 from zoo.jobs import Claim, JobKind, NewJob, new_owner_id
 from zoo.store import ZooStore
 
@@ -117,6 +117,7 @@ class JobQueue:
         nothing stays queued. A failing submission is archived, then its job is written already
         finished in one statement (a crash in between leaves a failed run and no job, never a queued one).
         """
+        request = admit(request, self.settings)
         job_id = new_job_id()
         if not static_problems(request.code):
             await self.jobs.create(job_id, JobKind.SUBMIT, request.model_dump(), dedup_key=experiment_key(request))
@@ -134,52 +135,14 @@ class JobQueue:
 
     async def submit_batch(self, requests: Sequence[EvalRequest], force: bool = False, archive: bool = True
                            ) -> tuple[str, list[dict[str, Any]]]:
-        """Queue many submissions under one batch id; one entry per request, in order.
-
-        Each entry: job_id, model_name, status, and `reused_from` (a succeeded job of the same
-        experiment answered it; skipped with `force`) or `same_as` (the index of an identical earlier
-        item, whose job it shares: one batch never trains the same experiment twice). Static failures
-        are archived and finished at once, like submit's. All rows are written in one transaction at
-        the end, so a crash half-way queues nothing the caller never heard of. `archive=False` makes
-        `evaluate` jobs (trained and scored, nothing archived: the Python API's save_to_db=False).
-        """
-        kind = JobKind.SUBMIT if archive else JobKind.EVALUATE
-        batch_id = "batch-" + uuid.uuid4().hex[:12]
-        rows: list[NewJob] = []
-        entries: list[dict[str, Any]] = []
-        first: dict[str, int] = {}
-        for index, request in enumerate(requests):
-            key = experiment_key(request)
-            if key in first:
-                entries.append({**entries[first[key]], "same_as": first[key], "reused_from": None})
-                continue
-            first[key] = index
-            row = await self._batch_row(request, key, force, kind)
-            rows.append(row)
-            entries.append({"job_id": row.job_id, "model_name": row.model_name, "status": row.status,
-                            "reused_from": row.reused_from, "same_as": None,
-                            "problems": (row.error or {}).get("problems") or [], "error": row.error})
-        await self.jobs.create_many(batch_id, rows)
+        """Queue many submissions as one batch (see `batching.submit_batch`); static failures are archived
+        and finished at once, like submit's."""
+        batch_id, entries = await batching.submit_batch(self.store, self.settings, requests, force, archive,
+                                                        self._static_failure)
         self._wakeup.set()
-        for row in rows:
-            self._notify(row.job_id)
+        for entry in entries:
+            self._notify(entry["job_id"])
         return batch_id, entries
-
-    async def _batch_row(self, request: EvalRequest, key: str, force: bool, kind: JobKind) -> NewJob:
-        job_id = new_job_id()
-        if static_problems(request.code):
-            return await self._static_failure(job_id, request, kind)
-        previous = None if force else await self.jobs.reusable(key)
-        if previous is not None:
-            result = {**(previous.get("result") or {}), "reused_from": previous["id"]}
-            return NewJob(job_id, kind, request.model_dump(), previous.get("model_name"), key,
-                          JobStatus.SUCCEEDED, result, None, reused_from=previous["id"])
-        return NewJob(job_id, kind, request.model_dump(), await self._model_name(request), key)
-
-    async def _model_name(self, request: EvalRequest) -> str:
-        """The name the job's model will have: an existing model's of the same code, else a new one."""
-        same_code = await self.store.models_by_hash(codehash.code_hash(request.code))
-        return same_code[0]["name"] if same_code else codehash.model_name(request.name_prefix or "nn", request.code)
 
     async def cancel_batch(self, batch_id: str) -> dict[str, str] | None:
         """Cancel every unfinished job of a batch: {job id: status after the request}; None: no such batch."""
@@ -197,13 +160,15 @@ class JobQueue:
 
     async def check(self, request: EvalRequest) -> pipeline.Outcome:
         """The check stage only, now, outside the training slots (it takes seconds)."""
+        request = admit(request, self.settings)
         job_id = "check-" + uuid.uuid4().hex[:12]
-        request = request.model_copy(update={"time_budget_s": min(request.time_budget_s, pipeline.CHECK_WALL_S)})
+        request = request.model_copy(update={"time_budget_s": request.budget.for_check().budget_s})
         async with self._check_slots:
             return await pipeline.evaluate(self._job(job_id, JobKind.CHECK, request, _no_progress))
 
     async def run_now(self, request: EvalRequest, archive: bool = True) -> tuple[str, pipeline.Outcome]:
         """Evaluate in the caller's task, outside the worker slots (the Python API's check_nn)."""
+        request = admit(request, self.settings)
         job_id = new_job_id()
         kind = JobKind.SUBMIT if archive else JobKind.EVALUATE
         claim = await self.jobs.create_claimed(job_id, kind, request.model_dump(), self.owner)
@@ -334,7 +299,3 @@ class JobQueue:
             event.set()
         self._any_change.set()
         self._any_change = anyio.Event()
-
-
-def new_job_id() -> str:
-    return "job-" + uuid.uuid4().hex[:12]
