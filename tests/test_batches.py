@@ -243,6 +243,10 @@ async def test_a_cursor_never_repeats_or_skips_while_jobs_end(make_settings):
         assert answer["done"]
         bad = await client.call_tool("wait_jobs", {"batch_id": "batch-c", "cursor": "abc"})
         assert bad.is_error and "cursor" in bad.content[0].text
+        picked = await call(client, "wait_jobs", {"job_ids": ["job-c3", "job-c5", "job-c3"]})
+        assert sorted(j["job_id"] for j in picked["jobs"]) == ["job-c3", "job-c5"] and picked["total"] == 2
+        unknown = await client.call_tool("wait_jobs", {"job_ids": ["job-c3", "job-nope"]})
+        assert unknown.is_error and "job-nope" in unknown.content[0].text
 
 
 # --- the Python API --------------------------------------------------------------------------------------
@@ -334,3 +338,16 @@ async def test_a_server_without_evaluator_queues_a_batch_for_a_worker(make_setti
         nothing = await call(client, "submit_models", {"items": [{"code": SMALL, "n_trials": 0}],
                                                        "dataset": "digits"})
         assert nothing["batch_id"] is None and nothing["entries"][0]["status"] == "invalid"
+
+
+def test_cli_submit_without_epochs_takes_prm_epoch(tmp_path, data_root):
+    """One file, no --epochs: the request's epochs come from prm (the parser's default is no value)."""
+    (tmp_path / "broken.py").write_text(models.SYNTAX)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lemur_agent_server", "submit", str(tmp_path / "broken.py"), "--zoo",
+         str(tmp_path / "zoo.sqlite"), "--data-root", str(data_root), "--dataset", "digits",
+         "--prm", json.dumps({"epoch": 2})],
+        cwd=REPO, env={**os.environ, "LEMUR_NO_SEED": "1"}, capture_output=True, text=True, timeout=120)
+    row = json.loads(proc.stdout)
+    assert row["status"] == "failed" and row["error"]["kind"] == "syntax", proc.stderr[-2000:]
+    assert row["request"]["epochs"] == 2.0
