@@ -401,12 +401,13 @@ def check_nn_batch(items: Sequence[BatchItem], task: str, dataset: str, metric: 
 
 def submit_batch(items: Sequence[BatchItem], task: str, dataset: str, metric: str = "acc",
                  prm: dict[str, Any] | None = None, prefix: str | None = None, epoch_limit_minutes: float = 30, *,
-                 zoo: str | os.PathLike[str] | None = None, max_train_samples: int | None = None,
-                 force: bool = False, save_to_db: bool = True) -> dict[str, Any]:
+                 zoo: str | os.PathLike[str] | None = None, sandbox: str | None = None,
+                 max_train_samples: int | None = None, force: bool = False, save_to_db: bool = True
+                 ) -> dict[str, Any]:
     """Queue a batch in the zoo and return at once: {"batch_id", "job_ids" (per item, None when refused),
     "errors" (per item, the InvalidRequestError or None)}. A server or `lemur-agent-server worker` on
     the same zoo runs the jobs, or `wait(batch_id)` runs them in this process while it waits."""
-    settings = _queue_settings(zoo, None)
+    settings = _queue_settings(zoo, sandbox)
     prepared = _batch_requests(items, task, dataset, metric, prm, prefix, epoch_limit_minutes, max_train_samples,
                                settings)
 

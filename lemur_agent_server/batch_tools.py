@@ -82,7 +82,7 @@ class BatchView(BaseModel):
 class WaitView(BaseModel):
     jobs: list[JobView] = Field(description="Jobs that finished since `cursor`, in the order they finished")
     cursor: str = Field(description="Pass it to the next wait_jobs call: no job is returned twice or skipped")
-    counts: dict[str, int] = Field(description="Jobs of the selection by status")
+    counts: dict[str, int] = Field(description="Jobs of the selection by status (every status, zeros included)")
     running: int = Field(description="checking + training + evaluating")
     finished: int
     total: int
@@ -238,6 +238,7 @@ async def wait_jobs(state: AppState, batch_id: str | None = None, job_ids: list[
         hint = "More finished jobs are waiting: call wait_jobs again now with this cursor."
     else:
         hint = "Call wait_jobs again with this cursor (wait_s=50) for the next finished jobs."
+    counts = {status.value: counts.get(status, 0) for status in JobStatus}  # every status, zeros too
     return WaitView(jobs=[job_view(row) for row in rows], cursor=str(new_cursor), counts=counts, running=running,
                     finished=total - unfinished, total=total, more=more, done=done, next_step=hint)
 

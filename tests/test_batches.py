@@ -18,6 +18,7 @@ from mcp import Client
 
 from lemur_agent_server import api
 from lemur_agent_server.server import build_server
+from sandbox.protocol import JobStatus
 from tests import models
 from tests.conftest import REPO
 from zoo.jobs import Claim, NewJob
@@ -240,7 +241,7 @@ async def test_a_cursor_never_repeats_or_skips_while_jobs_end(make_settings):
                 seen += [j["job_id"] for j in answer["jobs"]]
                 cursor = answer["cursor"]
         assert sorted(seen) == sorted(f"job-c{i}" for i in range(12)) and len(seen) == 12
-        assert answer["done"]
+        assert answer["done"] and answer["counts"] == {**{s.value: 0 for s in JobStatus}, "failed": 12}
         bad = await client.call_tool("wait_jobs", {"batch_id": "batch-c", "cursor": "abc"})
         assert bad.is_error and "cursor" in bad.content[0].text
         picked = await call(client, "wait_jobs", {"job_ids": ["job-c3", "job-c5", "job-c3"]})
