@@ -1,4 +1,5 @@
-"""The evaluation side of the server: check_model, submit_model, get_job, cancel_job.
+"""The evaluation side of the server: check_model, submit_model, get_job, cancel_job (a job or a batch);
+the batch tools (submit_models, wait_jobs, list_jobs) live in batch_tools and are registered from here.
 
 Why submit + poll: hosts give up on a tool call after about 60 s and training takes minutes, so
 submit_model returns a job_id at once and get_job long-polls for at most 50 s, reporting MCP
