@@ -1,4 +1,5 @@
-"""The evaluation side of the server: check_model, submit_model, get_job, cancel_job.
+"""The evaluation side of the server: check_model, submit_model, get_job, cancel_job (a job or a batch);
+the batch tools (submit_models, wait_jobs, list_jobs) live in batch_tools and are registered from here.
 
 Why submit + poll: hosts give up on a tool call after about 60 s and training takes minutes, so
 submit_model returns a job_id at once and get_job long-polls for at most 50 s, reporting MCP
@@ -23,6 +24,7 @@ from lemur_agent_server.schemas import MAX_FILTER_CHARS
 from lemur_agent_server.state import AppState
 from lemur_agent_server.tool_wiring import tool
 from sandbox.protocol import MAX_CODE_CHARS, JobStatus
+from zoo.jobs import Selection
 
 Code = Annotated[str, Field(description="The complete Python source of the model file (Net contract; see "
                                         "list_catalog.net_contract)", min_length=1, max_length=MAX_CODE_CHARS)]
@@ -73,6 +75,9 @@ class JobView(BaseModel):
         "sandbox, interrupted), message, log tail"))
     created: float
     finished: float | None = None
+    batch_id: str | None = Field(default=None, description="The batch (submit_models) the job belongs to")
+    reused_from: str | None = Field(default=None, description="The earlier job of the same experiment whose "
+                                                              "result this job reports (nothing was trained)")
     next_step: str
 
 
@@ -92,7 +97,8 @@ def job_view(row: dict[str, Any]) -> JobView:
         hint = "Still running: call get_job(job_id, wait_s=50) again."
     return JobView(job_id=row["id"], status=status, done=done, model_name=row.get("model_name"),
                    progress=row.get("progress"), result=row.get("result"), error=row.get("error"),
-                   created=row["created"], finished=row.get("finished"), next_step=hint)
+                   created=row["created"], finished=row.get("finished"), batch_id=row.get("batch_id"),
+                   reused_from=row.get("reused_from"), next_step=hint)
 
 
 def build_request(**fields: Any) -> EvalRequest:
@@ -176,6 +182,51 @@ async def cancel_job(state: AppState, job_id: str) -> JobView:
     return job_view(row)
 
 
+class CancelView(JobView):
+    """cancel_job's answer: the job's view, or (for a batch_id) the batch's counts after the request."""
+
+    job_id: str | None = None  # type: ignore[assignment]
+    status: StatusField | None = None  # type: ignore[assignment]
+    created: float | None = None  # type: ignore[assignment]
+    batch_id: str | None = None
+    counts: dict[str, int] | None = Field(default=None, description="For a batch: its jobs by status")
+    cancelled: list[str] | None = Field(default=None, description="For a batch: the jobs it stopped or unqueued")
+
+
+CANCEL_WAIT_S = 10.0
+
+
+async def cancel_batch(state: AppState, batch_id: str) -> CancelView:
+    """Cancel every unfinished job of a batch; answer once they ended (at most 10 s) with the batch's counts."""
+    if state.queue is not None:
+        statuses = await state.queue.cancel_batch(batch_id)
+    else:  # --no-worker: the worker running a job sees its cancel flag at its next heartbeat
+        statuses = await state.zoo().jobs.request_cancel_batch(batch_id)
+    if statuses is None:
+        raise ToolError(f"No batch '{batch_id}'. Use the batch_id that submit_models returned.")
+    jobs = state.zoo().jobs
+    stopping = [j for j, s in statuses.items() if not JobStatus(s).is_finished()]
+    deadline = time.monotonic() + CANCEL_WAIT_S
+    for job_id in stopping:
+        if state.queue is not None:
+            await state.queue.wait(job_id, max(0.0, deadline - time.monotonic()))
+    counts = await jobs.count_by_status(Selection(batch_id=batch_id))
+    done = all(JobStatus(s).is_finished() for s in counts)
+    changed = [j for j, s in statuses.items() if s == JobStatus.CANCELLED] + stopping
+    return CancelView(batch_id=batch_id, done=done, counts=counts, cancelled=changed, next_step=(
+        "Cancelled: every job of the batch ended; finished results stay." if done else
+        "Cancellation requested; running jobs stop within seconds: wait_jobs(batch_id) shows them end."))
+
+
+async def cancel_any(state: AppState, job_id: str | None, batch_id: str | None) -> CancelView:
+    if (job_id is None) == (batch_id is None):
+        raise ToolError("Pass either job_id or batch_id to cancel_job, not both and not neither.")
+    if batch_id is not None:
+        return await cancel_batch(state, batch_id)
+    assert job_id is not None
+    return CancelView(**(await cancel_job(state, job_id)).model_dump())
+
+
 # --- MCP wiring: names, arguments and descriptions; each tool calls its function above ------------------
 def register_job_tools(mcp: MCPServer, state: AppState) -> None:
     @tool(mcp, "check_model", ToolAnnotations(read_only_hint=True, open_world_hint=False))
@@ -250,9 +301,16 @@ def register_job_tools(mcp: MCPServer, state: AppState) -> None:
     @tool(mcp, "cancel_job", ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True,
                                              open_world_hint=False))
     async def cancel_job_tool(
-        job_id: Annotated[str, Field(description="job_id to cancel", min_length=1, max_length=64)],
-    ) -> JobView:
-        """Cancel a queued or running job: its sandbox is killed, finished trials stay archived.
-        Cancelling a finished job changes nothing. Returns the job's state after the request.
+        job_id: Annotated[str | None, Field(description="job_id to cancel", min_length=1, max_length=64)] = None,
+        batch_id: Annotated[str | None, Field(description="Or: cancel every unfinished job of this batch",
+                                              min_length=1, max_length=64)] = None,
+    ) -> CancelView:
+        """Cancel a queued or running job (job_id), or every unfinished job of a batch (batch_id): sandboxes
+        are killed, finished trials and jobs stay archived. Cancelling a finished job changes nothing.
+        Returns the job's state after the request (for a batch: its counts by status).
         """
-        return await cancel_job(state, job_id)
+        return await cancel_any(state, job_id, batch_id)
+
+    from lemur_agent_server.batch_tools import register_batch_tools
+
+    register_batch_tools(mcp, state)

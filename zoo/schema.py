@@ -216,6 +216,22 @@ MIGRATIONS: list[list[str]] = [
         )""",
         "CREATE INDEX lemur_prun_model ON lemur_prun(model_name, pruning_method)",
     ],
+    # version 3: batches (submit_models): the batch a job belongs to, the order jobs finished in (wait_jobs'
+    # cursor), the experiment key duplicates are found by, and the job a reused result came from.
+    # `finished_seq` is drawn from meta's `job_finished_seq` counter inside the transaction that ends
+    # the job; writers are serialized (BEGIN IMMEDIATE), so a reader never sees seq n+1 without n.
+    [
+        "ALTER TABLE job ADD COLUMN batch_id TEXT",
+        "ALTER TABLE job ADD COLUMN finished_seq INTEGER",
+        "ALTER TABLE job ADD COLUMN dedup_key TEXT",
+        "ALTER TABLE job ADD COLUMN reused_from TEXT",
+        "UPDATE job SET finished_seq = s.n FROM (SELECT id, ROW_NUMBER() OVER (ORDER BY finished, rowid) AS n"
+        " FROM job WHERE finished IS NOT NULL) AS s WHERE job.id = s.id",
+        "INSERT INTO meta(key, value) SELECT 'job_finished_seq', COALESCE(MAX(finished_seq), 0) FROM job",
+        "CREATE INDEX job_batch ON job(batch_id, started)",
+        "CREATE UNIQUE INDEX job_finished_seq ON job(finished_seq)",
+        "CREATE INDEX job_dedup ON job(dedup_key, status)",
+    ],
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
