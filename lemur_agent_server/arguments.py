@@ -66,17 +66,41 @@ def _max_chars(prop: dict[str, Any] | None) -> int:
     return max(lengths) if lengths else DEFAULT_STRING_CHARS
 
 
+def _resolve(prop: Any, defs: dict[str, Any]) -> dict[str, Any]:
+    """A schema with a local `$ref` (`#/$defs/Name`, how pydantic nests models) replaced by its target."""
+    if not isinstance(prop, dict):
+        return {}
+    ref = prop.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/$defs/"):
+        return defs.get(ref.removeprefix("#/$defs/")) or {}
+    return prop
+
+
+def _child(prop: dict[str, Any] | None, key: Any, in_list: bool, defs: dict[str, Any]) -> dict[str, Any] | None:
+    """The schema of one element of a list, or of one key of an object, where the parent's schema says."""
+    for variant in (_resolve(v, defs) for v in _types(prop or {})):
+        if in_list and isinstance(variant.get("items"), dict):
+            return _resolve(variant["items"], defs)
+        if not in_list and key in (variant.get("properties") or {}):
+            return _resolve(variant["properties"][key], defs)
+        if not in_list and isinstance(variant.get("additionalProperties"), dict):
+            return _resolve(variant["additionalProperties"], defs)
+    return None
+
+
 class _Walk:
     """Depth-first over one call's values with an explicit stack (the values may nest deeply)."""
 
-    def __init__(self) -> None:
+    def __init__(self, defs: dict[str, Any] | None = None) -> None:
         self.items = 0
+        self.defs = defs or {}
 
-    def problem(self, name: str, value: Any, max_chars: int) -> str | None:
-        stack: list[tuple[str, Any, int]] = [(name, value, 0)]
+    def problem(self, name: str, value: Any, prop: dict[str, Any] | None) -> str | None:
+        """The first problem of one argument; a nested string may be as long as its own schema says."""
+        stack: list[tuple[str, Any, int, dict[str, Any] | None]] = [(name, value, 0, _resolve(prop, self.defs))]
         while stack:
-            path, item, depth = stack.pop()
-            found = self._scalar(path, item, max_chars if depth == 0 else DEFAULT_STRING_CHARS)
+            path, item, depth, schema = stack.pop()
+            found = self._scalar(path, item, _max_chars(schema))
             if found:
                 return found
             if isinstance(item, (dict, list)):
@@ -89,7 +113,8 @@ class _Walk:
                 for key, child in children:
                     if isinstance(key, str) and (found := self._scalar(f"{path} key", key, DEFAULT_STRING_CHARS)):
                         return found
-                    stack.append((f"{path}.{key}" if isinstance(item, dict) else f"{path}[{key}]", child, depth + 1))
+                    stack.append((f"{path}.{key}" if isinstance(item, dict) else f"{path}[{key}]", child, depth + 1,
+                                  _child(schema, key, isinstance(item, list), self.defs)))
         return None
 
     @staticmethod
@@ -118,9 +143,9 @@ def argument_problem(tool: str, arguments: dict[str, Any], schema: dict[str, Any
         known = ", ".join(props) or "none"
         return (f"Invalid arguments for {tool}: unknown argument {clip(unknown[0], 60)}. Its arguments are: {known}. "
                 f"Remove or rename it and call {tool} again ({SCHEMA_HINT}).")
-    walk = _Walk()
+    walk = _Walk(schema.get("$defs"))
     for name, value in arguments.items():
-        found = walk.problem(name, value, _max_chars(props.get(name)))
+        found = walk.problem(name, value, props.get(name))
         if found:
             return (f"Invalid arguments for {tool}: {found}. Allowed for {name}: {allowed(props.get(name))}. "
                     f"Fix it and call {tool} again ({SCHEMA_HINT}).")

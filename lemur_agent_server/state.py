@@ -33,11 +33,12 @@ class WorkerElsewhere:
         self.settings = settings
 
     async def submit(self, request: EvalRequest) -> str:
+        from lemur_agent_server.evaluator.dedup import experiment_key
         from lemur_agent_server.evaluator.requests import admit
 
         request = admit(request, self.settings)  # the same door as the evaluator's own queue
         job_id = "job-" + uuid.uuid4().hex[:12]
-        await self.store.jobs.create(job_id, JobKind.SUBMIT, request.model_dump())
+        await self.store.jobs.create(job_id, JobKind.SUBMIT, request.model_dump(), dedup_key=experiment_key(request))
         return job_id
 
     async def check(self, request: EvalRequest) -> Any:

@@ -10,10 +10,12 @@ import json
 import pytest
 from mcp import Client
 
+from lemur_agent_server.arguments import argument_problem
 from lemur_agent_server.evaluator.quality import code_quality
 from lemur_agent_server.evaluator.static_checks import MAX_NESTING, static_problems
 from lemur_agent_server.reference_models import REFERENCE_MODELS, read_code
 from lemur_agent_server.server import build_server
+from sandbox.protocol import MAX_CODE_CHARS
 from tests.zoo_factory import build_zoo
 from zoo.query import Page, QueryError
 
@@ -211,3 +213,19 @@ async def test_long_prompt_arguments_are_refused(client):
         await client.get_prompt("design_model", {"task": "t" * 1_000_000, "dataset": "mnist"})
     assert "at most 1,000 are allowed" in refused.value.error.message
     assert len(refused.value.error.message) < 500
+
+
+@pytest.mark.anyio
+async def test_a_nested_string_may_be_as_long_as_its_own_schema_says(make_settings):
+    """A batch item's code is a whole model file: the argument check reads the nested schema's maxLength
+    (400,000 for code) instead of the 1,000-character default for undeclared strings."""
+    server = build_server(make_settings(run_workers=False))
+    schema = (await server.tool_schemas())["submit_models"]
+    code = "# a long comment\n" * 300 + "class Net: pass\n"
+    assert len(code) > 1_000
+    assert argument_problem("submit_models", {"items": [{"code": code}], "dataset": "digits"}, schema) is None
+    too_long = argument_problem("submit_models", {"items": [{"code": "x" * (MAX_CODE_CHARS + 1)}],
+                                                  "dataset": "digits"}, schema)
+    assert too_long is not None and "items[0].code" in too_long
+    assert argument_problem("submit_models", {"items": [{"code": code, "name_prefix": "p" * 2_000}],
+                                              "dataset": "digits"}, schema) is not None
