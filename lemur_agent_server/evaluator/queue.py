@@ -22,7 +22,7 @@ import anyio
 import anyio.abc
 
 from lemur_agent_server.config import Settings
-from lemur_agent_server.evaluator import pipeline
+from lemur_agent_server.evaluator import jobfiles, pipeline
 from lemur_agent_server.evaluator.backends import choose_backend
 from lemur_agent_server.evaluator.requests import EvalRequest, admit
 from lemur_agent_server.evaluator.static_checks import static_problems
@@ -203,13 +203,15 @@ class JobQueue:
                     self._notify(job_id)
 
         job = self._job(job_id, JobKind(row["kind"]), request, progress, slot)
+        job.claim = claim  # the archive's writes check it; a submission's end is written with it
         self._running[job_id] = job
         self._claims[job_id] = claim
         try:
             if row.get("cancel_requested"):
                 job.cancelled.set()
             outcome = await pipeline.evaluate(job)
-            await self.jobs.finish(claim, JobStatus(outcome.status), outcome.result, outcome.error)
+            if not outcome.recorded:
+                await self.jobs.finish(claim, JobStatus(outcome.status), outcome.result, outcome.error)
             self.last_timings[job_id] = {"claimed": row.get("started") or 0.0,
                                          "first_step": job.first_step_at or 0.0}
         except anyio.get_cancelled_exc_class():
@@ -231,11 +233,18 @@ class JobQueue:
 
     async def _recover(self) -> None:
         """Re-queue the jobs of dead owners now (a gone process on this host, a stale heartbeat elsewhere)."""
-        recovered = await self.jobs.recover(self.settings.stale_after_s)
+        recovered = await self.jobs.recover(self.settings.stale_after_s, on_release=self._remove_job_dirs)
         if recovered["requeued"] or recovered["failed"]:
             log.info("recovered jobs: %s", recovered)
         if recovered["requeued"]:
             self._wakeup.set()
+
+    def _remove_job_dirs(self, job_ids: list[str]) -> None:
+        """The folders of jobs that recovery ended or re-queued: nothing needs them (a re-queued job's
+        next attempt makes a fresh one). Called inside recovery's transaction, so no worker has claimed
+        a re-queued job yet; a few small directories, removed in the event loop on purpose."""
+        for job_id in job_ids:
+            jobfiles.remove_job_dir_of(self.settings.jobs_dir, job_id)
 
     async def _heartbeats(self) -> None:
         while True:
