@@ -1,5 +1,6 @@
 """One evaluation job from code to archive: static checks, the sandboxed check, the sandboxed Optuna
-search and its repeats, trusted scoring, and one transaction into the zoo.
+search and its repeats, trusted scoring; each trial into the zoo as it ends, the job's end in one
+transaction.
 
 Where things are: one sandbox run and its events in `phase`, the records and the transaction in
 `archive`, the typed result in `outcome`; this module decides the order and the job's status.

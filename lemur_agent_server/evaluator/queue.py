@@ -2,10 +2,12 @@
 
 Why persisted in the zoo: a stdio client (and every MCP Inspector CLI call) starts a fresh server
 process, and hosts restart servers at will. A job lives in the `job` table; a worker claims it
-atomically, heart-beats while it runs, and writes its runs in one transaction at the end. A server
+atomically, heart-beats while it runs, archives each trial as it ends and the job's end in one
+transaction (`evaluator.archive`), every write checked against its claim. A server
 that starts, and every heartbeat after, finds jobs whose owner died (its process gone from this host,
 or its heartbeat stale) and re-queues them (or fails them as `interrupted` after repeated crashes),
-so no job is lost or stuck and no run is half-written. The persistence rules live in `zoo.jobs`.
+so no job is lost or stuck and no run is half-written; the folders of the jobs it ends or re-queues
+are removed. The persistence rules live in `zoo.jobs`.
 """
 
 from __future__ import annotations
