@@ -101,6 +101,8 @@ async def test_a_rerun_attempt_writes_fresh_runs_and_keeps_the_earlier_ones(make
     row = job_row(settings.zoo_path, "job-again")
     assert row["status"] == "succeeded", row
     assert [(r["uid"], r["points"]) for r in runs] == [("job-again:a2:t0", 1), ("job-again:t0", 1)]
+    # the model the first attempt made is no earlier submission of the same code
+    assert row["model_name"] == "earlier" and '"resubmission": false' in row["result"], row["result"]
 
 
 async def test_an_interrupted_job_keeps_its_trials_says_why_and_leaves_no_folder(make_settings):

@@ -88,6 +88,16 @@ def failed_run(job: Job, prepared: datasets.PreparedDataset | None, err: dict[st
                error={k: v for k, v in err.items() if k in ("stage", "kind", "message")})
 
 
+async def earlier_twins(store: ZooStore, code_hash: str, job_id: str) -> list[str]:
+    """The models with this code that this job did not make: an earlier attempt of the same job (its
+    server died after archiving a trial) made a model that is no resubmission."""
+    rows = await store.fetchall(
+        "SELECT name FROM model m WHERE code_hash=? AND (NOT EXISTS (SELECT 1 FROM run r WHERE r.model_id = m.id)"
+        " OR EXISTS (SELECT 1 FROM run r WHERE r.model_id = m.id AND (r.job_id IS NULL OR r.job_id != ?)))"
+        " ORDER BY id", (code_hash, job_id))
+    return [r["name"] for r in rows]
+
+
 async def duplicates(store: ZooStore, model: Model, same_code: list[str]) -> dict[str, list[str]]:
     """Models with the same code (`same_code`: read when the job started, before it archived anything)
     and other models with the same architecture fingerprint."""

@@ -162,7 +162,8 @@ async def evaluate(job: Job) -> Outcome:
         return Outcome(JobStatus.FAILED, result.as_dict(), failure(Stage.CHECK, FailureKind.SANDBOX, str(exc)))
     paths = jobfiles.create_job_dir(job.jobs_root, job.job_id, prepared.public_dir, req.code)
     try:
-        return await _evaluate_in(job, paths, prepared, model, result, [m["name"] for m in same_code])
+        twins = await archive.earlier_twins(job.store, codehash.code_hash(req.code), job.job_id)
+        return await _evaluate_in(job, paths, prepared, model, result, twins)
     finally:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(jobfiles.remove_job_dir, paths)
