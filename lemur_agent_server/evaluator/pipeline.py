@@ -158,8 +158,9 @@ async def evaluate(job: Job) -> Outcome:
     await job.progress(Stage.CHECK, {"step": "preparing dataset"})
     try:
         prepared = await anyio.to_thread.run_sync(datasets.prepare, req.dataset, job.data_root, job.cache_root)
-    except (datasets.DatasetUnavailable, datasets.UnknownDataset) as exc:
-        return Outcome(JobStatus.FAILED, result.as_dict(), failure(Stage.CHECK, FailureKind.SANDBOX, str(exc)))
+    except (datasets.DatasetUnavailable, datasets.UnknownDataset) as exc:  # the files went away after admit
+        message = str(exc).replace(str(job.data_root), "the server's data root ($LEMUR_DATA)")
+        return Outcome(JobStatus.FAILED, result.as_dict(), failure(Stage.CHECK, FailureKind.SANDBOX, message))
     paths = jobfiles.create_job_dir(job.jobs_root, job.job_id, prepared.public_dir, req.code)
     try:
         twins = await archive.earlier_twins(job.store, codehash.code_hash(req.code), job.job_id)
