@@ -1,0 +1,150 @@
+"""Analyze mode: measure many models in one runner process, one `analyzed` event per model.
+
+Why one process for many models: starting a sandbox (interpreter, torch import, namespaces or a
+container) costs seconds; building a small Net and tracing one forward pass costs milliseconds. For the
+ten thousand models of a LEMUR import the start-up must be paid once per batch, not once per model.
+
+What is measured per model (the same as check mode, so a later check or submission agrees): the
+parameter count, forward FLOPs of a batch-1 input and the architecture fingerprint, with the check
+hyperparameters (`params.check_prm`) and the input shape of the model's dataset. No learn() step: only
+the architecture is wanted here, and learn() is where most of check mode's time goes.
+
+Isolation between the models of one batch is weaker than between jobs: they share the interpreter, so
+a model that patches torch can skew the numbers of the models after it in the same batch (never the
+host). The global state that LEMUR models are known to change (default dtype, grad mode, seeds) is
+reset before each model. A model that takes longer than `JobSpec.model_timeout_s` is interrupted by
+SIGALRM and reported as a timeout; one that ignores the alarm (a C loop, a swallowed exception) is
+killed by the host's watchdog, which then blames that model and restarts the batch after it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sandbox import protocol
+from sandbox.runner import fingerprint, netops
+from sandbox.runner.contract import MODULE_NAME, load_and_check
+from sandbox.runner.emit import Emitter
+from sandbox.runner.errors import RunnerFailure, describe
+from sandbox.runner.loader import apply_transform
+from sandbox.runner.params import check_prm, parse_transform
+
+FORWARD_BATCH = 2  # two images: a Net that only works for batch 1 (squeeze() bugs) fails here as in check mode
+MESSAGE_CHARS = 1500
+
+
+class ModelTimeout(BaseException):
+    """Raised by SIGALRM inside model code; a BaseException so `except Exception` in a model keeps it."""
+
+
+@contextlib.contextmanager
+def alarm(seconds: float, fired: list[bool]) -> Iterator[None]:
+    """Interrupt the block after `seconds` with ModelTimeout; `fired[0]` tells afterwards that it did
+    (the exception itself may come back wrapped, e.g. as `Net(...) raised ModelTimeout`)."""
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        fired[0] = True
+        raise ModelTimeout(f"the model took longer than {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, max(0.01, float(seconds)))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _reset_globals(seed: int) -> None:
+    """Undo what a previous model of the batch may have changed in torch's global state."""
+    sys.modules.pop(MODULE_NAME, None)
+    torch.set_default_dtype(torch.float32)
+    torch.set_grad_enabled(True)
+    torch.manual_seed(seed)
+
+
+def _inputs(entry: dict[str, Any], size: int, seed: int) -> torch.Tensor:
+    """A random uint8 batch of the dataset's channels at the transform's size, transformed like data."""
+    channels = int(entry["image_shape"][0])
+    rng = np.random.default_rng(seed)
+    images = torch.from_numpy(rng.integers(0, 256, size=(FORWARD_BATCH, channels, size, size), dtype=np.uint8))
+    mean = torch.tensor(entry.get("mean") or [0.5] * channels, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(entry.get("std") or [0.25] * channels, dtype=torch.float32).view(1, -1, 1, 1)
+    return apply_transform(images, parse_transform(entry["transform"]), mean, std, train=False)
+
+
+def measure(entry: dict[str, Any], in_dir: Path, device: torch.device, seed: int) -> dict[str, Any]:
+    """Build the entry's Net and describe it; raises RunnerFailure (or anything) when it cannot."""
+    name = str(entry["file"])
+    if "/" in name or name.startswith("."):
+        raise RunnerFailure(protocol.KIND_SANDBOX, f"model file {name!r} is not a plain name in in/")
+    module, declared = load_and_check(in_dir / name)
+    prm = check_prm(declared, {}, [str(entry["transform"])])
+    size = parse_transform(prm["transform"]).size
+    num_classes = int(entry["num_classes"])
+    in_shape, out_shape = (1, int(entry["image_shape"][0]), size, size), (num_classes,)
+    x = _inputs(entry, size, seed).to(device)
+    torch.manual_seed(seed)
+    model = netops.build_net(module, in_shape, out_shape, prm, device, protocol.STAGE_CHECK)
+    params, trainable = netops.count_params(model)
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+        netops.check_logits(out, FORWARD_BATCH, num_classes, protocol.STAGE_CHECK)
+        flops = fingerprint.count_flops(model, x[:1])
+        torch.manual_seed(seed)
+        fp = fingerprint.fingerprint(model, x[:1])
+    except (RunnerFailure, ModelTimeout):
+        raise
+    except BaseException as exc:
+        raise netops.model_error(exc, protocol.STAGE_CHECK, "forward()") from exc
+    return {"params": params, "trainable_params": trainable, "flops": flops, "fingerprint": fp,
+            "in_shape": list(in_shape), "out_shape": list(out_shape), "declared": sorted(declared)}
+
+
+def _failure(exc: BaseException, timed_out: bool, timeout_s: float) -> dict[str, Any]:
+    if timed_out:
+        return {"kind": protocol.KIND_TIMEOUT,
+                "message": f"building or running the model took longer than {timeout_s:g} s"}
+    if isinstance(exc, RunnerFailure | netops.TrialFailure):
+        return {"kind": str(exc.kind), "message": exc.message[:MESSAGE_CHARS]}
+    return {"kind": protocol.KIND_EXCEPTION, "message": describe(exc)[:MESSAGE_CHARS]}
+
+
+def analyze_one(entry: dict[str, Any], in_dir: Path, device: torch.device, seed: int,
+                timeout_s: float) -> dict[str, Any]:
+    """The `analyzed` event's fields for one model: its measures, or why it could not be measured."""
+    _reset_globals(seed)
+    fired = [False]
+    t0 = time.perf_counter()
+    try:
+        with alarm(timeout_s, fired):
+            fields: dict[str, Any] = {"ok": True, **measure(entry, in_dir, device, seed)}
+    except BaseException as exc:  # noqa: BLE001 - whatever the model raised is this model's failure
+        fields = {"ok": False, "error": _failure(exc, fired[0], timeout_s)}
+    fields["seconds"] = round(time.perf_counter() - t0, 4)
+    return fields
+
+
+def run_analyze(spec: protocol.JobSpec, emitter: Emitter, device: torch.device) -> dict[str, Any]:
+    """Every entry of `spec.models` in order, one event each; the `done` event counts them."""
+    in_dir = Path(spec.model_path).parent
+    ok = 0
+    gc.collect()
+    gc.freeze()  # torch's own objects are never garbage: each model's collection then scans only its own
+    for entry in spec.models:
+        fields = analyze_one(entry, in_dir, device, spec.seed, spec.model_timeout_s)
+        ok += bool(fields["ok"])
+        emitter.emit(protocol.EVENT_ANALYZED, id=entry.get("id"), **fields)
+    return {"best_trial": None, "analyzed": len(spec.models), "ok": ok}
