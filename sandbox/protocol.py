@@ -38,7 +38,7 @@ EVENT_TRIAL_END = "trial_end"  # {trial, status, error?, weights?, train_ns}
 EVENT_ERROR = "error"  # {stage, kind, message, traceback}
 EVENT_DONE = "done"  # {best_trial}
 EVENT_FIRST_STEP = "first_step"  # {trial, t_unix}: the first optimizer step of a job has finished
-EVENT_ANALYZED = "analyzed"  # analyze mode, one per model: {id, ok, params, flops, fingerprint, ... | error{kind,message}}
+EVENT_ANALYZED = "analyzed"  # analyze mode, one per model: {id, ok, params, flops, fingerprint, ...} or {id, error}
 
 # --- modes (JobSpec.mode) --------------------------------------------------------------------------
 MODE_CHECK = "check"
