@@ -39,11 +39,14 @@ from lemur_agent_server.evaluator.backends import choose_backend
 from lemur_agent_server.evaluator.quality import code_quality
 from sandbox import datasets, protocol
 from sandbox.backend import Backend, Exit, Handle, JobPaths, Limits
+from sandbox.runner.params import parse_transform
 from zoo.store import ZooStore
 
 IMAGE_TASK = datasets.TASK
 DEFAULT_SHAPE = {"image_shape": [3, 32, 32], "num_classes": 10, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
                  "transform": "norm_32"}  # a LEMUR image dataset we do not know: CIFAR-like input
+# tried in turn when a model fails at its own size with an exception (e.g. too small for its pooling)
+FALLBACK_TRANSFORMS = ("norm_224", "norm_299")
 BATCH_SIZE = 200
 MODEL_TIMEOUT_S = 60.0
 STARTUP_S = 180.0  # the runner's start (interpreter, torch import) on a cold, loaded machine
@@ -139,22 +142,46 @@ def _where(filters: AnalyzeFilters) -> tuple[str, list[Any]]:
     return " AND ".join(clauses), args
 
 
-def input_for(run_counts: Sequence[tuple[str, str, int]]) -> tuple[dict[str, Any] | None, str | None, str | None]:
-    """(runner entry, dataset, reason) from a model's (task, dataset, runs) counts: the image dataset it
-    ran on most; a dataset we do not know, or no runs at all, gets CIFAR-like 3x32x32 with 10 classes."""
-    images = Counter({ds: n for task, ds, n in run_counts if task == IMAGE_TASK})
+def _transform(uses: Counter[str], default: str) -> str:
+    """The transform the model ran with most (when our runner knows its size), else `default`."""
+    for name, _ in uses.most_common():
+        try:
+            parse_transform(name)
+        except ValueError:
+            continue
+        return name
+    return default
+
+
+def input_for(run_counts: Sequence[tuple[str, str, str | None, int]]
+              ) -> tuple[dict[str, Any] | None, str | None, str | None]:
+    """(runner entry, dataset, reason) from a model's (task, dataset, transform, runs) counts: the image
+    dataset it ran on most, at the transform it ran with most; a dataset we do not know, or no runs at
+    all, gets CIFAR-like 3x32x32 with 10 classes. Larger sizes are the fallbacks (`FALLBACK_TRANSFORMS`)."""
+    images = Counter({ds: 0 for task, ds, _, _ in run_counts if task == IMAGE_TASK})
     if not images:
-        tasks = sorted({task for task, _, _ in run_counts})
+        tasks = sorted({task for task, _, _, _ in run_counts})
         if tasks:
             return None, None, f"not analysable: task {', '.join(tasks)} (only {IMAGE_TASK} models are built)"
-        return dict(DEFAULT_SHAPE), None, None
+        return _with_fallbacks(dict(DEFAULT_SHAPE)), None, None
+    for task, ds, _, n in run_counts:
+        if task == IMAGE_TASK:
+            images[ds] += n
     dataset = images.most_common(1)[0][0]
+    uses = Counter({tf: n for task, ds, tf, n in run_counts if task == IMAGE_TASK and ds == dataset and tf})
     try:
         info = datasets.get_info(dataset)
     except datasets.UnknownDataset:
-        return dict(DEFAULT_SHAPE), dataset, None
-    return {"image_shape": list(info.image_shape), "num_classes": info.num_classes, "mean": list(info.mean),
-            "std": list(info.std), "transform": info.default_transform}, dataset, None
+        entry = {**DEFAULT_SHAPE, "transform": _transform(uses, str(DEFAULT_SHAPE["transform"]))}
+        return _with_fallbacks(entry), dataset, None
+    entry = {"image_shape": list(info.image_shape), "num_classes": info.num_classes, "mean": list(info.mean),
+             "std": list(info.std), "transform": _transform(uses, info.default_transform)}
+    return _with_fallbacks(entry), dataset, None
+
+
+def _with_fallbacks(entry: dict[str, Any]) -> dict[str, Any]:
+    entry["fallback_transforms"] = [t for t in FALLBACK_TRANSFORMS if t != entry["transform"]]
+    return entry
 
 
 async def pending_targets(store: ZooStore, filters: AnalyzeFilters) -> list[Target]:
@@ -164,12 +191,12 @@ async def pending_targets(store: ZooStore, filters: AnalyzeFilters) -> list[Targ
     models = await store.fetchall(f"SELECT m.id, m.name FROM model m WHERE {where} ORDER BY m.id{limit}", args)
     counts: dict[int, list[tuple[str, str, int]]] = {}
     if models:
-        rows = await store.fetchall("SELECT model_id, task, dataset, COUNT(*) AS n FROM run "
-                                    "GROUP BY model_id, task, dataset")
+        rows = await store.fetchall("SELECT model_id, task, dataset, transform, COUNT(*) AS n FROM run "
+                                    "GROUP BY model_id, task, dataset, transform")
         wanted = {m["id"] for m in models}
         for r in rows:
             if r["model_id"] in wanted:
-                counts.setdefault(r["model_id"], []).append((r["task"], r["dataset"], r["n"]))
+                counts.setdefault(r["model_id"], []).append((r["task"], r["dataset"], r["transform"], r["n"]))
     targets = []
     for m in models:
         entry, dataset, reason = input_for(counts.get(m["id"], []))
@@ -197,7 +224,8 @@ def sandbox_stats(event: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
     fp = event.get("fingerprint")
     stats = {"params": _int(event.get("params")), "flops": _int(event.get("flops")),
              "fingerprint": fp if isinstance(fp, str) and 0 < len(fp) <= 128 else None,
-             "in_shape": _shape(event.get("in_shape")), "out_shape": _shape(event.get("out_shape"))}
+             "in_shape": _shape(event.get("in_shape")), "out_shape": _shape(event.get("out_shape")),
+             "transform": str(event.get("transform"))[:40] if event.get("transform") else None}
     if stats["params"] is None:
         return {}, {"kind": protocol.KIND_SANDBOX, "message": "the sandbox reported no valid parameter count"}
     return stats, None
@@ -411,7 +439,8 @@ class Analysis:
             kind = str(error["kind"]) if error else "?"
             self.report.failure_kinds[kind] = self.report.failure_kinds.get(kind, 0) + 1
         self.report.quality_failed += quality_error is not None
-        detail = {"dataset": target.dataset, "in_shape": stats.pop("in_shape", None),
+        detail = {"dataset": target.dataset, "transform": stats.pop("transform", None),
+                  "in_shape": stats.pop("in_shape", None),
                   "out_shape": stats.pop("out_shape", None), "quality_error": quality_error}
         return {"model_id": model_id, "status": str(status), "error": error, "detail": detail,
                 "stats": {**stats, **quality}, "analysed_at": time.time()}

@@ -36,6 +36,12 @@ DEAF = HEADER + ("class Net(torch.nn.Module):\n    def __init__(self, in_shape, 
                  "        super().__init__()\n        import time\n        while True:\n            try:\n"
                  "                time.sleep(0.2)\n            except BaseException:\n                pass\n\n"
                  + METHODS)
+# works only on large inputs (like LEMUR's AlexNet-style nets): found through the fallback sizes
+LARGE_ONLY = HEADER + ("class Net(torch.nn.Module):\n    def __init__(self, in_shape, out_shape, prm, device):\n"
+                       "        super().__init__()\n        if in_shape[2] < 200:\n"
+                       "            raise RuntimeError('Output size is too small')\n"
+                       "        self.fc = torch.nn.Linear(in_shape[1] * in_shape[2] * in_shape[3], out_shape[0])\n\n"
+                       + METHODS)
 EXITS = HEADER + ("class Net(torch.nn.Module):\n    def __init__(self, in_shape, out_shape, prm, device):\n"
                   "        import os\n        os._exit(0)\n\n" + METHODS)
 
@@ -103,6 +109,7 @@ async def test_analyze_fills_stats_and_records_failures_once(make_settings, back
         await add(store, "syntax", SYNTAX)
         await add(store, "hangs", HANGS)
         await add(store, "deaf", DEAF)
+        await add(store, "large-only", LARGE_ONLY)
         await add(store, "exits", EXITS)
         await add(store, "after-exits", linear(3))
         await store.record_analysis([])  # no rows: a no-op
@@ -113,11 +120,11 @@ async def test_analyze_fills_stats_and_records_failures_once(make_settings, back
     report = await analyze_zoo_async(settings, filters, lambda d, t: seen.append((d, t)), backend=backend)
     got = analysis(settings.zoo_path)
 
-    assert (report.pending, report.ok, report.failed, report.skipped) == (14, 8, 5, 1)
-    assert seen[-1] == (14, 14)
+    assert (report.pending, report.ok, report.failed, report.skipped) == (15, 9, 5, 1)
+    assert seen[-1] == (15, 15)
     assert report.sandboxes == 3  # the deaf model and the exiting one each end a sandbox; the rest go on
     for name in ("ref-LeNet5", "ref-ResNet8", "ref-SmallVGG", "ref-MobileNetLite", "mnist-linear", "unknown-ds",
-                 "no-runs", "after-exits"):
+                 "no-runs", "large-only", "after-exits"):
         row = got[name]
         assert row["status"] == "ok", (name, row["error"])
         assert row["params"] > 0 and row["flops"] > 0 and len(row["fingerprint"]) == 64
@@ -128,6 +135,8 @@ async def test_analyze_fills_stats_and_records_failures_once(make_settings, back
     assert got["unknown-ds"]["params"] == expected_params(3, 4, 10)  # unknown dataset: 3x32x32, 10 classes
     assert got["no-runs"]["params"] == expected_params(3, 6, 10)
     assert got["mnist-linear"]["fingerprint"] != got["no-runs"]["fingerprint"]
+    assert got["large-only"]["params"] == 3 * 224 * 224 * 10 + 10
+    assert json.loads(got["large-only"]["detail"])["transform"] == "norm_224"
 
     def error(name: str) -> dict:
         assert got[name]["status"] == "failed" and got[name]["params"] is None
@@ -149,6 +158,21 @@ async def test_analyze_fills_stats_and_records_failures_once(make_settings, back
 
     retry = await analyze_zoo_async(settings, AnalyzeFilters(nn=("raises",), retry_failed=True), backend=backend)
     assert (retry.pending, retry.failed) == (1, 1)
+
+
+def test_input_follows_the_runs_dataset_and_transform():
+    entry, dataset, reason = analyze.input_for([("img-classification", "cifar-100", "norm_256", 3),
+                                                ("img-classification", "cifar-100", "norm_32", 1),
+                                                ("img-classification", "mnist", "norm_32", 2),
+                                                ("txt-generation", "wikitext", None, 9)])
+    assert (dataset, reason) == ("cifar-100", None)
+    assert (entry["image_shape"], entry["num_classes"], entry["transform"]) == ([3, 32, 32], 100, "norm_256")
+    assert entry["fallback_transforms"] == ["norm_224", "norm_299"]
+    entry, dataset, _ = analyze.input_for([("img-classification", "celeba-x", "bf-v1-odd", 1)])
+    assert (dataset, entry["image_shape"], entry["num_classes"], entry["transform"]) == (
+        "celeba-x", [3, 32, 32], 10, "norm_32")  # unknown dataset and transform: the CIFAR-like default
+    entry, _, reason = analyze.input_for([("obj-detection", "coco", None, 1)])
+    assert entry is None and reason.startswith("not analysable: task obj-detection")
 
 
 @pytest.mark.anyio

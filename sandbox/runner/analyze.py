@@ -122,17 +122,47 @@ def _failure(exc: BaseException, timed_out: bool, timeout_s: float) -> dict[str,
     return {"kind": protocol.KIND_EXCEPTION, "message": describe(exc)[:MESSAGE_CHARS]}
 
 
+RETRYABLE = (protocol.KIND_EXCEPTION, protocol.KIND_SHAPE)  # may be the input size; syntax or contract never
+
+
+def _attempt(entry: dict[str, Any], transform: str, in_dir: Path, device: torch.device,
+             seed: int) -> dict[str, Any]:
+    try:
+        return {"ok": True, **measure({**entry, "transform": transform}, in_dir, device, seed)}
+    except ModelTimeout:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - whatever the model raised is this model's failure
+        return {"ok": False, "exc": exc}
+
+
 def analyze_one(entry: dict[str, Any], in_dir: Path, device: torch.device, seed: int,
                 timeout_s: float) -> dict[str, Any]:
-    """The `analyzed` event's fields for one model: its measures, or why it could not be measured."""
-    _reset_globals(seed)
+    """The `analyzed` event's fields for one model: its measures, or why it could not be measured.
+
+    A model that fails at the entry's transform with an exception or a shape error is tried again at
+    `fallback_transforms` (many LEMUR nets only work at 224 or 299 pixels); the first error is reported
+    when every size fails. One alarm covers all attempts, so the host's watchdog bound holds."""
     fired = [False]
     t0 = time.perf_counter()
+    sizes = [str(entry["transform"]), *[str(t) for t in entry.get("fallback_transforms") or []]]
+    first: dict[str, Any] | None = None
+    fields: dict[str, Any] = {}
     try:
         with alarm(timeout_s, fired):
-            fields: dict[str, Any] = {"ok": True, **measure(entry, in_dir, device, seed)}
-    except BaseException as exc:  # noqa: BLE001 - whatever the model raised is this model's failure
-        fields = {"ok": False, "error": _failure(exc, fired[0], timeout_s)}
+            for transform in sizes:
+                _reset_globals(seed)
+                result = _attempt(entry, transform, in_dir, device, seed)
+                if result["ok"]:
+                    fields = {**result, "transform": transform}
+                    break
+                error = _failure(result["exc"], fired[0], timeout_s)
+                first = first or error
+                if error["kind"] not in RETRYABLE:
+                    break
+    except BaseException as exc:  # noqa: BLE001 - the alarm, or model code escaping in an odd place
+        first = _failure(exc, fired[0], timeout_s) if fired[0] or first is None else first
+    if not fields:
+        fields = {"ok": False, "error": first}
     fields["seconds"] = round(time.perf_counter() - t0, 4)
     return fields
 
