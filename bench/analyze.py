@@ -96,6 +96,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=200)
     parser.add_argument("--model-timeout", type=float, default=60.0)
     parser.add_argument("--sandbox", default="process")
+    parser.add_argument("--parallel", type=int, default=1, help="sandboxes at once")
     parser.add_argument("--total", type=int, default=10_482, help="models to extrapolate to")
     args = parser.parse_args()
     models = (wheel_models(args.lemur_wheel, args.sample, args.seed) if args.lemur_wheel
@@ -104,14 +105,15 @@ def main() -> int:
         settings = Settings.from_env(Path(tmp) / "zoo.sqlite", sandbox=args.sandbox)
         anyio.run(build_zoo, settings.zoo_path, models)
         t0 = time.monotonic()
-        filters = AnalyzeFilters(batch_size=args.batch_size, model_timeout_s=args.model_timeout)
+        filters = AnalyzeFilters(batch_size=args.batch_size, model_timeout_s=args.model_timeout,
+                                 parallel=args.parallel)
         report = anyio.run(analyze_zoo_async, settings, filters, None)
         wall = time.monotonic() - t0
         reasons = failure_reasons(settings.zoo_path)
     rate = report.done / wall
     print(json.dumps({"source": str(args.lemur_wheel or "reference models"), "models": report.done,
                       "ok": report.ok, "failed": report.failed, "skipped": report.skipped,
-                      "failure_kinds": report.failure_kinds, "sandboxes": report.sandboxes,
+                      "failure_kinds": report.failure_kinds, "sandboxes": report.sandboxes, "parallel": args.parallel,
                       "wall_s": round(wall, 1), "models_per_s": round(rate, 2),
                       f"extrapolated_s_for_{args.total}": round(args.total / rate),
                       "isolation": report.isolation.get("backend"), "top_failure_reasons": reasons}, indent=1))

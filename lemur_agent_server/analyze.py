@@ -51,6 +51,7 @@ BATCH_SIZE = 200
 MODEL_TIMEOUT_S = 60.0
 STARTUP_S = 180.0  # the runner's start (interpreter, torch import) on a cold, loaded machine
 STALL_GRACE_S = 15.0  # beyond the runner's own per-model alarm, before the watchdog kills the sandbox
+WARM_UP_S = 30.0  # the runner's warm-up between `ready` and the first model (seconds on a loaded machine)
 FLUSH_EVERY = 20  # results per transaction (and at least every FLUSH_S and after each sandbox): what a kill loses
 FLUSH_S = 2.0
 MAX_INT = 2**62
@@ -83,6 +84,7 @@ class AnalyzeFilters:
     retry_failed: bool = False  # analyse models recorded as failed again
     batch_size: int = BATCH_SIZE
     model_timeout_s: float = MODEL_TIMEOUT_S
+    parallel: int = max(1, min(4, (os.cpu_count() or 1) // 2))  # sandboxes at once (one CPU thread each)
 
 
 @dataclasses.dataclass
@@ -285,7 +287,10 @@ class Batch:
         return STARTUP_S + len(self.targets) * (self.filters.model_timeout_s + 1.0)
 
     def stall_limit(self) -> float:
-        return STARTUP_S if not self.ready else self.filters.model_timeout_s + STALL_GRACE_S
+        if not self.ready:
+            return STARTUP_S
+        warm_up = 0.0 if self.results else WARM_UP_S  # the runner warms torch up before the first model
+        return self.filters.model_timeout_s + STALL_GRACE_S + warm_up
 
     async def run(self, on_result: Callable[[int, dict[str, Any]], Any]) -> Exit:
         limits = Limits(wall_s=self.wall_s(), memory_bytes=self.memory_bytes, cpus=1.0)
@@ -352,6 +357,7 @@ class Analysis:
         self.quality: dict[int, tuple[dict[str, Any], str | None]] = {}
         self.sandbox: dict[int, tuple[dict[str, Any], dict[str, Any] | None]] = {}
         self.targets: dict[int, Target] = {}
+        self.queue: list[Target] = []
         self.batches = 0
         self.flushed_at = time.monotonic()
 
@@ -364,14 +370,21 @@ class Analysis:
         for t in targets:
             if t.entry is None:
                 self.sandbox[t.model_id] = ({}, {"kind": "task", "message": t.reason})
-        queue = list(buildable)
-        while queue:
-            batch, queue = queue[: self.filters.batch_size], queue[self.filters.batch_size:]
-            queue = await self._batch(batch) + queue
+        self.queue = list(buildable)
+        async with anyio.create_task_group() as tg:
+            for _ in range(max(1, min(self.filters.parallel, len(buildable)))):
+                tg.start_soon(self._worker)
         await self._quality_for([t for t in targets if t.entry is None])
         await self._flush(force=True)
         self.report.seconds = round(time.monotonic() - t0, 3)
         return self.report
+
+    async def _worker(self) -> None:
+        """Take batches off the shared queue until it is empty; a batch's leftovers go back in front."""
+        while self.queue:
+            size = self.filters.batch_size
+            batch, self.queue = self.queue[:size], self.queue[size:]
+            self.queue[:0] = await self._batch(batch)
 
     async def _quality_for(self, targets: list[Target]) -> None:
         """Quality scores of these models, computed in a worker thread (ruff is a subprocess)."""
@@ -454,8 +467,8 @@ async def analyze_zoo_async(settings: Settings, filters: AnalyzeFilters | None =
                             progress: ProgressFn | None = None, backend: Backend | None = None) -> Report:
     """Analyse every model of the zoo that lacks its stats (see the module docstring)."""
     filters = filters or AnalyzeFilters()
-    if filters.batch_size < 1 or filters.model_timeout_s <= 0:
-        raise ValueError("--batch-size must be >= 1 and --model-timeout > 0")
+    if filters.batch_size < 1 or filters.model_timeout_s <= 0 or filters.parallel < 1:
+        raise ValueError("--batch-size and --parallel must be >= 1 and --model-timeout > 0")
     own = backend is None
     backend = backend or choose_backend(settings)
     try:
@@ -489,6 +502,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--retry-failed", action="store_true", help="analyse models recorded as failed again")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="models per sandbox process")
     p.add_argument("--model-timeout", type=float, default=MODEL_TIMEOUT_S, help="seconds one model may take")
+    p.add_argument("--parallel", type=int, default=AnalyzeFilters.parallel,
+                   help="sandboxes at once, one CPU thread each (default: half the cores, at most 4)")
     p.set_defaults(func=run_cli)
     return p
 
@@ -500,7 +515,7 @@ def run_cli(args: argparse.Namespace) -> int:
     filters = AnalyzeFilters(task=args.task, dataset=args.dataset, nn=tuple(args.nn),
                              nn_prefix=tuple(args.nn_prefix), origin=tuple(args.origin), limit=args.limit,
                              retry_failed=args.retry_failed, batch_size=args.batch_size,
-                             model_timeout_s=args.model_timeout)
+                             model_timeout_s=args.model_timeout, parallel=args.parallel)
     with tqdm(unit="model", file=sys.stderr, desc="analyze") as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total

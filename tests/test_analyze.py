@@ -108,21 +108,23 @@ async def test_analyze_fills_stats_and_records_failures_once(make_settings, back
         await add(store, "raises", RAISES, [run_on("cifar-10", "r-1")])
         await add(store, "syntax", SYNTAX)
         await add(store, "hangs", HANGS)
-        await add(store, "deaf", DEAF)
         await add(store, "large-only", LARGE_ONLY)
+        await add(store, "deaf", DEAF)  # not first in its batch: the watchdog gives a first model more time
         await add(store, "exits", EXITS)
         await add(store, "after-exits", linear(3))
         await store.record_analysis([])  # no rows: a no-op
         await store.update_model_stats("ref-LeNet5", params=123)  # measured by the evaluator: kept
 
-    filters = AnalyzeFilters(batch_size=20, model_timeout_s=2.0)
+    filters = AnalyzeFilters(batch_size=5, model_timeout_s=5.0, parallel=2)
     seen: list[tuple[int, int]] = []
     report = await analyze_zoo_async(settings, filters, lambda d, t: seen.append((d, t)), backend=backend)
     got = analysis(settings.zoo_path)
 
     assert (report.pending, report.ok, report.failed, report.skipped) == (15, 9, 5, 1)
     assert seen[-1] == (15, 15)
-    assert report.sandboxes == 3  # the deaf model and the exiting one each end a sandbox; the rest go on
+    # three batches of five (two sandboxes at once); the deaf model and the exiting one each end their
+    # sandbox, and the rest of that batch goes on in a fresh one
+    assert report.sandboxes == 5
     for name in ("ref-LeNet5", "ref-ResNet8", "ref-SmallVGG", "ref-MobileNetLite", "mnist-linear", "unknown-ds",
                  "no-runs", "large-only", "after-exits"):
         row = got[name]

@@ -167,10 +167,22 @@ def analyze_one(entry: dict[str, Any], in_dir: Path, device: torch.device, seed:
     return fields
 
 
+def warm_up(device: torch.device) -> None:
+    """Run the measuring path once on a net of ours: torch's lazy set-up of the dispatcher modes and the
+    first conv (about a second) must not count against the first model's alarm."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 2)).to(device)
+    x = torch.zeros(1, 3, 8, 8, device=device)
+    net.eval()
+    fingerprint.count_flops(net, x)
+    fingerprint.fingerprint(net, x)
+
+
 def run_analyze(spec: protocol.JobSpec, emitter: Emitter, device: torch.device) -> dict[str, Any]:
     """Every entry of `spec.models` in order, one event each; the `done` event counts them."""
     in_dir = Path(spec.model_path).parent
     ok = 0
+    warm_up(device)
     gc.collect()
     gc.freeze()  # torch's own objects are never garbage: each model's collection then scans only its own
     for entry in spec.models:
