@@ -261,6 +261,7 @@ class Batch:
         self._write(codes)
         self.results: dict[int, dict[str, Any]] = {}
         self.ready = False
+        self.runner_error: str | None = None
         self.stalled = False
         self.last_seen = time.monotonic()
 
@@ -321,6 +322,8 @@ class Batch:
         kind = event.get("event")
         if kind == protocol.EVENT_READY:
             self.ready = True
+        elif kind == protocol.EVENT_ERROR and self.runner_error is None:
+            self.runner_error = f"{event.get('kind')}: {str(event.get('message'))[:500]}"
         elif kind == protocol.EVENT_ANALYZED and self.ready:
             model_id = event.get("id")
             expected = {t.model_id for t in self.targets}
@@ -371,9 +374,17 @@ class Analysis:
             if t.entry is None:
                 self.sandbox[t.model_id] = ({}, {"kind": "task", "message": t.reason})
         self.queue = list(buildable)
-        async with anyio.create_task_group() as tg:
-            for _ in range(max(1, min(self.filters.parallel, len(buildable)))):
-                tg.start_soon(self._worker)
+        try:
+            async with anyio.create_task_group() as tg:
+                for _ in range(max(1, min(self.filters.parallel, len(buildable)))):
+                    tg.start_soon(self._worker)
+        except BaseExceptionGroup as group:  # one worker's AnalyzeError ends all: say it plainly
+            refused = group.subgroup(AnalyzeError)
+            while isinstance(refused, BaseExceptionGroup):
+                refused = refused.exceptions[0]
+            if refused is None:
+                raise
+            raise refused from None
         await self._quality_for([t for t in targets if t.entry is None])
         await self._flush(force=True)
         self.report.seconds = round(time.monotonic() - t0, 3)
@@ -422,6 +433,10 @@ class Analysis:
         if not batch.ready:
             raise AnalyzeError("the sandbox did not start (no model ran): "
                                f"{lost_model_error(exit, batch.stalled, STARTUP_S)['message']}")
+        if batch.runner_error and not batch.results:  # the runner refused the batch: no model is to blame
+            raise AnalyzeError(f"the sandbox's runner refused the analysis ({batch.runner_error}). A Docker "
+                               "image built before `analyze` existed lacks this mode: run `lemur-agent-server "
+                               "sandbox build`, or pass --sandbox process.")
         self.sandbox[lost[0].model_id] = ({}, lost_model_error(exit, batch.stalled, self.filters.model_timeout_s))
         await self._flush(force=True)
         return lost[1:]

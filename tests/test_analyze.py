@@ -178,6 +178,19 @@ def test_input_follows_the_runs_dataset_and_transform():
 
 
 @pytest.mark.anyio
+async def test_a_runner_without_the_mode_stops_the_run_and_blames_no_model(make_settings, backend,
+                                                                         warm_process_sandbox, monkeypatch):
+    # what a Docker image built before analyze existed answers: a runner-level error, before any model
+    monkeypatch.setattr(analyze.protocol, "MODE_ANALYZE", "analyse-old")
+    settings = make_settings()
+    async with await ZooStore.open(settings.zoo_path) as store:
+        await add(store, "fine", linear(2))
+    with pytest.raises(analyze.AnalyzeError, match="sandbox build"):
+        await analyze_zoo_async(settings, AnalyzeFilters(), backend=backend)
+    assert rows(settings.zoo_path, "SELECT COUNT(*) AS n FROM model_analysis")[0]["n"] == 0
+
+
+@pytest.mark.anyio
 async def test_filters_choose_the_models(make_settings):
     settings = make_settings()
     async with await ZooStore.open(settings.zoo_path) as store:
