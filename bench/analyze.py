@@ -88,6 +88,20 @@ def failure_reasons(zoo: Path, top: int = 10) -> list[tuple[str, int]]:
     return Counter(m.splitlines()[0][:100] for m in errors).most_common(top)
 
 
+def sandbox_seconds(zoo: Path) -> dict[str, float]:
+    """Seconds the runner spent per model (build, forward, FLOPs, fingerprint): median, p90, max, sum."""
+    conn = sqlite3.connect(zoo)
+    try:
+        values = sorted(v for (v,) in conn.execute(
+            "SELECT json_extract(detail, '$.sandbox_s') FROM model_analysis") if v is not None)
+    finally:
+        conn.close()
+    if not values:
+        return {}
+    return {"median": values[len(values) // 2], "p90": values[int(len(values) * 0.9)], "max": values[-1],
+            "sum": round(sum(values), 1)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lemur-wheel", type=Path)
@@ -110,13 +124,15 @@ def main() -> int:
         report = anyio.run(analyze_zoo_async, settings, filters, None)
         wall = time.monotonic() - t0
         reasons = failure_reasons(settings.zoo_path)
+        per_model = sandbox_seconds(settings.zoo_path)
     rate = report.done / wall
     print(json.dumps({"source": str(args.lemur_wheel or "reference models"), "models": report.done,
                       "ok": report.ok, "failed": report.failed, "skipped": report.skipped,
                       "failure_kinds": report.failure_kinds, "sandboxes": report.sandboxes, "parallel": args.parallel,
                       "wall_s": round(wall, 1), "models_per_s": round(rate, 2),
                       f"extrapolated_s_for_{args.total}": round(args.total / rate),
-                      "isolation": report.isolation.get("backend"), "top_failure_reasons": reasons}, indent=1))
+                      "isolation": report.isolation.get("backend"), "sandbox_s_per_model": per_model,
+                      "top_failure_reasons": reasons}, indent=1))
     return 0
 
 

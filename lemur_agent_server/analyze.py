@@ -219,15 +219,19 @@ def _shape(value: Any) -> list[int] | None:
 
 def sandbox_stats(event: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(stats, error) read defensively from one `analyzed` event (written by untrusted code)."""
+    seconds = event.get("seconds")
+    seconds = round(float(seconds), 4) if isinstance(seconds, int | float) and 0 <= seconds < 1e6 else None
     if event.get("ok") is not True:
         err = event.get("error") if isinstance(event.get("error"), dict) else {}
         kind = err.get("kind") if err.get("kind") in protocol.FAILURE_KINDS else protocol.KIND_EXCEPTION
-        return {}, {"kind": str(kind), "message": str(err.get("message") or "the model could not be built")[:2000]}
+        return {"seconds": seconds}, {"kind": str(kind),
+                                      "message": str(err.get("message") or "the model could not be built")[:2000]}
     fp = event.get("fingerprint")
     stats = {"params": _int(event.get("params")), "flops": _int(event.get("flops")),
              "fingerprint": fp if isinstance(fp, str) and 0 < len(fp) <= 128 else None,
              "in_shape": _shape(event.get("in_shape")), "out_shape": _shape(event.get("out_shape")),
-             "transform": str(event.get("transform"))[:40] if event.get("transform") else None}
+             "transform": str(event.get("transform"))[:40] if event.get("transform") else None,
+             "seconds": seconds}
     if stats["params"] is None:
         return {}, {"kind": protocol.KIND_SANDBOX, "message": "the sandbox reported no valid parameter count"}
     return stats, None
@@ -468,6 +472,7 @@ class Analysis:
             self.report.failure_kinds[kind] = self.report.failure_kinds.get(kind, 0) + 1
         self.report.quality_failed += quality_error is not None
         detail = {"dataset": target.dataset, "transform": stats.pop("transform", None),
+                  "sandbox_s": stats.pop("seconds", None),
                   "in_shape": stats.pop("in_shape", None),
                   "out_shape": stats.pop("out_shape", None), "quality_error": quality_error}
         return {"model_id": model_id, "status": str(status), "error": error, "detail": detail,
