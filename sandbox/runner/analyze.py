@@ -6,8 +6,10 @@ ten thousand models of a LEMUR import the start-up must be paid once per batch, 
 
 What is measured per model (the same as check mode, so a later check or submission agrees): the
 parameter count, forward FLOPs of a batch-1 input and the architecture fingerprint, with the check
-hyperparameters (`params.check_prm`) and the input shape of the model's dataset. No learn() step: only
-the architecture is wanted here, and learn() is where most of check mode's time goes.
+hyperparameters (`params.check_prm`), the channels and classes of the model's dataset and the size of
+its transform; a model that fails at that size is tried at `fallback_transforms` (LEMUR nets trained at
+224 or 299 pixels often cannot take 32). No learn() step: only the architecture is wanted here, and
+learn() is where most of check mode's time goes.
 
 Isolation between the models of one batch is weaker than between jobs: they share the interpreter, so
 a model that patches torch can skew the numbers of the models after it in the same batch (never the
