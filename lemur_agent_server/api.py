@@ -37,8 +37,9 @@ from lemur_agent_server.api_errors import (  # noqa: F401  (re-exported: callers
     UnsupportedOptionError,
     error_for,
 )
-from lemur_agent_server.api_tables import nn_stat_data, run_data  # noqa: F401  (LEMUR's API names)
+from lemur_agent_server.api_tables import nn_stat_data, prun_data, run_data  # noqa: F401  (LEMUR's API names)
 from sandbox import datasets
+from sandbox.protocol import JobStatus
 from zoo import codehash, connection
 from zoo.query import Filters, as_tuple, grouped_sql
 
@@ -67,9 +68,9 @@ def data(only_best_accuracy: bool = False, task: str | None = None, dataset: str
     rows are ordered like LEMUR's (task, dataset, metric, nn, epoch). `duration` is training-only
     nanoseconds. Each model's code is one shared string; each row's `prm` is its own dict.
     `include_nn_stats=True` adds LEMUR's `nn_*` architecture columns (api_tables.NN_STAT_COLUMNS):
-    parameter count, FLOPs and code length from the model, the rest from the imported `nn_stat`
-    table where present, else None; plus ours, `nn_fingerprint` and `nn_code_quality`. `sql` (LEMUR's
-    JoinConf pair mode) is not supported.
+    parameter count, FLOPs and code length from the model, the rest from LEMUR's `nn_stat` rows that
+    `import-lemur` kept (one row per model, an error-free one first) where present, else None; plus
+    ours, `nn_fingerprint` and `nn_code_quality`. `sql` (LEMUR's JoinConf pair mode) is not supported.
     """
     if sql is not None:
         raise ValueError("data(sql=JoinConf(...)) (LEMUR's paired-record mode) is not supported here; call "
@@ -139,8 +140,7 @@ def _frame(rows: list[tuple[Any, ...]], code: dict[int, tuple[str, str]]) -> pd.
 
 def lemur_name(nn_code: str, prefix: str | None = None) -> str:
     """LEMUR's model name: `md5(code with all whitespace removed)`, as `prefix-<md5>` when a prefix is given."""
-    digest = codehash.lemur_id(nn_code)
-    return f"{prefix}-{digest}" if prefix else digest
+    return codehash.model_name(prefix, nn_code)
 
 
 def _refuse_unsupported(export_onnx: bool, transform_dir: str | os.PathLike[str] | None) -> None:
@@ -149,7 +149,7 @@ def _refuse_unsupported(export_onnx: bool, transform_dir: str | os.PathLike[str]
         raise UnsupportedOptionError(
             f"transform_dir={str(transform_dir)!r}: custom transform code is not run here (untrusted code runs "
             f"only inside the sandbox, and transforms are ours). Pass transform_dir=None and set prm['transform'] "
-            f"to one of: {', '.join(datasets.TRANSFORMS)}.", {"error": {"kind": "unsupported_option"}})
+            f"to one of: {', '.join(datasets.ALL_TRANSFORMS)}.", {"error": {"kind": "unsupported_option"}})
     if export_onnx:
         raise UnsupportedOptionError(
             "export_onnx=True: ONNX export is not available yet (it must run inside the sandbox, which does not "
@@ -179,9 +179,15 @@ def _run_job(request: Any, save_to_db: bool, zoo: str | os.PathLike[str] | None,
              sandbox: str | None) -> tuple[Path, str, Any]:
     from lemur_agent_server.config import Settings
     from lemur_agent_server.evaluator.queue import JobQueue
+    from lemur_agent_server.evaluator.requests import RequestRefused, admit
     from zoo.store import ZooStore
 
     settings = Settings.from_env(zoo, sandbox=sandbox)
+    try:  # the server's own limits first, as at every door (the queue checks them again)
+        admit(request, settings)
+    except RequestRefused as exc:
+        raise InvalidRequestError(f"check_nn: {exc}", {"error": {"kind": "invalid_request",
+                                                                 "message": str(exc)}}) from None
 
     async def run() -> tuple[str, Any]:
         store = await ZooStore.open(settings.zoo_path)
@@ -260,16 +266,194 @@ def check_nn(nn_code: str, task: str, dataset: str, metric: str, prm: dict[str, 
     request = _request(nn_code, task, dataset, metric, prm, prefix, epoch_limit_minutes, max_train_samples)
     zoo_path, job_id, outcome = _run_job(request, save_to_db, zoo, sandbox)
     result = {"job_id": job_id, "status": outcome.status, "result": outcome.result, "error": outcome.error}
-    res = outcome.result or {}
-    if outcome.status != "succeeded" or res.get("accuracy") is None:
-        raise error_for(outcome.status, result)
+    return _lemur_tuple(result, nn_code, task, dataset, metric, prm, prefix, zoo_path, save_path)
+
+
+def _lemur_tuple(result: dict[str, Any], nn_code: str, task: str, dataset: str, metric: str, prm: dict[str, Any],
+                 prefix: str | None, zoo_path: Path, save_path: str | os.PathLike[str] | None
+                 ) -> tuple[str, float, float, float]:
+    """LEMUR's (name, accuracy, accuracy_to_time, code_quality) of a finished job, or its exception raised."""
+    job_id, res = result["job_id"], result.get("result") or {}
+    if result["status"] != "succeeded" or res.get("accuracy") is None:
+        raise error_for(result["status"], result)
     name = lemur_name(nn_code, prefix)
     accuracy = float(res["accuracy"])
     if save_path is not None:
-        uid, curve = _curve(zoo_path, job_id, res)
+        uid, curve = _curve(zoo_path, str(res.get("reused_from") or job_id), res)  # a reuse: the original's runs
         _write_save_path(save_path, name, task, dataset, metric, dict(prm), uid, curve)
     chance = datasets.get_info(dataset).chance
     if not accuracy > GOOD_FACTOR * chance:
         raise AccuracyError(f"check_nn: accuracy {accuracy:.4f} is not above {GOOD_FACTOR} x chance "
                             f"({GOOD_FACTOR * chance:.4f}) for {dataset} (LEMUR's acceptance rule)", result)
     return name, accuracy, float(res.get("accuracy_to_time") or 0.0), float(res.get("code_quality") or 0.0)
+
+
+# --- batches: many models per call (NNGPT's cycles of 10..150 models) ---------------------------------------
+BatchItem = str | dict[str, Any]  # the code, or {"nn_code" (or "code"), "prm"?, "prefix"?}
+
+
+def _item_fields(item: BatchItem, prm: dict[str, Any] | None, prefix: str | None
+                 ) -> tuple[str, dict[str, Any], str | None]:
+    """(code, prm, prefix) of one item: its own prm keys override the shared ones."""
+    if isinstance(item, str):
+        return item, dict(prm or {}), prefix
+    code = item.get("nn_code", item.get("code"))
+    if not isinstance(code, str):
+        raise InvalidRequestError("check_nn_batch: an item needs its code as 'nn_code' (or 'code')",
+                                  {"error": {"kind": "invalid_request", "message": "item without code"}})
+    return code, {**(prm or {}), **(item.get("prm") or {})}, item.get("prefix", prefix)
+
+
+def _batch_requests(items: Sequence[BatchItem], task: str, dataset: str, metric: str, prm: dict[str, Any] | None,
+                    prefix: str | None, epoch_limit_minutes: float, max_train_samples: int | None, settings: Any
+                    ) -> list[tuple[str, dict[str, Any], str | None, Any]]:
+    """Per item (code, prm, prefix, EvalRequest or the InvalidRequestError it raised), in order; each request
+    within the server's limits (an item's budget follows its own epochs)."""
+    from lemur_agent_server.evaluator.requests import RequestRefused, admit
+
+    out: list[tuple[str, dict[str, Any], str | None, Any]] = []
+    for item in items:
+        code, fixed, own_prefix = "", {}, prefix
+        try:
+            code, fixed, own_prefix = _item_fields(item, prm, prefix)
+            request: Any = _request(code, task, dataset, metric, fixed, own_prefix, epoch_limit_minutes,
+                                    max_train_samples)
+            admit(request, settings)
+        except InvalidRequestError as exc:
+            request = exc
+        except RequestRefused as exc:
+            request = InvalidRequestError(f"check_nn: {exc}", {"error": {"kind": "invalid_request",
+                                                                         "message": str(exc)}})
+        out.append((code, fixed, own_prefix, request))
+    return out
+
+
+def _queue_settings(zoo: str | os.PathLike[str] | None, sandbox: str | None) -> Any:
+    from lemur_agent_server.config import Settings
+
+    return Settings.from_env(zoo, sandbox=sandbox)
+
+
+async def _submit_in(queue: Any, requests: list[Any], force: bool, archive: bool) -> tuple[str, list[str | None]]:
+    """Queue the valid requests as one batch; the job id of each request (None for refused ones)."""
+    valid = [r for r in requests if not isinstance(r, CheckNNError)]
+    batch_id, entries = await queue.submit_batch(valid, force=force, archive=archive) if valid else ("", [])
+    ids = iter(e["job_id"] for e in entries)
+    return batch_id, [None if isinstance(r, CheckNNError) else next(ids) for r in requests]
+
+
+async def _wait_rows(store: Any, job_ids: Sequence[str], timeout: float | None) -> dict[str, dict[str, Any]]:
+    """The rows of these jobs once all ended (or at `timeout`, as they are then)."""
+    deadline = None if timeout is None else anyio.current_time() + timeout
+    while True:
+        rows = {j: await store.jobs.get(j) for j in dict.fromkeys(job_ids)}
+        if all(r is not None and JobStatus(r["status"]).is_finished() for r in rows.values()):
+            return rows
+        if deadline is not None and anyio.current_time() >= deadline:
+            return rows
+        await anyio.sleep(0.5)
+
+
+def check_nn_batch(items: Sequence[BatchItem], task: str, dataset: str, metric: str,
+                   prm: dict[str, Any] | None = None, save_to_db: bool = True, prefix: str | None = None,
+                   save_path: str | os.PathLike[str] | None = None, epoch_limit_minutes: float = 30, *,
+                   zoo: str | os.PathLike[str] | None = None, sandbox: str | None = None,
+                   max_train_samples: int | None = None, force: bool = False) -> list[Any]:
+    """`check_nn` for many models at once: one batch, trained on this process's worker slots.
+
+    `items`: code strings, or dicts {"nn_code", "prm"?, "prefix"?} whose prm keys override the shared
+    `prm`. Returns one entry per item, in order: LEMUR's (name, accuracy, accuracy_to_time,
+    code_quality) tuple, or the `CheckNNError` (subclass) check_nn would have raised for it. An item
+    whose experiment already succeeded in the zoo is answered from it (`force=True` trains again);
+    identical items train once.
+    """
+    settings = _queue_settings(zoo, sandbox)
+    prepared = _batch_requests(items, task, dataset, metric, prm, prefix, epoch_limit_minutes, max_train_samples,
+                               settings)
+
+    async def run() -> tuple[list[str | None], dict[str, dict[str, Any]]]:
+        from lemur_agent_server.evaluator.queue import JobQueue
+        from zoo.store import ZooStore
+
+        store = await ZooStore.open(settings.zoo_path)
+        try:
+            async with JobQueue.running(settings, store) as queue:
+                _, ids = await _submit_in(queue, [p[3] for p in prepared], force, save_to_db)
+                return ids, await _wait_rows(store, [j for j in ids if j], None)
+        finally:
+            await store.close()
+
+    ids, rows = anyio.run(run)
+    out: list[Any] = []
+    for (code, fixed, own_prefix, request), job_id in zip(prepared, ids):
+        if job_id is None:
+            out.append(request)
+            continue
+        row = rows[job_id]
+        result = {"job_id": job_id, "status": row["status"], "result": row.get("result"), "error": row.get("error")}
+        try:
+            out.append(_lemur_tuple(result, code, task, dataset, metric, fixed, own_prefix,
+                                    Path(settings.zoo_path), save_path))
+        except CheckNNError as exc:
+            out.append(exc)
+    return out
+
+
+def submit_batch(items: Sequence[BatchItem], task: str, dataset: str, metric: str = "acc",
+                 prm: dict[str, Any] | None = None, prefix: str | None = None, epoch_limit_minutes: float = 30, *,
+                 zoo: str | os.PathLike[str] | None = None, sandbox: str | None = None,
+                 max_train_samples: int | None = None, force: bool = False, save_to_db: bool = True
+                 ) -> dict[str, Any]:
+    """Queue a batch in the zoo and return at once: {"batch_id", "job_ids" (per item, None when refused),
+    "errors" (per item, the InvalidRequestError or None)}. A server or `lemur-agent-server worker` on
+    the same zoo runs the jobs, or `wait(batch_id)` runs them in this process while it waits."""
+    settings = _queue_settings(zoo, sandbox)
+    prepared = _batch_requests(items, task, dataset, metric, prm, prefix, epoch_limit_minutes, max_train_samples,
+                               settings)
+
+    async def run() -> tuple[str, list[str | None]]:
+        from lemur_agent_server.evaluator.queue import JobQueue
+        from zoo.store import ZooStore
+
+        store = await ZooStore.open(settings.zoo_path)
+        try:
+            async with JobQueue.running(settings, store, workers=False) as queue:
+                return await _submit_in(queue, [p[3] for p in prepared], force, save_to_db)
+        finally:
+            await store.close()
+
+    batch_id, ids = anyio.run(run)
+    return {"batch_id": batch_id or None, "job_ids": ids,
+            "errors": [p[3] if isinstance(p[3], CheckNNError) else None for p in prepared]}
+
+
+def wait(batch_id: str, timeout: float | None = None, *, work: bool = True,
+         zoo: str | os.PathLike[str] | None = None, sandbox: str | None = None) -> list[dict[str, Any]]:
+    """The batch's jobs (job_id, status, model_name, result, error) once all ended, or at `timeout` seconds
+    as they are then. With `work=True` this process runs the queue's jobs while it waits (no server
+    needed); `work=False` only watches while a server or worker elsewhere runs them."""
+    settings = _queue_settings(zoo, sandbox)
+
+    async def run() -> list[dict[str, Any]]:
+        from lemur_agent_server.evaluator.queue import JobQueue
+        from zoo.store import ZooStore
+
+        store = await ZooStore.open(settings.zoo_path)
+        try:
+            ids = [r["id"] for r in await store.fetchall("SELECT id FROM job WHERE batch_id=? ORDER BY rowid",
+                                                        (batch_id,))]
+            if not ids:
+                raise InvalidRequestError(f"wait: no batch {batch_id!r} in {settings.zoo_path}; pass the batch_id "
+                                          "submit_batch returned (and the same zoo).", {"error": {
+                                              "kind": "invalid_request", "message": "unknown batch"}})
+            if not work:
+                rows = await _wait_rows(store, ids, timeout)
+            else:
+                async with JobQueue.running(settings, store) as _queue:
+                    rows = await _wait_rows(store, ids, timeout)
+            return [{"job_id": j, "status": r["status"], "model_name": r.get("model_name"),
+                     "result": r.get("result"), "error": r.get("error")} for j, r in rows.items()]
+        finally:
+            await store.close()
+
+    return anyio.run(run)

@@ -1,17 +1,14 @@
-"""LEMUR's side tables through our API: `nn_stat_data()`, `run_data()` and `data(include_nn_stats=True)`.
+"""LEMUR's side tables through our API: `nn_stat_data()`, `run_data()`, `prun_data()` and the `nn_*`
+columns of `data(include_nn_stats=True)`.
 
-Why introspection: the tables come from the LEMUR 2.2 database importer, which is written separately.
-The shape assumed here (documented so that importer and reader agree):
-
-- `nn_stat`: one row per model (or per model and LEMUR prm id) with a `model_id INTEGER` referencing
-  `model(id)`, optionally `prm_id TEXT`, and any of LEMUR's `nn_stat` columns under LEMUR's own names
-  (`total_layers`, `total_params`, ..., `has_residual_connections`, ..., `meta_json`, `error`).
-- `device_run` (LEMUR's `run`; our `run` is a training run): `model_id INTEGER` referencing `model(id)`
-  and any of LEMUR's `run` columns under LEMUR's names (`id`, `device_type`, ..., `device_analytics_json`,
-  `precision_type`); optional `tflite` with `model_id`, `id`, `accuracy`, `transform`, `precision_type`.
-
-A column that is absent reads as None; a table that is absent gives an empty DataFrame with LEMUR's
-columns, so callers can select columns without checking first.
+Why read from JSON: the LEMUR 2.2 database importer (lemur_agent_server.lemur_db_extras) copies
+LEMUR's `nn_stat`, `run`, `tflite` and `prun` rows into `lemur_nn_stat`, `lemur_mobile_run`,
+`lemur_tflite` and `lemur_prun`: a few typed columns for filters (model_name, device_type, ...)
+plus `data`, every non-null source column under LEMUR's own name. The answers here pick LEMUR's
+columns out of `data`, so they have LEMUR 2.2.11's column names and order whatever LEMUR version
+wrote the rows; a column the source lacked reads as None. Rows join models by name (`model.name` =
+LEMUR's `nn.name`). A zoo without these tables (one made before schema version 2) or without rows
+gives empty DataFrames with LEMUR's columns, so callers can select columns without checking first.
 """
 
 from __future__ import annotations
@@ -19,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pandas as pd
@@ -41,26 +38,27 @@ NN_STAT_COLUMNS = [_RENAMED.get(f, f"nn_{f}") for f in STAT_FIELDS] + ["nn_stats
 # ours, beyond LEMUR's: the architecture fingerprint (identical graphs share it) and the code-quality score
 NN_EXTRA_COLUMNS = ["nn_fingerprint", "nn_code_quality"]
 
-_RUN_FIELDS = ("id", "device_type", "os_version", "valid", "emulator", "error_message", "duration", "iterations",
-               "unit", *(f"{unit}_{what}" for unit in ("cpu", "gpu", "npu")
-                         for what in ("duration", "min_duration", "max_duration", "std_dev", "error")),
+_RUN_FIELDS = ("id", "model_name", "device_type", "os_version", "valid", "emulator", "error_message", "duration",
+               "iterations", "unit", *(f"{unit}_{what}" for unit in ("cpu", "gpu", "npu")
+                                       for what in ("duration", "min_duration", "max_duration", "std_dev", "error")),
                "total_ram_kb", "free_ram_kb", "available_ram_kb", "cached_kb", "in_dim_0", "in_dim_1", "in_dim_2",
                "in_dim_3")
-RUN_DATA_COLUMNS = [*_RUN_FIELDS[:1], "model_name", *_RUN_FIELDS[1:], "device_analytics", "precision_type",
-                    "tflite_id", "tflite_accuracy", "tflite_transform", "tflite_precision_type"]
+_TFLITE_FIELDS = ("id", "accuracy", "transform", "precision_type")
+RUN_DATA_COLUMNS = [*_RUN_FIELDS, "device_analytics", "precision_type", *(f"tflite_{f}" for f in _TFLITE_FIELDS)]
 
-NN_STAT_TABLE = "nn_stat"
-DEVICE_RUN_TABLE = "device_run"
-TFLITE_TABLE = "tflite"
+PRUN_DATA_COLUMNS = ["id", "model_name", "pruning_method", "task_dataset", "status", "accuracy", "duration",
+                     "pruning_ratio", "params_before", "params_after", "params_removed", "model_size_before_kb",
+                     "model_size_after_kb"]
+
+NN_STAT_TABLE = "lemur_nn_stat"
+MOBILE_RUN_TABLE = "lemur_mobile_run"
+TFLITE_TABLE = "lemur_tflite"
+PRUN_TABLE = "lemur_prun"
+_CHUNK = 900  # ids per IN (...) list, under SQLite's bound on host parameters
 
 
-def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
-    return {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
-
-
-def _select(present: set[str], wanted: Sequence[str], alias: str) -> str:
-    """`alias.col` for the columns the table has, `NULL AS col` for the rest (same order as `wanted`)."""
-    return ", ".join(f"{alias}.{c}" if c in present else f"NULL AS {c}" for c in wanted)
+def _has_table(conn: sqlite3.Connection, table: str) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (table,)).fetchone() is not None
 
 
 def _parse_json(text: Any) -> Any:
@@ -72,41 +70,37 @@ def _parse_json(text: Any) -> Any:
         return None
 
 
-def nn_stats_by_model(conn: sqlite3.Connection, model_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
-    """`data(include_nn_stats=True)`'s nn_* values per model id.
-
-    Parameter count and FLOPs come from the model row (measured by us) and code length from its code,
-    unless the imported nn_stat row has them; everything else only from nn_stat.
-    """
-    present = _columns(conn, NN_STAT_TABLE)
-    stats: dict[int, dict[str, Any]] = {}
-    for start in range(0, len(model_ids), 900):
-        chunk = list(model_ids[start:start + 900])
-        marks = ",".join("?" * len(chunk))
-        for mid, params, flops, length, fingerprint, quality in conn.execute(
-                f"SELECT id, params, flops, length(code), fingerprint, code_quality FROM model WHERE id IN ({marks})",
-                chunk):
-            stats[mid] = {"nn_total_params": params, "nn_flops": flops, "nn_code_length": length,
-                          "nn_fingerprint": fingerprint, "nn_code_quality": quality}
-        if "model_id" not in present:
-            continue
-        fields = [*STAT_FIELDS, "meta_json", "error"]
-        for row in conn.execute(f"SELECT n.model_id, {_select(present, fields, 'n')} FROM {NN_STAT_TABLE} n "
-                                f"WHERE n.model_id IN ({marks})", chunk):
-            values = dict(zip(fields, row[1:]))
-            target = stats.setdefault(row[0], {})
-            for field in STAT_FIELDS:
-                if values[field] is not None:
-                    target[_RENAMED.get(field, f"nn_{field}")] = values[field]
-            target["nn_stats_meta"] = _parse_json(values["meta_json"])
-            target["nn_stats_error"] = values["error"]
-    return stats
+def _decode(lemur_id: str, model_name: str, data: str, name_key: str) -> dict[str, Any]:
+    """One imported row as LEMUR's dict; `id` and the model name come from the typed columns."""
+    row = _parse_json(data)
+    row = row if isinstance(row, dict) else {}
+    row["id"], row[name_key] = lemur_id, model_name
+    return row
 
 
-def _read(zoo: str | os.PathLike[str] | None, fn: Any) -> Any:
+def _side_rows(conn: sqlite3.Connection, table: str, name_key: str, where: dict[str, Any],
+               max_rows: int | None) -> list[dict[str, Any]]:
+    """Rows of one imported side table matching `where` (typed column -> value, None = any), in LEMUR's
+    order (by model name; LEMUR's id breaks ties so the answer is stable)."""
+    if not _has_table(conn, table):
+        return []
+    sql = f"SELECT lemur_id, model_name, data FROM {table}"
+    wanted = {k: v for k, v in where.items() if v is not None}
+    if wanted:
+        sql += " WHERE " + " AND ".join(f"{column} = ?" for column in wanted)
+    sql += " ORDER BY model_name, lemur_id"
+    args = list(wanted.values())
+    if max_rows:
+        sql += " LIMIT ?"
+        args.append(int(max_rows))
+    return [_decode(i, n, d, name_key) for i, n, d in conn.execute(sql, args)]
+
+
+def _read(zoo: str | os.PathLike[str] | None, fn: Callable[[sqlite3.Connection], list[dict[str, Any]]]
+          ) -> list[dict[str, Any]]:
     path = connection.resolve_zoo_path(zoo)
     if not path.exists():
-        return None
+        return []
     conn = connection.connect_sync(path, readonly=True)
     conn.row_factory = None
     try:
@@ -115,63 +109,112 @@ def _read(zoo: str | os.PathLike[str] | None, fn: Any) -> Any:
         conn.close()
 
 
-def _limit(sql: str, args: list[Any], max_rows: int | None) -> str:
-    if max_rows:
-        args.append(int(max_rows))
-        return sql + " LIMIT ?"
-    return sql
+def _frame(records: list[dict[str, Any]], columns: Sequence[str]) -> pd.DataFrame:
+    return pd.DataFrame.from_records([{c: r.get(c) for c in columns} for r in records], columns=list(columns))
 
 
+def _with_parsed(row: dict[str, Any], raw: str, parsed: str) -> dict[str, Any]:
+    """LEMUR parses `meta_json`/`device_analytics_json` into `meta`/`device_analytics`."""
+    row[parsed] = _parse_json(row.pop(raw, None))
+    return row
+
+
+# --- data(include_nn_stats=True) ---------------------------------------------------------------------------
+def _pick_stat_rows(conn: sqlite3.Connection, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """One nn_stat row per model name: an error-free one first, then the lowest LEMUR id (LEMUR joins every
+    nn_stat row of the name, repeating the record; we keep one row per record)."""
+    picked: dict[str, dict[str, Any]] = {}
+    if not _has_table(conn, NN_STAT_TABLE):
+        return picked
+    for start in range(0, len(names), _CHUNK):
+        chunk = list(names[start:start + _CHUNK])
+        for lemur_id, name, data in conn.execute(
+                f"SELECT lemur_id, model_name, data FROM {NN_STAT_TABLE} WHERE model_name IN "
+                f"({','.join('?' * len(chunk))}) ORDER BY model_name, error IS NOT NULL, lemur_id", chunk):
+            picked.setdefault(name, _decode(lemur_id, name, data, "nn_name"))
+    return picked
+
+
+def nn_stats_by_model(conn: sqlite3.Connection, model_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+    """`data(include_nn_stats=True)`'s nn_* values per model id.
+
+    Parameter count and FLOPs come from the model row (measured by us, or filled from LEMUR's nn_stat
+    by the importer) and code length from its code, unless the imported nn_stat row has them;
+    everything else only from the imported nn_stat row.
+    """
+    stats: dict[int, dict[str, Any]] = {}
+    names: dict[int, str] = {}
+    for start in range(0, len(model_ids), _CHUNK):
+        chunk = list(model_ids[start:start + _CHUNK])
+        for mid, name, params, flops, length, fingerprint, quality in conn.execute(
+                "SELECT id, name, params, flops, length(code), fingerprint, code_quality FROM model "
+                f"WHERE id IN ({','.join('?' * len(chunk))})", chunk):
+            names[mid] = name
+            stats[mid] = {"nn_total_params": params, "nn_flops": flops, "nn_code_length": length,
+                          "nn_fingerprint": fingerprint, "nn_code_quality": quality}
+    rows = _pick_stat_rows(conn, sorted(set(names.values())))
+    for mid, name in names.items():
+        row = rows.get(name)
+        if row is None:
+            continue
+        target = stats[mid]
+        for field in STAT_FIELDS:
+            if row.get(field) is not None:
+                target[_RENAMED.get(field, f"nn_{field}")] = row[field]
+        target["nn_stats_meta"] = _parse_json(row.get("meta_json"))
+        target["nn_stats_error"] = row.get("error")
+    return stats
+
+
+# --- LEMUR's side-table readers ------------------------------------------------------------------------
 def nn_stat_data(nn_name: str | None = None, prm_id: str | None = None, max_rows: int | None = None, *,
                  zoo: str | os.PathLike[str] | None = None) -> pd.DataFrame:
-    """LEMUR's `nn_stat_data`: architecture statistics per model, `meta` parsed from `meta_json`."""
-    def query(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
-        present = _columns(conn, NN_STAT_TABLE)
-        if "model_id" not in present:
-            return []
-        fields = ["id", "prm_id", *STAT_FIELDS, "meta_json", "error"]
-        sql = (f"SELECT {_select(present, fields[:1], 'n')}, m.name, {_select(present, fields[1:], 'n')} "
-               f"FROM {NN_STAT_TABLE} n JOIN model m ON m.id = n.model_id WHERE 1=1")
-        args: list[Any] = []
-        if nn_name is not None:
-            sql += " AND m.name = ?"
-            args.append(nn_name)
-        if prm_id is not None:
-            sql += " AND n.prm_id = ?" if "prm_id" in present else " AND 0"
-            args.extend([prm_id] if "prm_id" in present else [])
-        return conn.execute(_limit(sql + " ORDER BY m.name", args, max_rows), args).fetchall()
+    """LEMUR's `nn_stat_data`: architecture statistics per model (and LEMUR prm id), `meta` parsed from
+    `meta_json`, ordered by model name."""
+    def query(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+        rows = _side_rows(conn, NN_STAT_TABLE, "nn_name", {"model_name": nn_name, "prm_id": prm_id}, max_rows)
+        return [_with_parsed(r, "meta_json", "meta") for r in rows]
 
-    rows = _read(zoo, query) or []
-    records = [dict(zip(NN_STAT_DATA_COLUMNS, (*row[:-2], _parse_json(row[-2]), row[-1]))) for row in rows]
-    return pd.DataFrame.from_records(records, columns=NN_STAT_DATA_COLUMNS)
+    return _frame(_read(zoo, query), NN_STAT_DATA_COLUMNS)
+
+
+def _tflite_by_model(conn: sqlite3.Connection, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """One TFLite row per model name, the lowest LEMUR id (LEMUR keeps one per name too: the last it read)."""
+    found: dict[str, dict[str, Any]] = {}
+    if not _has_table(conn, TFLITE_TABLE):
+        return found
+    for start in range(0, len(names), _CHUNK):
+        chunk = list(names[start:start + _CHUNK])
+        for lemur_id, name, data in conn.execute(
+                f"SELECT lemur_id, model_name, data FROM {TFLITE_TABLE} WHERE model_name IN "
+                f"({','.join('?' * len(chunk))}) ORDER BY model_name, lemur_id", chunk):
+            found.setdefault(name, _decode(lemur_id, name, data, "model_name"))
+    return found
 
 
 def run_data(model_name: str | None = None, device_type: str | None = None, max_rows: int | None = None, *,
              zoo: str | os.PathLike[str] | None = None) -> pd.DataFrame:
-    """LEMUR's `run_data`: on-device benchmark rows, each with its model's TFLite row (if any) merged in."""
-    def query(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
-        present = _columns(conn, DEVICE_RUN_TABLE)
-        if "model_id" not in present:
-            return []
-        tflite = _columns(conn, TFLITE_TABLE)
-        lite = ["id", "accuracy", "transform", "precision_type"]
-        lite_sql = (f", {_select(tflite, lite, 't')} " if "model_id" in tflite else ", NULL, NULL, NULL, NULL ")
-        join = (f"LEFT JOIN (SELECT * FROM {TFLITE_TABLE} GROUP BY model_id) t ON t.model_id = r.model_id "
-                if "model_id" in tflite else "")
-        sql = (f"SELECT {_select(present, _RUN_FIELDS[:1], 'r')}, m.name, {_select(present, _RUN_FIELDS[1:], 'r')}, "
-               f"{_select(present, ['device_analytics_json', 'precision_type'], 'r')}{lite_sql}"
-               f"FROM {DEVICE_RUN_TABLE} r JOIN model m ON m.id = r.model_id {join}WHERE 1=1")
-        args: list[Any] = []
-        if model_name is not None:
-            sql += " AND m.name = ?"
-            args.append(model_name)
-        if device_type is not None:
-            sql += " AND r.device_type = ?" if "device_type" in present else " AND 0"
-            args.extend([device_type] if "device_type" in present else [])
-        return conn.execute(_limit(sql + " ORDER BY m.name", args, max_rows), args).fetchall()
+    """LEMUR's `run_data`: on-device (mobile) benchmark rows, `device_analytics` parsed from its JSON, each
+    with its model's TFLite row (if any) as `tflite_*` columns."""
+    def query(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+        rows = _side_rows(conn, MOBILE_RUN_TABLE, "model_name",
+                          {"model_name": model_name, "device_type": device_type}, max_rows)
+        lite = _tflite_by_model(conn, sorted({r["model_name"] for r in rows}))
+        for row in rows:
+            _with_parsed(row, "device_analytics_json", "device_analytics")
+            found = lite.get(row["model_name"], {})
+            row.update({f"tflite_{f}": found.get(f) for f in _TFLITE_FIELDS})
+        return rows
 
-    rows = _read(zoo, query) or []
-    analytics = RUN_DATA_COLUMNS.index("device_analytics")
-    records = [dict(zip(RUN_DATA_COLUMNS, (*row[:analytics], _parse_json(row[analytics]), *row[analytics + 1:])))
-               for row in rows]
-    return pd.DataFrame.from_records(records, columns=RUN_DATA_COLUMNS)
+    return _frame(_read(zoo, query), RUN_DATA_COLUMNS)
+
+
+def prun_data(model_name: str | None = None, pruning_method: str | None = None, task_dataset: str | None = None,
+              max_rows: int | None = None, *, zoo: str | os.PathLike[str] | None = None) -> pd.DataFrame:
+    """LEMUR's `prun_data`: pruning experiments (method, task_dataset, accuracy, ratio, sizes before/after)."""
+    def query(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+        return _side_rows(conn, PRUN_TABLE, "model_name", {"model_name": model_name,
+                                                           "pruning_method": pruning_method,
+                                                           "task_dataset": task_dataset}, max_rows)
+
+    return _frame(_read(zoo, query), PRUN_DATA_COLUMNS)

@@ -144,7 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("check", "submit"):
         p = sub.add_parser(name, help=f"{name} a model file")
         _common(p)
-        p.add_argument("file", type=Path)
+        if name == "submit":  # several files: one batch (submit_models), one progress bar with --wait
+            p.add_argument("file", type=Path, nargs="+")
+        else:
+            p.add_argument("file", type=Path)
         p.add_argument("--task", default="img-classification")
         p.add_argument("--dataset", required=True)
         p.add_argument("--prm", type=_json_object, default={},
@@ -152,14 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "submit":
             p.add_argument("--budget-s", type=float, default=300.0)
             p.add_argument("--trials", type=int, default=3)
-            p.add_argument("--epochs", type=float, default=1.0)
+            p.add_argument("--epochs", type=float, default=None, help="default 1, or the epoch in --prm")
             p.add_argument("--eval-every", type=float, default=0.5)
             p.add_argument("--seed", type=int, default=0)
             p.add_argument("--prefix")
             p.add_argument("--max-train-samples", type=int)
             p.add_argument("--wait", action="store_true", help="run the job here and show a progress bar")
 
-    imp = sub.add_parser("import-lemur", help="import a LEMUR nn-dataset checkout or wheel")
+    imp = sub.add_parser("import-lemur", help="import a LEMUR nn-dataset checkout, wheel or 2.2 database (ab.nn.db)")
     _common(imp)
     imp.add_argument("path", type=Path)
 
@@ -321,10 +324,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from zoo.store import ZooStore
 
     settings = _settings(args)
-    request = EvalRequest(code=_read_code(args.file), task=args.task, dataset=args.dataset, prm=args.prm,
-                          n_trials=args.trials, epochs=args.epochs, time_budget_s=args.budget_s,
-                          eval_every=args.eval_every, seed=args.seed, name_prefix=args.prefix,
-                          max_train_samples=args.max_train_samples)
+    shared = {"task": args.task, "dataset": args.dataset, "prm": args.prm, "n_trials": args.trials,
+              "epochs": args.epochs, "time_budget_s": args.budget_s, "eval_every": args.eval_every, "seed": args.seed,
+              "name_prefix": args.prefix, "max_train_samples": args.max_train_samples}
+    shared = {k: v for k, v in shared.items() if v is not None}  # unset: the request's default (epochs: prm's)
+    requests = [EvalRequest(code=_read_code(path), **shared) for path in args.file]
+    if len(requests) > 1:
+        return _submit_batch(settings, args, requests)
+    request = requests[0]
 
     async def run() -> dict[str, Any] | None:
         store = await ZooStore.open(settings.zoo_path)
@@ -353,17 +360,58 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0 if row and row["status"] in (JobStatus.SUCCEEDED, JobStatus.QUEUED) else 1
 
 
+def _submit_batch(settings: Settings, args: argparse.Namespace, requests: list[Any]) -> int:
+    """Several files as one batch; with --wait, run it here under one progress bar (jobs done / total)."""
+    from tqdm import tqdm
+
+    from lemur_agent_server.evaluator.queue import JobQueue
+    from zoo.jobs import Selection
+    from zoo.store import ZooStore
+
+    async def run() -> tuple[str, list[dict[str, Any]], dict[str, dict[str, Any]]]:
+        store = await ZooStore.open(settings.zoo_path)
+        try:
+            async with JobQueue.running(settings, store, workers=args.wait) as queue:
+                batch_id, entries = await queue.submit_batch(requests)
+                ids = list(dict.fromkeys(e["job_id"] for e in entries))
+                if args.wait:
+                    bar = tqdm(total=len(ids), unit="job", file=sys.stderr, desc=batch_id)
+                    counts: dict[str, int] = {}
+                    while sum(counts.get(s, 0) for s in JobStatus if s.is_finished()) < len(ids):
+                        await queue.changed(1.0)
+                        counts = await store.jobs.count_by_status(Selection(batch_id=batch_id))
+                        bar.n = sum(counts.get(s, 0) for s in JobStatus if s.is_finished())
+                        bar.set_postfix_str(" ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+                        bar.refresh()
+                    bar.close()
+                return batch_id, entries, {j: await store.jobs.get(j) or {} for j in ids}
+        finally:
+            await store.close()
+
+    batch_id, entries, rows = anyio.run(run)
+    jobs = [{"file": str(path), "job_id": e["job_id"], "same_as": e["same_as"], "reused_from": e["reused_from"],
+             "status": rows[e["job_id"]].get("status"), "model_name": rows[e["job_id"]].get("model_name"),
+             "accuracy": (rows[e["job_id"]].get("result") or {}).get("accuracy"),
+             "error": rows[e["job_id"]].get("error")} for path, e in zip(args.file, entries)]
+    print(json.dumps({"batch_id": batch_id, "jobs": jobs}, indent=1, default=str))
+    wanted = (JobStatus.SUCCEEDED,) if args.wait else (JobStatus.SUCCEEDED, JobStatus.QUEUED)
+    return 0 if all(j["status"] in wanted for j in jobs) else 1
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from lemur_agent_server.lemur_db_source import find_database
     from lemur_agent_server.lemur_import import import_lemur_sync
 
     settings = _settings(args)
     bars: list[tqdm] = []  # made at the first file: a path that fails at once leaves just its error line
+    # what the importer counts: a 2.2 database's rows (records, then side-table rows), else a tree's files
+    unit = "row" if find_database(args.path) is not None else "file"
 
     def progress(done: int, total: int) -> None:
         if not bars:
-            bars.append(tqdm(unit="file", file=sys.stderr, desc="import"))
+            bars.append(tqdm(unit=unit, file=sys.stderr, desc="import"))
         bars[0].total = total
         bars[0].n = done
         bars[0].refresh()

@@ -5,6 +5,8 @@ One source for `list_catalog`, the `design_model` prompt and the README, so they
 
 from __future__ import annotations
 
+from sandbox import protocol
+
 NET_CONTRACT = """\
 A model file (LEMUR nn-dataset compatible; LEMUR's own files run unchanged):
 
@@ -48,7 +50,8 @@ HYPERPARAMETERS = {
     "momentum": "searched uniform in [0, 1]",
     "dropout": "searched uniform in [0, 0.5]",
     "batch": "batch size, searched over powers of two 2^4..2^8 (fix it with prm={'batch': 64})",
-    "epoch": "number of epochs (set from the submission's `epochs`)",
+    "epoch": "number of epochs (set from the submission's `epochs`; a LEMUR prm's `epoch` stands for `epochs` "
+             "when that is not given)",
     "transform": "input transform; unless fixed in prm, searched over the dataset's default transform and the "
                  "others of the same size (e.g. norm_32, norm_32_flip, echo_32, echo_32_flip); pass "
                  "search_space={'transform': {'choices': [...]}} for larger resizes",
@@ -57,6 +60,13 @@ HYPERPARAMETERS = {
 
 TRANSFORM_HELP = (
     "norm_N resizes images to N x N and normalizes with the dataset's mean/std; norm_N_flip also flips "
-    "training batches horizontally at random; echo_N resizes without normalizing. Classic nets with "
-    "large strides (AlexNet: 11x11 stride 4) need norm_224 or larger."
+    "training batches horizontally at random; echo_N resizes without normalizing; norm, norm_flip, echo and "
+    "echo_flip keep the dataset's own size (no resize). Classic nets with large strides (AlexNet: 11x11 "
+    "stride 4) need norm_224 or larger. complex[_N][_flip]: pixels in [0, 1] as complex64 for complex-valued "
+    "nets; soft_pad: zero-pad to 800 x 800; bf-v1-RandomCrop_Pad_RandomHorizontalFlip: random 29 x 29 crop, "
+    "pad 1, flip with p=0.64, resize to 64, normalize. These are used only when named in prm or search_space."
 )
+
+# The search_space format, quoted by the submit tool's description; validated by the one function both
+# the server and the sandbox call (sandbox.protocol.validate_search_space).
+SEARCH_SPACE_HELP = protocol.SEARCH_SPACE_FORMAT

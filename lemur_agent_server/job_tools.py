@@ -1,4 +1,5 @@
-"""The evaluation side of the server: check_model, submit_model, get_job, cancel_job.
+"""The evaluation side of the server: check_model, submit_model, get_job, cancel_job (a job or a batch);
+the batch tools (submit_models, wait_jobs, list_jobs) live in batch_tools and are registered from here.
 
 Why submit + poll: hosts give up on a tool call after about 60 s and training takes minutes, so
 submit_model returns a job_id at once and get_job long-polls for at most 50 s, reporting MCP
@@ -17,17 +18,20 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import ToolAnnotations
 from pydantic import BaseModel, Field, ValidationError, WithJsonSchema
 
-from lemur_agent_server.evaluator.requests import EvalRequest
+from lemur_agent_server.contract import SEARCH_SPACE_HELP
+from lemur_agent_server.evaluator.requests import EvalRequest, RequestRefused
+from lemur_agent_server.schemas import MAX_FILTER_CHARS
 from lemur_agent_server.state import AppState
 from lemur_agent_server.tool_wiring import tool
-from sandbox import datasets
-from sandbox.protocol import JobStatus
+from sandbox.protocol import MAX_CODE_CHARS, JobStatus
+from zoo.jobs import Selection
 
 Code = Annotated[str, Field(description="The complete Python source of the model file (Net contract; see "
-                                        "list_catalog.net_contract)", min_length=1, max_length=400_000)]
+                                        "list_catalog.net_contract)", min_length=1, max_length=MAX_CODE_CHARS)]
 DatasetArg = Annotated[str, Field(description="Dataset to train on: digits, mnist, fashion-mnist, cifar-10, "
-                                              "cifar-100 or svhn (list_catalog says which are present)")]
-TaskArg = Annotated[str, Field(description="Task; only 'img-classification' is evaluated")]
+                                              "cifar-100 or svhn (list_catalog says which are present)",
+                                  max_length=MAX_FILTER_CHARS)]
+TaskArg = Annotated[str, Field(description="Task; only 'img-classification' is evaluated", max_length=MAX_FILTER_CHARS)]
 PrmArg = Annotated[dict[str, Any] | None, Field(
     description="Fixed hyperparameters, e.g. {'lr': 0.01, 'batch': 64, 'transform': 'norm_32'}; values in "
                 "[0, 1] except batch (integer) and transform (name). Anything not fixed is searched.")]
@@ -71,6 +75,9 @@ class JobView(BaseModel):
         "sandbox, interrupted), message, log tail"))
     created: float
     finished: float | None = None
+    batch_id: str | None = Field(default=None, description="The batch (submit_models) the job belongs to")
+    reused_from: str | None = Field(default=None, description="The earlier job of the same experiment whose "
+                                                              "result this job reports (nothing was trained)")
     next_step: str
 
 
@@ -90,7 +97,8 @@ def job_view(row: dict[str, Any]) -> JobView:
         hint = "Still running: call get_job(job_id, wait_s=50) again."
     return JobView(job_id=row["id"], status=status, done=done, model_name=row.get("model_name"),
                    progress=row.get("progress"), result=row.get("result"), error=row.get("error"),
-                   created=row["created"], finished=row.get("finished"), next_step=hint)
+                   created=row["created"], finished=row.get("finished"), batch_id=row.get("batch_id"),
+                   reused_from=row.get("reused_from"), next_step=hint)
 
 
 def build_request(**fields: Any) -> EvalRequest:
@@ -101,19 +109,13 @@ def build_request(**fields: Any) -> EvalRequest:
         raise ToolError(f"Invalid request: {messages}") from exc
 
 
-def require_dataset(state: AppState, name: str) -> None:
-    if not datasets.available(name, state.settings.data_root):
-        info = datasets.get_info(name)
-        raise ToolError(f"Dataset '{name}' is not present on this server ({info.source}); data root "
-                        f"{state.settings.data_root}. Choose a dataset list_catalog marks available "
-                        "(digits always is), or ask the operator to install the files.")
-
-
 # --- the tools' logic, callable without MCP --------------------------------------------------------
 async def check_model(state: AppState, request: EvalRequest) -> CheckResult:
     """Run the check stage of `request` now and say what to fix."""
-    require_dataset(state, request.dataset)
-    outcome = await state.jobs().check(request)
+    try:
+        outcome = await state.jobs().check(request)
+    except RequestRefused as exc:
+        raise ToolError(str(exc)) from exc
     result = outcome.result or {}
     problems = []
     if outcome.error:
@@ -131,11 +133,10 @@ async def check_model(state: AppState, request: EvalRequest) -> CheckResult:
 
 async def submit_model(state: AppState, request: EvalRequest) -> JobView:
     """Queue `request` as a job (static failures end at once) and return its view."""
-    if request.time_budget_s > state.settings.max_time_budget_s:
-        raise ToolError(f"time_budget_s={request.time_budget_s} exceeds this server's limit of "
-                        f"{state.settings.max_time_budget_s} s; lower it.")
-    require_dataset(state, request.dataset)
-    job_id = await state.jobs().submit(request)
+    try:
+        job_id = await state.jobs().submit(request)
+    except RequestRefused as exc:
+        raise ToolError(str(exc)) from exc
     row = await state.zoo().jobs.get(job_id)
     assert row is not None
     return job_view(row)
@@ -181,6 +182,51 @@ async def cancel_job(state: AppState, job_id: str) -> JobView:
     return job_view(row)
 
 
+class CancelView(JobView):
+    """cancel_job's answer: the job's view, or (for a batch_id) the batch's counts after the request."""
+
+    job_id: str | None = None  # type: ignore[assignment]
+    status: StatusField | None = None  # type: ignore[assignment]
+    created: float | None = None  # type: ignore[assignment]
+    batch_id: str | None = None
+    counts: dict[str, int] | None = Field(default=None, description="For a batch: its jobs by status")
+    cancelled: list[str] | None = Field(default=None, description="For a batch: the jobs it stopped or unqueued")
+
+
+CANCEL_WAIT_S = 10.0
+
+
+async def cancel_batch(state: AppState, batch_id: str) -> CancelView:
+    """Cancel every unfinished job of a batch; answer once they ended (at most 10 s) with the batch's counts."""
+    if state.queue is not None:
+        statuses = await state.queue.cancel_batch(batch_id)
+    else:  # --no-worker: the worker running a job sees its cancel flag at its next heartbeat
+        statuses = await state.zoo().jobs.request_cancel_batch(batch_id)
+    if statuses is None:
+        raise ToolError(f"No batch '{batch_id}'. Use the batch_id that submit_models returned.")
+    jobs = state.zoo().jobs
+    stopping = [j for j, s in statuses.items() if not JobStatus(s).is_finished()]
+    deadline = time.monotonic() + CANCEL_WAIT_S
+    for job_id in stopping:
+        if state.queue is not None:
+            await state.queue.wait(job_id, max(0.0, deadline - time.monotonic()))
+    counts = await jobs.count_by_status(Selection(batch_id=batch_id))
+    done = all(JobStatus(s).is_finished() for s in counts)
+    changed = [j for j, s in statuses.items() if s == JobStatus.CANCELLED] + stopping
+    return CancelView(batch_id=batch_id, done=done, counts=counts, cancelled=changed, next_step=(
+        "Cancelled: every job of the batch ended; finished results stay." if done else
+        "Cancellation requested; running jobs stop within seconds: wait_jobs(batch_id) shows them end."))
+
+
+async def cancel_any(state: AppState, job_id: str | None, batch_id: str | None) -> CancelView:
+    if (job_id is None) == (batch_id is None):
+        raise ToolError("Pass either job_id or batch_id to cancel_job, not both and not neither.")
+    if batch_id is not None:
+        return await cancel_batch(state, batch_id)
+    assert job_id is not None
+    return CancelView(**(await cancel_job(state, job_id)).model_dump())
+
+
 # --- MCP wiring: names, arguments and descriptions; each tool calls its function above ------------------
 def register_job_tools(mcp: MCPServer, state: AppState) -> None:
     @tool(mcp, "check_model", ToolAnnotations(read_only_hint=True, open_world_hint=False))
@@ -204,13 +250,13 @@ def register_job_tools(mcp: MCPServer, state: AppState) -> None:
         code: Code,
         dataset: DatasetArg,
         task: TaskArg = "img-classification",
-        metric: Annotated[str, Field(description="Metric; 'acc' (test accuracy)")] = "acc",
+        metric: Annotated[str, Field(description="Metric; 'acc' (test accuracy)", max_length=MAX_FILTER_CHARS)] = "acc",
         prm: PrmArg = None,
-        search_space: Annotated[dict[str, dict[str, Any]] | None, Field(
-            description="Override search ranges: {'lr': {'low': 1e-4, 'high': 0.1, 'log': true}, "
-                        "'batch': {'choices': [32, 64]}}")] = None,
+        search_space: Annotated[dict[str, dict[str, Any]] | None, Field(description=SEARCH_SPACE_HELP)] = None,
         n_trials: Annotated[int, Field(description="Optuna TPE trials, 1..200", ge=1, le=200)] = 3,
-        epochs: Annotated[float, Field(description="Epochs per trial, >0 (0.5 allowed)", gt=0, le=200)] = 1.0,
+        epochs: Annotated[float | None, Field(
+            description="Epochs per trial, >0 (0.5 allowed); default 1, or prm.epoch when prm carries LEMUR's "
+                        "epoch", gt=0, le=200)] = None,
         time_budget_s: Annotated[float, Field(
             description="Hard wall-clock limit for the whole job in seconds (5..86400); unfinished trials are "
                         "pruned and the job ends timed_out with what it has", ge=5, le=86400)] = 300.0,
@@ -218,8 +264,10 @@ def register_job_tools(mcp: MCPServer, state: AppState) -> None:
         seed: Annotated[int, Field(description="Seed of the search and the training", ge=0)] = 0,
         repeats: Annotated[int, Field(description="Extra reruns of the selected hyperparameters with other "
                                                   "seeds, 1..10 (1 = none)", ge=1, le=10)] = 1,
-        name_prefix: Annotated[str | None, Field(description="Name prefix; the model is named "
-                                                             "{prefix}-{code hash}", max_length=64)] = None,
+        name_prefix: Annotated[str | None, Field(
+            description="Name prefix; a new model is named {prefix}-{md5} (LEMUR's rule: md5 of the code without "
+                        "whitespace), or {md5} without a prefix; code already in the zoo keeps its name",
+            max_length=64)] = None,
         max_train_samples: Annotated[int | None, Field(
             description="Train on at most this many images (quick experiments); test accuracy always uses "
                         "the full test split", ge=16)] = None,
@@ -253,9 +301,16 @@ def register_job_tools(mcp: MCPServer, state: AppState) -> None:
     @tool(mcp, "cancel_job", ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True,
                                              open_world_hint=False))
     async def cancel_job_tool(
-        job_id: Annotated[str, Field(description="job_id to cancel", min_length=1, max_length=64)],
-    ) -> JobView:
-        """Cancel a queued or running job: its sandbox is killed, finished trials stay archived.
-        Cancelling a finished job changes nothing. Returns the job's state after the request.
+        job_id: Annotated[str | None, Field(description="job_id to cancel", min_length=1, max_length=64)] = None,
+        batch_id: Annotated[str | None, Field(description="Or: cancel every unfinished job of this batch",
+                                              min_length=1, max_length=64)] = None,
+    ) -> CancelView:
+        """Cancel a queued or running job (job_id), or every unfinished job of a batch (batch_id): sandboxes
+        are killed, finished trials and jobs stay archived. Cancelling a finished job changes nothing.
+        Returns the job's state after the request (for a batch: its counts by status).
         """
-        return await cancel_job(state, job_id)
+        return await cancel_any(state, job_id, batch_id)
+
+    from lemur_agent_server.batch_tools import register_batch_tools
+
+    register_batch_tools(mcp, state)

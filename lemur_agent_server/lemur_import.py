@@ -29,30 +29,37 @@ The names depend on the files only, so importing the same tree twice (or the che
 wheel) adds nothing: the store is idempotent on run uid and model name. Runs already in the zoo are not
 updated when the stat files later grow; a re-import only adds runs it has not seen.
 
-Why streaming: the 2.1.2 wheel has 10,483 model files and 578,595 records in 105,447 files. Only the
-list of file names is held; a worker thread parses one model's configs at a time while the event loop
-writes the previous one, and each model with all its runs is one store transaction.
+Why streaming, in one bulk transaction: the 2.1.2 wheel has 10,483 model files and 578,595 records in
+105,447 files. Only the list of file names is held; a second thread parses the next models' configs
+while the previous one is written, and the whole import is one transaction of `executemany` batches
+with the point indexes rebuilt at the end (zoo.bulk_load): readers see all of it or none of it.
+
+A LEMUR 2.2 database (`db/ab.nn.db`) goes to lemur_db_import instead, with the same run uids.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import itertools
 import json
 import math
 import os
 import time
 import zipfile
 import zlib
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import anyio
-import anyio.abc
 
-from zoo import codehash
+from lemur_agent_server.code_hashing import CodeHasher
+from lemur_agent_server.lemur_db_source import find_database
+from zoo.bulk_load import BulkWriter
 from zoo.records import Model, Point, Run, accuracy_to_time, is_number
 from zoo.store import ZooStore
 
@@ -121,6 +128,20 @@ class ImportReport:
     problems: list[Problem] = dataclasses.field(default_factory=list)
     problems_total: int = 0
     seconds: float = 0.0
+    source: str = "lemur-files"  # lemur-files (a checkout or wheel) | lemur-db (a 2.2 ab.nn.db)
+    train_points: int = 0        # curve points that got training diagnostics (2.2 database: train_stat)
+    extras: dict[str, int] = dataclasses.field(default_factory=dict)  # side-table rows added, by table
+    phases: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds per phase, for bench/import.py
+
+    def phase_clock(self) -> Callable[[str], None]:
+        """`clock(name)` adds the seconds since the previous call (or this one) to `phases[name]`."""
+        last = [time.perf_counter()]
+
+        def clock(name: str) -> None:
+            now = time.perf_counter()
+            self.phases[name] = round(self.phases.get(name, 0.0) + now - last[0], 2)
+            last[0] = now
+        return clock
 
     def add_problem(self, path: str, reason: str) -> None:
         self.problems_total += 1
@@ -275,13 +296,15 @@ def open_tree(path: Path) -> _Tree:
     path = Path(path).expanduser()
     if path.is_file():
         if not zipfile.is_zipfile(path):
-            raise ValueError(f"{path} is a file but not a zip; pass an nn-dataset wheel or a checkout with ab/nn/.")
+            raise ValueError(f"{path} is a file but neither a zip nor an SQLite database; pass an nn-dataset "
+                             "wheel, a checkout with ab/nn/, or LEMUR 2.2's db/ab.nn.db.")
         return _ZipTree(path)
     if (path / "ab" / "nn").is_dir():
         return _DirTree(path)
     if path.name == "nn" and path.parent.name == "ab" and path.is_dir():
         return _DirTree(path.parent.parent)
-    raise ValueError(f"{path} holds no ab/nn/ folder; pass a LEMUR checkout or an nn-dataset wheel.")
+    raise ValueError(f"{path} holds no ab/nn/ folder; pass a LEMUR checkout, an nn-dataset wheel, or a "
+                     "LEMUR 2.2 database (db/ab.nn.db, or a folder holding it).")
 
 
 # --- listing -------------------------------------------------------------------------------------------
@@ -394,14 +417,15 @@ class TrialRecord:
         return tuple(sorted(self.hyper.items()))
 
 
-def _is_scalar(value: Any) -> bool:
-    return value is None or isinstance(value, (str, int, float, bool))
+# What JSON and SQLite hand back as scalars; compared by exact type (a set lookup, no isinstance chain:
+# this runs for every key of every one of the 578k records).
+_SCALAR_TYPES = frozenset({str, int, float, bool, type(None)})
 
 
 def hyperparameters(record: dict[str, Any]) -> dict[str, Any]:
     """The scalar hyperparameters of a record (LEMUR drops dict and list values the same way)."""
     return {k: v for k, v in record.items()
-            if k not in NOT_HYPERPARAMETERS and not k.startswith("metric_") and _is_scalar(v)}
+            if type(v) in _SCALAR_TYPES and k not in NOT_HYPERPARAMETERS and not k.startswith("metric_")}
 
 
 def prm_hash(hyper: dict[str, Any]) -> str:
@@ -563,53 +587,77 @@ def build_batch(tree: _Tree, work: _Work) -> _Batch:
 
 
 # --- writing ---------------------------------------------------------------------------------------------
-async def _produce(tree: _Tree, plan: list[_Work], send: anyio.abc.ObjectSendStream[_Batch]) -> None:
-    async with send:
-        for work in plan:
-            await send.send(await anyio.to_thread.run_sync(build_batch, tree, work))
+def _batches(tree: _Tree, plan: list[_Work], lookahead: int = 4) -> Iterator[_Batch]:
+    """`build_batch` of each work item, parsed up to `lookahead` items ahead in a second thread, so the
+    files are read while the previous model is written (sqlite3 releases the GIL while it writes)."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending: deque[Future[_Batch]] = deque()
+        items = iter(plan)
+        for work in itertools.islice(items, lookahead):
+            pending.append(pool.submit(build_batch, tree, work))
+        while pending:
+            batch = pending.popleft().result()
+            work_next = next(items, None)
+            if work_next is not None:
+                pending.append(pool.submit(build_batch, tree, work_next))
+            yield batch
 
 
-async def _write(store: ZooStore, batch: _Batch, report: ImportReport) -> None:
-    """One model and all its runs in one transaction; counts what was new."""
+def _count(batch: _Batch, report: ImportReport) -> None:
     for name in ("configs", "files", "code_files", "records", "configs_without_code"):
         setattr(report, name, getattr(report, name) + getattr(batch, name))
     report.skipped_records += batch.skipped
     for problem in batch.problems:
         report.add_problem(problem.path, problem.reason)
-    if batch.model is None:
+
+
+def _write(writer: BulkWriter, batch: _Batch, report: ImportReport, new_models: list[tuple[int, str, str]],
+           hasher: CodeHasher) -> None:
+    """One model and its runs into the bulk transaction; counts what was new. A new model's row waits in
+    `new_models` for its code hash (computed meanwhile by `hasher`, in other processes)."""
+    _count(batch, report)
+    model = batch.model
+    if model is None:
         return
-    existing = await store.fetchone("SELECT code_hash, origin FROM model WHERE name=?", (batch.model.name,))
-    _, results = await store.add_model_with_runs(batch.model, batch.runs)
+    existing = writer.models.get(model.name)
     if existing is None:
+        model_id = writer.reserve_model(model.name)
+        new_models.append((model_id, model.name, model.code))
+        hasher.add(model.code)
         report.models_added += 1
     else:
+        model_id = existing[0]
         report.models_existing += 1
-        if existing["code_hash"] != codehash.code_hash(batch.model.code):
-            report.add_problem(f"ab/nn/nn/{batch.model.name}.py",
-                               f"the zoo already has a {existing['origin']} model of this name with other "
+        if writer.has_other_code(model.name, model.code):
+            origin = writer.conn.execute("SELECT origin FROM model WHERE id=?", (model_id,)).fetchone()[0]
+            report.add_problem(f"ab/nn/nn/{model.name}.py",
+                               f"the zoo already has a {origin} model of this name with other "
                                "code; its code was kept and the imported runs were attached to it")
-    for run, (_, created) in zip(batch.runs, results, strict=True):
-        if created:
+    for run in batch.runs:
+        if writer.add_imported_run(run, model_id):
             report.runs_added += 1
             report.points_added += len(run.points)
         else:
             report.runs_existing += 1
 
 
-async def import_lemur(store: ZooStore, path: str | Path, progress: Progress | None = None, *,
-                       code_only_models: bool = True) -> ImportReport:
-    """Import a LEMUR checkout or nn-dataset wheel at `path` into `store`; see the module doc.
+def _finish_models(writer: BulkWriter, new_models: list[tuple[int, str, str]], hasher: CodeHasher) -> None:
+    writer.add_models([(model_id, name, code, code_hash, lemur_id, model_prefix(name), ORIGIN)
+                       for (model_id, name, code), (code_hash, lemur_id)
+                       in zip(new_models, hasher.results(), strict=True)])
 
-    `progress(done_files, total_files)` is called after each model (stat and code files counted).
-    With `code_only_models`, model files without any statistics are imported too, so that code
-    lookups and duplicate checks see the whole LEMUR zoo. Bad files are reported, never fatal; only
-    a path that is neither a checkout nor a zip raises ValueError.
-    """
+
+def import_tree(zoo_path: str | Path | None, path: str | Path, progress: Progress | None = None, *,
+                code_only_models: bool = True) -> ImportReport:
+    """The file importer, synchronous: a checkout or wheel into the zoo in one bulk transaction
+    (zoo.bulk_load); see `import_lemur` for the arguments."""
     started = time.perf_counter()
     report = ImportReport()
-    tree = await anyio.to_thread.run_sync(open_tree, Path(path))
+    tree = open_tree(Path(path))
+    writer: BulkWriter | None = None
+    hasher = CodeHasher()
     try:
-        listing = await anyio.to_thread.run_sync(lambda: list_tree(tree.names()))
+        listing = list_tree(tree.names())
         for problem in listing.problems:
             report.add_problem(problem.path, problem.reason)
         plan = plan_work(listing, code_only_models)
@@ -617,29 +665,58 @@ async def import_lemur(store: ZooStore, path: str | Path, progress: Progress | N
         done = 0
         if progress:
             progress(0, total)
-        send, receive = anyio.create_memory_object_stream[_Batch](max_buffer_size=4)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_produce, tree, plan, send)
-            async with receive:
-                async for batch in receive:
-                    await _write(store, batch, report)
-                    done += batch.files + batch.code_files
-                    if progress:
-                        progress(done, total)
+        writer = BulkWriter.open(zoo_path)
+        writer.begin(run_uid_prefix="lemur:")
+        clock = report.phase_clock()
+        new_models: list[tuple[int, str, str]] = []
+        for batch in _batches(tree, plan):
+            _write(writer, batch, report, new_models, hasher)
+            done += batch.files + batch.code_files
+            if progress:
+                progress(done, total)
+        clock("records")
+        _finish_models(writer, new_models, hasher)
+        clock("model hashes")
+        writer.commit(clock)
+    except BaseException:
+        if writer is not None:
+            writer.rollback()
+        raise
     finally:
+        if writer is not None:
+            writer.close()
+        hasher.close()
         tree.close()
     report.seconds = time.perf_counter() - started
     return report
 
 
+async def import_lemur(store: ZooStore, path: str | Path, progress: Progress | None = None, *,
+                       code_only_models: bool = True) -> ImportReport:
+    """Import a LEMUR checkout, nn-dataset wheel or 2.2 database at `path` into `store`; see the module doc.
+
+    A LEMUR 2.2 `ab.nn.db` (or a folder holding `db/ab.nn.db` and no statistics files) goes to
+    `lemur_db_import`. Either way the import runs in a worker thread on its own connection to the
+    store's file, as one bulk transaction (zoo.bulk_load).
+    `progress(done, total)` is called as it goes (files for a tree, records for a database).
+    With `code_only_models`, model files without any statistics are imported too, so that code
+    lookups and duplicate checks see the whole LEMUR zoo. Bad files and rows are reported, never fatal;
+    only a path that is neither a checkout, a zip nor a LEMUR database raises ValueError.
+    """
+    database = await anyio.to_thread.run_sync(find_database, Path(path))
+    if database is not None:
+        from lemur_agent_server.lemur_db_import import import_database
+        return await anyio.to_thread.run_sync(import_database, store.path, database, progress)
+    return await anyio.to_thread.run_sync(
+        functools.partial(import_tree, store.path, path, progress, code_only_models=code_only_models))
+
+
 def import_lemur_sync(zoo_path: str | Path | None, path: str | Path,
                       progress: Progress | None = None) -> ImportReport:
-    """Blocking wrapper for the CLI and scripts: opens the zoo, imports, closes it."""
-    async def main() -> ImportReport:
-        store = await ZooStore.open(zoo_path)
-        try:
-            return await import_lemur(store, Path(path), progress)
-        finally:
-            await store.close()
-
-    return anyio.run(main)
+    """Blocking entry point for the CLI and scripts (no event loop, no async store): a 2.2 database or
+    a checkout/wheel, into the zoo at `zoo_path`."""
+    database = find_database(Path(path))
+    if database is not None:
+        from lemur_agent_server.lemur_db_import import import_database
+        return import_database(zoo_path, database, progress)
+    return import_tree(zoo_path, path, progress)

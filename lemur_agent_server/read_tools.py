@@ -10,16 +10,30 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
+import anyio
 from mcp.server import MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp.types import ToolAnnotations
 from pydantic import Field
 
 from lemur_agent_server import contract
-from lemur_agent_server.schemas import Catalog, CatalogEntry, DatasetEntry, ModelDetail, QueryResult
+from lemur_agent_server.schemas import (
+    MAX_NAME_CHARS,
+    Catalog,
+    CatalogEntry,
+    Cursor,
+    DatasetEntry,
+    FilterText,
+    LemurMeasurements,
+    ModelDetail,
+    NameList,
+    Offset,
+    QueryResult,
+)
 from lemur_agent_server.state import AppState
 from lemur_agent_server.tool_wiring import tool
-from sandbox import datasets
+from sandbox import datasets, protocol
+from zoo.lemur_extras import lemur_extras_at
 from zoo.query import Filters, Page, QueryError
 
 CODE_BUDGET_CHARS = 60_000  # ~15k tokens of code per query_models answer
@@ -27,9 +41,9 @@ MODEL_CODE_CAP_CHARS = 80_000
 READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True,
                             open_world_hint=False)
 
-Task = Annotated[str | None, Field(description="Task, e.g. 'img-classification'. See list_catalog.")]
-Dataset = Annotated[str | None, Field(description="Dataset, e.g. 'cifar-10', 'mnist', 'digits'.")]
-Metric = Annotated[str | None, Field(description="Metric, e.g. 'acc' (accuracy in [0, 1]).")]
+Task = Annotated[FilterText, Field(description="Task, e.g. 'img-classification'. See list_catalog.")]
+Dataset = Annotated[FilterText, Field(description="Dataset, e.g. 'cifar-10', 'mnist', 'digits'.")]
+Metric = Annotated[FilterText, Field(description="Metric, e.g. 'acc' (accuracy in [0, 1]).")]
 
 
 async def unknown_model_error(state: AppState, name: str) -> ToolError:
@@ -60,7 +74,7 @@ async def list_catalog(state: AppState) -> Catalog:
         zoo=[CatalogEntry(**c) for c in counts],
         totals=await store.totals(),
         evaluator_datasets=dataset_entries(state.settings.data_root),
-        transforms=list(datasets.TRANSFORMS),
+        transforms=protocol.transform_catalog(),
         transform_help=contract.TRANSFORM_HELP,
         zoo_transforms={t["transform"]: t["runs"] for t in transforms[:50]},
         metrics=["acc"],
@@ -118,6 +132,9 @@ async def get_model(state: AppState, name: str, include_code: bool = True) -> Mo
     if code is not None and len(code) > MODEL_CODE_CAP_CHARS:
         code, cut = code[:MODEL_CODE_CAP_CHARS], True
     best = detail["best_run"]
+    extras = await anyio.to_thread.run_sync(lemur_extras_at, store.path, model["id"], best["id"] if best else None)
+    diagnostics = extras.pop("train_diagnostics", {})
+    curve = _with_diagnostics(detail["curve"], diagnostics.get("points", []))
     if best:
         best = {k: _maybe_json(v) for k, v in best.items() if k in BEST_RUN_FIELDS}
     return ModelDetail(
@@ -126,10 +143,21 @@ async def get_model(state: AppState, name: str, include_code: bool = True) -> Mo
         flops=model["flops"], code_quality=model["code_quality"],
         code_quality_detail=_maybe_json(model["code_quality_detail"]),
         supported_hyperparameters=_maybe_json(model["supported_hyperparameters"]),
-        summary=detail["summary"], best_run=best, curve=detail["curve"], weights=detail["weights"],
+        summary=detail["summary"], best_run=best, curve=curve, weights=detail["weights"],
         recent_runs=[{k: _maybe_json(v) for k, v in r.items()} for r in detail["recent_runs"]],
-        same_architecture=same, code=code, code_truncated=cut,
+        same_architecture=same, lemur=LemurMeasurements(**extras) if extras else None,
+        train_hardware=diagnostics.get("hardware"), code=code, code_truncated=cut,
     )
+
+
+DIAGNOSTIC_FIELDS = ("train_loss", "test_loss", "train_accuracy", "gradient_norm", "samples_per_second")
+
+
+def _with_diagnostics(curve: list[dict[str, Any]], points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The curve with LEMUR's per-epoch training diagnostics on the points of the same epoch."""
+    by_epoch = {p["epoch"]: p for p in points}
+    return [point | {k: by_epoch[point["epoch"]].get(k) for k in DIAGNOSTIC_FIELDS}
+            if point["epoch"] in by_epoch else point for point in curve]
 
 
 async def model_code(state: AppState, name: str) -> str:
@@ -184,23 +212,25 @@ def register_read_tools(mcp: MCPServer, state: AppState) -> None:
         task: Task = None,
         dataset: Dataset = None,
         metric: Metric = None,
-        nn: Annotated[list[str] | None, Field(
-            description="Only these model names (1-100 names)", max_length=100)] = None,
-        nn_prefix: Annotated[list[str] | None, Field(
+        nn: Annotated[NameList, Field(description="Only these model names (1-100 names)")] = None,
+        nn_prefix: Annotated[list[Annotated[str, Field(max_length=MAX_NAME_CHARS)]] | None, Field(
             description="Only names starting with one of these prefixes, e.g. ['rag-', 'ResNet']",
             max_length=20)] = None,
         epoch: Annotated[float | None, Field(
-            description="Only points after exactly this many epochs (0.5 steps allowed)", ge=0)] = None,
+            description="Only points after exactly this many epochs (0.5 steps allowed)", ge=0, le=10_000)] = None,
         min_accuracy: Annotated[float | None, Field(description="Minimum test accuracy, 0..1", ge=0, le=1)] = None,
         only_best_accuracy: Annotated[bool, Field(
             description="Keep the best row per task/dataset/metric/model/epoch")] = False,
         unique_nn: Annotated[bool, Field(description="Keep only the best row per model")] = False,
+        device_type: Annotated[FilterText, Field(
+            description="Only models LEMUR benchmarked on this device (its imported mobile benchmarks), "
+                        "e.g. 'Pixel 7'")] = None,
         sort: Annotated[Literal["accuracy", "duration", "accuracy_to_time", "params", "created", "name"], Field(
             description="Sort key; accuracy, accuracy_to_time and created sort descending by default")] = "accuracy",
         descending: Annotated[bool | None, Field(description="Override the sort direction")] = None,
         limit: Annotated[int, Field(description="Rows per page, 1..100", ge=1, le=100)] = 20,
-        offset: Annotated[int, Field(description="Rows to skip (ignored with cursor)", ge=0)] = 0,
-        cursor: Annotated[str | None, Field(description="next_cursor from the previous page")] = None,
+        offset: Annotated[Offset, Field(description="Rows to skip (ignored with cursor)")] = 0,
+        cursor: Annotated[Cursor, Field(description="next_cursor from the previous page")] = None,
         include_code: Annotated[bool, Field(
             description="Attach each row's model code (budget ~60k characters per answer)")] = False,
     ) -> QueryResult:
@@ -215,6 +245,7 @@ def register_read_tools(mcp: MCPServer, state: AppState) -> None:
         """
         filters = Filters(task=task, dataset=dataset, metric=metric, nn=tuple(nn or ()),
                           nn_prefix=tuple(nn_prefix or ()), epoch=epoch, min_accuracy=min_accuracy,
+                          device_type=device_type,
                           only_best_accuracy=only_best_accuracy, unique_nn=unique_nn)
         page = Page(sort=sort, descending=descending, limit=limit, offset=offset, cursor=cursor)
         return await query_models(state, filters, page, include_code)
@@ -226,8 +257,11 @@ def register_read_tools(mcp: MCPServer, state: AppState) -> None:
     ) -> ModelDetail:
         """Everything known about one model: its code, architecture stats (params, FLOPs, fingerprint),
         code-quality score, its runs summarized per task/dataset/metric, the learning curve of its best
-        run (a point every half epoch where recorded), the weights file of that run, and other models
-        with the same architecture. Use it to study a strong model before writing a variant.
+        run (a point every half epoch where recorded; for LEMUR records also train/test loss, train
+        accuracy and samples/s, with the training hardware), the weights file of that run, other models
+        with the same architecture, and for imported LEMUR models LEMUR's own measurements (`lemur`:
+        layer statistics, on-device benchmarks, TFLite, pruning; a few rows each with totals).
+        Use it to study a strong model before writing a variant.
         Next: submit_model with your modified code.
         """
         return await get_model(state, name, include_code)

@@ -1,14 +1,30 @@
-"""Pydantic shapes of the read-side tools' answers (structured output).
+"""Pydantic shapes of the read-side tools' answers (structured output), and the bounded argument
+types the tools share.
 
 Arguments are declared on the tool functions themselves (flat, each with a description) so that
-clients such as the MCP Inspector can pass them as simple key=value pairs.
+clients such as the MCP Inspector can pass them as simple key=value pairs. Their bounds live here so
+that every tool shows the same range in its schema (an agent reads the range before it calls) and
+`lemur_agent_server.arguments` names the same range when a call breaks it. Use them with a
+description: `offset: Annotated[Offset, Field(description="Rows to skip")] = 0`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field
+
+from zoo.query import MAX_CURSOR_CHARS, MAX_OFFSET
+
+MAX_NAME_CHARS = 300  # a model name (get_model already allows 300)
+MAX_FILTER_CHARS = 100  # task, dataset and metric filters: the longest real one has 18 characters
+MAX_NAMES = 100
+
+Offset = Annotated[int, Field(ge=0, le=MAX_OFFSET)]
+Cursor = Annotated[str | None, Field(max_length=MAX_CURSOR_CHARS)]
+FilterText = Annotated[str | None, Field(max_length=MAX_FILTER_CHARS)]
+ModelName = Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
+NameList = Annotated[list[Annotated[str, Field(max_length=MAX_NAME_CHARS)]] | None, Field(max_length=MAX_NAMES)]
 
 
 class ModelRow(BaseModel):
@@ -62,7 +78,8 @@ class Catalog(BaseModel):
     zoo: list[CatalogEntry] = Field(description="What the zoo holds: runs and models per task/dataset/metric")
     totals: dict[str, int]
     evaluator_datasets: list[DatasetEntry] = Field(description="Datasets submit_model can train on")
-    transforms: list[str]
+    transforms: dict[str, str] = Field(description="Every transform name the evaluator runs, with what it does; "
+                                                   "the default search uses the plain norm/echo ones")
     transform_help: str
     zoo_transforms: dict[str, int] = Field(description="Transforms seen in the zoo's runs, with run counts")
     metrics: list[str]
@@ -79,6 +96,12 @@ class CurvePoint(BaseModel):
     duration_ns: int | None = None
     accuracy_to_time: float | None = None
     elapsed_s: float | None = None
+    # LEMUR 2.2's per-epoch training diagnostics (its train_stat), where the imported record had them
+    train_loss: float | None = Field(default=None, description="Mean training loss of the epoch (LEMUR)")
+    test_loss: float | None = Field(default=None, description="Test loss after the epoch (LEMUR)")
+    train_accuracy: float | None = Field(default=None, description="Training accuracy of the epoch (LEMUR)")
+    gradient_norm: float | None = Field(default=None, description="Gradient norm (LEMUR)")
+    samples_per_second: float | None = Field(default=None, description="Training throughput (LEMUR)")
 
 
 class RunSummary(BaseModel):
@@ -91,6 +114,24 @@ class RunSummary(BaseModel):
     mean_accuracy: float | None
     best_accuracy_to_time: float | None
     max_epochs: float | None
+
+
+class LemurRows(BaseModel):
+    """At most a few rows of one of LEMUR's side tables, best first, and how many the model has."""
+
+    total: int = Field(description="Rows the model has in this table")
+    rows: list[dict[str, Any]] = Field(description="The first rows (LEMUR's column names; lemur_id = LEMUR's id)")
+
+
+class LemurMeasurements(BaseModel):
+    """What LEMUR 2.2 measured about a model beyond its training records (imported from its database)."""
+
+    architecture: LemurRows | None = Field(default=None, description="LEMUR's nn_stat: layers, params, FLOPs, "
+                                                                     "size, attention/residual flags")
+    mobile_benchmarks: LemurRows | None = Field(default=None, description="LEMUR's run: on-device latency "
+                                                                          "(CPU/GPU/NPU), RAM, precision, device")
+    tflite: LemurRows | None = Field(default=None, description="LEMUR's tflite: accuracy of TFLite exports")
+    pruning: LemurRows | None = Field(default=None, description="LEMUR's prun: pruning method, ratio, accuracy")
 
 
 class ModelDetail(BaseModel):
@@ -112,5 +153,12 @@ class ModelDetail(BaseModel):
                                                  "one: sha256, size, path, run_uid, run_accuracy")
     recent_runs: list[dict[str, Any]]
     same_architecture: list[str] = Field(description="Other models with the same fingerprint")
+    lemur: LemurMeasurements | None = Field(
+        default=None, description="LEMUR's own measurements of this model (imported LEMUR 2.2 database); "
+                                  "null when there are none. The same in full: nn_stat_data(), run_data(), "
+                                  "prun_data() of lemur_agent_server.api")
+    train_hardware: dict[str, Any] | None = Field(
+        default=None, description="Machine the best run trained on (LEMUR's train_stat: CPU, RAM, GPU); "
+                                  "its per-epoch losses and throughput are on the curve points")
     code: str | None = None
     code_truncated: bool = False

@@ -7,15 +7,47 @@ Context in mcp 2.x, but they need the store too. The lifespan fills this holder 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+import uuid
+from typing import TYPE_CHECKING, Any
 
 from mcp.server.mcpserver.exceptions import ToolError
 
 from lemur_agent_server.config import Settings
+from zoo.jobs import JobKind
 from zoo.store import ZooStore
 
 if TYPE_CHECKING:
     from lemur_agent_server.evaluator.queue import JobQueue
+    from lemur_agent_server.evaluator.requests import EvalRequest
+
+
+class WorkerElsewhere:
+    """The job side of a `--no-worker` server: jobs go into the zoo file's queue, where a
+    `lemur-agent-server worker` on the same zoo claims and runs them (its poll picks them up).
+
+    Why not refuse: the zoo's job table is the queue every worker reads, so accepting the job is
+    all this process has to do; checking needs a sandbox now, so `check` is the one refusal."""
+
+    def __init__(self, store: ZooStore, settings: Settings):
+        self.store = store
+        self.settings = settings
+
+    async def submit(self, request: EvalRequest) -> str:
+        from lemur_agent_server.evaluator.dedup import experiment_key
+        from lemur_agent_server.evaluator.requests import admit
+
+        request = admit(request, self.settings)  # the same door as the evaluator's own queue
+        job_id = "job-" + uuid.uuid4().hex[:12]
+        await self.store.jobs.create(job_id, JobKind.SUBMIT, request.model_dump(), dedup_key=experiment_key(request))
+        return job_id
+
+    async def check(self, request: EvalRequest) -> Any:
+        raise ToolError("check_model needs the evaluator in this server process, and this server runs without "
+                        "one (--no-worker). Use submit_model instead (a `lemur-agent-server worker` on the same "
+                        "zoo runs it; poll get_job), or ask the operator to start the server without --no-worker.")
+
+    async def cancel(self, job_id: str) -> str | None:
+        return await self.store.jobs.request_cancel(job_id)  # the worker running it sees the flag and stops
 
 
 @dataclasses.dataclass
@@ -29,8 +61,8 @@ class AppState:
             raise ToolError("The zoo is not open yet (the server is starting or stopping). Retry in a moment.")
         return self.store
 
-    def jobs(self) -> JobQueue:
+    def jobs(self) -> JobQueue | WorkerElsewhere:
+        """The evaluator of this process, or (with --no-worker) the shared queue a worker runs."""
         if self.queue is None:
-            raise ToolError("The evaluator is not running on this server. Start the server without "
-                            "--no-worker, or run `lemur-agent-server worker` beside it.")
+            return WorkerElsewhere(self.zoo(), self.settings)
         return self.queue

@@ -22,6 +22,7 @@ from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp.types import ImageContent, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field
 
+from lemur_agent_server.schemas import MAX_NAME_CHARS, FilterText, NameList, Offset
 from lemur_agent_server.tool_wiring import tool
 from stats import aggregates as agg
 from stats.plots import (
@@ -45,10 +46,10 @@ READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempot
 _LIMITER = anyio.CapacityLimiter(2)  # concurrent stats jobs (SQL + matplotlib) per server
 T = TypeVar("T")
 
-Task = Annotated[str | None, Field(description="Task, e.g. 'img-classification'. See list_catalog.")]
-Dataset = Annotated[str | None, Field(description="Dataset, e.g. 'cifar-10'. See list_catalog.")]
-Metric = Annotated[str | None, Field(description="Metric, e.g. 'acc' (accuracy as a fraction, 0..1).")]
-NnPrefix = Annotated[list[str] | None, Field(
+Task = Annotated[FilterText, Field(description="Task, e.g. 'img-classification'. See list_catalog.")]
+Dataset = Annotated[FilterText, Field(description="Dataset, e.g. 'cifar-10'. See list_catalog.")]
+Metric = Annotated[FilterText, Field(description="Metric, e.g. 'acc' (accuracy as a fraction, 0..1).")]
+NnPrefix = Annotated[list[Annotated[str, Field(max_length=MAX_NAME_CHARS)]] | None, Field(
     description="Only models whose name starts with one of these prefixes, e.g. ['rag-', 'alt-nn1-']")]
 Epoch = Annotated[float | None, Field(
     description="Use each run's point at this epoch (0.5 steps allowed, e.g. 1 or 2.5) instead of its last "
@@ -174,7 +175,7 @@ def register_stats_tools(mcp: MCPServer, get_zoo_path: Callable[[], Path]) -> No
         task: Task = None,
         dataset: Dataset = None,
         metric: Metric = None,
-        models: Annotated[list[str] | None, Field(
+        models: Annotated[list[Annotated[str, Field(max_length=MAX_NAME_CHARS)]] | None, Field(
             description="Exact model names. For kind=curves: the models to draw (at most 7); for other kinds: "
                         "only these models", max_length=7)] = None,
         nn_prefix: NnPrefix = None,
@@ -199,12 +200,12 @@ def register_stats_tools(mcp: MCPServer, get_zoo_path: Callable[[], Path]) -> No
         task: Task = None,
         dataset: Dataset = None,
         metric: Metric = None,
-        models: Annotated[list[str] | None, Field(description="Only these exact model names")] = None,
+        models: Annotated[NameList, Field(description="Only these exact model names")] = None,
         nn_prefix: NnPrefix = None,
         epoch: Epoch = None,
         min_accuracy: MinAccuracy = None,
         limit: Annotated[int, Field(description="Rows to return, 1..100", ge=1, le=100)] = 20,
-        offset: Annotated[int, Field(description="Rows to skip, for the next page (see next_offset)", ge=0)] = 0,
+        offset: Annotated[Offset, Field(description="Rows to skip, for the next page (see next_offset)")] = 0,
     ) -> Leaderboard:
         """Rank models by their best run: one row per model and task/dataset/metric, best first.
 

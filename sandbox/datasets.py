@@ -27,7 +27,6 @@ import importlib.util
 import json
 import os
 import pickle
-import re
 import shutil
 import struct
 import uuid
@@ -37,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from sandbox import protocol
+
 CACHE_FORMAT = 1
 TASK = "img-classification"
 METRIC = "acc"
@@ -44,19 +45,23 @@ ALLOW_DOWNLOAD_ENV = "LEMUR_ALLOW_DOWNLOAD"
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 # --- transforms (LEMUR names) -------------------------------------------------------------------------
-TRANSFORM_SIZES = (32, 64, 128, 224, 256, 299)
-TRANSFORMS: list[str] = [
-    f"{kind}_{size}{flip}" for kind in ("norm", "echo") for size in TRANSFORM_SIZES for flip in ("", "_flip")
-]
-_TRANSFORM_RE = re.compile(r"^(norm|echo)_(\d+)(_flip)?$")
+# The grammar is the host/runner contract (sandbox.protocol); these names are derived from it.
+TRANSFORM_SIZES = protocol.TRANSFORM_SIZES
+ALL_TRANSFORMS: list[str] = protocol.transform_names()  # every name the runner applies
+# The plain resize/flip/normalise names (norm*, echo*), the ones a job may search without being asked:
+# complex input, crops or padding change what a model must accept (protocol.Transform.searched_by_default),
+# so those are used only where a request names them (prm or search_space).
+TRANSFORMS: list[str] = [t for t in ALL_TRANSFORMS if protocol.parse_transform(t).searched_by_default]
 
 
-def transform_size(name: str) -> int:
-    """Square side (pixels) that transform `name` resizes images to. Raises ValueError if unknown."""
-    match = _TRANSFORM_RE.match(name)
-    if match is None or int(match.group(2)) not in TRANSFORM_SIZES:
-        raise ValueError(f"unknown transform {name!r}; allowed: {', '.join(TRANSFORMS)}")
-    return int(match.group(2))
+def transform_size(name: str, native: int | None = None) -> int:
+    """Square side (pixels) that images have after transform `name`; a sizeless name (`norm`) keeps the
+    dataset's own side `native`. Raises ValueError if unknown (naming the closest names), or sizeless
+    without `native`."""
+    size = protocol.parse_transform(name, native).size
+    if size is None:
+        raise ValueError(f"transform {name!r} keeps the dataset's own size: say which dataset")
+    return size
 
 
 # --- registry -----------------------------------------------------------------------------------------

@@ -19,8 +19,9 @@ from typing import Any
 
 from sandbox._docker_common import NAME_PREFIX, docker_sdk, log, remove_container, timeout_errors
 from sandbox.backend import Exit, JobPaths, Limits, LogTail, MonitoredHandle
+from sandbox.protocol import TimeBudget
 
-KILL_GRACE_S = 30.0
+KILL_GRACE_S = TimeBudget.STOP_GRACE_S
 """How long a container may take to stop after our kill before the monitor gives up on it.
 
 Docker's own overrun of a job's wall clock: `kill` is sent at the deadline (and again every few

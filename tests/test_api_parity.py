@@ -8,7 +8,6 @@ import hashlib
 import inspect
 import json
 import re
-import sqlite3
 from pathlib import Path
 
 import anyio
@@ -47,6 +46,8 @@ def test_signatures_match_lemur_2_2_11():
     positional_then_keyword_only(api.data, LEMUR_DATA)
     assert [p for p in inspect.signature(api.nn_stat_data).parameters][:3] == ["nn_name", "prm_id", "max_rows"]
     assert [p for p in inspect.signature(api.run_data).parameters][:3] == ["model_name", "device_type", "max_rows"]
+    assert [p for p in inspect.signature(api.prun_data).parameters][:4] == ["model_name", "pruning_method",
+                                                                            "task_dataset", "max_rows"]
 
 
 def test_lemur_name_rule():
@@ -155,37 +156,13 @@ def test_data_takes_lemur_2_2_arguments(tmp_path: Path):
     with pytest.raises(ValueError, match="JoinConf"):
         api.data(sql=object(), zoo=zoo)
 
-    # the side tables are absent: empty frames with LEMUR's columns
+    # no LEMUR side tables imported: empty frames with LEMUR's columns
     assert list(api.nn_stat_data(zoo=zoo).columns) == api_tables.NN_STAT_DATA_COLUMNS
-    assert api.nn_stat_data(zoo=zoo).empty and api.run_data(zoo=zoo).empty
+    assert api.nn_stat_data(zoo=zoo).empty and api.run_data(zoo=zoo).empty and api.prun_data(zoo=zoo).empty
     assert list(api.run_data(zoo=zoo).columns) == api_tables.RUN_DATA_COLUMNS
+    assert list(api.prun_data(zoo=zoo).columns) == api_tables.PRUN_DATA_COLUMNS
 
-    # with the documented shape present (the LEMUR database importer fills these)
-    conn = sqlite3.connect(zoo)
-    model_id = conn.execute("SELECT id FROM model WHERE name='alt-m0'").fetchone()[0]
-    conn.execute("CREATE TABLE nn_stat (model_id INTEGER, prm_id TEXT, id TEXT, total_params INTEGER,"
-                 " max_depth INTEGER, has_residual_connections INTEGER, meta_json TEXT, error TEXT)")
-    conn.execute("INSERT INTO nn_stat VALUES(?, 'p1', 's1', 1234, 7, 1, '{\"k\": 1}', NULL)", (model_id,))
-    conn.execute("CREATE TABLE device_run (model_id INTEGER, id TEXT, device_type TEXT, cpu_duration INTEGER,"
-                 " device_analytics_json TEXT, precision_type TEXT)")
-    conn.execute("INSERT INTO device_run VALUES(?, 'r1', 'pixel-7', 5000, '{\"soc\": \"x\"}', 'fp32')", (model_id,))
-    conn.execute("CREATE TABLE tflite (model_id INTEGER, id TEXT, accuracy REAL, transform TEXT,"
-                 " precision_type TEXT)")
-    conn.execute("INSERT INTO tflite VALUES(?, 't1', 0.5, 'norm_32', 'int8')", (model_id,))
-    conn.commit()
-    conn.close()
-    stats = api.nn_stat_data(nn_name="alt-m0", zoo=zoo)
-    assert stats.to_dict("records")[0] == {**dict.fromkeys(api_tables.NN_STAT_DATA_COLUMNS), "id": "s1",
-                                                "nn_name": "alt-m0", "prm_id": "p1", "total_params": 1234,
-                                                "max_depth": 7, "has_residual_connections": 1, "meta": {"k": 1}}
-    assert api.nn_stat_data(prm_id="other", zoo=zoo).empty
-    runs = api.run_data(device_type="pixel-7", zoo=zoo).to_dict("records")
-    assert len(runs) == 1 and runs[0]["model_name"] == "alt-m0" and runs[0]["cpu_duration"] == 5000
-    assert runs[0]["device_analytics"] == {"soc": "x"} and runs[0]["tflite_precision_type"] == "int8"
-    assert runs[0]["tflite_accuracy"] == 0.5 and runs[0]["gpu_duration"] is None
-    best = api.data(nn="alt-m0", epoch=2.0, dataset="cifar-10", include_nn_stats=True, zoo=zoo).iloc[0]
-    assert best["nn_total_params"] == 1234 and best["nn_max_depth"] == 7 and best["nn_has_residual"] == 1
-    assert best["nn_stats_meta"] == {"k": 1}
+    # imported LEMUR side tables (nn_stat, run, tflite, prun) are read in tests/test_lemur_tables.py
 
 
 def test_save_path_without_archive_writes_the_known_points(tmp_path: Path):

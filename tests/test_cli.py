@@ -37,7 +37,8 @@ def test_import_of_an_unsupported_file_is_one_line(tmp_path: Path, zoo: str) -> 
     proc = cli(tmp_path, "import-lemur", "--zoo", zoo, "notes.txt")
     assert proc.returncode == 2
     line = one_line(proc)
-    assert line.startswith("lemur-agent-server import-lemur: ") and "not a zip" in line and "pass" in line
+    assert line.startswith("lemur-agent-server import-lemur: ") and "pass" in line
+    assert "neither a zip nor an SQLite database" in line
 
 
 def test_debug_shows_the_traceback_and_still_ends_with_the_line(tmp_path: Path, zoo: str) -> None:

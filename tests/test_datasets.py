@@ -64,13 +64,21 @@ def test_registry_lists_all_datasets_and_rejects_unknown_names() -> None:
 def test_transform_names_sizes_and_runner_agreement() -> None:
     from sandbox.runner.params import parse_transform  # torch-free, same rules as the sandbox
 
-    assert {"norm_32", "norm_299_flip", "echo_224", "echo_64_flip"} <= set(datasets.TRANSFORMS)
-    assert len(datasets.TRANSFORMS) == 24
-    for name in datasets.TRANSFORMS:
-        parsed = parse_transform(name)
-        assert parsed.size == datasets.transform_size(name)
-        assert parsed.normalize == name.startswith("norm") and parsed.flip == name.endswith("_flip")
-    for bad in ("norm_31", "norm", "resize_32", "norm_32_flop"):
+    assert {"norm_32", "norm_299_flip", "echo_224", "echo_64_flip", "norm", "echo_flip"} <= set(datasets.TRANSFORMS)
+    # 3 kinds (norm, echo, complex) x 7 sizes x (plain, flip), the 6 sizeless names, and 2 named recipes
+    assert len(datasets.ALL_TRANSFORMS) == 42 + 6 + 2
+    assert {"norm_512_flip", "complex_64", "complex", "soft_pad"} <= set(datasets.ALL_TRANSFORMS)
+    assert len(datasets.TRANSFORMS) == 28 + 4  # searched unasked: norm/echo x 7 sizes x (plain, flip), 4 sizeless
+    for name in datasets.ALL_TRANSFORMS:
+        parsed = parse_transform(name, 28)
+        assert parsed.size == datasets.transform_size(name, 28)
+        assert parsed.normalize == name.startswith(("norm", "bf-v1-"))
+        assert parsed.flip == name.endswith(("_flip", "Flip"))
+        assert parsed.complex == name.startswith("complex")
+    assert datasets.transform_size("norm_flip", 28) == 28 and datasets.transform_size("norm_64", 28) == 64
+    with pytest.raises(ValueError, match="own size"):
+        datasets.transform_size("echo")  # a sizeless name needs the dataset's size
+    for bad in ("norm_31", "resize_32", "norm_32_flop", "flip"):
         with pytest.raises(ValueError):
             datasets.transform_size(bad)
 

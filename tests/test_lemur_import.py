@@ -18,12 +18,17 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 import zipfile
 from collections.abc import AsyncIterator
+from contextlib import closing
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
 
+from lemur_agent_server.lemur_db_source import LemurDatabase
 from lemur_agent_server.lemur_import import (
     MAX_PROBLEMS,
     ConfigName,
@@ -35,6 +40,8 @@ from lemur_agent_server.lemur_import import (
     parse_config,
     parse_record,
 )
+from zoo import connection, schema
+from zoo.lemur_extras import MAX_ROWS, curve_diagnostics, lemur_extras_at, model_extras
 from zoo.query import Filters, Page
 from zoo.records import Model, Point
 from zoo.store import ZooStore
@@ -371,3 +378,291 @@ def test_problem_list_is_capped_but_counted() -> None:
         report.add_problem(f"f{i}.json", "bad")
     assert len(report.problems) == MAX_PROBLEMS and report.problems_total == MAX_PROBLEMS + 5
     assert report.as_dict()["problems_total"] == MAX_PROBLEMS + 5
+
+
+# --- LEMUR 2.2's database (db/ab.nn.db) -------------------------------------------------------------------
+# A small database written by our own builder (bench/lemur_db_synth.py) in LEMUR 2.2's schema:
+# - TinyNet on cifar-10: trial A, 3 epochs with train_stat; trial B, 2 epochs without; an epoch-4 row of
+#   B with no accuracy (a bad row). Every record re-inserts its prm rows (duplicates), with an `epoch` key.
+# - CapNet on coco: 2.2.11 uids that change every epoch, one hyperparameter set: one run of 2 epochs.
+# - GhostNet: records, but no row in nn. OnlyCode: a row in nn, no records.
+# - nn_stat / run / tflite / prun rows for TinyNet (12 mobile benchmarks, to see the cap).
+DB_A, DB_B = "da000000000000000000000000000001", "db000000000000000000000000000002"
+CAP_CFG = "img-captioning_coco_bleu_CapNet"
+GPU = "Synthetic GPU 24GB"
+
+
+def _train(epoch: int) -> dict[str, Any]:
+    return {"train_loss": 1.0 / epoch, "test_loss": 1.2 / epoch, "train_accuracy": 0.3 + epoch / 10,
+            "gradient_norm": 2.0 + epoch, "samples_per_second": 1000.0 * epoch, "epoch_max": 3, "cpu_count": 8,
+            "cpu_type": "x86_64", "total_ram_kb": 1000.0, "gpu_type": GPU, "gpu_total_memory_kb": 24e6,
+            "occupied_gpu_memory_kb": 1e6 * epoch}
+
+
+def build_lemur_db(path: Path, side_tables: bool = True) -> dict[str, str]:
+    """The fixture database; returns the stat ids the tests look for."""
+    from bench.lemur_db_synth import LemurDbWriter
+
+    ids: dict[str, str] = {}
+    with LemurDbWriter(path) as w:
+        for name in ("TinyNet", "CapNet", "OnlyCode"):
+            w.model(name, f"class Net:  # {name}\n    pass\n")
+        a = {"uid": DB_A, "lr": 0.01, "batch": 32, "momentum": 0.9, "transform": "norm_32", "epoch": 3}
+        b = {"uid": DB_B, "lr": 0.02, "batch": 64, "momentum": 0.8, "transform": "norm_32"}
+        for epoch, acc in ((1, 0.5), (2, 0.6), (3, 0.7)):
+            w.record("img-classification", "cifar-10", "acc", "TinyNet", epoch, a, acc, epoch * 10**10,
+                     _train(epoch))
+        for epoch, acc in ((1, 0.4), (2, 0.45)):
+            w.record("img-classification", "cifar-10", "acc", "TinyNet", epoch, b, acc, epoch * 10**10)
+        ids["bad"] = w.record("img-classification", "cifar-10", "acc", "TinyNet", 4, b, None, 4 * 10**10)
+        for epoch, acc in ((1, 0.2), (2, 0.25)):
+            cap = {"uid": f"c{epoch}" * 16, "lr": 0.001, "batch": 8, "transform": "norm_224"}
+            w.record("img-captioning", "coco", "bleu", "CapNet", epoch, cap, acc, epoch * 10**9)
+        w.record("img-classification", "svhn", "acc", "GhostNet", 1, {"uid": "g" * 32, "transform": "x"}, 0.3, 1)
+        if side_tables:
+            w.side("nn_stat", {"id": "ns1", "nn_name": "TinyNet", "prm_id": DB_A, "total_params": 1234,
+                               "flops": 56789, "model_size_mb": 0.5, "meta_json": '{"input": [1, 3, 32, 32]}'})
+            for i in range(12):
+                w.side("run", {"id": f"mr{i:02d}", "model_name": "TinyNet", "device_type": "Pixel 7", "valid": 1,
+                               "duration": 1000 + i, "precision_type": "fp32"})
+            w.side("tflite", {"id": "tf1", "model_name": "TinyNet", "accuracy": 0.49, "precision_type": "int8"})
+            w.side("prun", {"id": "pr1", "model_name": "TinyNet", "pruning_method": "l1", "accuracy": 0.41,
+                            "task_dataset": "img-classification_cifar-10", "pruning_ratio": 0.5})
+    return ids
+
+
+@pytest.fixture
+def lemur_db(tmp_path: Path) -> Path:
+    path = tmp_path / "lemur" / "db" / "ab.nn.db"
+    path.parent.mkdir(parents=True)
+    build_lemur_db(path)
+    return path
+
+
+def zoo_conn(store: ZooStore) -> sqlite3.Connection:
+    return sqlite3.connect(store.path)
+
+
+@pytest.mark.anyio
+async def test_database_trials_become_runs_with_their_curves(store: ZooStore, lemur_db: Path) -> None:
+    seen: list[tuple[int, int]] = []
+    report = await import_lemur(store, lemur_db, progress=lambda done, total: seen.append((done, total)))
+    assert report.source == "lemur-db"
+    assert (report.models_added, report.runs_added, report.points_added, report.records) == (3, 3, 7, 9)
+    assert (report.skipped_records, report.configs_without_code, report.train_points) == (2, 1, 3)
+    assert seen[0] == (0, 9 + 15) and seen[-1] == (24, 24)
+    a = await run_row(store, f"lemur:{CIFAR_TINY}:{DB_A}")
+    # prm rows deduplicated into one JSON; `epoch` dropped, `transform` kept (and as the run's transform)
+    assert json.loads(a["prm"]) == {"batch": 32, "lr": 0.01, "momentum": 0.9, "transform": "norm_32"}
+    assert (a["transform"], a["device"], a["epochs"], a["accuracy"]) == ("norm_32", GPU, 3.0, 0.7)
+    points = await curve(store, a["uid"])
+    assert [(p["epoch"], p["accuracy"], p["loss"]) for p in points] == [(1.0, 0.5, 1.0), (2.0, 0.6, 0.5),
+                                                                       (3.0, 0.7, pytest.approx(1 / 3))]
+    assert points[0]["accuracy_to_time"] == pytest.approx((0.5 - 0.1) / 0.1)
+    b = await curve(store, f"lemur:{CIFAR_TINY}:{DB_B}")
+    assert [(p["epoch"], p["accuracy"], p["loss"]) for p in b] == [(1.0, 0.4, None), (2.0, 0.45, None)]
+
+
+@pytest.mark.anyio
+async def test_database_per_epoch_uids_are_one_run(store: ZooStore, lemur_db: Path) -> None:
+    await import_lemur(store, lemur_db)
+    runs = await store.fetchall("SELECT uid, prm FROM run WHERE uid LIKE ?", (f"lemur:{CAP_CFG}:%",))
+    assert len(runs) == 1 and runs[0]["uid"].startswith(f"lemur:{CAP_CFG}:prm-")
+    assert [p["accuracy"] for p in await curve(store, runs[0]["uid"])] == [0.2, 0.25]
+
+
+@pytest.mark.anyio
+async def test_database_train_diagnostics_on_the_curve(store: ZooStore, lemur_db: Path) -> None:
+    await import_lemur(store, lemur_db)
+    a = await run_row(store, f"lemur:{CIFAR_TINY}:{DB_A}")
+    b = await run_row(store, f"lemur:{CIFAR_TINY}:{DB_B}")
+    with closing(zoo_conn(store)) as conn:
+        diag = curve_diagnostics(conn, a["id"])
+        empty = curve_diagnostics(conn, b["id"])
+    assert diag["hardware"] == {"cpu_count": 8, "cpu_type": "x86_64", "epoch_max": 3, "gpu_total_memory_kb": 24e6,
+                                "gpu_type": GPU, "total_ram_kb": 1000.0}
+    assert [p["epoch"] for p in diag["points"]] == [1.0, 2.0, 3.0]
+    second = diag["points"][1]
+    assert (second["train_loss"], second["test_loss"], second["train_accuracy"], second["gradient_norm"],
+            second["samples_per_second"]) == (0.5, 0.6, pytest.approx(0.5), 4.0, 2000.0)
+    assert second["usage"] == {"occupied_gpu_memory_kb": 2e6}
+    assert empty == {"hardware": None, "points": []}
+
+
+@pytest.mark.anyio
+async def test_database_extras_are_kept_and_bounded(store: ZooStore, lemur_db: Path) -> None:
+    report = await import_lemur(store, lemur_db)
+    assert report.extras == {"nn_stat": 1, "run": 12, "tflite": 1, "prun": 1}
+    tiny = await store.model_by_name("TinyNet")
+    only = await store.model_by_name("OnlyCode")
+    assert tiny is not None and only is not None
+    assert (tiny["params"], tiny["flops"]) == (1234, 56789)          # from nn_stat
+    with closing(zoo_conn(store)) as conn:
+        extras = model_extras(conn, tiny["id"])
+        assert model_extras(conn, only["id"]) == {}
+        assert model_extras(conn, 10**9) == {}
+    assert set(extras) == {"architecture", "mobile_benchmarks", "tflite", "pruning"}
+    arch = extras["architecture"]["rows"][0]
+    assert (arch["lemur_id"], arch["total_params"], arch["flops"], arch["meta"]) == (
+        "ns1", 1234, 56789, {"input": [1, 3, 32, 32]})
+    mobile = extras["mobile_benchmarks"]
+    assert mobile["total"] == 12 and len(mobile["rows"]) == MAX_ROWS
+    assert mobile["rows"][0] == {"lemur_id": "mr00", "device_type": "Pixel 7", "valid": 1, "duration": 1000,
+                                 "precision_type": "fp32"}
+    assert extras["pruning"]["rows"][0]["pruning_method"] == "l1"
+    assert extras["tflite"]["rows"][0]["precision_type"] == "int8"
+    # a model present in nn without records is a model without runs
+    assert await store.fetchall("SELECT id FROM run WHERE model_id=?", (only["id"],)) == []
+    # the same on a connection of its own, with the best run's training diagnostics, for async callers
+    a = await run_row(store, f"lemur:{CIFAR_TINY}:{DB_A}")
+    both = await anyio.to_thread.run_sync(lemur_extras_at, store.path, tiny["id"], a["id"])
+    assert both["architecture"] == extras["architecture"]
+    assert [p["epoch"] for p in both["train_diagnostics"]["points"]] == [1.0, 2.0, 3.0]
+    assert "train_diagnostics" not in await anyio.to_thread.run_sync(lemur_extras_at, store.path, only["id"], None)
+
+
+@pytest.mark.anyio
+async def test_database_second_import_adds_nothing(store: ZooStore, lemur_db: Path) -> None:
+    await import_lemur(store, lemur_db)
+    before = await table_counts(store)
+    again = await import_lemur(store, lemur_db)
+    assert (again.models_added, again.runs_added, again.points_added, again.train_points) == (0, 0, 0, 0)
+    assert (again.models_existing, again.runs_existing, sum(again.extras.values())) == (3, 3, 0)
+    assert await table_counts(store) == before == (3, 3, 7)
+
+
+@pytest.mark.anyio
+async def test_database_is_never_written(store: ZooStore, lemur_db: Path) -> None:
+    data, mtime = lemur_db.read_bytes(), lemur_db.stat().st_mtime_ns
+    listing = sorted(p.name for p in lemur_db.parent.iterdir())
+    await import_lemur(store, lemur_db)
+    assert lemur_db.read_bytes() == data and lemur_db.stat().st_mtime_ns == mtime
+    assert sorted(p.name for p in lemur_db.parent.iterdir()) == listing   # no journal or WAL left behind
+
+
+def test_database_opened_read_only(lemur_db: Path) -> None:
+    db = LemurDatabase(lemur_db)
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="readonly|read-only|query_only"):
+            db.conn.execute("DELETE FROM prm")
+    finally:
+        db.close()
+
+
+@pytest.mark.anyio
+async def test_database_bad_rows_are_reported_not_fatal(store: ZooStore, tmp_path: Path) -> None:
+    path = tmp_path / "ab.nn.db"
+    ids = build_lemur_db(path)
+    report = await import_lemur(store, path)
+    reasons = {p.path: p.reason for p in report.problems}
+    assert set(reasons) == {f"stat:{ids['bad']}", "stat:img-classification_svhn_acc_GhostNet"}
+    assert "accuracy None is not a finite number" in reasons[f"stat:{ids['bad']}"]
+    assert "no model code for 'GhostNet'" in reasons["stat:img-classification_svhn_acc_GhostNet"]
+    assert report.runs_added == 3
+
+
+def test_database_folder_and_sync_wrapper(tmp_path: Path, lemur_db: Path) -> None:
+    report = import_lemur_sync(tmp_path / "zoo2.sqlite", lemur_db.parent.parent)   # the folder holding db/
+    assert (report.source, report.runs_added) == ("lemur-db", 3)
+
+
+@pytest.mark.anyio
+async def test_database_without_side_tables_or_train_stat(store: ZooStore, tmp_path: Path) -> None:
+    """A database built from 2.1 files (side tables empty) or an older build (tables absent)."""
+    path = tmp_path / "ab.nn.db"
+    build_lemur_db(path, side_tables=False)
+    with closing(sqlite3.connect(path)) as conn:
+        conn.executescript("DROP TABLE train_stat; DROP TABLE tflite; DROP TABLE nn_stat;")
+    report = await import_lemur(store, path)
+    assert (report.runs_added, report.points_added, report.train_points) == (3, 7, 0)
+    assert report.extras == {"nn_stat": 0, "run": 0, "tflite": 0, "prun": 0}
+    a = await run_row(store, f"lemur:{CIFAR_TINY}:{DB_A}")
+    assert a["device"] is None and [p["loss"] for p in await curve(store, a["uid"])] == [None] * 3
+
+
+@pytest.mark.anyio
+async def test_database_rows_are_found_by_the_query_language(store: ZooStore, lemur_db: Path) -> None:
+    await import_lemur(store, lemur_db)
+    result = await store.query(Filters(task="img-classification", dataset="cifar-10", metric="acc", epoch=2,
+                                       only_best_accuracy=True), Page(limit=10))
+    assert [(r["name"], r["accuracy"], r["run_uid"]) for r in result["rows"]] == [
+        ("TinyNet", 0.6, f"lemur:{CIFAR_TINY}:{DB_A}")]
+
+
+@pytest.mark.anyio
+async def test_an_sqlite_file_that_is_not_lemur_raises(store: ZooStore, tmp_path: Path) -> None:
+    path = tmp_path / "other.db"
+    with closing(sqlite3.connect(path)) as conn:
+        conn.execute("CREATE TABLE x (y)")
+    with pytest.raises(ValueError, match="without LEMUR's tables"):
+        await import_lemur(store, path)
+
+
+def test_large_database_rebuilds_indexes_and_best_points(tmp_path: Path) -> None:
+    """Past the bulk threshold the importer drops the point indexes and rebuilds them at the end: the
+    zoo must come out with the same indexes as a fresh one and best_point equal to its recomputation."""
+    from bench.lemur_db_synth import build_synthetic
+
+    db = tmp_path / "synthetic.db"
+    info = build_synthetic(db, records=22_000, models=40, train_share=0.3)
+    fresh = tmp_path / "fresh.sqlite"
+    connection.initialize(fresh)
+    zoo = tmp_path / "zoo.sqlite"
+    report = import_lemur_sync(zoo, db)
+    assert (report.records, report.points_added, report.problems_total) == (info["records"], info["records"], 0)
+    query = "SELECT name, sql FROM sqlite_master WHERE type='index' ORDER BY name"
+    with closing(sqlite3.connect(fresh)) as a, closing(sqlite3.connect(zoo)) as b:
+        assert b.execute(query).fetchall() == a.execute(query).fetchall()
+        best = "SELECT task, dataset, metric, epoch, model_id, accuracy FROM best_point ORDER BY 1, 2, 3, 4, 5"
+        imported = b.execute(best).fetchall()
+        b.execute("BEGIN")
+        schema.rebuild_best_points(b)
+        assert imported == b.execute(best).fetchall() and len(imported) >= 500
+        b.execute("ROLLBACK")
+
+
+def lemur_db_from_fixture(path: Path) -> int:
+    """The database LEMUR 2.2 would build from the fixture's files (its records with a numeric accuracy,
+    of configs with model code), written by our builder the way LEMUR's writer lays rows out."""
+    from bench.lemur_db_synth import LemurDbWriter
+
+    written = 0
+    stat = FIXTURE / "ab/nn/stat"
+    config_dirs = [d for d in (stat / "train").iterdir()] + [d for d in stat.iterdir() if d.name != "train"]
+    with LemurDbWriter(path) as w:
+        for code in (FIXTURE / "ab/nn/nn").glob("*.py"):
+            if not code.name.startswith("__"):
+                w.model(code.stem, code.read_text())
+        for config_dir in config_dirs:
+            parsed = parse_config(config_dir.name)
+            if parsed is None or not (FIXTURE / "ab/nn/nn" / f"{parsed.nn}.py").exists():
+                continue
+            for epoch_file in config_dir.glob("*.json"):
+                try:
+                    records = json.loads(epoch_file.read_text())
+                except ValueError:
+                    continue
+                for record in records:
+                    if not isinstance(record, dict) or not isinstance(record.get("accuracy"), float):
+                        continue
+                    prm = {k: v for k, v in record.items()  # what SQLite can bind (LEMUR's rows hold scalars)
+                           if k not in ("accuracy", "duration", "train_stat") and isinstance(v, (str, int, float))}
+                    train = record.get("train_stat") if isinstance(record.get("train_stat"), dict) else None
+                    w.record(parsed.task, parsed.dataset, parsed.metric, parsed.nn, int(epoch_file.stem), prm,
+                             record["accuracy"], record.get("duration"), train)
+                    written += 1
+    return written
+
+
+@pytest.mark.anyio
+async def test_database_built_from_the_files_gives_the_same_runs(store: ZooStore, tmp_path: Path) -> None:
+    """A user who imported the 2.1 files and now imports LEMUR 2.2's database of the same records gets
+    nothing twice: both importers name the runs alike, per-epoch uids included."""
+    path = tmp_path / "ab.nn.db"
+    assert lemur_db_from_fixture(path) == 16
+    files = await import_lemur(store, FIXTURE)
+    database = await import_lemur(store, path)
+    assert (files.runs_added, files.points_added) == (9, 16)
+    assert (database.runs_added, database.points_added, database.runs_existing) == (0, 0, 9)
+    assert (database.models_added, database.models_existing) == (0, 4)
+    assert await table_counts(store) == (4, 9, 16)

@@ -187,6 +187,9 @@ JOBS: dict[str, tuple[str, str, dict[str, Any]]] = {
         for name, tf in REFERENCE_CASES
     },
     "fp-sequential": (SEQUENTIAL_NET, "check", {}),
+    "size-512": (SEQUENTIAL_NET, "check", {"fixed_prm": {"transform": "echo_512"}}),
+    "native-size": (SEQUENTIAL_NET, "train", {"fixed_prm": {"transform": "norm_flip", "batch": 32}, "n_trials": 1,
+                                              "epochs": 0.5, **SMALL}),
     "fp-functional": (FUNCTIONAL_NET, "check", {}),
     "fp-wider": (WIDER_NET, "check", {}),
     "syntax": (SEQUENTIAL_NET.replace("def forward(self, x):", "def forward(self, x)"), "check", {}),
@@ -287,6 +290,20 @@ def test_fingerprint_identifies_the_computation_not_the_code(runs: dict[str, Run
 
 
 # --- failure kinds ---------------------------------------------------------------------------------------
+def test_a_sizeless_transform_keeps_the_dataset_size(runs: dict[str, Run]) -> None:
+    run = runs["native-size"]  # LEMUR's `norm_flip`: normalise and flip, no resize (digits are 8 x 8)
+    assert run.rc == 0, run.log
+    assert run.one(protocol.EVENT_CHECK)["in_shape"] == [1, 1, 8, 8]
+    end = run.one(protocol.EVENT_TRIAL_END)
+    assert end["status"] == "completed" and len(run.of(protocol.EVENT_POINT)) == 1, run.events
+
+
+def test_a_512_transform_resizes_to_512(runs: dict[str, Run]) -> None:
+    run = runs["size-512"]  # LEMUR's norm_512 / echo_512 records
+    assert run.rc == 0, run.log
+    assert run.one(protocol.EVENT_CHECK)["in_shape"] == [1, 1, 512, 512]
+
+
 def test_syntax_error(runs: dict[str, Run]) -> None:
     assert_error(runs["syntax"], protocol.STAGE_CHECK, protocol.KIND_SYNTAX, "line")
 
@@ -481,6 +498,7 @@ def test_time_budget_is_honoured(tmp_path: Path, digits: datasets.PreparedDatase
         eval_every=eval_every,
         time_budget_s=budget,
         fixed_prm={"batch": 16, "lr": 0.05, "momentum": 0.9},
+        max_train_samples=160,  # ~9 steps (0.45 s) an epoch: 20 epochs overrun the budget, a point fits
         max_test_samples=100,
     )
     assert run.rc == 0, run.log
@@ -495,11 +513,59 @@ def test_time_budget_is_honoured(tmp_path: Path, digits: datasets.PreparedDatase
         len(ends) == 1 and ends[0]["status"] == "pruned" and ends[0]["error"]["kind"] == protocol.KIND_TIMEOUT
     )
     assert len(run.of(protocol.EVENT_TRIAL_START)) == 1  # no trial starts after the budget is spent
-    assert done["best_trial"] is None
     points = run.of(protocol.EVENT_POINT)
+    assert points, "the budget left time for at least one evaluation"
     for point in points:
         assert point["elapsed_s"] <= budget and (run.out / point["preds"]).is_file()
-    if eval_every > 1 and points:  # the one segment was cut short: its point is at the fraction reached
-        assert len(points) == 1 and 0 < points[0]["epoch"] < 20
-    if points:
-        assert ends[0]["weights"] and (run.out / ends[0]["weights"]).is_file()
+        assert 0 < point["epoch"] < 20
+    # between segments: a point every half epoch; inside the one segment: one point, at the fraction reached
+    assert (len(points) == 1) is (eval_every > 1), points
+    # the cut trial has a score, so it is the selection (the host's rule) and its weights are kept
+    assert done["best_trial"] == 0
+    assert ends[0]["weights"] and (run.out / ends[0]["weights"]).is_file()
+
+
+# --- warm mode: `--wait`, the pre-start contract of sandbox.docker_backend ------------------------------
+def _start_waiting(job_dir: Path, prepared: datasets.PreparedDataset, code: str, **env: str
+                   ) -> tuple[subprocess.Popen[str], Path, protocol.JobSpec]:
+    (job_dir / "in").mkdir(parents=True)
+    (job_dir / "out").mkdir()
+    (job_dir / "in" / protocol.MODEL_FILE).write_text(code)
+    spec = protocol.JobSpec(mode="check", model_path=str(job_dir / "in" / protocol.MODEL_FILE),
+                            out_dir=str(job_dir / "out"),
+                            **{**prepared.spec_fields(), "transforms": [prepared.info.default_transform]})
+    spec_path = job_dir / "in" / protocol.SPEC_FILE
+    proc = subprocess.Popen([sys.executable, "-m", "sandbox.runner", "--wait", str(spec_path)], cwd=job_dir / "out",
+                            env={**os.environ, "PYTHONPATH": str(REPO), **env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    return proc, spec_path, spec
+
+
+def test_wait_mode_runs_the_job_once_its_spec_arrives(tmp_path: Path, digits: datasets.PreparedDataset) -> None:
+    from sandbox.runner.__main__ import WAIT_MARKER
+
+    proc, spec_path, spec = _start_waiting(tmp_path, digits, read_code("LeNet5"))
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            first_line = pool.submit(proc.stdout.readline).result(timeout=120)
+        assert first_line.startswith(WAIT_MARKER), first_line
+        time.sleep(2.0)  # a warm sandbox waits: nothing written, the job's clock not started
+        assert list((tmp_path / "out").iterdir()) == []
+        staged = spec_path.with_suffix(".tmp")
+        staged.write_text(spec.to_json())
+        staged.rename(spec_path)  # the host moves spec.json in last
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stdout + stderr
+    events = [json.loads(line) for line in (tmp_path / "out" / protocol.EVENTS_FILE).read_text().splitlines()]
+    assert [e["event"] for e in events] == [protocol.EVENT_READY, protocol.EVENT_CHECK, protocol.EVENT_DONE]
+    # counted from the spec, not the process start: the 2 s of waiting (and the imports) are not in it
+    assert events[0]["import_s"] < 2.0, events
+
+
+def test_wait_mode_exits_quietly_when_no_spec_arrives(tmp_path: Path, digits: datasets.PreparedDataset) -> None:
+    proc, _, _ = _start_waiting(tmp_path, digits, read_code("LeNet5"), LEMUR_RUNNER_WAIT_MAX_S="0.5")
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert stdout.startswith("lemur-runner: waiting") and list((tmp_path / "out").iterdir()) == []

@@ -8,6 +8,7 @@ from mcp import Client
 from lemur_agent_server import api
 from lemur_agent_server.reference_models import REFERENCE_MODELS
 from lemur_agent_server.server import build_server
+from tests import lemur_fixture
 from tests.zoo_factory import build_zoo
 
 pytestmark = pytest.mark.anyio
@@ -145,3 +146,56 @@ async def test_api_data_equals_tool(client, make_settings):
     assert isinstance(frame.iloc[0]["prm"], dict)
     prefixed = api.data(nn_prefixes=("rag-",), unique_nn=True, zoo=settings.zoo_path)
     assert sorted(prefixed["nn"]) == ["rag-m1", "rag-m3", "rag-m5"]
+
+
+# --- a zoo that imported a LEMUR 2.2 database (tests/lemur_fixture.py) ---------------------------------------
+@pytest.fixture
+async def lemur_client(make_settings, tmp_path):
+    settings = make_settings(run_workers=False)
+    lemur_fixture.import_fixture(settings.zoo_path, tmp_path / "lemur")
+    async with Client(build_server(settings)) as c:
+        yield c
+
+
+async def test_get_model_shows_lemur_measurements_and_training_diagnostics(lemur_client):
+    out = await call(lemur_client, "get_model", name="TinyNet", include_code=False)
+    lemur = out["lemur"]
+    assert set(lemur) == {"architecture", "mobile_benchmarks", "tflite", "pruning"}
+    arch = lemur["architecture"]
+    assert arch["total"] == 2 and [r["lemur_id"] for r in arch["rows"]] == ["ns-good", "ns-bad"]  # good first
+    assert (arch["rows"][0]["max_depth"], arch["rows"][0]["meta"]) == (3, {"input": [1, 3, 32, 32]})
+    mobile = lemur["mobile_benchmarks"]
+    assert mobile["total"] == 2 and mobile["rows"][0]["device_type"] == "Pixel 7"  # the valid one first
+    assert mobile["rows"][0]["gpu_duration"] == 900
+    assert lemur["tflite"] == {"total": 1, "rows": [{"lemur_id": "tf-tiny", "accuracy": 0.49, "transform": "norm_32",
+                                                     "precision_type": "int8"}]}
+    assert lemur["pruning"]["rows"][0]["params_after"] == 617
+    # the best run's curve carries LEMUR's train_stat, the hardware comes once
+    assert [(p["epoch"], p["accuracy"]) for p in out["curve"]] == [(1.0, 0.5), (2.0, 0.7)]
+    second = out["curve"][1]
+    assert (second["train_loss"], second["test_loss"], second["train_accuracy"], second["samples_per_second"]) == (
+        0.5, 0.75, pytest.approx(0.6), 1000.0)
+    assert out["train_hardware"]["gpu_type"] == lemur_fixture.GPU and out["train_hardware"]["cpu_count"] == 4
+
+
+async def test_get_model_lemur_fields_only_where_lemur_measured(lemur_client):
+    wide = await call(lemur_client, "get_model", name="WideNet", include_code=False)
+    assert set(wide["lemur"]) >= {"mobile_benchmarks", "pruning"}
+    assert wide["lemur"]["architecture"] is None and wide["lemur"]["tflite"] is None
+    assert wide["train_hardware"] is None and wide["curve"][0]["train_loss"] is None  # no train_stat
+    only = await call(lemur_client, "get_model", name="OnlyCode", include_code=False)
+    assert only["lemur"] is None and only["curve"] == [] and only["best_run"] is None
+
+
+async def test_get_model_without_lemur_data_answers_as_before(client):
+    out = await call(client, "get_model", name="rag-m5", include_code=False)
+    assert out["lemur"] is None and out["train_hardware"] is None
+    assert all(p["train_loss"] is None and p["samples_per_second"] is None for p in out["curve"])
+    assert out["best_run"]["accuracy"] == pytest.approx(0.66)
+
+
+async def test_query_models_filters_by_lemur_device_type(lemur_client):
+    out = await call(lemur_client, "query_models", device_type="Galaxy S23", sort="name", limit=100)
+    assert {r["name"] for r in out["rows"]} == {"TinyNet"} and out["total"] == 2
+    none = await call(lemur_client, "query_models", device_type="iPhone")
+    assert none["total"] == 0

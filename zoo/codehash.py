@@ -49,6 +49,9 @@ def lemur_id(code: str) -> str:
 
 
 def model_name(prefix: str | None, code: str) -> str:
-    """`{prefix}-{hash}` as in LEMUR's check_nn (hash shortened to 32 hex digits like LEMUR's md5)."""
-    digest = code_hash(code)[:32]
+    """A new model's name, LEMUR's rule: `lemur_id(code)`, as `{prefix}-{lemur_id}` when a prefix is given.
+
+    Why LEMUR's md5 and not our `code_hash`: NNGPT-style loops compare the name `check_nn` returns (and
+    `data()`'s nn_id) with LEMUR's own; the model's identity for reuse stays `code_hash`."""
+    digest = lemur_id(code)
     return f"{prefix}-{digest}" if prefix else digest

@@ -11,6 +11,12 @@ write of that worker (progress, heartbeat, finish, requeue) is conditional on `o
 attempts = ?` and on the job still being active, so a stalled server whose job was re-queued and
 claimed elsewhere can no longer touch it, and a late progress call can never move a finished job
 back to `training`.
+
+Batches: a job may belong to a batch (`batch_id`). Every job that ends gets the next `finished_seq`
+(a counter in `meta`, drawn inside the transaction that ends it), so a reader that remembers the
+highest sequence it saw (wait_jobs' cursor) gets every later end exactly once. `claim_next` serves
+batches round-robin: the next job comes from the batch (or single job) whose last claim is oldest,
+so one client's 150-model batch holds another's single submission back by one job at most.
 """
 
 from __future__ import annotations
@@ -103,6 +109,47 @@ def owner_is_gone(owner: str | None, last_seen: float | None) -> bool:
     return started is not None and last_seen is not None and started > last_seen + _PID_REUSE_SLACK_S
 
 
+_FINISH_SEQ = "job_finished_seq"  # meta key of the last finished_seq handed out
+_LIST_COLUMNS = ("id, kind, status, model_name, batch_id, reused_from, created, started, finished, finished_seq,"
+                 " result, error")
+
+
+async def next_finished_seq(db: aiosqlite.Connection) -> int:
+    """The next sequence number of a job's end; call inside the transaction that ends the job."""
+    row = await (await db.execute(
+        "INSERT INTO meta(key, value) VALUES(?, '1') ON CONFLICT(key) DO UPDATE SET"
+        " value = CAST(value AS INTEGER) + 1 RETURNING value", (_FINISH_SEQ,))).fetchone()
+    return int(row[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """Which jobs a batch read is about: one batch, or a list of job ids."""
+
+    batch_id: str | None = None
+    job_ids: tuple[str, ...] = ()
+
+    def where(self) -> tuple[str, tuple[Any, ...]]:
+        if self.batch_id is not None:
+            return "batch_id=?", (self.batch_id,)
+        return f"id IN ({','.join('?' * len(self.job_ids))})", tuple(self.job_ids)
+
+
+@dataclasses.dataclass
+class NewJob:
+    """One row of a batch insert: queued, or already finished (static failure, reused result)."""
+
+    job_id: str
+    kind: str
+    request: dict[str, Any]
+    model_name: str | None = None
+    dedup_key: str | None = None
+    status: JobStatus = JobStatus.QUEUED
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    reused_from: str | None = None
+
+
 def _json(value: Any) -> str | None:
     return None if value is None else json.dumps(value, sort_keys=True, default=str)
 
@@ -122,12 +169,23 @@ class JobStore:
         self._zoo = zoo
 
     # --- creating and reading ----------------------------------------------------------------------
-    async def create(self, job_id: str, kind: str, request: dict[str, Any], model_name: str | None = None) -> None:
+    async def create(self, job_id: str, kind: str, request: dict[str, Any], model_name: str | None = None,
+                     dedup_key: str | None = None) -> None:
         """A queued job, for any worker to claim."""
+        await self.create_many(None, [NewJob(job_id, kind, request, model_name, dedup_key)])
+
+    async def create_many(self, batch_id: str | None, jobs: Sequence[NewJob]) -> None:
+        """Jobs of one batch in one transaction, in order (their rowids keep the items' order)."""
+        now = time.time()
         async with self._zoo.transaction() as db:
-            await db.execute(
-                "INSERT INTO job(id, kind, status, request, model_name, created) VALUES(?,?,?,?,?,?)",
-                (job_id, kind, JobStatus.QUEUED, _json(request), model_name, time.time()))
+            for job in jobs:
+                done = JobStatus(job.status).is_finished()
+                await db.execute(
+                    "INSERT INTO job(id, kind, status, request, model_name, result, error, created, started, finished,"
+                    " finished_seq, batch_id, dedup_key, reused_from) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (job.job_id, job.kind, job.status, _json(job.request), job.model_name, _json(job.result),
+                     _json(job.error), now, now if done else None, now if done else None,
+                     await next_finished_seq(db) if done else None, batch_id, job.dedup_key, job.reused_from))
 
     async def create_claimed(self, job_id: str, kind: str, request: dict[str, Any], owner: str) -> Claim:
         """A job already claimed by `owner` (run in the caller's task), in one statement: it is never queued."""
@@ -141,15 +199,10 @@ class JobStore:
 
     async def create_finished(self, job_id: str, kind: str, request: dict[str, Any], status: JobStatus,
                               result: dict[str, Any] | None, error: dict[str, Any] | None,
-                              model_name: str | None = None) -> None:
+                              model_name: str | None = None, dedup_key: str | None = None) -> None:
         """A job that ended before it was queued (static-check failures), in one statement."""
         assert JobStatus(status).is_finished(), status
-        now = time.time()
-        async with self._zoo.transaction() as db:
-            await db.execute(
-                "INSERT INTO job(id, kind, status, request, model_name, result, error, created, started, finished)"
-                " VALUES(?,?,?,?,?,?,?,?,?,?)",
-                (job_id, kind, status, _json(request), model_name, _json(result), _json(error), now, now, now))
+        await self.create_many(None, [NewJob(job_id, kind, request, model_name, dedup_key, status, result, error)])
 
     async def get(self, job_id: str) -> dict[str, Any] | None:
         return _decode(await self._zoo.fetchone("SELECT * FROM job WHERE id=?", (job_id,)))
@@ -161,14 +214,64 @@ class JobStore:
             f"SELECT id, kind, status, model_name, created, finished FROM job {where}ORDER BY created DESC LIMIT ?",
             args)
 
+    async def reusable(self, dedup_key: str) -> dict[str, Any] | None:
+        """The newest succeeded, archived job of this experiment that trained itself (not a reuse)."""
+        return _decode(await self._zoo.fetchone(
+            "SELECT * FROM job WHERE dedup_key=? AND status=? AND kind=? AND reused_from IS NULL"
+            " ORDER BY finished DESC LIMIT 1", (dedup_key, JobStatus.SUCCEEDED, JobKind.SUBMIT)))
+
+    async def finished_since(self, selection: Selection, cursor: int, limit: int) -> list[dict[str, Any]]:
+        """The selection's jobs that ended after `cursor` (a finished_seq), in the order they ended."""
+        where, args = selection.where()
+        rows = await self._zoo.fetchall(f"SELECT * FROM job WHERE {where} AND finished_seq > ? "
+                                        "ORDER BY finished_seq LIMIT ?", (*args, cursor, limit))
+        return [_decode(row) for row in rows]  # type: ignore[misc]
+
+    async def count_by_status(self, selection: Selection) -> dict[str, int]:
+        where, args = selection.where()
+        rows = await self._zoo.fetchall(f"SELECT status, COUNT(*) AS n FROM job WHERE {where} GROUP BY status",
+                                        args)
+        return {row["status"]: row["n"] for row in rows}
+
+    async def existing_ids(self, job_ids: Sequence[str]) -> set[str]:
+        rows = await self._zoo.fetchall(f"SELECT id FROM job WHERE id IN ({','.join('?' * len(job_ids))})",
+                                        tuple(job_ids))
+        return {row["id"] for row in rows}
+
+    async def page(self, limit: int, status: Sequence[str] = (), batch_id: str | None = None,
+                   before: int | None = None) -> list[dict[str, Any]]:
+        """Jobs newest first (by insertion), optionally of some statuses or one batch, older than `before`
+        (a rowid from the previous page); each row carries its `seq` (rowid) for the next page."""
+        where, args = ["1=1"], []
+        if status:
+            where.append(f"status IN ({','.join('?' * len(status))})")
+            args += list(status)
+        if batch_id is not None:
+            where.append("batch_id=?")
+            args.append(batch_id)
+        if before is not None:
+            where.append("rowid < ?")
+            args.append(before)
+        rows = await self._zoo.fetchall(f"SELECT rowid AS seq, {_LIST_COLUMNS} FROM job WHERE {' AND '.join(where)}"
+                                        " ORDER BY rowid DESC LIMIT ?", (*args, limit))
+        return [_decode(row) for row in rows]  # type: ignore[misc]
+
     # --- claiming ----------------------------------------------------------------------------------
     async def claim_next(self, owner: str, kinds: Sequence[str]) -> dict[str, Any] | None:
-        """Atomically move the oldest queued job of one of `kinds` to `checking` for this owner."""
+        """Atomically move the next queued job of one of `kinds` to `checking` for this owner.
+
+        Fair between batches: the next job comes from the group (a batch, or a single job alone) whose
+        last claim is oldest; a group never claimed counts from its creation. Within a batch, jobs
+        run in item order. So a batch and a single job queued after it alternate, and a batch that
+        arrives while another runs takes turns with it instead of waiting for it to drain.
+        """
         marks = ",".join("?" * len(kinds))
         async with self._zoo.transaction() as db:
             row = await (await db.execute(
-                f"SELECT id FROM job WHERE status=? AND cancel_requested=0 AND kind IN ({marks}) "
-                "ORDER BY created LIMIT 1", (JobStatus.QUEUED, *kinds))).fetchone()
+                f"SELECT j.id FROM job j WHERE j.status=? AND j.cancel_requested=0 AND j.kind IN ({marks}) "
+                "ORDER BY COALESCE((SELECT MAX(s.started) FROM job s WHERE j.batch_id IS NOT NULL"
+                " AND s.batch_id = j.batch_id), j.created), j.created, j.rowid LIMIT 1",
+                (JobStatus.QUEUED, *kinds))).fetchone()
             if row is None:
                 return None
             now = time.time()
@@ -207,9 +310,13 @@ class JobStore:
         (the caller rolls its archive back when this returns False: the job is no longer its own)."""
         assert JobStatus(status).is_finished(), status
         model_name = (result or {}).get("model_name")
+        held = await (await db.execute(f"SELECT 1 FROM job WHERE {_CLAIMED}", claim.args())).fetchone()
+        if held is None:
+            return False
         cur = await db.execute(
-            f"UPDATE job SET status=?, result=?, error=?, finished=?, model_name=COALESCE(?, model_name) "
-            f"WHERE {_CLAIMED}", (status, _json(result), _json(error), time.time(), model_name, *claim.args()))
+            f"UPDATE job SET status=?, result=?, error=?, finished=?, model_name=COALESCE(?, model_name), "
+            f"finished_seq=? WHERE {_CLAIMED}", (status, _json(result), _json(error), time.time(), model_name,
+                                                  await next_finished_seq(db), *claim.args()))
         return cur.rowcount == 1
 
     async def requeue(self, claim: Claim) -> bool:
@@ -232,12 +339,27 @@ class JobStore:
             status = JobStatus(row[0])
             if status.is_finished():
                 return status
-            if status is JobStatus.QUEUED:
-                await db.execute("UPDATE job SET status=?, cancel_requested=1, finished=? WHERE id=?",
-                                 (JobStatus.CANCELLED, time.time(), job_id))
-                return JobStatus.CANCELLED
-            await db.execute("UPDATE job SET cancel_requested=1 WHERE id=?", (job_id,))
+            return await self._cancel_in(db, job_id, status)
+
+    async def request_cancel_batch(self, batch_id: str) -> dict[str, str] | None:
+        """`request_cancel` for every unfinished job of a batch, in one transaction: {job id: status after}.
+        None when no job has this batch id."""
+        async with self._zoo.transaction() as db:
+            rows = await db.execute_fetchall("SELECT id, status FROM job WHERE batch_id=?", (batch_id,))
+            if not rows:
+                return None
+            return {job_id: await self._cancel_in(db, job_id, JobStatus(status)) for job_id, status in rows}
+
+    @staticmethod
+    async def _cancel_in(db: aiosqlite.Connection, job_id: str, status: JobStatus) -> JobStatus:
+        if status.is_finished():
             return status
+        if status is JobStatus.QUEUED:
+            await db.execute("UPDATE job SET status=?, cancel_requested=1, finished=?, finished_seq=? WHERE id=?",
+                             (JobStatus.CANCELLED, time.time(), await next_finished_seq(db), job_id))
+            return JobStatus.CANCELLED
+        await db.execute("UPDATE job SET cancel_requested=1 WHERE id=?", (job_id,))
+        return status
 
     async def recover(self, stale_after_s: float, max_attempts: int = 2,
                       is_gone: Callable[[str | None, float | None], bool] = owner_is_gone) -> dict[str, list[str]]:
@@ -257,8 +379,8 @@ class JobStore:
                 if beat is not None and beat >= cutoff and not is_gone(owner, beat):
                     continue
                 if cancel:
-                    await db.execute("UPDATE job SET status=?, finished=? WHERE id=?",
-                                     (JobStatus.CANCELLED, time.time(), job_id))
+                    await db.execute("UPDATE job SET status=?, finished=?, finished_seq=? WHERE id=?",
+                                     (JobStatus.CANCELLED, time.time(), await next_finished_seq(db), job_id))
                 elif attempts < max_attempts:
                     await db.execute("UPDATE job SET status=?, owner=NULL, heartbeat=NULL WHERE id=?",
                                      (JobStatus.QUEUED, job_id))
@@ -267,7 +389,8 @@ class JobStore:
                     error = {"stage": Stage.QUEUE, "kind": FailureKind.INTERRUPTED,
                              "message": f"The server running this job stopped {attempts} times; "
                                         "submit again if you still need it."}
-                    await db.execute("UPDATE job SET status=?, error=?, finished=? WHERE id=?",
-                                     (JobStatus.FAILED, _json(error), time.time(), job_id))
+                    await db.execute("UPDATE job SET status=?, error=?, finished=?, finished_seq=? WHERE id=?",
+                                     (JobStatus.FAILED, _json(error), time.time(), await next_finished_seq(db),
+                                      job_id))
                     failed.append(job_id)
         return {"requeued": requeued, "failed": failed}

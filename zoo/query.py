@@ -29,6 +29,9 @@ _SORT_COLUMN: dict[str, str] = {
 _DEFAULT_DESC = {"accuracy": True, "accuracy_to_time": True, "created": True, "duration": False,
                  "params": False, "name": False}
 _NULL_LOW, _NULL_HIGH = -1e308, 1e308
+SQL_INT_MAX = 2**63 - 1  # SQLite's INTEGER range; a larger Python int raises OverflowError when bound
+MAX_OFFSET = 10**9  # rows to skip; far beyond any zoo, far inside SQLite's range
+MAX_CURSOR_CHARS = 2_000
 
 
 class QueryError(ValueError):
@@ -46,6 +49,8 @@ class Filters:
     min_accuracy: float | None = None
     only_best_accuracy: bool = False
     unique_nn: bool = False
+    # only models LEMUR benchmarked on this device (its mobile `run` table, imported as lemur_mobile_run)
+    device_type: str | None = None
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
@@ -62,6 +67,14 @@ class Page:
     @property
     def desc(self) -> bool:
         return _DEFAULT_DESC[self.sort] if self.descending is None else self.descending
+
+    def check(self) -> None:
+        """Refuse numbers SQLite cannot bind (every door passes here: tool, CLI, Python API)."""
+        if self.limit is not None and not _is_int(self.limit, 0, SQL_INT_MAX):
+            raise QueryError(f"limit must be an integer in 0..{SQL_INT_MAX} (or none); pass e.g. limit=20.")
+        if not _is_int(self.offset, 0, MAX_OFFSET):
+            raise QueryError(f"offset must be an integer in 0..{MAX_OFFSET:,}; call again with a smaller offset, "
+                             "or page with next_cursor.")
 
 
 def as_tuple(value: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -93,6 +106,10 @@ def _where(f: Filters) -> tuple[str, list[Any]]:
     if names:
         clauses.append(f"p.model_id IN (SELECT id FROM model WHERE {names})")
         args.extend(name_args)
+    if f.device_type is not None:  # by name: LEMUR's side tables name their model
+        clauses.append("p.model_id IN (SELECT m.id FROM model m JOIN lemur_mobile_run r ON r.model_name = m.name"
+                       " WHERE r.device_type = ?)")
+        args.append(f.device_type)
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
 
 
@@ -142,13 +159,32 @@ def encode_cursor(filters: Filters, page: Page, row: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode()
 
 
+def _is_int(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and abs(value) <= SQL_INT_MAX and value == value)  # ints SQLite can bind, floats not NaN
+
+
+def _valid_payload(payload: Any) -> bool:
+    """The cursor's values reach SQL as bound parameters: each must have the type encode_cursor wrote."""
+    return (isinstance(payload, dict) and {"f", "s", "d", "v", "r", "e"} <= payload.keys()
+            and isinstance(payload["f"], str) and isinstance(payload["s"], str) and isinstance(payload["d"], bool)
+            and (payload["v"] is None or _is_number(payload["v"]) or isinstance(payload["v"], str))
+            and _is_int(payload["r"], -SQL_INT_MAX, SQL_INT_MAX) and _is_number(payload["e"]))
+
+
 def _decode_cursor(filters: Filters, page: Page) -> dict[str, Any]:
+    cursor = page.cursor or ""
     try:
-        payload = json.loads(base64.urlsafe_b64decode(page.cursor.encode()))  # type: ignore[union-attr]
-        assert isinstance(payload, dict) and {"f", "s", "d", "v", "r", "e"} <= payload.keys()
-    except Exception as exc:  # noqa: BLE001 - any malformed token gets the same advice
-        raise QueryError("Malformed cursor. Pass back the next_cursor of the previous page unchanged, "
-                         "or use offset.") from exc
+        payload = json.loads(base64.urlsafe_b64decode(cursor.encode())) if len(cursor) <= MAX_CURSOR_CHARS else None
+    except Exception:  # noqa: BLE001 - any malformed token gets the same advice
+        payload = None
+    if not _valid_payload(payload):
+        raise QueryError("Malformed cursor. Pass back the next_cursor of the previous page unchanged, or restart "
+                         "the listing without a cursor (or use offset).")
     if payload["f"] != filters.digest() or payload["s"] != page.sort or payload["d"] != page.desc:
         raise QueryError("This cursor belongs to a query with other filters or sort. Repeat the "
                          "original filters and sort, or start again without a cursor.")
@@ -158,6 +194,7 @@ def _decode_cursor(filters: Filters, page: Page) -> dict[str, Any]:
 def page_sql(f: Filters, page: Page) -> tuple[str, list[Any]]:
     """One page: group and sort on index-covered columns, cut the page, then join point, model and run
     for the page's rows only."""
+    page.check()
     inner, args = grouped_sql(f)
     sort = _sort_expr(page)
     direction = "DESC" if page.desc else "ASC"
@@ -165,7 +202,8 @@ def page_sql(f: Filters, page: Page) -> tuple[str, list[Any]]:
     where = ""
     if page.cursor:
         if page.sort == "name":
-            raise QueryError("sort='name' pages with offset, not cursor.")
+            raise QueryError("sort='name' pages with offset, not cursor: call again without the cursor and pass "
+                             "offset instead.")
         c = _decode_cursor(f, page)
         op = "<" if page.desc else ">"
         low = _NULL_LOW if page.desc else _NULL_HIGH

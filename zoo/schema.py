@@ -146,7 +146,93 @@ MIGRATIONS: list[list[str]] = [
         )""",
         "CREATE INDEX job_status ON job(status, created)",
     ],
-    # model_analysis: the outcome of `lemur-agent-server analyze` per model (lemur_agent_server.analyze),
+    # version 2: what LEMUR 2.2's database holds beyond its records (see lemur_agent_server.lemur_db_import)
+    [
+        # per-epoch training diagnostics of a curve point (LEMUR's train_stat, 1:1 with its record),
+        # typed columns (no JSON per row: 578k rows of JSON cost twice the space)
+        """CREATE TABLE point_train (
+            run_id INTEGER NOT NULL REFERENCES run(id) ON DELETE CASCADE,
+            epoch REAL NOT NULL,
+            train_loss REAL,
+            test_loss REAL,
+            train_accuracy REAL,
+            gradient_norm REAL,
+            samples_per_second REAL,
+            cpu_usage_percent REAL,
+            occupied_ram_kb REAL,
+            ram_usage_percent REAL,
+            occupied_gpu_memory_kb REAL,
+            gpu_memory_usage_percent REAL,
+            PRIMARY KEY (run_id, epoch)
+        ) WITHOUT ROWID""",
+        # the machines runs trained on, each distinct description once, and which run used which
+        """CREATE TABLE hardware (
+            id INTEGER PRIMARY KEY,
+            spec TEXT NOT NULL UNIQUE         -- JSON: cpu_count, cpu_type, total_ram_kb, gpu_type, ...
+        )""",
+        """CREATE TABLE run_hardware (
+            run_id INTEGER PRIMARY KEY REFERENCES run(id) ON DELETE CASCADE,
+            hardware_id INTEGER NOT NULL REFERENCES hardware(id)
+        )""",
+        # LEMUR's side tables, one row per source row (`lemur_id` = its primary key, so re-imports add
+        # nothing); `data` keeps every column under LEMUR's names, the typed columns are for filters
+        """CREATE TABLE lemur_nn_stat (
+            lemur_id TEXT PRIMARY KEY,
+            model_name TEXT NOT NULL,
+            prm_id TEXT,
+            total_params INTEGER,
+            flops INTEGER,
+            model_size_mb REAL,
+            error TEXT,
+            data TEXT NOT NULL
+        )""",
+        "CREATE INDEX lemur_nn_stat_model ON lemur_nn_stat(model_name)",
+        """CREATE TABLE lemur_mobile_run (
+            lemur_id TEXT PRIMARY KEY,
+            model_name TEXT NOT NULL,
+            device_type TEXT,
+            precision_type TEXT,
+            valid INTEGER,
+            duration INTEGER,
+            data TEXT NOT NULL
+        )""",
+        "CREATE INDEX lemur_mobile_run_model ON lemur_mobile_run(model_name, device_type)",
+        """CREATE TABLE lemur_tflite (
+            lemur_id TEXT PRIMARY KEY,
+            model_name TEXT NOT NULL,
+            accuracy REAL,
+            precision_type TEXT,
+            data TEXT NOT NULL
+        )""",
+        "CREATE INDEX lemur_tflite_model ON lemur_tflite(model_name)",
+        """CREATE TABLE lemur_prun (
+            lemur_id TEXT PRIMARY KEY,
+            model_name TEXT NOT NULL,
+            pruning_method TEXT,
+            task_dataset TEXT,
+            accuracy REAL,
+            pruning_ratio REAL,
+            data TEXT NOT NULL
+        )""",
+        "CREATE INDEX lemur_prun_model ON lemur_prun(model_name, pruning_method)",
+    ],
+    # version 3: batches (submit_models): the batch a job belongs to, the order jobs finished in (wait_jobs'
+    # cursor), the experiment key duplicates are found by, and the job a reused result came from.
+    # `finished_seq` is drawn from meta's `job_finished_seq` counter inside the transaction that ends
+    # the job; writers are serialized (BEGIN IMMEDIATE), so a reader never sees seq n+1 without n.
+    [
+        "ALTER TABLE job ADD COLUMN batch_id TEXT",
+        "ALTER TABLE job ADD COLUMN finished_seq INTEGER",
+        "ALTER TABLE job ADD COLUMN dedup_key TEXT",
+        "ALTER TABLE job ADD COLUMN reused_from TEXT",
+        "UPDATE job SET finished_seq = s.n FROM (SELECT id, ROW_NUMBER() OVER (ORDER BY finished, rowid) AS n"
+        " FROM job WHERE finished IS NOT NULL) AS s WHERE job.id = s.id",
+        "INSERT INTO meta(key, value) SELECT 'job_finished_seq', COALESCE(MAX(finished_seq), 0) FROM job",
+        "CREATE INDEX job_batch ON job(batch_id, started)",
+        "CREATE UNIQUE INDEX job_finished_seq ON job(finished_seq)",
+        "CREATE INDEX job_dedup ON job(dedup_key, status)",
+    ],
+    # version 4: model_analysis, the outcome of `lemur-agent-server analyze` per model (lemur_agent_server.analyze)
     # so a model that does not build is recorded once with its reason and not retried on every run
     [
         """CREATE TABLE model_analysis (

@@ -11,6 +11,10 @@ Formula (documented for agents; LEMUR's pylint-based score is the model, with ru
 
 The breakdown lists the counts, the first messages with line numbers, and radon's maintainability
 index (reported, not scored) so an agent can act on it.
+
+When the code cannot be scored at all (nested beyond the static checks' bound, a lone surrogate, or
+ruff failing), the score is None and the breakdown's `error` says why: a field, never an exception,
+because the score is computed on the host for code nobody has vetted yet.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from typing import Any
 
 from radon.complexity import cc_visit
 from radon.metrics import mi_visit
+
+from lemur_agent_server.evaluator.static_checks import unreadable
 
 RUFF_SELECT = "E,W,F,B"
 WEIGHTS = {"errors": 5, "bug_risks": 2, "style": 1, "complex_blocks": 1, "very_complex_blocks": 2}
@@ -57,8 +63,27 @@ def _category(code: str | None) -> str:
     return "style"
 
 
-def code_quality(code: str) -> tuple[float, dict[str, Any]]:
-    """(score in [0, 1], breakdown). Never raises for bad code: a parse failure scores 0."""
+FORMULA = "max(0, 100 - 5*errors - 2*bug_risks - 1*style - 1*complex_blocks - 2*very_complex_blocks) / 100"
+TOOLS = {"ruff_select": RUFF_SELECT, "radon": "cc, mi"}
+
+
+def not_scored(reason: str) -> tuple[None, dict[str, Any]]:
+    return None, {"score": None, "error": f"not scored: {reason}", "formula": FORMULA, "tools": TOOLS}
+
+
+def code_quality(code: str) -> tuple[float | None, dict[str, Any]]:
+    """(score in [0, 1] or None, breakdown). Never raises: a parse failure scores 0, code no tool can
+    read (or a tool failure) scores None with the reason in the breakdown's `error`."""
+    blocked = unreadable(code)
+    if blocked is not None:
+        return not_scored(blocked.message)
+    try:
+        return _score(code)
+    except (RuntimeError, OSError, subprocess.SubprocessError, ValueError, RecursionError, MemoryError) as exc:
+        return not_scored(f"the scoring tools failed ({type(exc).__name__}: {str(exc)[:200]})")
+
+
+def _score(code: str) -> tuple[float, dict[str, Any]]:
     counts = {key: 0 for key in WEIGHTS}
     messages: list[str] = []
     for finding in ruff_findings(code):
@@ -80,8 +105,6 @@ def code_quality(code: str) -> tuple[float, dict[str, Any]]:
         counts["errors"] += 20
     penalty = sum(WEIGHTS[k] * v for k, v in counts.items())
     score = max(0.0, 100.0 - penalty) / 100.0
-    detail = {"score": score, "formula": "max(0, 100 - 5*errors - 2*bug_risks - 1*style - 1*complex_blocks "
-                                         "- 2*very_complex_blocks) / 100",
-              "counts": counts, "messages": messages, "complex_blocks": complexities[:10],
-              "maintainability_index": maintainability, "tools": {"ruff_select": RUFF_SELECT, "radon": "cc, mi"}}
+    detail = {"score": score, "formula": FORMULA, "counts": counts, "messages": messages,
+              "complex_blocks": complexities[:10], "maintainability_index": maintainability, "tools": TOOLS}
     return score, detail

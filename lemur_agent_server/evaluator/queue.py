@@ -6,6 +6,10 @@ atomically, heart-beats while it runs, and writes its runs in one transaction at
 that starts, and every heartbeat after, finds jobs whose owner died (its process gone from this host,
 or its heartbeat stale) and re-queues them (or fails them as `interrupted` after repeated crashes),
 so no job is lost or stuck and no run is half-written. The persistence rules live in `zoo.jobs`.
+
+Batches (`submit_batch`): one call queues many jobs under one batch id; an item whose experiment
+already succeeded is answered from that job (`reused_from`), identical items of one batch train
+once, and workers take batches round-robin (`JobStore.claim_next`).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -22,13 +26,15 @@ import anyio
 import anyio.abc
 
 from lemur_agent_server.config import Settings
-from lemur_agent_server.evaluator import pipeline
+from lemur_agent_server.evaluator import batching, pipeline
 from lemur_agent_server.evaluator.backends import choose_backend
-from lemur_agent_server.evaluator.requests import EvalRequest
+from lemur_agent_server.evaluator.batching import new_job_id
+from lemur_agent_server.evaluator.dedup import experiment_key
+from lemur_agent_server.evaluator.requests import EvalRequest, admit
 from lemur_agent_server.evaluator.static_checks import static_problems
 from sandbox.backend import Backend, Limits
 from sandbox.protocol import FailureKind, JobStatus, Stage
-from zoo.jobs import Claim, JobKind, new_owner_id
+from zoo.jobs import Claim, JobKind, NewJob, new_owner_id
 from zoo.store import ZooStore
 
 log = logging.getLogger(__name__)
@@ -53,6 +59,7 @@ class JobQueue:
         self.owner = new_owner_id()
         self._wakeup = anyio.Event()
         self._changed: dict[str, anyio.Event] = {}
+        self._any_change = anyio.Event()
         self._running: dict[str, pipeline.Job] = {}
         self._claims: dict[str, Claim] = {}
         self._check_slots = anyio.Semaphore(CHECK_CONCURRENCY)
@@ -110,27 +117,59 @@ class JobQueue:
         nothing stays queued. A failing submission is archived, then its job is written already
         finished in one statement (a crash in between leaves a failed run and no job, never a queued one).
         """
-        job_id = "job-" + uuid.uuid4().hex[:12]
+        request = admit(request, self.settings)
+        job_id = new_job_id()
         if not static_problems(request.code):
-            await self.jobs.create(job_id, JobKind.SUBMIT, request.model_dump())
+            await self.jobs.create(job_id, JobKind.SUBMIT, request.model_dump(), dedup_key=experiment_key(request))
             self._wakeup.set()
             return job_id
-        outcome = await pipeline.evaluate(self._job(job_id, JobKind.SUBMIT, request, _no_progress))
-        await self.jobs.create_finished(job_id, JobKind.SUBMIT, request.model_dump(), JobStatus(outcome.status),
-                                        outcome.result, outcome.error, (outcome.result or {}).get("model_name"))
+        await self.jobs.create_many(None, [await self._static_failure(job_id, request)])
         self._notify(job_id)
         return job_id
 
+    async def _static_failure(self, job_id: str, request: EvalRequest, kind: JobKind = JobKind.SUBMIT) -> NewJob:
+        """Archive a submission that fails the static checks; its job row, already finished (not written)."""
+        outcome = await pipeline.evaluate(self._job(job_id, kind, request, _no_progress))
+        return NewJob(job_id, kind, request.model_dump(), (outcome.result or {}).get("model_name"),
+                      experiment_key(request), JobStatus(outcome.status), outcome.result, outcome.error)
+
+    async def submit_batch(self, requests: Sequence[EvalRequest], force: bool = False, archive: bool = True
+                           ) -> tuple[str, list[dict[str, Any]]]:
+        """Queue many submissions as one batch (see `batching.submit_batch`); static failures are archived
+        and finished at once, like submit's."""
+        batch_id, entries = await batching.submit_batch(self.store, self.settings, requests, force, archive,
+                                                        self._static_failure)
+        self._wakeup.set()
+        for entry in entries:
+            self._notify(entry["job_id"])
+        return batch_id, entries
+
+    async def cancel_batch(self, batch_id: str) -> dict[str, str] | None:
+        """Cancel every unfinished job of a batch: {job id: status after the request}; None: no such batch."""
+        statuses = await self.jobs.request_cancel_batch(batch_id)
+        for job_id in statuses or {}:
+            self._cancel_locally(job_id)
+            self._notify(job_id)
+        return statuses
+
+    async def changed(self, timeout: float) -> None:
+        """Return when any job of this queue changes, or after `timeout` (jobs of other servers are seen by
+        polling: callers re-read the zoo after this returns)."""
+        with anyio.move_on_after(timeout):
+            await self._any_change.wait()
+
     async def check(self, request: EvalRequest) -> pipeline.Outcome:
         """The check stage only, now, outside the training slots (it takes seconds)."""
+        request = admit(request, self.settings)
         job_id = "check-" + uuid.uuid4().hex[:12]
-        request = request.model_copy(update={"time_budget_s": min(request.time_budget_s, pipeline.CHECK_WALL_S)})
+        request = request.model_copy(update={"time_budget_s": request.budget.for_check().budget_s})
         async with self._check_slots:
             return await pipeline.evaluate(self._job(job_id, JobKind.CHECK, request, _no_progress))
 
     async def run_now(self, request: EvalRequest, archive: bool = True) -> tuple[str, pipeline.Outcome]:
         """Evaluate in the caller's task, outside the worker slots (the Python API's check_nn)."""
-        job_id = "job-" + uuid.uuid4().hex[:12]
+        request = admit(request, self.settings)
+        job_id = new_job_id()
         kind = JobKind.SUBMIT if archive else JobKind.EVALUATE
         claim = await self.jobs.create_claimed(job_id, kind, request.model_dump(), self.owner)
         row = await self.jobs.get(job_id)
@@ -258,3 +297,5 @@ class JobQueue:
         event = self._changed.pop(job_id, None)
         if event is not None:
             event.set()
+        self._any_change.set()
+        self._any_change = anyio.Event()

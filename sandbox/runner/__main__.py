@@ -1,5 +1,11 @@
 """Entry point inside the sandbox: `python -m sandbox.runner /path/spec.json` (cwd = the out dir).
 
+Warm mode, `python -m sandbox.runner --wait /path/spec.json` (a pre-started container): import the heavy
+stack (and initialise CUDA when a GPU is visible) first, print `WAIT_MARKER`, write nothing, poll for
+spec.json (the host moves it in last) and then run that one job, its time budget counting from the
+moment the spec was seen. Exits 0 without output if no spec arrives within $LEMUR_RUNNER_WAIT_MAX_S
+seconds (default 3600). This is the pre-start contract `sandbox.docker_backend` documents.
+
 Sequence: `ready` -> load and check the model (`check`) -> in train mode, the Optuna trials
 (`trial_start`, `first_step`, `point`..., `trial_end`) -> `done`. Any failure that stops the job becomes
 one `error` event {stage, kind, message, traceback}.
@@ -44,10 +50,37 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+WAIT_MARKER = "lemur-runner: waiting"
+WAIT_POLL_S = 0.005
+WAIT_MAX_ENV = "LEMUR_RUNNER_WAIT_MAX_S"
+
+
+def _warm_up() -> None:
+    """What a warm sandbox pays before its job: the imports, and CUDA's initialisation if a GPU is lent."""
+    import numpy  # noqa: F401
+    import optuna  # noqa: F401
+    import safetensors  # noqa: F401
+    import torch
+
+    with contextlib.suppress(ImportError):
+        import torchvision  # noqa: F401
+    if os.environ.get("NVIDIA_VISIBLE_DEVICES", "void") not in ("", "void", "none") and torch.cuda.is_available():
+        torch.cuda.init()
+        torch.zeros(1, device="cuda")
+
+
+def _wait_for(spec_path: Path) -> bool:
+    """Poll until `spec_path` exists; False when the wait's limit passed first."""
+    deadline = time.monotonic() + float(os.environ.get(WAIT_MAX_ENV, "3600"))
+    while not spec_path.exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(WAIT_POLL_S)
+    return True
+
+
 def _validate(spec: protocol.JobSpec) -> None:
     """Reject malformed specs before any model code runs (the host should have caught these)."""
-    from sandbox.runner.params import parse_transform, validate_search_space
-
     problems: list[str] = []
     if spec.protocol != protocol.PROTOCOL_VERSION:
         problems.append(f"protocol {spec.protocol} but this runner speaks {protocol.PROTOCOL_VERSION}")
@@ -57,10 +90,10 @@ def _validate(spec: protocol.JobSpec) -> None:
         [spec.fixed_prm["transform"]] if "transform" in spec.fixed_prm else []
     ):
         try:
-            parse_transform(name)
+            protocol.parse_transform(name)
         except ValueError as exc:
             problems.append(str(exc))
-    problems += validate_search_space(spec.search_space)
+    problems += protocol.validate_search_space(spec.search_space)
     if len(spec.image_shape) != 3 or spec.num_classes < 1 or spec.epochs <= 0:
         problems.append("image_shape must be [C, H, W], num_classes >= 1 and epochs > 0")
     if problems:
@@ -150,8 +183,16 @@ def _run(spec: protocol.JobSpec, emitter: Emitter, stage: list[str]) -> dict[str
 
 
 def main(argv: list[str]) -> int:
+    global _STARTED
+    if len(argv) == 3 and argv[1] == "--wait":
+        _warm_up()
+        print(WAIT_MARKER, "for", argv[2], flush=True)
+        if not _wait_for(Path(argv[2])):
+            return 0
+        _STARTED = time.monotonic()  # the job's budget counts from the moment its spec was seen
+        argv = [argv[0], argv[2]]
     if len(argv) != 2:
-        print("usage: python -m sandbox.runner /path/spec.json", file=sys.stderr)
+        print("usage: python -m sandbox.runner [--wait] /path/spec.json", file=sys.stderr)
         return 64
     try:
         spec = protocol.JobSpec.from_file(argv[1])

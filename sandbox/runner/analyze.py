@@ -75,14 +75,14 @@ def _reset_globals(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _inputs(entry: dict[str, Any], size: int, seed: int) -> torch.Tensor:
-    """A random uint8 batch of the dataset's channels at the transform's size, transformed like data."""
-    channels = int(entry["image_shape"][0])
+def _inputs(entry: dict[str, Any], tf: Any, seed: int) -> torch.Tensor:
+    """A random uint8 batch in the dataset's stored shape, through the transform (as check mode's data)."""
+    channels, height, width = (int(v) for v in entry["image_shape"])
     rng = np.random.default_rng(seed)
-    images = torch.from_numpy(rng.integers(0, 256, size=(FORWARD_BATCH, channels, size, size), dtype=np.uint8))
+    images = torch.from_numpy(rng.integers(0, 256, size=(FORWARD_BATCH, channels, height, width), dtype=np.uint8))
     mean = torch.tensor(entry.get("mean") or [0.5] * channels, dtype=torch.float32).view(1, -1, 1, 1)
     std = torch.tensor(entry.get("std") or [0.25] * channels, dtype=torch.float32).view(1, -1, 1, 1)
-    return apply_transform(images, parse_transform(entry["transform"]), mean, std, train=False)
+    return apply_transform(images, tf, mean, std, train=False)
 
 
 def measure(entry: dict[str, Any], in_dir: Path, device: torch.device, seed: int) -> dict[str, Any]:
@@ -92,10 +92,12 @@ def measure(entry: dict[str, Any], in_dir: Path, device: torch.device, seed: int
         raise RunnerFailure(protocol.KIND_SANDBOX, f"model file {name!r} is not a plain name in in/")
     module, declared = load_and_check(in_dir / name)
     prm = check_prm(declared, {}, [str(entry["transform"])])
-    size = parse_transform(prm["transform"]).size
+    native = int(entry["image_shape"][-1])
+    tf = parse_transform(prm["transform"], native)
+    size = int(tf.size or native)
     num_classes = int(entry["num_classes"])
     in_shape, out_shape = (1, int(entry["image_shape"][0]), size, size), (num_classes,)
-    x = _inputs(entry, size, seed).to(device)
+    x = _inputs(entry, tf, seed).to(device)
     torch.manual_seed(seed)
     model = netops.build_net(module, in_shape, out_shape, prm, device, protocol.STAGE_CHECK)
     params, trainable = netops.count_params(model)

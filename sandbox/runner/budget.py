@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import time
 
-SAFETY_FRACTION = 0.05  # of the whole budget
-SAFETY_S = 0.3  # saving weights, writing events, process exit
+from sandbox.protocol import TimeBudget
+
 FORWARD_SHARE = 1 / 3  # a forward pass costs about a third of a training step
 
 
@@ -23,7 +23,7 @@ class Budget:
 
     def __init__(self, started: float, budget_s: float) -> None:
         self.started = started
-        self.end = started + budget_s * (1 - SAFETY_FRACTION) - SAFETY_S
+        self.end = started + TimeBudget(budget_s).runner_end()  # the margins: TimeBudget
         self._train_s = 0.0
         self._train_units = 0.0
         self._eval_s = 0.0

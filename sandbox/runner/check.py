@@ -47,7 +47,7 @@ def sample_images(
 
 
 def _in_shape(spec: protocol.JobSpec, transform: str) -> tuple[int, int, int, int]:
-    size = parse_transform(transform).size
+    size = parse_transform(transform, spec.image_shape[-1]).size
     return 1, int(spec.image_shape[0]), size, size
 
 
@@ -57,7 +57,7 @@ def run_check(
     """Build, forward, count, fingerprint and learn briefly; emits and returns the `check` event fields."""
     stage = protocol.STAGE_CHECK
     prm = check_prm(declared, spec.fixed_prm, spec.transforms, spec.epochs)
-    tf = parse_transform(prm["transform"])
+    tf = parse_transform(prm["transform"], spec.image_shape[-1])
     in_shape, out_shape = _in_shape(spec, prm["transform"]), (int(spec.num_classes),)
     mean = torch.tensor(spec.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     std = torch.tensor(spec.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)

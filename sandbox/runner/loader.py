@@ -2,7 +2,8 @@
 
 Why not a DataLoader: on a 2-core box the PIL pipeline caps out at a few thousand images/s and on a GPU it
 dominates small models (research: perf.md §2). Keeping the whole split as one uint8 tensor and doing
-index -> float/255 -> resize -> flip -> normalise per batch costs no per-sample Python work at all.
+index -> float/255 -> crop/pad/resize -> flip -> normalise per batch (sandbox.runner.transforms) costs no
+per-sample Python work at all.
 
 The public train split is divided into train/validation here (`split_seed`, `val_fraction`): model
 selection uses validation accuracy; the test images are only predicted (their labels never enter).
@@ -16,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from sandbox.runner.params import Transform
+from sandbox.runner.transforms import apply_transform  # check.py and bench/ import it from here too
 
 EVAL_BATCH = 256
 
@@ -97,29 +98,6 @@ def load_data(
         mean=_channel_tensor(mean, channels, device),
         std=_channel_tensor(std, channels, device),
     )
-
-
-def apply_transform(
-    x: torch.Tensor,
-    tf: Transform,
-    mean: torch.Tensor,
-    std: torch.Tensor,
-    train: bool,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """uint8 NCHW -> float32 in the transform's size; flip only for training batches of `_flip` names."""
-    out = x.float().div_(255.0)
-    if out.shape[-2:] != (tf.size, tf.size):
-        shrinking = out.shape[-1] > tf.size or out.shape[-2] > tf.size
-        out = F.interpolate(
-            out, size=(tf.size, tf.size), mode="bilinear", align_corners=False, antialias=shrinking
-        )
-    if train and tf.flip:
-        flip = torch.rand(out.shape[0], generator=generator).to(out.device) < 0.5
-        out = torch.where(flip.view(-1, 1, 1, 1), out.flip(3), out)
-    if tf.normalize:
-        out = (out - mean) / std
-    return out
 
 
 def batches_per_epoch(n: int, batch: int) -> int:
@@ -205,6 +183,6 @@ class Segment:
 def eval_batches(
     images: torch.Tensor, tf: Transform, mean: torch.Tensor, std: torch.Tensor, batch: int = EVAL_BATCH
 ) -> Iterator[torch.Tensor]:
-    """Transformed evaluation batches in order (no flip)."""
+    """Transformed evaluation batches in order (the deterministic part: centre crop, no flip)."""
     for start in range(0, len(images), batch):
         yield apply_transform(images[start : start + batch], tf, mean, std, train=False)

@@ -3,7 +3,7 @@
 Torch-free on purpose (stdlib only; optuna is used through the `trial` object passed in), so the host
 can import it to validate a job's `search_space` before starting a sandbox.
 
-Search-space override format (`JobSpec.search_space`), one entry per hyperparameter to change:
+Search-space override format (`JobSpec.search_space`): `sandbox.protocol.SEARCH_SPACE_FORMAT`, e.g.
 
     {
       "lr":        {"low": 1e-4, "high": 0.1, "log": true},   # float range, log-uniform if "log"
@@ -22,10 +22,11 @@ cannot download weights.
 
 from __future__ import annotations
 
-import dataclasses
-import re
 from collections.abc import Iterable
 from typing import Any
+
+# the grammar and the validator are the host/runner contract: they live in sandbox.protocol
+from sandbox.protocol import BATCH_POWERS, Transform, parse_transform, validate_search_space  # noqa: F401
 
 RESERVED = ("batch", "epoch", "transform")
 CHECK_DEFAULTS: dict[str, Any] = {"lr": 0.01, "momentum": 0.9, "dropout": 0.2, "pretrained": 0}
@@ -39,35 +40,6 @@ DEFAULT_SPACE: dict[str, dict[str, Any]] = {
     "pretrained": {"choices": [0]},
 }
 OTHER_SPACE: dict[str, Any] = {"low": 0.0, "high": 1.0}
-BATCH_POWERS = (4, 8)
-TRANSFORM_SIZES = (32, 64, 128, 224, 256, 299)
-_TRANSFORM_RE = re.compile(r"^(norm|echo)_(\d+)(_flip)?$")
-
-
-@dataclasses.dataclass(frozen=True)
-class Transform:
-    """A LEMUR transform name decoded: resize to `size`x`size`, optional flip, optional normalisation."""
-
-    name: str
-    size: int
-    normalize: bool
-    flip: bool
-
-
-def parse_transform(name: str) -> Transform:
-    """Decode `norm_<size>[_flip]` / `echo_<size>[_flip]`; raises ValueError for anything else."""
-    match = _TRANSFORM_RE.match(str(name))
-    if match is None or int(match.group(2)) not in TRANSFORM_SIZES:
-        raise ValueError(
-            f"unknown transform {name!r} (expected norm_<size>[_flip] or echo_<size>[_flip] "
-            f"with size in {TRANSFORM_SIZES})"
-        )
-    return Transform(
-        name=name,
-        size=int(match.group(2)),
-        normalize=match.group(1) == "norm",
-        flip=match.group(3) is not None,
-    )
 
 
 def epoch_value(epochs: float) -> int | float:
@@ -94,44 +66,6 @@ def check_prm(
     )
     prm.update(fixed_prm)
     return prm
-
-
-def validate_search_space(space: dict[str, Any]) -> list[str]:
-    """Problems with a `search_space` override (empty when valid)."""
-    problems: list[str] = []
-    for name, entry in space.items():
-        if not isinstance(entry, dict):
-            problems.append(f"{name}: expected an object like {{'low':..,'high':..}} or {{'choices':[..]}}")
-            continue
-        if name == "batch" and ("min_power" in entry or "max_power" in entry):
-            lo, hi = entry.get("min_power", BATCH_POWERS[0]), entry.get("max_power", BATCH_POWERS[1])
-            if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi <= 16):
-                problems.append(f"batch: need integers 0 <= min_power <= max_power <= 16, got {lo}, {hi}")
-        elif "choices" in entry:
-            choices = entry["choices"]
-            if (
-                not isinstance(choices, list)
-                or not choices
-                or not all(isinstance(c, bool | int | float | str) for c in choices)
-            ):
-                problems.append(f"{name}: 'choices' must be a non-empty list of numbers or strings")
-            elif name == "transform":
-                for c in choices:
-                    try:
-                        parse_transform(c)
-                    except ValueError as exc:
-                        problems.append(f"transform: {exc}")
-            elif name == "batch" and not all(isinstance(c, int) and c >= 1 for c in choices):
-                problems.append("batch: choices must be positive integers")
-        elif "low" in entry and "high" in entry:
-            lo, hi, log = entry["low"], entry["high"], bool(entry.get("log", False))
-            if not (isinstance(lo, int | float) and isinstance(hi, int | float) and lo <= hi):
-                problems.append(f"{name}: need numbers low <= high, got {lo!r}, {hi!r}")
-            elif log and lo <= 0:
-                problems.append(f"{name}: a log range needs low > 0")
-        else:
-            problems.append(f"{name}: give 'low' and 'high' (and optional 'log') or 'choices'")
-    return problems
 
 
 def _suggest(trial: Any, name: str, entry: dict[str, Any]) -> Any:

@@ -12,11 +12,10 @@ from typing import Any
 import optuna
 
 from sandbox import protocol
+from sandbox.protocol import TrialStatus
 from sandbox.runner.loader import batches_per_epoch
 from sandbox.runner.params import parse_transform, suggest_prm
 from sandbox.runner.trainer import (
-    STATUS_COMPLETED,
-    STATUS_PRUNED,
     Job,
     TrialOutcome,
     TrialRun,
@@ -28,7 +27,7 @@ MEDIAN_PRUNER_STARTUP = 2
 
 def _first_segment_fits(job: Job, prm: dict[str, Any]) -> bool:
     """Whether the first partial epoch of a trial with `prm` is likely to fit in the time left."""
-    size = parse_transform(prm["transform"]).size
+    size = parse_transform(prm["transform"], job.spec.image_shape[-1]).size
     n_train = len(job.data.train_x)
     batch = min(int(prm["batch"]), n_train)
     per_epoch = batches_per_epoch(n_train, batch)
@@ -41,9 +40,19 @@ def _first_segment_fits(job: Job, prm: dict[str, Any]) -> bool:
     return job.budget.fits(estimate + eval_s)
 
 
+def _rank(o: TrialOutcome) -> tuple[bool, float | None, int]:
+    """What `protocol.selection_rank` orders by, the same rule the host selects with."""
+    return (o.status == TrialStatus.COMPLETED, o.val_accuracy, o.trial)
+
+
 def _weights_rank(o: TrialOutcome) -> tuple[bool, float, int]:
     """The host's choice of trial: finished before cut short, best validation accuracy, earliest."""
-    return (o.status == STATUS_COMPLETED, o.val_accuracy if o.val_accuracy is not None else float("-inf"), -o.trial)
+    return protocol.selection_rank(*_rank(o))
+
+
+def best_outcome(outcomes: list[TrialOutcome]) -> TrialOutcome | None:
+    """The trial the host will select (same rule), among those with a validation accuracy."""
+    return protocol.select_trial((o for o in outcomes if o.val_accuracy is not None), _rank)
 
 
 def _keep_best_weights(job: Job, kept: TrialOutcome | None, new: TrialOutcome) -> TrialOutcome | None:
@@ -90,9 +99,9 @@ def run_search(job: Job, declared: set[str]) -> dict[str, Any]:
         job.emitter.emit(protocol.EVENT_TRIAL_START, trial=trial.number, prm=prm, **job.data.sizes())
         outcome = TrialRun(job, trial.number, prm, trial).run()
         outcomes.append(outcome)
-        if outcome.status == STATUS_COMPLETED and outcome.val_accuracy is not None:
+        if outcome.status == TrialStatus.COMPLETED and outcome.val_accuracy is not None:
             study.tell(trial, outcome.val_accuracy)
-        elif outcome.status == STATUS_PRUNED:
+        elif outcome.status == TrialStatus.PRUNED:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         else:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -101,8 +110,7 @@ def run_search(job: Job, declared: set[str]) -> dict[str, Any]:
         if outcome.stop_job:
             stopped_by_budget = True
             break
-    completed = [o for o in outcomes if o.status == STATUS_COMPLETED and o.val_accuracy is not None]
-    best = max(completed, key=lambda o: o.val_accuracy or 0.0, default=None)
+    best = best_outcome(outcomes)
     return {
         "best_trial": best.trial if best else None,
         "best_val_accuracy": best.val_accuracy if best else None,

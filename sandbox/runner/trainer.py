@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from sandbox import protocol
+from sandbox.protocol import TrialStatus
 from sandbox.runner import netops
 from sandbox.runner.budget import Budget
 from sandbox.runner.emit import Emitter
@@ -32,9 +33,6 @@ from sandbox.runner.params import Transform, parse_transform
 
 EVAL_BATCH_MAX = 1024
 EVAL_PIXELS = 256 * 32 * 32  # pixels per evaluation batch: 256 images at 32x32
-STATUS_COMPLETED = "completed"
-STATUS_PRUNED = "pruned"
-STATUS_FAILED = "failed"
 
 
 @dataclasses.dataclass
@@ -54,7 +52,7 @@ class Job:
 @dataclasses.dataclass
 class TrialOutcome:
     trial: int
-    status: str
+    status: protocol.TrialStatus
     val_accuracy: float | None
     train_ns: int
     weights: str | None = None
@@ -117,7 +115,7 @@ class TrialRun:
         self.trial = trial
         self.prm = prm
         self.optuna_trial = optuna_trial
-        self.tf: Transform = parse_transform(prm["transform"])
+        self.tf: Transform = parse_transform(prm["transform"], job.spec.image_shape[-1])
         self.pixels = self.tf.size * self.tf.size
         self.train_ns = 0
         self.best_val: float | None = None
@@ -219,12 +217,12 @@ class TrialRun:
         try:
             return self._run(generator)
         except netops.TrialFailure as fail:
-            status = STATUS_PRUNED if fail.kind == protocol.KIND_TIMEOUT else STATUS_FAILED
+            status = TrialStatus.PRUNED if fail.kind == protocol.KIND_TIMEOUT else TrialStatus.FAILED
             return self._outcome(
                 status,
                 {"kind": fail.kind, "message": fail.message},
                 stop_job=fail.kind == protocol.KIND_TIMEOUT,
-                save=status == STATUS_PRUNED,
+                save=status == TrialStatus.PRUNED,
             )
         finally:
             self.model = None  # freed by release_memory() before the next trial, not on the clock here
@@ -268,7 +266,7 @@ class TrialRun:
                     f"learn() returned loss {loss}" if netops.is_nan(loss) else "a parameter became NaN/inf"
                 )
                 return self._outcome(
-                    STATUS_FAILED,
+                    TrialStatus.FAILED,
                     {"kind": protocol.KIND_NAN_LOSS, "message": f"{what} at epoch {epoch:g}; lower lr?"},
                 )
             if segment.truncated:
@@ -276,8 +274,8 @@ class TrialRun:
             self._evaluate(epoch, loss, train_acc, step)
             last = step == len(schedule) - 1  # a finished trial is completed, whatever the pruner says
             if not last and self.optuna_trial is not None and self.optuna_trial.should_prune():
-                return self._outcome(STATUS_PRUNED, None)
-        return self._outcome(STATUS_COMPLETED, None)
+                return self._outcome(TrialStatus.PRUNED, None)
+        return self._outcome(TrialStatus.COMPLETED, None)
 
     def _truncated(
         self, epoch: float, loss: float | None, train_acc: float | None, step: int
@@ -292,14 +290,14 @@ class TrialRun:
 
     def _timeout(self, message: str) -> TrialOutcome:
         return self._outcome(
-            STATUS_PRUNED, {"kind": protocol.KIND_TIMEOUT, "message": message}, stop_job=True
+            TrialStatus.PRUNED, {"kind": protocol.KIND_TIMEOUT, "message": message}, stop_job=True
         )
 
     def _outcome(
-        self, status: str, error: dict[str, str] | None, stop_job: bool = False, save: bool = True
+        self, status: protocol.TrialStatus, error: dict[str, str] | None, stop_job: bool = False, save: bool = True
     ) -> TrialOutcome:
         weights = None
-        ok = status != STATUS_FAILED and save
+        ok = status != TrialStatus.FAILED and save
         if ok and self.job.spec.save_weights and self.model is not None and self.points:
             weights = protocol.weights_name(self.trial)
             try:

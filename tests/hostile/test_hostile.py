@@ -492,7 +492,7 @@ def leftover_sandboxes(server: Any, backend: str) -> list[str]:
         return [str(d) for b in bases if b.is_dir() for d in b.iterdir()
                 if d.name.startswith(_cgroups.PREFIX) and mine in d.name]
     docker = shutil.which("docker") or "docker"
-    instance = server._lemur_state.queue.backend.instance_id
+    instance = server.state.queue.backend.instance_id
     ids = subprocess.run([docker, "ps", "-aq", "--filter", f"label=lemur-agent-server.instance={instance}"],
                          capture_output=True, text=True, timeout=30, check=True).stdout.split()
     if not ids:
