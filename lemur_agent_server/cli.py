@@ -20,6 +20,7 @@ from typing import Any
 import anyio
 
 from lemur_agent_server import __version__
+from lemur_agent_server.analyze import add_parser as add_analyze
 from lemur_agent_server.config import Settings
 from lemur_agent_server.lemur_export import add_parser as add_export_lemur
 from sandbox.protocol import JobStatus
@@ -181,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--tag")
 
     add_export_lemur(sub)
+    add_analyze(sub)
     add_stats_subparsers(sub)
     return parser
 

@@ -151,6 +151,26 @@ class ZooStore:
         async with self.transaction() as db:
             await db.execute(f"UPDATE model SET {sets} WHERE name=?", (*values, name))
 
+    async def record_analysis(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Write `analyze` results in one transaction: each row has model_id, status, analysed_at and
+        optional error/detail (JSON) and stats (params, flops, fingerprint, code_quality,
+        code_quality_detail). Stats fill only what the model lacks: values the evaluator measured stay."""
+        async with self.transaction() as db:
+            for row in rows:
+                stats = row.get("stats") or {}
+                await db.execute(
+                    "UPDATE model SET params=COALESCE(params, ?), flops=COALESCE(flops, ?),"
+                    " fingerprint=COALESCE(fingerprint, ?), code_quality=COALESCE(code_quality, ?),"
+                    " code_quality_detail=COALESCE(code_quality_detail, ?) WHERE id=?",
+                    (stats.get("params"), stats.get("flops"), stats.get("fingerprint"), stats.get("code_quality"),
+                     _json(stats.get("code_quality_detail")), row["model_id"]))
+                await db.execute(
+                    "INSERT INTO model_analysis(model_id, status, error, detail, analysed_at) VALUES(?,?,?,?,?)"
+                    " ON CONFLICT(model_id) DO UPDATE SET status=excluded.status, error=excluded.error,"
+                    " detail=excluded.detail, analysed_at=excluded.analysed_at",
+                    (row["model_id"], row["status"], _json(row.get("error")), _json(row.get("detail")),
+                     row["analysed_at"]))
+
     async def model_by_name(self, name: str) -> dict[str, Any] | None:
         return await self.fetchone("SELECT * FROM model WHERE name=?", (name,))
 
