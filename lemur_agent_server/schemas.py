@@ -63,8 +63,27 @@ class ModelRow(BaseModel):
     code: str | None = Field(default=None, description="Model code, only when include_code=true")
 
 
+class ModelScoreRow(BaseModel):
+    """One model's score on one task/dataset/metric (query_models view='models'); null without scored runs."""
+
+    name: str = Field(description="Model name; pass it to get_model")
+    params: int | None = None
+    flops: int | None = None
+    task: str | None = None
+    dataset: str | None = None
+    metric: str | None = None
+    rank: int | None = Field(default=None, description="1 = best within its task/dataset/metric; null: no score")
+    score: float | None = Field(default=None, description="The value ranked by (accuracy or accuracy_to_time)")
+    accuracy: float | None = Field(default=None, description="Test accuracy of the run holding the score")
+    accuracy_to_time: float | None = None
+    epoch: float | None = None
+    duration_s: float | None = Field(default=None, description="Training-only seconds of that run")
+    runs: int = Field(default=0, description="Complete runs counted (0: none yet, e.g. a seed model)")
+
+
 class QueryResult(BaseModel):
     rows: list[ModelRow]
+    models: list[ModelScoreRow] | None = Field(default=None, description="view='models': one row per model")
     total: int = Field(description="Rows matching the filters, over all pages")
     returned: int
     offset: int

@@ -31,6 +31,7 @@ from lemur_agent_server.schemas import (
     canonical_filter_dataset,
 )
 from lemur_agent_server.tool_wiring import tool
+from sandbox import datasets
 from stats import aggregates as agg
 from stats.plots import (
     DEFAULT_HEIGHT,
@@ -46,7 +47,6 @@ from stats.plots import (
     render,
 )
 from stats.scope import StatsError, check_models, describe, no_data
-from sandbox import datasets
 from zoo.query import SCORE_DEFINITION, Filters
 
 READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True,

@@ -311,3 +311,21 @@ def model_scores_sql(f: Filters, by: ScoreBy = "accuracy", include_partial: bool
 
 # The order of models by score, within a task/dataset/metric: best first, then the faster, then the older id.
 SCORE_ORDER_SQL = f"s.best DESC, COALESCE(s.duration_ns, {SQL_INT_MAX}), s.model_id"
+
+
+def models_view_sql(f: Filters, by: ScoreBy = "accuracy", include_partial: bool = False, limit: int = 20,
+                    offset: int = 0) -> tuple[str, list[Any]]:
+    """One row per model and task/dataset/metric it has scored runs on, ranked by its score within each
+    triple (`rank`, 1 = best), and one row with a null score for each model that has none in scope (a seed
+    model before its first run, say): every model in the name filters is findable. Task/dataset/metric
+    filters narrow the scores, never hide a model. Adds `total` (rows over all pages)."""
+    scores, args = model_scores_sql(f, by, include_partial)
+    names, name_args = name_filter(f, "m.name")
+    where = f" WHERE {names}" if names else ""
+    sql = (f"SELECT m.name, m.params, m.flops, s.task, s.dataset, s.metric, s.best AS score, s.accuracy, "
+           f"s.accuracy_to_time, s.epoch, s.duration_ns, COALESCE(s.runs, 0) AS runs, "
+           f"CASE WHEN s.model_id IS NULL THEN NULL ELSE ROW_NUMBER() OVER (PARTITION BY s.task, s.dataset, "
+           f"s.metric, s.model_id IS NULL ORDER BY {SCORE_ORDER_SQL}) END AS rank, COUNT(*) OVER () AS total "
+           f"FROM model m LEFT JOIN {scores} s ON s.model_id = m.id{where} "
+           f"ORDER BY s.model_id IS NULL, s.task, s.dataset, s.metric, {SCORE_ORDER_SQL}, m.name LIMIT ? OFFSET ?")
+    return sql, args + name_args + [int(limit), int(offset)]
