@@ -398,14 +398,15 @@ def learning_curves(conn: sqlite3.Connection, f: Filters, triple: Triple, models
                     limit: int = 5) -> pd.DataFrame:
     """Every curve point (half epochs included) of the best run of each model in one triple.
 
-    `models` picks the models (their best run in the triple); without it, the `limit` models with
-    the best final accuracy. Columns: name, run_uid, epoch, accuracy, duration_ns, final.
+    `models` picks the models (their best run in the triple, partial runs included); without it, the
+    `limit` models with the best score (`zoo.query.SCORE_DEFINITION`, the leaderboard's order).
+    Columns: name, run_uid, epoch, accuracy, duration_ns, final.
     """
     g = triple.narrow(dataclasses.replace(f, nn=tuple(models) or f.nn, epoch=None))
-    scope, args = runs_sql(g)
+    scores, args = model_scores_sql(g, include_partial=bool(models))  # a named model's curve shows even if partial
     best = _frame(conn, (
-        f"SELECT s.model_id, MAX(s.accuracy) AS final, s.run_id FROM {scope} s GROUP BY s.model_id "
-        "ORDER BY final DESC, s.model_id LIMIT ?"), args + [len(models) if models else int(limit)])
+        f"SELECT s.model_id, s.best AS final, s.run_id FROM {scores} s "
+        f"ORDER BY {SCORE_ORDER_SQL} LIMIT ?"), args + [len(models) if models else int(limit)])
     if best.empty:
         raise no_data(g, "scored runs of these models")
     ids = best["run_id"].tolist()

@@ -78,11 +78,14 @@ async def test_one_order_from_query_models_leaderboard_plot_and_job_standing(set
     assert [m["score"] for m in models["models"][:2]] == pytest.approx([0.85, 0.80])
     conn = sqlite3.connect(settings.zoo_path)
     try:
-        pareto = agg.model_best(conn, Filters(), Triple("img-classification", DS, "acc"))
+        triple = Triple("img-classification", DS, "acc")
+        pareto = agg.model_best(conn, Filters(), triple)
+        curves = agg.learning_curves(conn, Filters(), triple)
     finally:
         conn.close()
     assert dict(zip(pareto["name"], pareto["accuracy"], strict=True)) == pytest.approx(
         {"FastBN": 0.80, "Steady": 0.85})
+    assert list(dict.fromkeys(curves["name"])) == ranked  # the curves plot draws the top models in that order
     job = await call(client, "get_job", job_id="job-fast")
     assert job["standing"]["rank_accuracy"] == 2 and job["standing"]["n"] == 2
     assert job["standing"]["best_name"] == "Steady"
