@@ -332,7 +332,9 @@ def register_job_tools(mcp: MCPServer, state: AppState) -> None:
         """State of an evaluation job: queued, checking, training, evaluating, then succeeded, failed,
         timed_out or cancelled. With wait_s > 0 it waits (long poll, at most 50 s) and sends MCP progress
         notifications. When done it carries the result (accuracy, accuracy_to_time, code_quality,
-        selected hyperparameters, every trial) or the error (stage, kind, message, log tail).
+        selected hyperparameters, every trial) or the error (stage, kind, message, log tail); a succeeded
+        job also its `standing` (rank by accuracy and by accuracy-to-time of n models, gap to the best, by
+        the score leaderboard ranks) and `notes` where it did not do what was asked (e.g. name_prefix).
         """
         return await get_job(state, job_id, wait_s, ctx.report_progress if ctx is not None else None)
 

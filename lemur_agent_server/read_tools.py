@@ -52,7 +52,7 @@ Metric = Annotated[FilterText, Field(description="Metric, e.g. 'acc' (accuracy i
 async def unknown_model_error(state: AppState, name: str) -> ToolError:
     near = await state.zoo().similar_model_names(name, limit=5)
     hint = f" Similar names: {', '.join(near)}." if near else ""
-    return ToolError(f"Unknown model '{name}'.{hint} Use query_models to find names.")
+    return ToolError(f"Unknown model '{name}'.{hint} query_models(view='models') lists every model's name.")
 
 
 def dataset_entries(settings_data_root: Any) -> list[DatasetEntry]:
@@ -255,7 +255,8 @@ def register_read_tools(mcp: MCPServer, state: AppState) -> None:
         Returns: the task/dataset/metric combinations in the zoo with counts of models and runs; the
         datasets submit_model can train on (with classes, image shape, chance level and whether the
         data is present on this server); allowed transform names; the Net contract your code must
-        follow; the hyperparameter conventions; and the sandbox isolation in use.
+        follow; the hyperparameter conventions; the sandbox isolation in use; and on a fresh server
+        `baselines`: the seed models' short evaluations queued at first start (job ids, status, when ready).
         Next: query_models to rank existing models, get_model to read one, submit_model to train yours.
         """
         return await list_catalog(state)

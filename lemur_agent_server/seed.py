@@ -85,10 +85,17 @@ async def score_seed_quality(store: ZooStore) -> int:
     return done
 
 
+async def _seeds_have_runs(store: ZooStore) -> bool:
+    names = list(REFERENCE_MODELS)
+    row = await store.fetchone(f"SELECT 1 FROM run r JOIN model m ON m.id = r.model_id WHERE m.name IN "
+                               f"({','.join('?' * len(names))}) LIMIT 1", names)
+    return row is not None
+
+
 async def queue_baselines(store: ZooStore, queue: JobQueue, settings: Settings) -> dict[str, Any] | None:
     """Submit one short evaluation per seed model, once per zoo (recorded in meta). Returns the record."""
-    if await read_meta(store, BASELINES_KEY) is not None:
-        return None
+    if await read_meta(store, BASELINES_KEY) is not None or await _seeds_have_runs(store):
+        return None  # queued before, or the seeds were trained already (an older zoo, evaluate-seeds)
     dataset = baseline_dataset(settings)
     if dataset is None:
         return None

@@ -86,3 +86,22 @@ def test_env_and_flag_turn_baselines_off(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv(ENV_NO_BASELINES, "1")
     assert Settings.from_env(tmp_path / "z.sqlite").baselines is False
     assert build_parser().parse_args(["serve", "--no-baselines"]).no_baselines is True
+
+
+async def test_a_zoo_whose_seeds_were_trained_gets_no_baselines(make_settings) -> None:
+    from lemur_agent_server.seed import BASELINES_KEY, queue_baselines, read_meta, seed_reference_models
+    from zoo.records import Point, Run
+    from zoo.store import ZooStore
+
+    settings = fast_baselines(make_settings)
+    store = await ZooStore.open(settings.zoo_path)
+    try:
+        await seed_reference_models(store)
+        lenet = await store.model_by_name("LeNet5")
+        await store.add_runs(lenet["id"], [Run(uid="old:t0", task="img-classification", dataset="digits",
+                                               metric="acc", status="succeeded", source="evaluator",
+                                               points=[Point(epoch=1, accuracy=0.9)])])
+        assert await queue_baselines(store, None, settings) is None  # no queue needed: nothing is submitted
+        assert await read_meta(store, BASELINES_KEY) is None
+    finally:
+        await store.close()
