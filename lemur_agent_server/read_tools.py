@@ -84,7 +84,7 @@ async def list_catalog(state: AppState) -> Catalog:
         net_contract=contract.NET_CONTRACT,
         hyperparameters=contract.HYPERPARAMETERS,
         sandbox=sandbox_info,
-        baselines=await baselines_status(store, state.settings),
+        baselines=await baselines_status(store, state.settings, workers=state.queue is not None),
     )
 
 

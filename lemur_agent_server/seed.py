@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 SEED_KEY = "seeded_reference_models"
 BASELINES_KEY = "baselines"  # meta: JSON {dataset, queued_at, budget_s, jobs: {model: job_id}}
 BASELINE_DATASETS = ("digits", "mnist", "fashion-mnist")  # the cheapest present one is used
-BASELINE_PRM = {"lr": 0.05, "momentum": 0.9, "batch": 64}  # fixed: one trial must not land on a bad draw
+BASELINE_PRM = {"lr": 0.05, "momentum": 0.9, "batch": 32}  # fixed: one trial must not land on a bad draw
 
 
 async def seed_reference_models(store: ZooStore) -> int:
@@ -119,12 +119,12 @@ async def measure_seed_facts(store: ZooStore, queue: JobQueue, dataset: str) -> 
         if row is None or row["params"] is not None:
             continue
         outcome = await queue.check(EvalRequest(code=row["code"], dataset=dataset, prm=dict(BASELINE_PRM)))
-        check = (outcome.result or {}).get("check") if outcome.status == JobStatus.SUCCEEDED else None
-        if not check:
+        result = outcome.result or {}  # a check's measurements sit at the top of its result
+        if outcome.status != JobStatus.SUCCEEDED or result.get("params") is None:
             log.warning("check of seed model %s: %s %s", name, outcome.status, outcome.error)
             continue
-        await store.update_model_stats(name, params=check.get("params"), flops=check.get("flops"),
-                                       fingerprint=check.get("fingerprint"))
+        await store.update_model_stats(name, params=result["params"], flops=result.get("flops"),
+                                       fingerprint=result.get("fingerprint"))
         done += 1
     return done
 
@@ -133,8 +133,8 @@ async def start_baselines(store: ZooStore, queue: JobQueue, settings: Settings) 
     """Everything a fresh zoo's seed models get, in the order it becomes useful; runs in the background
     (the server answers meanwhile). A failure is logged, never raised: baselines are a courtesy."""
     try:
+        await queue_baselines(store, queue, settings)  # first: list_catalog can then name the jobs
         await score_seed_quality(store)
-        await queue_baselines(store, queue, settings)
         dataset = baseline_dataset(settings)
         if dataset is not None:
             await measure_seed_facts(store, queue, dataset)
@@ -142,11 +142,15 @@ async def start_baselines(store: ZooStore, queue: JobQueue, settings: Settings) 
         log.exception("baselines of the seed models")
 
 
-async def baselines_status(store: ZooStore, settings: Settings) -> dict[str, Any] | None:
+async def baselines_status(store: ZooStore, settings: Settings, workers: bool = True) -> dict[str, Any] | None:
     """What list_catalog says about the baselines: per seed its job id and status, its static facts, and
-    an upper bound of when all will be ready (each job's budget, one after another per slot)."""
+    an upper bound of when all will be ready (each job's budget, one after another per slot). In the
+    seconds before the jobs exist (a fresh server submitting them) it says so."""
     record = await read_meta(store, BASELINES_KEY)
     if record is None:
+        if workers and settings.seed_zoo and settings.baselines and not await _seeds_have_runs(store):
+            return {"dataset": baseline_dataset(settings), "seeds": {},
+                    "ready": "being queued now: call list_catalog again in a few seconds for the job ids"}
         return None
     seeds: dict[str, Any] = {}
     open_jobs = 0

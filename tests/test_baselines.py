@@ -45,6 +45,7 @@ async def test_first_start_queues_baselines_once_and_they_land_in_the_zoo(make_s
     async with Client(build_server(settings)) as client:
         first = await call(client, "list_catalog")  # answered at once, while the baselines are measured
         assert first["totals"]["runs"] == 0
+        assert first["baselines"]["dataset"] == "digits"  # being queued, or queued: said from the first call
         cat = await wait_for_baselines(client)
         seeds = cat["baselines"]["seeds"]
         assert cat["baselines"]["dataset"] == "digits" and set(seeds) == set(REFERENCE_MODELS)
@@ -86,6 +87,25 @@ def test_env_and_flag_turn_baselines_off(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv(ENV_NO_BASELINES, "1")
     assert Settings.from_env(tmp_path / "z.sqlite").baselines is False
     assert build_parser().parse_args(["serve", "--no-baselines"]).no_baselines is True
+
+
+async def test_each_seed_check_stores_params_flops_and_fingerprint(make_settings, warm_process_sandbox) -> None:
+    from lemur_agent_server.evaluator.queue import JobQueue
+    from lemur_agent_server.seed import measure_seed_facts, seed_reference_models
+    from zoo.store import ZooStore
+
+    settings = fast_baselines(make_settings)
+    store = await ZooStore.open(settings.zoo_path)
+    try:
+        await seed_reference_models(store)
+        async with JobQueue.running(settings, store, workers=False) as queue:
+            assert await measure_seed_facts(store, queue, "digits") == len(REFERENCE_MODELS)
+        for name in REFERENCE_MODELS:
+            model = await store.model_by_name(name)
+            assert model["params"] > 0 and model["flops"] > 0 and len(model["fingerprint"]) == 64, name
+        assert await store.fetchone("SELECT 1 FROM run") is None  # a check trains nothing and stores no run
+    finally:
+        await store.close()
 
 
 async def test_a_zoo_whose_seeds_were_trained_gets_no_baselines(make_settings) -> None:
