@@ -25,8 +25,7 @@ def digest(value: object, cap: int = 700) -> str:
 
 
 async def replay(root: Path) -> None:
-    settings = Settings.from_env(root / "zoo.sqlite", data_root=Path("data"), sandbox="process",
-                                 baseline_epochs=0.5, baseline_max_train_samples=256, baseline_budget_s=60)
+    settings = Settings.from_env(root / "zoo.sqlite", data_root=Path("data"), sandbox="process")
     settings.threads = 2
     async with Client(build_server(settings)) as client:
         async def call(tool: str, **args: object) -> dict:
@@ -52,11 +51,17 @@ async def replay(root: Path) -> None:
         code = read_code("LeNet5").replace("nn.Linear(120, 84)", "nn.Linear(120, 64)").replace(
             "nn.Linear(84,", "nn.Linear(64,")
         await call("check_model", code=code, dataset="digits")
-        job = await call("submit_model", code=code, dataset="digits", n_trials=1, epochs=0.5, time_budget_s=60,
-                         prm={"lr": 0.05, "momentum": 0.9, "batch": 64}, name_prefix="replay")
+        job = await call("submit_model", code=code, dataset="digits", n_trials=1, epochs=3, time_budget_s=60,
+                         prm={"lr": 0.05, "momentum": 0.9, "batch": 32}, name_prefix="replay")
         while not job.get("done"):
             job = await call("get_job", job_id=job["job_id"], wait_s=30)
+        print("standing:", digest(job.get("standing")), "notes:", digest(job.get("notes")))
         await call("leaderboard", dataset="digits", by="accuracy_to_time")
+        again = await call("submit_model", code=read_code("LeNet5"), dataset="digits", n_trials=1, epochs=0.5,
+                           time_budget_s=60, name_prefix="mine")
+        while not again.get("done"):
+            again = await call("get_job", job_id=again["job_id"], wait_s=30)
+        print("notes:", digest(again.get("notes")))
         await call("submit_model", code=code, dataset="digits", prm={"lr": 3})
 
 

@@ -36,8 +36,8 @@ class Settings:
     image: str = DEFAULT_IMAGE
     seed_zoo: bool = True
     baselines: bool = True  # on first start, measure the seed models and queue a short evaluation of each
-    baseline_epochs: float = 3.0  # digits: 45 steps an epoch at batch 32, seconds on a CPU
-    baseline_budget_s: float = 60.0
+    baseline_epochs: float = 2.0  # digits: 45 steps an epoch at batch 32, seconds on a CPU
+    baseline_budget_s: float = 90.0  # SmallVGG took 20 s a half epoch on a loaded 2-core host
     baseline_max_train_samples: int | None = None  # None: the whole training split
     run_workers: bool = True
     token: str | None = None
