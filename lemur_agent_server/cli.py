@@ -204,6 +204,8 @@ def _serve_args(p: argparse.ArgumentParser, top: bool = False) -> None:
                    **d(False))
     p.add_argument("--no-seed", action="store_true", help="do not add the reference models on first start",
                    **d(False))
+    p.add_argument("--no-baselines", action="store_true", help="do not queue the reference models' short baseline "
+                   "evaluations on first start (default: $LEMUR_NO_BASELINES)", **d(False))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,6 +238,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings.run_workers = False
     if args.no_seed:
         settings.seed_zoo = False
+    if args.no_baselines:
+        settings.baselines = False
     mcp = build_server(settings)
     if not args.http:
         mcp.run()

@@ -21,6 +21,7 @@ ENV_GPUS = "LEMUR_GPUS"  # comma-separated device ids, e.g. "0,1"
 ENV_TOKEN = "LEMUR_TOKEN"  # bearer token for --http
 ENV_IMAGE = "LEMUR_SANDBOX_IMAGE"
 ENV_NO_SEED = "LEMUR_NO_SEED"
+ENV_NO_BASELINES = "LEMUR_NO_BASELINES"  # do not queue the seed models' baseline evaluations on first start
 
 DEFAULT_IMAGE = "lemur-agent-server-sandbox:latest"
 
@@ -34,6 +35,10 @@ class Settings:
     gpus: tuple[str, ...] = ()
     image: str = DEFAULT_IMAGE
     seed_zoo: bool = True
+    baselines: bool = True  # on first start, measure the seed models and queue a short evaluation of each
+    baseline_epochs: float = 2.0  # digits: 45 steps an epoch at batch 32, seconds on a CPU
+    baseline_budget_s: float = 90.0  # SmallVGG took 20 s a half epoch on a loaded 2-core host
+    baseline_max_train_samples: int | None = None  # None: the whole training split
     run_workers: bool = True
     token: str | None = None
     max_time_budget_s: float = 3600.0
@@ -70,6 +75,7 @@ class Settings:
             gpus=gpus,
             image=os.environ.get(ENV_IMAGE, DEFAULT_IMAGE),
             seed_zoo=os.environ.get(ENV_NO_SEED, "") not in ("1", "true", "yes"),
+            baselines=os.environ.get(ENV_NO_BASELINES, "") not in ("1", "true", "yes"),
             token=os.environ.get(ENV_TOKEN) or None,
             stale_after_s=float(os.environ.get("LEMUR_STALE_AFTER_S", "15")),
         )

@@ -8,6 +8,7 @@ progress while it waits.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
@@ -25,6 +26,7 @@ from lemur_agent_server.state import AppState
 from lemur_agent_server.tool_wiring import tool
 from sandbox.protocol import MAX_CODE_CHARS, JobStatus
 from zoo.jobs import Selection
+from zoo.standing import model_standing
 
 Code = Annotated[str, Field(description="The complete Python source of the model file (Net contract; see "
                                         "list_catalog.net_contract)", min_length=1, max_length=MAX_CODE_CHARS)]
@@ -78,14 +80,50 @@ class JobView(BaseModel):
     batch_id: str | None = Field(default=None, description="The batch (submit_models) the job belongs to")
     reused_from: str | None = Field(default=None, description="The earlier job of the same experiment whose "
                                                               "result this job reports (nothing was trained)")
+    standing: dict[str, Any] | None = Field(default=None, description=(
+        "When succeeded: where the model now stands on its task/dataset/metric, by the score leaderboard ranks "
+        "(best complete run per model): rank_accuracy and rank_a2t of n models, best_name, gap (this model's "
+        "score minus the best one's; 0 = best). Null when the model has no complete run there."))
+    notes: list[str] = Field(default_factory=list, description="What the job did differently from the request")
     next_step: str
 
 
-def job_view(row: dict[str, Any]) -> JobView:
+def _request_of(row: dict[str, Any]) -> dict[str, Any]:
+    request = row.get("request")
+    if isinstance(request, str):
+        try:
+            request = json.loads(request)
+        except ValueError:
+            request = None
+    return request if isinstance(request, dict) else {}
+
+
+def request_notes(row: dict[str, Any]) -> list[str]:
+    """Where the job differs from what was asked: a name_prefix on code the zoo already held keeps the
+    existing model's name (the zoo stores each code once)."""
+    prefix = _request_of(row).get("name_prefix")
+    name = row.get("model_name")
+    if prefix and name and not name.startswith(prefix):
+        return [f"name_prefix '{prefix}' was not used: this code is already in the zoo as '{name}', so the runs "
+                "are recorded under that existing name."]
+    return []
+
+
+async def job_standing(state: AppState, row: dict[str, Any]) -> dict[str, Any] | None:
+    """The finished model's standing, read from the zoo now (see zoo.standing)."""
+    request = _request_of(row)
+    if row.get("status") != JobStatus.SUCCEEDED or not row.get("model_name") or not request.get("dataset"):
+        return None
+    return await model_standing(state.zoo(), row["model_name"], request.get("task", "img-classification"),
+                                request["dataset"], request.get("metric", "acc"))
+
+
+def job_view(row: dict[str, Any], standing: dict[str, Any] | None = None) -> JobView:
     status = JobStatus(row["status"])
     done = status.is_finished()
     if status is JobStatus.SUCCEEDED:
-        hint = "Done. query_models(task, dataset, unique_nn=true) shows where it ranks; get_model(model_name)."
+        hint = ("Done. `standing` says where the model ranks (leaderboard(task, dataset) shows the table); "
+                "get_model(model_name) for its curve.")
     elif status is JobStatus.FAILED:
         hint = "Read error.kind and error.message, fix the code, check_model it, then submit_model again."
     elif status is JobStatus.TIMED_OUT:
@@ -98,7 +136,7 @@ def job_view(row: dict[str, Any]) -> JobView:
     return JobView(job_id=row["id"], status=status, done=done, model_name=row.get("model_name"),
                    progress=row.get("progress"), result=row.get("result"), error=row.get("error"),
                    created=row["created"], finished=row.get("finished"), batch_id=row.get("batch_id"),
-                   reused_from=row.get("reused_from"), next_step=hint)
+                   reused_from=row.get("reused_from"), standing=standing, notes=request_notes(row), next_step=hint)
 
 
 def build_request(**fields: Any) -> EvalRequest:
@@ -169,7 +207,7 @@ async def get_job(state: AppState, job_id: str, wait_s: float = 0, report: Progr
                          f"best val {progress.get('best_val_accuracy')}")
 
         row = await state.queue.wait(job_id, wait_s, on_change) or row
-    return job_view(row)
+    return job_view(row, await job_standing(state, row))
 
 
 async def cancel_job(state: AppState, job_id: str) -> JobView:
@@ -294,7 +332,9 @@ def register_job_tools(mcp: MCPServer, state: AppState) -> None:
         """State of an evaluation job: queued, checking, training, evaluating, then succeeded, failed,
         timed_out or cancelled. With wait_s > 0 it waits (long poll, at most 50 s) and sends MCP progress
         notifications. When done it carries the result (accuracy, accuracy_to_time, code_quality,
-        selected hyperparameters, every trial) or the error (stage, kind, message, log tail).
+        selected hyperparameters, every trial) or the error (stage, kind, message, log tail); a succeeded
+        job also its `standing` (rank by accuracy and by accuracy-to-time of n models, gap to the best, by
+        the score leaderboard ranks) and `notes` where it did not do what was asked (e.g. name_prefix).
         """
         return await get_job(state, job_id, wait_s, ctx.report_progress if ctx is not None else None)
 

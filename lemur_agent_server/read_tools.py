@@ -18,7 +18,6 @@ from pydantic import Field
 
 from lemur_agent_server import contract
 from lemur_agent_server.schemas import (
-    MAX_NAME_CHARS,
     Catalog,
     CatalogEntry,
     Cursor,
@@ -26,15 +25,19 @@ from lemur_agent_server.schemas import (
     FilterText,
     LemurMeasurements,
     ModelDetail,
-    NameList,
+    ModelScoreRow,
+    NameOrNames,
     Offset,
     QueryResult,
+    as_names,
+    canonical_filter_dataset,
 )
+from lemur_agent_server.seed import baselines_status
 from lemur_agent_server.state import AppState
 from lemur_agent_server.tool_wiring import tool
 from sandbox import datasets, protocol
 from zoo.lemur_extras import lemur_extras_at
-from zoo.query import Filters, Page, QueryError
+from zoo.query import SCORE_DEFINITION, Filters, Page, QueryError, ScoreBy, models_view_sql
 
 CODE_BUDGET_CHARS = 60_000  # ~15k tokens of code per query_models answer
 MODEL_CODE_CAP_CHARS = 80_000
@@ -49,7 +52,7 @@ Metric = Annotated[FilterText, Field(description="Metric, e.g. 'acc' (accuracy i
 async def unknown_model_error(state: AppState, name: str) -> ToolError:
     near = await state.zoo().similar_model_names(name, limit=5)
     hint = f" Similar names: {', '.join(near)}." if near else ""
-    return ToolError(f"Unknown model '{name}'.{hint} Use query_models to find names.")
+    return ToolError(f"Unknown model '{name}'.{hint} query_models(view='models') lists every model's name.")
 
 
 def dataset_entries(settings_data_root: Any) -> list[DatasetEntry]:
@@ -81,7 +84,33 @@ async def list_catalog(state: AppState) -> Catalog:
         net_contract=contract.NET_CONTRACT,
         hyperparameters=contract.HYPERPARAMETERS,
         sandbox=sandbox_info,
+        baselines=await baselines_status(store, state.settings, workers=state.queue is not None),
     )
+
+
+async def query_model_view(state: AppState, filters: Filters, by: ScoreBy = "accuracy", include_partial: bool = False,
+                           limit: int = 20, offset: int = 0) -> QueryResult:
+    """One row per model (SCORE_DEFINITION), models without runs included with a null score."""
+    sql, args = models_view_sql(filters, by, include_partial, limit, offset)
+    raw = await state.zoo().fetchall(sql, args)
+    total = raw[0]["total"] if raw else 0
+    models = [ModelScoreRow(**{k: v for k, v in r.items() if k not in ("total", "duration_ns")},
+                            duration_s=r["duration_ns"] / 1e9 if r["duration_ns"] is not None else None)
+              for r in raw]
+    end = offset + len(models)
+    hint = ("No models match the name filters; call list_catalog." if total == 0 else
+            f"More models: call again with offset={end}." if end < total else
+            "All models returned. get_model(name) shows one; rank null = no complete run in scope yet.")
+    return QueryResult(rows=[], models=models, total=total, returned=len(models), offset=offset, next_cursor=None,
+                       truncated=end < total, hint=hint)
+
+
+async def canonical_dataset_filter(state: AppState, dataset: str | None) -> str | None:
+    """The dataset filter as the zoo or the evaluator spells it (`Fashion-MNIST` -> `fashion-mnist`)."""
+    if dataset is None:
+        return None
+    known = {c["dataset"] for c in await state.zoo().catalog_counts()} | {i.name for i in datasets.known_datasets()}
+    return canonical_filter_dataset(dataset, sorted(known))
 
 
 async def query_models(state: AppState, filters: Filters, page: Page, include_code: bool = False) -> QueryResult:
@@ -168,9 +197,20 @@ async def model_code(state: AppState, name: str) -> str:
     return row["code"]
 
 
-async def design_model(state: AppState, task: str, dataset: str) -> str:
+def default_dataset(state: AppState) -> str:
+    """The dataset design_model uses when none is named: the first present on this server (digits always is)."""
+    present = [i.name for i in datasets.known_datasets() if datasets.available(i.name, state.settings.data_root)]
+    return "digits" if "digits" in present or not present else present[0]
+
+
+async def design_model(state: AppState, task: str, dataset: str | None) -> str:
     """The design prompt: the Net contract plus the code of the best models for the task."""
     store = state.zoo()
+    chosen = ""
+    if not dataset:
+        dataset = default_dataset(state)
+        chosen = (f" (no dataset was named: '{dataset}' is present on this server; list_catalog's "
+                  "evaluator_datasets shows the others and whether each is available)")
     result = await store.query(Filters(task=task, dataset=dataset, unique_nn=True), Page(limit=3))
     names = [r["name"] for r in result["rows"]]
     source = f"the best models for {task}/{dataset} in the zoo"
@@ -183,14 +223,27 @@ async def design_model(state: AppState, task: str, dataset: str) -> str:
         if row:
             examples.append(f"### {name}\n```python\n{row['code'][:12000]}\n```")
     return (
-        f"Design a new neural network for task '{task}' on dataset '{dataset}'.\n\n"
+        f"Design a new neural network for task '{task}' on dataset '{dataset}'{chosen}.\n\n"
         f"## The Net contract\n{contract.NET_CONTRACT}\n"
         f"## Hyperparameters\n" + "\n".join(f"- {k}: {v}" for k, v in contract.HYPERPARAMETERS.items())
         + f"\n\n## Transforms\n{contract.TRANSFORM_HELP}\n\n## Examples: {source}\n" + "\n\n".join(examples)
         + "\n\n## Workflow\n1. check_model(code, task, dataset) until it reports no problems.\n"
         "2. submit_model(...) returns a job_id at once.\n3. get_job(job_id, wait_s=50) until it ends.\n"
-        "4. query_models(task, dataset, unique_nn=true) to see where your model ranks."
+        "4. get_job's `standing` (or leaderboard(task, dataset)) says where your model ranks."
     )
+
+
+QUERY_MODELS_DESCRIPTION = (
+    "Find and rank models. view='models' (the ranking): one row per model and task/dataset/metric with its "
+    "score and rank, and every model without runs too (null score, runs 0: e.g. the seed models before their "
+    "baselines finish). " + SCORE_DEFINITION + " leaderboard and a finished job's `standing` use the same "
+    "score. view='points' (default): one row per learning-curve point of a training run (LEMUR's 'record'), "
+    "to see how accuracy grows with epochs; unique_nn=true keeps each model's single best point at any epoch "
+    "or trial, only_best_accuracy=true the best per epoch: these are point views, not the score. Filters "
+    "combine with AND; nn and nn_prefix take one string or a list; dataset names match ignoring case. Each "
+    "point row: name, task, dataset, metric, epoch, accuracy (test, 0..1), duration (training ns), "
+    "accuracy_to_time, params, prm. `total` counts all matching rows; page with `next_cursor` (points) or "
+    "offset (models). Next: get_model(name) for code, curve and runs of one model.")
 
 
 # --- MCP wiring: names, arguments and descriptions; each tool calls its function above ------------------
@@ -202,20 +255,21 @@ def register_read_tools(mcp: MCPServer, state: AppState) -> None:
         Returns: the task/dataset/metric combinations in the zoo with counts of models and runs; the
         datasets submit_model can train on (with classes, image shape, chance level and whether the
         data is present on this server); allowed transform names; the Net contract your code must
-        follow; the hyperparameter conventions; and the sandbox isolation in use.
+        follow; the hyperparameter conventions; the sandbox isolation in use; and on a fresh server
+        `baselines`: the seed models' short evaluations queued at first start (job ids, status, when ready).
         Next: query_models to rank existing models, get_model to read one, submit_model to train yours.
         """
         return await list_catalog(state)
 
-    @tool(mcp, "query_models", READ_ONLY)
+    @tool(mcp, "query_models", READ_ONLY, description=QUERY_MODELS_DESCRIPTION)
     async def query_models_tool(
         task: Task = None,
         dataset: Dataset = None,
         metric: Metric = None,
-        nn: Annotated[NameList, Field(description="Only these model names (1-100 names)")] = None,
-        nn_prefix: Annotated[list[Annotated[str, Field(max_length=MAX_NAME_CHARS)]] | None, Field(
-            description="Only names starting with one of these prefixes, e.g. ['rag-', 'ResNet']",
-            max_length=20)] = None,
+        nn: Annotated[NameOrNames, Field(description="Only these model names (one string or 1-100 names)")] = None,
+        nn_prefix: Annotated[NameOrNames, Field(
+            description="Only names starting with one of these prefixes (one string or a list), e.g. "
+                        "['rag-', 'ResNet']", max_length=20)] = None,
         epoch: Annotated[float | None, Field(
             description="Only points after exactly this many epochs (0.5 steps allowed)", ge=0, le=10_000)] = None,
         min_accuracy: Annotated[float | None, Field(description="Minimum test accuracy, 0..1", ge=0, le=1)] = None,
@@ -233,20 +287,21 @@ def register_read_tools(mcp: MCPServer, state: AppState) -> None:
         cursor: Annotated[Cursor, Field(description="next_cursor from the previous page")] = None,
         include_code: Annotated[bool, Field(
             description="Attach each row's model code (budget ~60k characters per answer)")] = False,
+        view: Annotated[Literal["points", "models"], Field(
+            description="points: learning-curve points (rows); models: one row per model and task/dataset/metric "
+                        "with its score and rank (in `models`), models without runs included")] = "points",
+        by: Annotated[Literal["accuracy", "accuracy_to_time"], Field(
+            description="view=models: the score ranked by")] = "accuracy",
+        include_partial: Annotated[bool, Field(
+            description="view=models: also count pruned/failed runs and runs short of their epochs")] = False,
     ) -> QueryResult:
-        """Rank trained models: one row per learning-curve point of a training run (LEMUR's 'record').
-
-        Use it to find the strongest or fastest architectures for a task/dataset, to see how accuracy
-        grows with epochs, or to check whether a name exists. Filters combine with AND. For a
-        leaderboard use unique_nn=true (best point per model) or only_best_accuracy=true with an epoch.
-        Each row: name, task, dataset, metric, epoch, accuracy (test, 0..1), duration (training ns),
-        accuracy_to_time, params, prm (hyperparameters). `total` counts all matching rows; page with
-        `next_cursor`. Next: get_model(name) for code, curve and runs of one model.
-        """
-        filters = Filters(task=task, dataset=dataset, metric=metric, nn=tuple(nn or ()),
-                          nn_prefix=tuple(nn_prefix or ()), epoch=epoch, min_accuracy=min_accuracy,
+        dataset = await canonical_dataset_filter(state, dataset)
+        filters = Filters(task=task, dataset=dataset, metric=metric, nn=as_names(nn),
+                          nn_prefix=as_names(nn_prefix), epoch=epoch, min_accuracy=min_accuracy,
                           device_type=device_type,
                           only_best_accuracy=only_best_accuracy, unique_nn=unique_nn)
+        if view == "models":
+            return await query_model_view(state, filters, by, include_partial, limit, offset)
         page = Page(sort=sort, descending=descending, limit=limit, offset=offset, cursor=cursor)
         return await query_models(state, filters, page, include_code)
 
@@ -274,7 +329,8 @@ def register_read_tools(mcp: MCPServer, state: AppState) -> None:
     @mcp.prompt(name="design_model")
     async def design_model_prompt(
         task: Annotated[str, Field(description="Task, e.g. img-classification")] = "img-classification",
-        dataset: Annotated[str, Field(description="Dataset, e.g. cifar-10")] = "cifar-10",
+        dataset: Annotated[str | None, Field(
+            description="Dataset, e.g. mnist; default: one present on this server (digits)")] = None,
     ) -> str:
         """Start designing a new network: the Net contract plus the code of the best models for the task."""
         return await design_model(state, task, dataset)

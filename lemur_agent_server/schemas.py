@@ -25,6 +25,25 @@ Cursor = Annotated[str | None, Field(max_length=MAX_CURSOR_CHARS)]
 FilterText = Annotated[str | None, Field(max_length=MAX_FILTER_CHARS)]
 ModelName = Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
 NameList = Annotated[list[Annotated[str, Field(max_length=MAX_NAME_CHARS)]] | None, Field(max_length=MAX_NAMES)]
+# One name or several: agents write `nn="LeNet5"` as often as `nn=["LeNet5"]`; both mean the same list.
+NameOrNames = Annotated[Annotated[str, Field(max_length=MAX_NAME_CHARS)]
+                        | list[Annotated[str, Field(max_length=MAX_NAME_CHARS)]] | None, Field(max_length=MAX_NAMES)]
+
+
+def as_names(value: str | list[str] | None) -> tuple[str, ...]:
+    """A NameOrNames argument as a tuple of names (a single string is a list of one)."""
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def canonical_filter_dataset(value: str | None, known: list[str] | tuple[str, ...]) -> str | None:
+    """A dataset filter as the zoo spells it, ignoring case and '_' for '-' where exactly one known name fits."""
+    if value is None:
+        return None
+    from lemur_agent_server.evaluator.requests import canonical_dataset
+
+    return canonical_dataset(value, known)
 
 
 class ModelRow(BaseModel):
@@ -44,8 +63,27 @@ class ModelRow(BaseModel):
     code: str | None = Field(default=None, description="Model code, only when include_code=true")
 
 
+class ModelScoreRow(BaseModel):
+    """One model's score on one task/dataset/metric (query_models view='models'); null without scored runs."""
+
+    name: str = Field(description="Model name; pass it to get_model")
+    params: int | None = None
+    flops: int | None = None
+    task: str | None = None
+    dataset: str | None = None
+    metric: str | None = None
+    rank: int | None = Field(default=None, description="1 = best within its task/dataset/metric; null: no score")
+    score: float | None = Field(default=None, description="The value ranked by (accuracy or accuracy_to_time)")
+    accuracy: float | None = Field(default=None, description="Test accuracy of the run holding the score")
+    accuracy_to_time: float | None = None
+    epoch: float | None = None
+    duration_s: float | None = Field(default=None, description="Training-only seconds of that run")
+    runs: int = Field(default=0, description="Complete runs counted (0: none yet, e.g. a seed model)")
+
+
 class QueryResult(BaseModel):
     rows: list[ModelRow]
+    models: list[ModelScoreRow] | None = Field(default=None, description="view='models': one row per model")
     total: int = Field(description="Rows matching the filters, over all pages")
     returned: int
     offset: int
@@ -86,6 +124,10 @@ class Catalog(BaseModel):
     net_contract: str
     hyperparameters: dict[str, str]
     sandbox: dict[str, Any] = Field(description="Isolation the evaluator uses on this server")
+    baselines: dict[str, Any] | None = Field(default=None, description=(
+        "The reference models' baseline evaluations this server queued on its first start: per seed model its "
+        "static facts and each job's id and status (queued, running, succeeded, ...). Their results appear in "
+        "query_models/leaderboard once the jobs succeed; get_job(job_id) says how far one is."))
 
 
 class CurvePoint(BaseModel):

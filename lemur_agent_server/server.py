@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError, UnexpectedToolError
@@ -23,7 +24,7 @@ from lemur_agent_server.clip import MAX_MESSAGE_CHARS, clip, clip_message
 from lemur_agent_server.config import Settings
 from lemur_agent_server.job_tools import register_job_tools
 from lemur_agent_server.read_tools import register_read_tools
-from lemur_agent_server.seed import seed_reference_models
+from lemur_agent_server.seed import seed_reference_models, start_baselines
 from lemur_agent_server.state import AppState
 from lemur_agent_server.stats_tools import register_stats_tools
 from zoo.store import ZooStore
@@ -138,9 +139,14 @@ def build_server(settings: Settings) -> LemurServer:
             if settings.run_workers:
                 from lemur_agent_server.evaluator.queue import JobQueue
 
-                async with JobQueue.running(settings, store) as queue:
+                async with JobQueue.running(settings, store) as queue, anyio.create_task_group() as background:
                     state.queue = queue
-                    yield state
+                    if settings.seed_zoo and settings.baselines:  # in the background: never delays initialize
+                        background.start_soon(start_baselines, store, queue, settings)
+                    try:
+                        yield state
+                    finally:
+                        background.cancel_scope.cancel()
             else:
                 yield state
         finally:

@@ -22,8 +22,16 @@ from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp.types import ImageContent, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field
 
-from lemur_agent_server.schemas import MAX_NAME_CHARS, FilterText, NameList, Offset
+from lemur_agent_server.schemas import (
+    MAX_NAME_CHARS,
+    FilterText,
+    NameOrNames,
+    Offset,
+    as_names,
+    canonical_filter_dataset,
+)
 from lemur_agent_server.tool_wiring import tool
+from sandbox import datasets
 from stats import aggregates as agg
 from stats.plots import (
     DEFAULT_HEIGHT,
@@ -39,7 +47,7 @@ from stats.plots import (
     render,
 )
 from stats.scope import StatsError, check_models, describe, no_data
-from zoo.query import Filters
+from zoo.query import SCORE_DEFINITION, Filters
 
 READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True,
                             open_world_hint=False)
@@ -49,13 +57,23 @@ T = TypeVar("T")
 Task = Annotated[FilterText, Field(description="Task, e.g. 'img-classification'. See list_catalog.")]
 Dataset = Annotated[FilterText, Field(description="Dataset, e.g. 'cifar-10'. See list_catalog.")]
 Metric = Annotated[FilterText, Field(description="Metric, e.g. 'acc' (accuracy as a fraction, 0..1).")]
-NnPrefix = Annotated[list[Annotated[str, Field(max_length=MAX_NAME_CHARS)]] | None, Field(
-    description="Only models whose name starts with one of these prefixes, e.g. ['rag-', 'alt-nn1-']")]
+NnPrefix = Annotated[NameOrNames, Field(
+    description="Only models whose name starts with one of these prefixes (one string or a list), "
+                "e.g. ['rag-', 'alt-nn1-']", max_length=20)]
 Epoch = Annotated[float | None, Field(
     description="Use each run's point at this epoch (0.5 steps allowed, e.g. 1 or 2.5) instead of its last "
                 "point; 0..10000", ge=0, le=10_000)]
 MinAccuracy = Annotated[float | None, Field(description="Only points/runs with accuracy >= this, 0..1", ge=0, le=1)]
 
+LEADERBOARD_DESCRIPTION = (
+    "Rank models by their score: one row per model and task/dataset/metric, best first. Use it to find the "
+    "strongest (by=accuracy) or the most time-efficient (by=accuracy_to_time) models for a task/dataset/metric "
+    "before designing your own, or to see where a submitted model landed. " + SCORE_DEFINITION + " Pass epoch "
+    "to compare all runs at the same epoch instead (e.g. epoch=1). Rows carry accuracy, accuracy-to-time, epoch, "
+    "training seconds, params, FLOPs, run count and the scoring run's uid; `total` and `next_offset` page "
+    "through the rest. Accuracies are only comparable within one task/dataset/metric: pass all three for a clean "
+    "ranking. query_models(view='models') and a finished job's `standing` rank by the same score. "
+    "Next: get_model(name) for the code and curve of a row, plot(kind='curves', models=[...]) to compare.")
 _KIND_LINES = "\n".join(f"- {k}: {s.description}" for k, s in PLOT_KINDS.items())
 
 
@@ -84,10 +102,11 @@ class Leaderboard(BaseModel):
     next_offset: int | None = Field(description="Pass as offset for the next page; null at the end")
 
 
-def _filters(task: str | None, dataset: str | None, metric: str | None, models: list[str] | None,
-             nn_prefix: list[str] | None, epoch: float | None, min_accuracy: float | None) -> Filters:
-    return Filters(task=task, dataset=dataset, metric=metric, nn=tuple(models or ()),
-                   nn_prefix=tuple(nn_prefix or ()), epoch=epoch, min_accuracy=min_accuracy)
+def _filters(task: str | None, dataset: str | None, metric: str | None, models: str | list[str] | None,
+             nn_prefix: str | list[str] | None, epoch: float | None, min_accuracy: float | None) -> Filters:
+    known = [i.name for i in datasets.known_datasets()]
+    return Filters(task=task, dataset=canonical_filter_dataset(dataset, known), metric=metric, nn=as_names(models),
+                   nn_prefix=as_names(nn_prefix), epoch=epoch, min_accuracy=min_accuracy)
 
 
 async def _in_thread(fn: Callable[[], T]) -> T:
@@ -97,16 +116,19 @@ async def _in_thread(fn: Callable[[], T]) -> T:
         raise ToolError(str(exc)) from exc
 
 
-def _leaderboard(path: Path, f: Filters, by: str, limit: int, offset: int) -> Leaderboard:
+def _leaderboard(path: Path, f: Filters, by: str, limit: int, offset: int, include_partial: bool = False
+                 ) -> Leaderboard:
     conn = open_zoo(path)
     try:
         check_models(conn, f.nn)
-        df, total = agg.leaderboard(conn, f, by, limit=limit, offset=offset)  # type: ignore[arg-type]
+        df, total = agg.leaderboard(conn, f, by, limit=limit, offset=offset,  # type: ignore[arg-type]
+                                    include_partial=include_partial)
     finally:
         conn.close()
     if total == 0:
         raise no_data(f)
     what = "each run's last point" if f.epoch is None else f"each run's point at epoch {f.epoch:g}"
+    what += " (partial and pruned runs included)" if include_partial else " (complete runs only)"
     records: list[dict[str, Any]] = json.loads(df.drop(columns="model_id").to_json(orient="records"))
     end = offset + len(records)
     return Leaderboard(by=by, scope=f"{describe(f)}; best of {what} per model and task/dataset/metric",  # type: ignore[arg-type]
@@ -129,9 +151,9 @@ async def plot(zoo_path: Path, kind: str, f: Filters, width: int = DEFAULT_WIDTH
 
 
 async def leaderboard(zoo_path: Path, f: Filters, by: str = "accuracy", limit: int = 20,
-                      offset: int = 0) -> Leaderboard:
-    """One page of the ranking of models by their best run."""
-    return await _in_thread(functools.partial(_leaderboard, zoo_path, f, by, limit, offset))
+                      offset: int = 0, include_partial: bool = False) -> Leaderboard:
+    """One page of the ranking of models by their score (zoo.query.SCORE_DEFINITION)."""
+    return await _in_thread(functools.partial(_leaderboard, zoo_path, f, by, limit, offset, include_partial))
 
 
 def plot_kinds() -> str:
@@ -175,9 +197,10 @@ def register_stats_tools(mcp: MCPServer, get_zoo_path: Callable[[], Path]) -> No
         task: Task = None,
         dataset: Dataset = None,
         metric: Metric = None,
-        models: Annotated[list[Annotated[str, Field(max_length=MAX_NAME_CHARS)]] | None, Field(
-            description="Exact model names. For kind=curves: the models to draw (at most 7); for other kinds: "
-                        "only these models", max_length=7)] = None,
+        models: Annotated[Annotated[str, Field(max_length=MAX_NAME_CHARS)]
+                          | list[Annotated[str, Field(max_length=MAX_NAME_CHARS)]] | None, Field(
+            description="Exact model names (one string or a list). For kind=curves: the models to draw (at most "
+                        "7); for other kinds: only these models", max_length=7)] = None,
         nn_prefix: NnPrefix = None,
         epoch: Epoch = None,
         min_accuracy: MinAccuracy = None,
@@ -190,9 +213,9 @@ def register_stats_tools(mcp: MCPServer, get_zoo_path: Callable[[], Path]) -> No
     ) -> list[ImageContent | TextContent]:
         curves = kind == "curves"
         f = _filters(task, dataset, metric, None if curves else models, nn_prefix, epoch, min_accuracy)
-        return await plot(get_zoo_path(), kind, f, width, height, tuple(models or ()) if curves else (), limit)
+        return await plot(get_zoo_path(), kind, f, width, height, as_names(models) if curves else (), limit)
 
-    @tool(mcp, "leaderboard", READ_ONLY)
+    @tool(mcp, "leaderboard", READ_ONLY, description=LEADERBOARD_DESCRIPTION)
     async def leaderboard_tool(
         by: Annotated[Literal["accuracy", "accuracy_to_time"], Field(
             description="Rank by test accuracy, or by LEMUR's accuracy-to-time (accuracy gained per training "
@@ -200,25 +223,19 @@ def register_stats_tools(mcp: MCPServer, get_zoo_path: Callable[[], Path]) -> No
         task: Task = None,
         dataset: Dataset = None,
         metric: Metric = None,
-        models: Annotated[NameList, Field(description="Only these exact model names")] = None,
+        models: Annotated[NameOrNames, Field(description="Only these exact model names (one string or a list)")
+                          ] = None,
         nn_prefix: NnPrefix = None,
         epoch: Epoch = None,
         min_accuracy: MinAccuracy = None,
         limit: Annotated[int, Field(description="Rows to return, 1..100", ge=1, le=100)] = 20,
         offset: Annotated[Offset, Field(description="Rows to skip, for the next page (see next_offset)")] = 0,
+        include_partial: Annotated[bool, Field(
+            description="Also count pruned, failed, timed-out runs and runs that stopped before their epochs "
+                        "(a fast half epoch can then top by=accuracy_to_time)")] = False,
     ) -> Leaderboard:
-        """Rank models by their best run: one row per model and task/dataset/metric, best first.
-
-        Use it to find the strongest (by=accuracy) or the most time-efficient (by=accuracy_to_time)
-        models for a task/dataset/metric before designing your own, or to see where a submitted model
-        landed. A run counts with its last curve point (pass epoch to compare all runs at the same
-        epoch, e.g. epoch=1). Rows carry accuracy, accuracy-to-time, epoch, training seconds, params,
-        FLOPs, run count and the best run's uid; `total` and `next_offset` page through the rest.
-        Accuracies are only comparable within one task/dataset/metric: pass all three for a clean ranking.
-        Next: get_model(name) for the code and curve of a row, plot(kind='curves', models=[...]) to compare.
-        """
         f = _filters(task, dataset, metric, models, nn_prefix, epoch, min_accuracy)
-        return await leaderboard(get_zoo_path(), f, by, limit, offset)
+        return await leaderboard(get_zoo_path(), f, by, limit, offset, include_partial)
 
     @mcp.resource("lemur://plots", name="plot_kinds", mime_type="application/json",
                   description="The plot kinds, what each shows, and the URI template to read one as a PNG.")

@@ -31,7 +31,7 @@ from stats.scope import (
     sample_clause,
 )
 from zoo.jobs import JobKind
-from zoo.query import Filters, name_filter
+from zoo.query import SCORE_ORDER_SQL, Filters, model_scores_sql, name_filter
 
 LeaderboardBy = Literal["accuracy", "accuracy_to_time"]
 FAILED_STATUSES = tuple(str(s) for s in RunStatus if s.is_failure())
@@ -119,22 +119,20 @@ def model_epoch_stats(conn: sqlite3.Connection, f: Filters, model_ids: list[int]
 
 # --- per model -----------------------------------------------------------------------------------
 def leaderboard(conn: sqlite3.Connection, f: Filters, by: LeaderboardBy = "accuracy", limit: int = 20,
-                offset: int = 0) -> tuple[pd.DataFrame, int]:
-    """The best run of each model per task/dataset/metric, ranked by final accuracy or accuracy-to-time.
+                offset: int = 0, include_partial: bool = False) -> tuple[pd.DataFrame, int]:
+    """Each model's score per task/dataset/metric (`zoo.query.SCORE_DEFINITION`: the best of its complete
+    runs' last points, ties to the faster), ranked by accuracy or accuracy-to-time.
 
-    Returns (rows, total number of ranked model/triple pairs). Each row carries the run that scored
-    best: its accuracy, accuracy-to-time, epoch, training time and uid, and the model's params/FLOPs.
+    Returns (rows, total number of ranked model/triple pairs). Each row carries the run that holds the
+    score: its accuracy, accuracy-to-time, epoch, training time and uid, and the model's params/FLOPs.
     """
     if by not in ("accuracy", "accuracy_to_time"):
         raise ValueError(f"by must be accuracy or accuracy_to_time, not {by!r}")
-    scope, args = runs_sql(f)
+    scores, args = model_scores_sql(f, by, include_partial)
     df = _frame(conn, (
-        "SELECT g.*, COUNT(*) OVER () AS total FROM ("
-        f"SELECT s.task, s.dataset, s.metric, s.model_id, MAX(s.{by}) AS best, s.accuracy, s.accuracy_to_time, "
-        "s.epoch, s.duration_ns, s.run_id, COUNT(*) AS runs "
-        f"FROM {scope} s WHERE s.{by} IS NOT NULL GROUP BY s.task, s.dataset, s.metric, s.model_id) g "
-        "ORDER BY g.best DESC, g.task, g.dataset, g.metric, g.model_id LIMIT ? OFFSET ?"),
-        args + [int(limit), int(offset)])
+        f"SELECT s.*, COUNT(*) OVER () AS total FROM {scores} s "
+        f"ORDER BY {SCORE_ORDER_SQL.replace('s.model_id', 's.task, s.dataset, s.metric, s.model_id')} "
+        "LIMIT ? OFFSET ?"), args + [int(limit), int(offset)])
     total = int(df["total"].iloc[0]) if len(df) else 0
     if df.empty:
         return df.assign(rank=[], name=[], params=[], flops=[], run_uid=[]), total
@@ -153,12 +151,12 @@ def leaderboard(conn: sqlite3.Connection, f: Filters, by: LeaderboardBy = "accur
 
 
 def model_best(conn: sqlite3.Connection, f: Filters, triple: Triple) -> pd.DataFrame:
-    """Per model in one triple: its best final accuracy (with that run's training time), params, FLOPs."""
-    scope, args = runs_sql(triple.narrow(f))
+    """Per model in one triple: its score (`zoo.query.SCORE_DEFINITION`) with that run's training time,
+    the runs counted, params, FLOPs."""
+    scores, args = model_scores_sql(triple.narrow(f))
     return _frame(conn, (
-        "SELECT m.name, q.model_id, q.accuracy, q.duration_ns, q.runs, m.params, m.flops FROM ("
-        "SELECT s.model_id, MAX(s.accuracy) AS accuracy, s.duration_ns, COUNT(*) AS runs "
-        f"FROM {scope} s GROUP BY s.model_id) q JOIN model m ON m.id = q.model_id ORDER BY q.model_id"), args)
+        "SELECT m.name, s.model_id, s.accuracy, s.duration_ns, s.runs, m.params, m.flops "
+        f"FROM {scores} s JOIN model m ON m.id = s.model_id ORDER BY s.model_id"), args)
 
 
 def pareto_mask(cost: np.ndarray, value: np.ndarray) -> np.ndarray:
@@ -400,14 +398,15 @@ def learning_curves(conn: sqlite3.Connection, f: Filters, triple: Triple, models
                     limit: int = 5) -> pd.DataFrame:
     """Every curve point (half epochs included) of the best run of each model in one triple.
 
-    `models` picks the models (their best run in the triple); without it, the `limit` models with
-    the best final accuracy. Columns: name, run_uid, epoch, accuracy, duration_ns, final.
+    `models` picks the models (their best run in the triple, partial runs included); without it, the
+    `limit` models with the best score (`zoo.query.SCORE_DEFINITION`, the leaderboard's order).
+    Columns: name, run_uid, epoch, accuracy, duration_ns, final.
     """
     g = triple.narrow(dataclasses.replace(f, nn=tuple(models) or f.nn, epoch=None))
-    scope, args = runs_sql(g)
+    scores, args = model_scores_sql(g, include_partial=bool(models))  # a named model's curve shows even if partial
     best = _frame(conn, (
-        f"SELECT s.model_id, MAX(s.accuracy) AS final, s.run_id FROM {scope} s GROUP BY s.model_id "
-        "ORDER BY final DESC, s.model_id LIMIT ?"), args + [len(models) if models else int(limit)])
+        f"SELECT s.model_id, s.best AS final, s.run_id FROM {scores} s "
+        f"ORDER BY {SCORE_ORDER_SQL} LIMIT ?"), args + [len(models) if models else int(limit)])
     if best.empty:
         raise no_data(g, "scored runs of these models")
     ids = best["run_id"].tolist()

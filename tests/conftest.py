@@ -37,6 +37,7 @@ def make_settings(tmp_path: Path, data_root: Path):
                                                                                       "process")))
         settings.threads = 2
         settings.memory_gb = 4.0
+        settings.baselines = False  # a test that wants the seed baselines passes baselines=True
         for key, value in overrides.items():
             setattr(settings, key, value)
         return settings

@@ -257,3 +257,75 @@ def decode_row(row: dict[str, Any]) -> dict[str, Any]:
         "status": row["status"],
         "model_id": row["model_id"],
     }
+
+
+# --- the score of a model: one definition for query_models(view='models'), leaderboard, plots, jobs --------
+ScoreBy = Literal["accuracy", "accuracy_to_time"]
+SCORE_DEFINITION = (
+    "A model's score on a task/dataset/metric is the best value (accuracy, or accuracy_to_time) among its "
+    "complete runs, each run counted at its last learning-curve point (for a job: the test accuracy of a trial "
+    "at the end of its training, the number a job's result reports); ties go to the shorter training time. "
+    "A run is complete when it succeeded (or was imported from LEMUR) and reached the epochs it asked for: "
+    "pruned, failed, timed-out and cancelled runs, and runs stopped early by the time budget, are left out "
+    "unless include_partial=true.")
+# A run that counts: ended well, and its last point is at the epochs it asked for (prm.epoch, when recorded).
+COMPLETE_RUN_SQL = ("p.status IN ('succeeded', 'imported') AND (json_extract(p.prm, '$.epoch') IS NULL "
+                    "OR p.epochs >= json_extract(p.prm, '$.epoch') - 1e-9)")
+
+
+def model_scores_sql(f: Filters, by: ScoreBy = "accuracy", include_partial: bool = False) -> tuple[str, list[Any]]:
+    """A derived table `(...)`: one row per (task, dataset, metric, model_id) in the filters' scope with the
+    model's score (SCORE_DEFINITION) as `best`, the run that holds it (run_id, accuracy, accuracy_to_time,
+    epoch, duration_ns) and `runs`, the number of runs counted. With `f.epoch` each run counts at its point
+    at that epoch instead of its last one (then completeness is having reached it)."""
+    if by not in ("accuracy", "accuracy_to_time"):
+        raise QueryError(f"by must be 'accuracy' or 'accuracy_to_time', not {by!r}.")
+    where, args = _where(dataclasses.replace(f, epoch=None, min_accuracy=None))
+    clauses = [where[len(" WHERE "):]] if where else []
+    if f.epoch is None:
+        source = "run p"
+        cols = "p.id AS run_id, p.epochs AS epoch, p.accuracy, p.duration_ns, p.accuracy_to_time"
+        if not include_partial:
+            clauses.append(COMPLETE_RUN_SQL)
+        acc = "p.accuracy"
+    else:
+        source = "run p CROSS JOIN point pt ON pt.run_id = p.id"
+        cols = "p.id AS run_id, pt.epoch AS epoch, pt.accuracy, pt.duration_ns, pt.accuracy_to_time"
+        clauses.append("pt.epoch = ?")
+        args.append(float(f.epoch))
+        acc = "pt.accuracy"
+    value = acc if by == "accuracy" else acc.replace("accuracy", "accuracy_to_time")
+    clauses.append(f"{value} IS NOT NULL")
+    if f.min_accuracy is not None:
+        clauses.append(f"{acc} >= ?")
+        args.append(float(f.min_accuracy))
+    part = "PARTITION BY p.task, p.dataset, p.metric, p.model_id"
+    duration = acc.replace("accuracy", "duration_ns")
+    sql = (f"(SELECT task, dataset, metric, model_id, best, run_id, accuracy, accuracy_to_time, epoch, duration_ns, "
+           f"runs FROM (SELECT p.task, p.dataset, p.metric, p.model_id, {value} AS best, {cols}, "
+           f"COUNT(*) OVER ({part}) AS runs, ROW_NUMBER() OVER ({part} ORDER BY {value} DESC, "
+           f"COALESCE({duration}, {SQL_INT_MAX}), p.id) AS k FROM {source} WHERE {' AND '.join(clauses)}) "
+           "WHERE k = 1)")
+    return sql, args
+
+
+# The order of models by score, within a task/dataset/metric: best first, then the faster, then the older id.
+SCORE_ORDER_SQL = f"s.best DESC, COALESCE(s.duration_ns, {SQL_INT_MAX}), s.model_id"
+
+
+def models_view_sql(f: Filters, by: ScoreBy = "accuracy", include_partial: bool = False, limit: int = 20,
+                    offset: int = 0) -> tuple[str, list[Any]]:
+    """One row per model and task/dataset/metric it has scored runs on, ranked by its score within each
+    triple (`rank`, 1 = best), and one row with a null score for each model that has none in scope (a seed
+    model before its first run, say): every model in the name filters is findable. Task/dataset/metric
+    filters narrow the scores, never hide a model. Adds `total` (rows over all pages)."""
+    scores, args = model_scores_sql(f, by, include_partial)
+    names, name_args = name_filter(f, "m.name")
+    where = f" WHERE {names}" if names else ""
+    sql = (f"SELECT m.name, m.params, m.flops, s.task, s.dataset, s.metric, s.best AS score, s.accuracy, "
+           f"s.accuracy_to_time, s.epoch, s.duration_ns, COALESCE(s.runs, 0) AS runs, "
+           f"CASE WHEN s.model_id IS NULL THEN NULL ELSE ROW_NUMBER() OVER (PARTITION BY s.task, s.dataset, "
+           f"s.metric, s.model_id IS NULL ORDER BY {SCORE_ORDER_SQL}) END AS rank, COUNT(*) OVER () AS total "
+           f"FROM model m LEFT JOIN {scores} s ON s.model_id = m.id{where} "
+           f"ORDER BY s.model_id IS NULL, s.task, s.dataset, s.metric, {SCORE_ORDER_SQL}, m.name LIMIT ? OFFSET ?")
+    return sql, args + name_args + [int(limit), int(offset)]

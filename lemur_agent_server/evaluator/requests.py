@@ -20,6 +20,17 @@ METRICS = ("acc",)
 RESERVED_PRM = ("batch", "epoch", "transform")
 MAX_BATCH = 2**protocol.MAX_BATCH_POWER
 MAX_EPOCHS = 200
+MAX_LR = 1.0  # LEMUR's range for lr, like every other hyperparameter's: (0, 1]
+
+
+def canonical_dataset(value: str, names: list[str] | tuple[str, ...]) -> str:
+    """The known dataset name `value` means ignoring case and '_' for '-' (`Fashion-MNIST`, `fashion_mnist`),
+    when exactly one fits; else `value` unchanged (the caller's check then names the choices)."""
+    if value in names:
+        return value
+    key = value.lower().replace("_", "-")
+    fits = [n for n in names if n.lower().replace("_", "-") == key]
+    return fits[0] if len(fits) == 1 else value
 
 
 class EvalRequest(BaseModel):
@@ -59,6 +70,7 @@ class EvalRequest(BaseModel):
     @classmethod
     def _dataset(cls, value: str) -> str:
         names = [i.name for i in datasets.known_datasets()]
+        value = canonical_dataset(value, names)
         if value not in names:
             raise ValueError(f"unknown dataset '{clip(value)}'; choose one of {names} (list_catalog says which "
                              "are present on this server).")
@@ -133,7 +145,9 @@ def _prm_problem(key: str, value: Any) -> str | None:
         return None if 0 < value <= MAX_EPOCHS else (
             f"prm.epoch={value} must lie in (0, {MAX_EPOCHS}]; it sets the number of epochs, like `epochs`.")
     if key == "lr":
-        return None if 0 < value <= 10 else f"prm.lr={value} must lie in (0, 10]."
+        return None if 0 < value <= MAX_LR else (
+            f"prm.lr={value} must lie in (0, {MAX_LR:g}], LEMUR's learning-rate range (its search is log-uniform "
+            "in [1e-5, 1]); e.g. prm.lr=0.01.")
     if not 0 <= value <= 1:
         return f"prm.{clip(key)}={value} is outside [0, 1]; LEMUR hyperparameters lie in [0, 1]."
     return None
