@@ -17,6 +17,7 @@ from mcp.types import ToolAnnotations
 from pydantic import Field
 
 from lemur_agent_server import contract
+from lemur_agent_server.clip import clip
 from lemur_agent_server.schemas import (
     Catalog,
     CatalogEntry,
@@ -193,7 +194,8 @@ async def model_code(state: AppState, name: str) -> str:
     """The code of one model (exact name, as in its resource URI)."""
     row = await state.zoo().model_by_name(name)
     if row is None:
-        raise ResourceNotFoundError(f"Unknown model '{name}'. Use query_models to find names.")
+        raise ResourceNotFoundError(f"Unknown model {clip(name)!r}. query_models(view='models') lists every "
+                                    "model's name.")
     return row["code"]
 
 

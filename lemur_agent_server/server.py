@@ -36,7 +36,8 @@ INSTRUCTIONS = """\
 lemur-agent-server: a zoo of neural networks with their training runs, and a sandboxed evaluator.
 Workflow: list_catalog (what exists, the Net contract) -> query_models (rank) -> get_model (code,
 curve) -> write a variant -> check_model (seconds) -> submit_model (returns job_id at once) ->
-get_job(job_id, wait_s=50) until it ends -> query_models to see where it ranks. For many models at
+get_job(job_id, wait_s=50) until it ends -> get_job's `standing` or leaderboard shows where it ranks;
+query_models(view='models') lists every model, runs or not. For many models at
 once: submit_models(items, dataset) -> wait_jobs(batch_id, cursor, wait_s=50) until done. Accuracy is
 always test accuracy computed by the server; durations are training-only nanoseconds.
 """
