@@ -22,6 +22,7 @@ import anyio
 from lemur_agent_server import __version__
 from lemur_agent_server.config import Settings
 from lemur_agent_server.lemur_export import add_parser as add_export_lemur
+from sandbox import gpus as gpu_discovery
 from sandbox.protocol import JobStatus
 from stats.cli import add_stats_subparsers
 
@@ -194,7 +195,8 @@ def _serve_args(p: argparse.ArgumentParser, top: bool = False) -> None:
     p.add_argument("--port", type=int, **d(8765))
     p.add_argument("--token", help="bearer token required on HTTP (default: $LEMUR_TOKEN)", **d(None))
     p.add_argument("--slots", type=int, help="parallel training jobs (default: one per GPU, else 1)", **d(None))
-    p.add_argument("--gpus", help="comma-separated GPU ids for the sandboxes, e.g. 0,1", **d(None))
+    p.add_argument("--gpus", help="GPU ids for the sandboxes, e.g. 0,1, or 'all' (every GPU nvidia-smi lists; "
+                                  "one training job per GPU)", **d(None))
     p.add_argument("--no-worker", action="store_true", help="do not run evaluation jobs in this process",
                    **d(False))
     p.add_argument("--no-seed", action="store_true", help="do not add the reference models on first start",
@@ -225,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from lemur_agent_server.server import build_server
 
-    gpus = tuple(g for g in (args.gpus or "").split(",") if g) or None
+    gpus = gpu_discovery.parse(args.gpus)
     settings = _settings(args, slots=args.slots, gpus=gpus, token=args.token)
     if args.no_worker:
         settings.run_workers = False

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import platformdirs
 
+from sandbox import gpus as gpu_discovery
 from zoo.connection import APP_NAME, resolve_zoo_path
 
 ENV_DATA = "LEMUR_DATA"  # dataset root in torchvision layout
 ENV_SANDBOX = "LEMUR_SANDBOX"  # auto | docker | process
 ENV_SLOTS = "LEMUR_SLOTS"
-ENV_GPUS = "LEMUR_GPUS"  # comma-separated device ids, e.g. "0,1"
+ENV_GPUS = "LEMUR_GPUS"  # comma-separated device ids, e.g. "0,1", or "all" (every GPU nvidia-smi lists)
 ENV_TOKEN = "LEMUR_TOKEN"  # bearer token for --http
 ENV_IMAGE = "LEMUR_SANDBOX_IMAGE"
 ENV_NO_SEED = "LEMUR_NO_SEED"
@@ -30,7 +31,7 @@ class Settings:
     zoo_path: Path
     data_root: Path
     sandbox: str = "auto"
-    slots: int | None = None  # None: one per GPU, else 1
+    slots: int | None = None  # None: one per GPU, else 1; never more than the GPUs when there are GPUs
     gpus: tuple[str, ...] = ()
     image: str = DEFAULT_IMAGE
     seed_zoo: bool = True
@@ -56,11 +57,14 @@ class Settings:
 
     @property
     def slot_count(self) -> int:
-        return self.slots if self.slots else max(1, len(self.gpus))
+        """Parallel training jobs: one per GPU (a smaller --slots uses fewer GPUs), else --slots or 1."""
+        if self.gpus:
+            return min(self.slots, len(self.gpus)) if self.slots else len(self.gpus)
+        return self.slots if self.slots else 1
 
     @classmethod
     def from_env(cls, zoo: str | os.PathLike[str] | None = None, **overrides: object) -> Settings:
-        gpus = tuple(g for g in os.environ.get(ENV_GPUS, "").split(",") if g.strip())
+        gpus = gpu_discovery.parse(os.environ.get(ENV_GPUS)) or ()
         slots_env = os.environ.get(ENV_SLOTS)
         settings = cls(
             zoo_path=resolve_zoo_path(zoo),
