@@ -96,6 +96,10 @@ def _common(parser: argparse.ArgumentParser, top: bool = False) -> None:
     parser.add_argument("--data-root", type=Path, help="datasets in torchvision layout (default: $LEMUR_DATA)",
                         **kw)
     parser.add_argument("--sandbox", choices=("auto", "docker", "process"), help="isolation backend", **kw)
+    parser.add_argument("--executor", choices=("local", "ray"),
+                        help="where sandboxes run: this host's slots (default) or a Ray cluster", **kw)
+    parser.add_argument("--ray-address", help="Ray cluster for --executor ray: auto or HOST:PORT "
+                                              "(default: $LEMUR_RAY_ADDRESS, else auto)", **kw)
     parser.add_argument("-v", "--verbose", action="store_true", **kw)
     parser.add_argument("--debug", action="store_true", help="show the traceback when a command fails", **kw)
 
@@ -108,7 +112,8 @@ def _check_zoo_arg(args: argparse.Namespace) -> None:
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
     return Settings.from_env(args.zoo, data_root=getattr(args, "data_root", None),
-                             sandbox=getattr(args, "sandbox", None), **extra)
+                             sandbox=getattr(args, "sandbox", None), executor=getattr(args, "executor", None),
+                             ray_address=getattr(args, "ray_address", None), **extra)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,6 +21,8 @@ ENV_SLOTS = "LEMUR_SLOTS"
 ENV_GPUS = "LEMUR_GPUS"  # comma-separated device ids, e.g. "0,1", or "all" (every GPU nvidia-smi lists)
 ENV_TOKEN = "LEMUR_TOKEN"  # bearer token for --http
 ENV_IMAGE = "LEMUR_SANDBOX_IMAGE"
+ENV_EXECUTOR = "LEMUR_EXECUTOR"  # local | ray
+ENV_RAY_ADDRESS = "LEMUR_RAY_ADDRESS"  # auto | HOST:PORT
 ENV_NO_SEED = "LEMUR_NO_SEED"
 
 DEFAULT_IMAGE = "lemur-agent-server-sandbox:latest"
@@ -41,6 +43,8 @@ class Settings:
     memory_gb: float = 6.0  # memory limit of one sandbox
     stale_after_s: float = 15.0  # a running job whose server stopped heart-beating this long is re-queued
     threads: int = max(1, (os.cpu_count() or 1))
+    executor: str = "local"  # local: this host's slots; ray: one Ray actor per sandbox (ray_executor)
+    ray_address: str = "auto"
 
     @property
     def state_dir(self) -> Path:
@@ -76,6 +80,8 @@ class Settings:
             seed_zoo=os.environ.get(ENV_NO_SEED, "") not in ("1", "true", "yes"),
             token=os.environ.get(ENV_TOKEN) or None,
             stale_after_s=float(os.environ.get("LEMUR_STALE_AFTER_S", "15")),
+            executor=os.environ.get(ENV_EXECUTOR) or "local",
+            ray_address=os.environ.get(ENV_RAY_ADDRESS) or "auto",
         )
         for key, value in overrides.items():
             if value is not None:

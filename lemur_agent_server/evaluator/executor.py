@@ -1,4 +1,11 @@
-"""Where a training job runs: the local executor's GPU pool.
+"""Where a job's sandboxes run: this host (`local`, the default) or a Ray cluster (`ray`).
+
+The executor is chosen by `make_backend`: `local` is the sandbox backend of this host (Docker or
+process) run in the queue's slots; `ray` is `ray_executor.RayBackend`, a backend whose sandboxes run
+on the Ray node that Ray places each one on, with that node's own Docker or process backend. The queue,
+the phases, scoring and archiving are the same for both.
+
+The local executor's GPU pool:
 
 Why a pool of leases, not "slot i uses GPU i": every job that trains takes one GPU for as long as
 its sandbox lives and gives it back when the sandbox is gone (ended, or killed at its budget plus the
@@ -12,8 +19,29 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 import anyio
+
+if TYPE_CHECKING:
+    from lemur_agent_server.config import Settings
+    from sandbox.backend import Backend
+
+EXECUTORS = ("local", "ray")
+
+
+def make_backend(settings: Settings) -> Backend:
+    """The backend the queue starts sandboxes with, for `settings.executor`."""
+    if settings.executor not in EXECUTORS:
+        raise ValueError(f"--executor must be local or ray, not {settings.executor!r}")
+    if settings.executor == "ray":
+        from lemur_agent_server.evaluator.ray_executor import RayBackend
+
+        # each node picks its own sandbox (auto: Docker where the engine and image are there)
+        return RayBackend(settings.ray_address, sandbox=settings.sandbox, image=settings.image)
+    from lemur_agent_server.evaluator.backends import choose_backend
+
+    return choose_backend(settings)
 
 
 class GpuPool:
@@ -40,3 +68,8 @@ class GpuPool:
     def free(self) -> int:
         """How many GPUs no job holds now."""
         return self._free.statistics().current_buffer_used
+
+
+class WorkerLost(Exception):
+    """The machine or process running a job's sandbox elsewhere (a Ray worker) is gone mid-phase. The
+    queue hands the job back like a job of a dead server: re-queued, with bounded attempts."""

@@ -27,10 +27,9 @@ import anyio.abc
 
 from lemur_agent_server.config import Settings
 from lemur_agent_server.evaluator import batching, pipeline
-from lemur_agent_server.evaluator.backends import choose_backend
 from lemur_agent_server.evaluator.batching import new_job_id
 from lemur_agent_server.evaluator.dedup import experiment_key
-from lemur_agent_server.evaluator.executor import GpuPool
+from lemur_agent_server.evaluator.executor import GpuPool, WorkerLost, make_backend
 from lemur_agent_server.evaluator.requests import EvalRequest, admit
 from lemur_agent_server.evaluator.static_checks import static_problems
 from sandbox.backend import Backend, Limits
@@ -73,7 +72,7 @@ class JobQueue:
     @asynccontextmanager
     async def running(cls, settings: Settings, store: ZooStore, backend: Backend | None = None,
                       workers: bool = True) -> AsyncIterator[JobQueue]:
-        backend = backend or await anyio.to_thread.run_sync(choose_backend, settings)
+        backend = backend or await anyio.to_thread.run_sync(make_backend, settings)
         queue = cls(settings, store, backend)
         removed = await backend.cleanup_orphans()
         if removed:
@@ -259,6 +258,8 @@ class JobQueue:
             with anyio.CancelScope(shield=True):
                 await self.jobs.requeue(claim)
             raise
+        except WorkerLost as exc:  # left un-heart-beaten: recovery re-queues it (bounded) like a dead server's
+            log.warning("job %s: %s; it goes back to the queue", job_id, exc)
         except Exception as exc:  # a bug of ours must not kill the worker slot
             log.exception("job %s crashed", job_id)
             with anyio.CancelScope(shield=True):
