@@ -142,7 +142,7 @@ class SandboxRunner:
         gpu = str(gpu_ids[0]) if gpu_ids else None  # the GPU Ray gave this actor, not the host's id
         self.handle = self._portal.call(self.backend.start, paths, Limits(**{**limits, "gpu": gpu}))
         self._portal.start_task_soon(self._wait)
-        return {"gpu": gpu}
+        return {"gpu": gpu, "node": _ray().get_runtime_context().get_node_id(), "pid": os.getpid()}
 
     async def _wait(self) -> None:
         assert self.handle is not None
@@ -228,6 +228,7 @@ class RayHandle(Handle):
         self._actor = actor
         self._started = started
         self._exit: Exit | None = None
+        self.placement: dict[str, Any] = {}  # node id, actor pid, GPU of the sandbox once started
         self._lost: str | None = None
         self._done = threading.Event()
         self._cancel = threading.Event()
@@ -237,7 +238,10 @@ class RayHandle(Handle):
     def _pump(self) -> None:
         ray = _ray()
         try:
-            ray.get(self._started)
+            self.placement = ray.get(self._started)
+            self._backend.placed[self.paths.job_dir.name] = self.placement
+            while len(self._backend.placed) > 1024:  # the newest jobs are the ones anyone asks about
+                self._backend.placed.pop(next(iter(self._backend.placed)))
             offset = 0
             events = self.paths.out_dir / EVENTS_FILE
             with open(events, "ab") as sink:
@@ -316,6 +320,7 @@ class RayBackend(Backend):
             ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, ignore_reinit_error=True)
         self._data: dict[str, tuple[str, Any]] = {}  # data dir -> (content hash, object ref)
         self._data_lock = threading.Lock()
+        self.placed: dict[str, dict[str, Any]] = {}  # job id -> where its last sandbox ran
         self.sent: collections.deque[Any] = collections.deque(maxlen=256)  # the last objects put (for tests)
 
     def runner_paths(self, paths: JobPaths) -> RunnerPaths:
