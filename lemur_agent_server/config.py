@@ -61,8 +61,9 @@ class Settings:
 
     @property
     def slot_count(self) -> int:
-        """Parallel training jobs: one per GPU (a smaller --slots uses fewer GPUs), else --slots or 1."""
-        if self.gpus:
+        """Parallel training jobs: one per GPU (a smaller --slots uses fewer GPUs), else --slots or 1.
+        On Ray the cluster places each GPU job on a GPU of its own, so --slots may exceed this host's list."""
+        if self.gpus and self.executor == "local":
             return min(self.slots, len(self.gpus)) if self.slots else len(self.gpus)
         return self.slots if self.slots else 1
 

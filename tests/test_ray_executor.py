@@ -9,6 +9,7 @@ the zoo and the test labels, scores and archives. Both nodes are stopped at the 
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -205,3 +206,26 @@ async def test_cancel_across_ray_stops_the_sandbox_on_its_node(ray_settings):
                     await anyio.sleep(0.2)
     assert row["status"] == "cancelled", row
     assert not [p for p in processes if alive(p)]
+
+
+async def test_gpu_jobs_ask_ray_for_a_gpu_and_checks_do_not(ray_settings):
+    """Only the head has (logical) GPUs: every GPU job lands there, pinned to the GPU Ray gave its
+    actor; a check job asks for CPUs only. No real GPU here: the runner then refuses cuda."""
+    settings = ray_settings(gpus=("0",), slots=2)  # on Ray: two GPU jobs in flight, devices chosen by Ray
+    assert settings.slot_count == 2
+    async with await ZooStore.open(settings.zoo_path) as store:
+        async with JobQueue.running(settings, store) as queue:
+            backend = queue.backend
+            gpu_nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")}
+            job_ids = [await queue.submit(EvalRequest(code=models.GOOD, dataset="digits", seed=i, **QUICK))
+                       for i in range(2)]
+            check = await queue.check(EvalRequest(code=models.GOOD, dataset="digits", **QUICK))
+            rows = [await wait_status(queue, j, {"succeeded", "failed", "timed_out", "cancelled"}, 90)
+                    for j in job_ids]
+    placed = [backend.placed[j] for j in job_ids]
+    assert len(gpu_nodes) == 1 and {p["node"] for p in placed} == gpu_nodes
+    assert all(p["gpu"] in ("0", "1") for p in placed)
+    checks = [p for j, p in backend.placed.items() if j.startswith("check-")]
+    assert checks and all(p["gpu"] is None for p in checks)
+    assert check.status == "succeeded"
+    assert all("cuda" in json.dumps(r["error"]) for r in rows), rows

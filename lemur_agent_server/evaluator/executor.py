@@ -44,6 +44,14 @@ def make_backend(settings: Settings) -> Backend:
     return choose_backend(settings)
 
 
+def pool_gpus(settings: Settings) -> tuple[str, ...]:
+    """The GPU ids the queue's pool hands out: this host's (local), or on Ray one token per GPU job in
+    flight (the node pins the GPU Ray gave its actor; the token only says "this job needs one")."""
+    if settings.executor == "ray":
+        return tuple(str(i) for i in range(settings.slot_count)) if settings.gpus else ()
+    return settings.gpus[:settings.slot_count]
+
+
 class GpuPool:
     """One lease per GPU id; `lease()` waits for a free one (or yields None at once on a CPU host)."""
 

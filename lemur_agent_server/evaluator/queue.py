@@ -29,7 +29,7 @@ from lemur_agent_server.config import Settings
 from lemur_agent_server.evaluator import batching, pipeline
 from lemur_agent_server.evaluator.batching import new_job_id
 from lemur_agent_server.evaluator.dedup import experiment_key
-from lemur_agent_server.evaluator.executor import GpuPool, WorkerLost, make_backend
+from lemur_agent_server.evaluator.executor import GpuPool, WorkerLost, make_backend, pool_gpus
 from lemur_agent_server.evaluator.requests import EvalRequest, admit
 from lemur_agent_server.evaluator.static_checks import static_problems
 from sandbox.backend import Backend, Limits
@@ -63,7 +63,7 @@ class JobQueue:
         self._running: dict[str, pipeline.Job] = {}
         self._claims: dict[str, Claim] = {}
         self._check_slots = anyio.Semaphore(CHECK_CONCURRENCY)
-        self.gpu_pool = GpuPool(settings.gpus[:settings.slot_count])  # one training job per GPU
+        self.gpu_pool = GpuPool(pool_gpus(settings))  # one training job per GPU
         self.last_timings: dict[str, dict[str, float]] = {}
         self._tg: anyio.abc.TaskGroup | None = None
 

@@ -222,8 +222,11 @@ class RayHandle(Handle):
     """The host's view of a sandbox on a Ray node: a thread copies its events into the host's out/
     as they come and its out/ files at the end; `finished()` once those are here."""
 
-    def __init__(self, backend: RayBackend, paths: JobPaths, actor: Any, started: Any):
+    def __init__(self, backend: RayBackend, paths: JobPaths, actor: Any, started: Any, wall_s: float):
         self.paths = paths
+        # the node kills its sandbox at wall_s; if no end came by then plus the stop grace (a node that
+        # hangs, a job Ray cannot place), the host gives the job back
+        self._patience_s = wall_s + 2 * protocol.TimeBudget.STOP_GRACE_S
         self._backend = backend
         self._actor = actor
         self._started = started
@@ -238,7 +241,8 @@ class RayHandle(Handle):
     def _pump(self) -> None:
         ray = _ray()
         try:
-            self.placement = ray.get(self._started)
+            self.placement = ray.get(self._started, timeout=self._patience_s)
+            deadline = time.monotonic() + self._patience_s
             self._backend.placed[self.paths.job_dir.name] = self.placement
             while len(self._backend.placed) > 1024:  # the newest jobs are the ones anyone asks about
                 self._backend.placed.pop(next(iter(self._backend.placed)))
@@ -255,6 +259,8 @@ class RayHandle(Handle):
                         continue
                     if done:
                         break
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"no end from the Ray node {self._patience_s:.0f} s after the start")
                     time.sleep(POLL_S)
             result = ray.get(self._actor.result.remote())
             _write_files(self.paths.out_dir, result["files"])
@@ -360,4 +366,4 @@ class RayBackend(Backend):
         ).remote(self.sandbox, self.image, self.node_root)
         started = actor.start.remote(paths.job_dir.name, in_ref, data_ref, digest,
                                             dataclasses.asdict(limits))
-        return RayHandle(self, paths, actor, started)
+        return RayHandle(self, paths, actor, started, limits.wall_s)
