@@ -153,6 +153,8 @@ async def test_a_batch_runs_on_both_nodes_and_every_result_is_archived(ray_setti
     assert all(r["result"]["accuracy"] is not None for r in rows)
     for job_id in job_ids:  # archived by the server, one run per job
         assert count(settings.zoo_path, "SELECT COUNT(*) FROM run WHERE job_id=?", (job_id,)) >= 1
+    node_jobs = Path(tempfile.gettempdir()) / "lemur-ray-node" / "state" / "jobs"
+    assert not [j for j in job_ids if (node_jobs / j).exists()]  # each node removed its copy of the job
     nodes = {backend.placed[j]["node"] for j in job_ids}
     assert len(nodes) == 2, nodes  # Ray placed jobs on both nodes
     # what the Ray jobs received: job inputs and the public arrays; never the test labels

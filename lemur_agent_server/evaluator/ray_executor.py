@@ -85,19 +85,29 @@ def _node_settings(sandbox: str, image: str, root: Path) -> Any:
                     image=image, slots=1)
 
 
+def _node_backend(settings: Any) -> Backend:
+    """This node's sandbox backend, without warm containers (an actor lives for one sandbox: a warm
+    one would outlive it)."""
+    from lemur_agent_server.evaluator.backends import choose_backend, docker_usable
+
+    if settings.sandbox in ("auto", "docker") and docker_usable(settings):
+        from sandbox.docker_backend import DockerBackend
+
+        return DockerBackend(image=settings.image, prestart=False, jobs_root=settings.jobs_dir)
+    return choose_backend(settings)
+
+
 class SandboxRunner:
     """One phase's sandbox on this node (the body of the Ray actor; plain Python so it can be read
     and tested without Ray). Its event loop runs in a thread: Ray calls its methods from its own."""
 
     def __init__(self, sandbox: str, image: str, root: str | None = None):
-        from lemur_agent_server.evaluator.backends import choose_backend
-
         self.root = Path(root or Path(tempfile.gettempdir()) / "lemur-ray-node")
         self.settings = _node_settings(sandbox, image, self.root)
         self.settings.jobs_dir.mkdir(parents=True, exist_ok=True)
         self._portal_cm = anyio.from_thread.start_blocking_portal()
         self._portal = self._portal_cm.__enter__()
-        self.backend = choose_backend(self.settings)
+        self.backend = _node_backend(self.settings)
         self._portal.call(self.backend.cleanup_orphans)  # containers and processes of dead actors
         self.handle: Handle | None = None
         self.exit: Exit | None = None
@@ -198,10 +208,13 @@ class SandboxRunner:
         return os.getpid()
 
     def close(self) -> None:
+        """Remove this job's files from the node (the host has its copy) and stop the event loop."""
         import shutil
 
+        self.cancel()  # idempotent; a host that gave up on this sandbox leaves nothing running
         if self.paths is not None:
             shutil.rmtree(self.paths.job_dir, ignore_errors=True)
+        self._portal.call(self.backend.aclose)
         self._portal_cm.__exit__(None, None, None)
 
 
@@ -274,8 +287,13 @@ class RayHandle(Handle):
             self._release()
 
     def _release(self) -> None:
+        ray = _ray()
         try:
-            _ray().kill(self._actor, no_restart=True)
+            ray.get(self._actor.close.remote(), timeout=protocol.TimeBudget.STOP_GRACE_S)
+        except Exception:  # noqa: BLE001 - a dead actor has nothing left to close
+            pass
+        try:
+            ray.kill(self._actor, no_restart=True)
         except Exception:  # noqa: BLE001 - already gone
             pass
 
