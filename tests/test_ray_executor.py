@@ -231,3 +231,42 @@ async def test_gpu_jobs_ask_ray_for_a_gpu_and_checks_do_not(ray_settings):
     assert checks and all(p["gpu"] is None for p in checks)
     assert check.status == "succeeded"
     assert all("cuda" in json.dumps(r["error"]) for r in rows), rows
+
+
+async def test_a_job_whose_ray_worker_dies_every_time_ends_interrupted(ray_settings):
+    """Bounded retries: the second death of its worker fails the job as `interrupted`, no run written."""
+    settings = ray_settings(slots=1)
+    async with await ZooStore.open(settings.zoo_path) as store:
+        async with JobQueue.running(settings, store) as queue:
+            backend = queue.backend
+            job_id = await queue.submit(EvalRequest(code=models.SLOW, dataset="digits", **LONG))
+            killed: set[int] = set()
+            with anyio.fail_after(120):
+                while len(killed) < 2:
+                    row = await queue.jobs.get(job_id)
+                    pid = backend.placed.get(job_id, {}).get("pid")
+                    if row["status"] == "training" and pid and pid not in killed:
+                        os.kill(pid, signal.SIGKILL)
+                        killed.add(pid)
+                    await anyio.sleep(0.2)
+            row = await wait_status(queue, job_id, {"succeeded", "failed", "timed_out", "cancelled"}, 60)
+    assert row["status"] == "failed" and row["error"]["kind"] == "interrupted", row
+    assert count(settings.zoo_path, "SELECT COUNT(*) FROM run WHERE job_id=?", (job_id,)) == 0
+
+
+def test_the_executor_comes_from_flags_or_the_environment(monkeypatch, tmp_path: Path):
+    from lemur_agent_server import cli
+    from lemur_agent_server.config import Settings
+
+    monkeypatch.setenv("LEMUR_EXECUTOR", "ray")
+    monkeypatch.setenv("LEMUR_RAY_ADDRESS", "127.0.0.1:6379")
+    settings = Settings.from_env(tmp_path / "zoo.sqlite")
+    assert (settings.executor, settings.ray_address) == ("ray", "127.0.0.1:6379")
+    monkeypatch.delenv("LEMUR_EXECUTOR")
+    monkeypatch.delenv("LEMUR_RAY_ADDRESS")
+    assert (Settings.from_env(tmp_path / "zoo.sqlite").executor, Settings.from_env(tmp_path / "z").ray_address) \
+        == ("local", "auto")
+    args = cli.build_parser().parse_args(["--zoo", str(tmp_path / "zoo.sqlite"), "serve", "--executor", "ray",
+                                          "--ray-address", "127.0.0.1:7000"])
+    settings = cli._settings(args)
+    assert (settings.executor, settings.ray_address) == ("ray", "127.0.0.1:7000")
