@@ -20,6 +20,7 @@ from typing import Any
 import anyio
 
 from lemur_agent_server import __version__
+from lemur_agent_server.analyze import add_parser as add_analyze
 from lemur_agent_server.config import Settings
 from lemur_agent_server.lemur_export import add_parser as add_export_lemur
 from sandbox import gpus as gpu_discovery
@@ -170,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     imp = sub.add_parser("import-lemur", help="import a LEMUR nn-dataset checkout, wheel or 2.2 database (ab.nn.db)")
     _common(imp)
     imp.add_argument("path", type=Path)
+    imp.add_argument("--analyze", action="store_true",
+                     help="then measure the imported models' parameters, FLOPs, fingerprint and code quality "
+                          "(lemur-agent-server analyze, in the sandbox)")
 
     seeds = sub.add_parser("evaluate-seeds", help="train the reference models so the zoo gets real runs")
     _common(seeds)
@@ -187,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--tag")
 
     add_export_lemur(sub)
+    add_analyze(sub)
     add_stats_subparsers(sub)
     return parser
 
@@ -427,7 +432,25 @@ def cmd_import(args: argparse.Namespace) -> int:
         for bar in bars:
             bar.close()
     print(json.dumps(report.as_dict() if hasattr(report, "as_dict") else report.__dict__, indent=1, default=str))
+    if args.analyze:
+        _analyze_imported(settings)
     return 0
+
+
+def _analyze_imported(settings: Settings) -> None:
+    """`import-lemur --analyze`: the imported models' static facts, measured in the sandbox, resumable."""
+    from tqdm import tqdm
+
+    from lemur_agent_server.analyze import AnalyzeFilters, analyze_zoo
+    from lemur_agent_server.lemur_import import ORIGIN
+
+    with tqdm(unit="model", file=sys.stderr, desc="analyze") as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total, bar.n = total, done
+            bar.refresh()
+
+        result = analyze_zoo(settings, AnalyzeFilters(origin=(ORIGIN,)), progress)
+    print(json.dumps(result.as_dict(), indent=1, default=str))
 
 
 def cmd_evaluate_seeds(args: argparse.Namespace) -> int:

@@ -47,6 +47,12 @@ EVENT_TRIAL_END = "trial_end"  # {trial, status, error?, weights?, train_ns}
 EVENT_ERROR = "error"  # {stage, kind, message, traceback}
 EVENT_DONE = "done"  # {best_trial}
 EVENT_FIRST_STEP = "first_step"  # {trial, t_unix}: the first optimizer step of a job has finished
+EVENT_ANALYZED = "analyzed"  # analyze mode, one per model: {id, ok, params, flops, fingerprint, ...} or {id, error}
+
+# --- modes (JobSpec.mode) --------------------------------------------------------------------------
+MODE_CHECK = "check"
+MODE_TRAIN = "train"
+MODE_ANALYZE = "analyze"  # many models, one process: build + count + fingerprint each (`JobSpec.models`)
 
 # --- statuses, stages and failure kinds ------------------------------------------------------------
 # One owner for every status string the host and the runner exchange or store. StrEnum members are
@@ -192,6 +198,9 @@ class JobSpec:
     max_test_samples: int | None = None
     threads: int = 1  # torch.set_num_threads inside the sandbox
     save_weights: bool = True
+    # analyze mode: [{id, file (a name in in/), image_shape, num_classes, mean, std, transform}], one event each
+    models: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    model_timeout_s: float = 30.0  # analyze mode: a model that takes longer is skipped (SIGALRM)
     protocol: int = PROTOCOL_VERSION
 
     def to_json(self) -> str:

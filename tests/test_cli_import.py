@@ -33,3 +33,24 @@ def test_checkout_import_counts_files(tmp_path: Path, capsys: pytest.CaptureFixt
     report, err = run_import(REPO / "tests" / "fixtures" / "lemur", tmp_path / "zoo.sqlite", capsys)
     assert report["runs_added"] > 0
     assert "file/s" in err and "row/s" not in err, err
+
+
+def test_import_with_analyze_measures_the_imported_models(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """`import-lemur --analyze` leaves no imported model without its parameter count (or a recorded reason)."""
+    import sqlite3
+
+    monkeypatch.setenv("LEMUR_SANDBOX", "process")
+    zoo = tmp_path / "zoo.sqlite"
+    assert cli.main(["import-lemur", "--zoo", str(zoo), "--analyze", str(REPO / "tests" / "fixtures" / "lemur")]) == 0
+    out = capsys.readouterr()
+    assert "analyze" in out.err
+    conn = sqlite3.connect(zoo)
+    try:
+        missing = conn.execute(
+            "SELECT m.name FROM model m LEFT JOIN model_analysis a ON a.model_id = m.id "
+            "WHERE m.origin = 'lemur' AND m.params IS NULL AND a.model_id IS NULL").fetchall()
+        measured = conn.execute("SELECT COUNT(*) FROM model WHERE origin = 'lemur' AND params > 0").fetchone()[0]
+    finally:
+        conn.close()
+    assert missing == [] and measured > 0

@@ -209,3 +209,33 @@ def test_prm_transform_takes_every_name_the_grammar_knows() -> None:
     assert EvalRequest(code=CODE, dataset="digits", prm={"transform": "soft_pad"}).prm["transform"] == "soft_pad"
     with pytest.raises(ValueError, match=r"prm.transform: .*norm_32"):
         EvalRequest(code=CODE, dataset="digits", prm={"transform": "norm_3"})
+
+
+@pytest.mark.anyio
+async def test_a_dataset_gone_after_admission_fails_without_showing_server_paths(tmp_path: Path) -> None:
+    """admit() refuses a missing dataset before a job exists; should its files vanish before the job runs,
+    the job fails saying what is missing, without the server's own paths."""
+    from lemur_agent_server.evaluator import pipeline
+    from lemur_agent_server.evaluator.queue import JobQueue
+    from lemur_agent_server.reference_models import read_code
+    from zoo.jobs import JobKind
+    from zoo.store import ZooStore
+
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    settings = _settings(tmp_path, empty)
+    store = await ZooStore.open(settings.zoo_path)
+    try:
+        queue = JobQueue(settings, store, backend=None)  # type: ignore[arg-type]  # no sandbox is reached
+
+        async def no_progress(stage: str, info: dict) -> None:
+            return None
+
+        code = read_code("LeNet5")  # passes the static checks, so the job gets as far as the dataset
+        job = queue._job("job-gone", JobKind.EVALUATE, EvalRequest(code=code, dataset="cifar-10"), no_progress)
+        outcome = await pipeline.evaluate(job)
+    finally:
+        await store.close()
+    assert outcome.status == "failed" and outcome.error is not None
+    message = outcome.error["message"]
+    assert "cifar-10" in message and str(empty) not in message and "$LEMUR_DATA" in message

@@ -98,7 +98,8 @@ async def killed_worker_scenario(settings, store: ZooStore) -> None:
     assert row["status"] == "succeeded", row
     assert row["attempts"] == 2
     runs = await store.fetchall("SELECT uid, status FROM run WHERE job_id=? ORDER BY uid", (job_id,))
-    assert [r["uid"] for r in runs] == [f"{job_id}:t0", f"{job_id}:t1"]
+    # the second attempt writes fresh runs (the first one had finished no trial, so nothing else is there)
+    assert [r["uid"] for r in runs] == [f"{job_id}:a2:t0", f"{job_id}:a2:t1"]
     points = await store.fetchall("SELECT run_id, COUNT(*) AS n FROM point WHERE run_id IN "
                                   "(SELECT id FROM run WHERE job_id=?) GROUP BY run_id", (job_id,))
     assert len(points) == 2 and all(p["n"] == 2 for p in points)  # epochs 0.5 and 1.0, once each

@@ -32,7 +32,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sandbox.protocol import FailureKind, JobStatus, Stage
+from sandbox.protocol import FailureKind, JobStatus, RunStatus, Stage
+from zoo import codehash
+from zoo.records import Run
 
 if TYPE_CHECKING:
     import aiosqlite
@@ -319,6 +321,13 @@ class JobStore:
                                                   await next_finished_seq(db), *claim.args()))
         return cur.rowcount == 1
 
+    @staticmethod
+    async def holds_in(db: aiosqlite.Connection, claim: Claim) -> bool:
+        """Whether the claim is still held, inside the caller's open transaction (and a heartbeat): a
+        trial is archived only while its job is its worker's own."""
+        cur = await db.execute(f"UPDATE job SET heartbeat=? WHERE {_CLAIMED}", (time.time(), *claim.args()))
+        return cur.rowcount == 1
+
     async def requeue(self, claim: Claim) -> bool:
         """Give a running job back to the queue (clean shutdown); the attempt does not count."""
         return await self._update_claimed(
@@ -362,35 +371,56 @@ class JobStore:
         return status
 
     async def recover(self, stale_after_s: float, max_attempts: int = 2,
-                      is_gone: Callable[[str | None, float | None], bool] = owner_is_gone) -> dict[str, list[str]]:
+                      is_gone: Callable[[str | None, float | None], bool] = owner_is_gone,
+                      on_release: Callable[[list[str]], None] | None = None) -> dict[str, list[str]]:
         """Active jobs whose owner died: re-queue them, or fail them as `interrupted` after `max_attempts`.
 
         An owner counts as dead at once when its process is gone from this host (`is_gone`), and
-        after `stale_after_s` without a heartbeat anywhere else. Runs are written in one transaction
-        at a job's end, so an interrupted job leaves no half-written run; it simply runs again.
+        after `stale_after_s` without a heartbeat anywhere else. The trials that finished are in the zoo
+        already (each was archived as it ended, see `evaluator.archive`); an interrupted job adds a failed
+        run that says so. `on_release(ids)` runs before the commit, while this transaction holds the
+        write lock, so no worker can claim a re-queued job and make its folder before it is removed.
         """
         cutoff = time.time() - stale_after_s
-        requeued: list[str] = []
-        failed: list[str] = []
+        released: dict[str, list[str]] = {"requeued": [], "failed": []}
+        cancelled: list[str] = []
         async with self._zoo.transaction() as db:
             rows = await db.execute_fetchall(
-                f"SELECT id, attempts, cancel_requested, owner, heartbeat FROM job WHERE status IN ({_ACTIVE_SQL})")
-            for job_id, attempts, cancel, owner, beat in rows:
+                f"SELECT id, attempts, cancel_requested, owner, heartbeat, kind, request FROM job "
+                f"WHERE status IN ({_ACTIVE_SQL})")
+            for job_id, attempts, cancel, owner, beat, kind, request in rows:
                 if beat is not None and beat >= cutoff and not is_gone(owner, beat):
                     continue
                 if cancel:
                     await db.execute("UPDATE job SET status=?, finished=?, finished_seq=? WHERE id=?",
                                      (JobStatus.CANCELLED, time.time(), await next_finished_seq(db), job_id))
+                    cancelled.append(job_id)
                 elif attempts < max_attempts:
                     await db.execute("UPDATE job SET status=?, owner=NULL, heartbeat=NULL WHERE id=?",
                                      (JobStatus.QUEUED, job_id))
-                    requeued.append(job_id)
+                    released["requeued"].append(job_id)
                 else:
-                    error = {"stage": Stage.QUEUE, "kind": FailureKind.INTERRUPTED,
-                             "message": f"The server running this job stopped {attempts} times; "
-                                        "submit again if you still need it."}
-                    await db.execute("UPDATE job SET status=?, error=?, finished=?, finished_seq=? WHERE id=?",
-                                     (JobStatus.FAILED, _json(error), time.time(), await next_finished_seq(db),
-                                      job_id))
-                    failed.append(job_id)
-        return {"requeued": requeued, "failed": failed}
+                    await self._interrupt(db, job_id, attempts, kind, json.loads(request))
+                    released["failed"].append(job_id)
+            if on_release is not None:
+                on_release([*released["requeued"], *released["failed"], *cancelled])
+        return released
+
+    async def _interrupt(self, db: aiosqlite.Connection, job_id: str, attempts: int, kind: str,
+                         request: dict[str, Any]) -> None:
+        """Fail a job whose servers kept dying, with a failed run on its model that says why (a submission
+        that got past its check has its model in the zoo; one that did not has nothing to show it on)."""
+        error = {"stage": Stage.QUEUE, "kind": FailureKind.INTERRUPTED,
+                 "message": f"The server running this job stopped {attempts} times; the trials that finished "
+                            "are archived. Submit again if you need the rest."}
+        model = await (await db.execute("SELECT id, name FROM model WHERE code_hash=? ORDER BY id LIMIT 1",
+                                        (codehash.code_hash(str(request.get("code", ""))),))).fetchone()
+        if kind == JobKind.SUBMIT and model is not None:
+            run = Run(uid=f"{job_id}:interrupted", task=request.get("task", ""), dataset=request.get("dataset", ""),
+                      metric=request.get("metric", ""), status=RunStatus.FAILED, source="evaluator",
+                      prm=dict(request.get("prm") or {}), seed=request.get("seed"), job_id=job_id, error=error)
+            await self._zoo.add_run_in(db, int(model[0]), run)
+        await db.execute("UPDATE job SET status=?, error=?, finished=?, finished_seq=?, "
+                         "model_name=COALESCE(model_name, ?) WHERE id=?",
+                         (JobStatus.FAILED, _json(error), time.time(), await next_finished_seq(db),
+                          model[1] if model is not None else None, job_id))

@@ -232,6 +232,18 @@ MIGRATIONS: list[list[str]] = [
         "CREATE UNIQUE INDEX job_finished_seq ON job(finished_seq)",
         "CREATE INDEX job_dedup ON job(dedup_key, status)",
     ],
+    # version 4: model_analysis, the outcome of `lemur-agent-server analyze` per model (lemur_agent_server.analyze)
+    # so a model that does not build is recorded once with its reason and not retried on every run
+    [
+        """CREATE TABLE model_analysis (
+            model_id INTEGER PRIMARY KEY REFERENCES model(id) ON DELETE CASCADE,
+            status TEXT NOT NULL,             -- ok | failed | skipped (not analysable, e.g. a non-image task)
+            error TEXT,                       -- JSON {kind, message} when not ok
+            detail TEXT,                      -- JSON: input shape and dataset used, seconds, quality error
+            analysed_at REAL NOT NULL
+        )""",
+        "CREATE INDEX model_analysis_status ON model_analysis(status)",
+    ],
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -120,10 +120,10 @@ class ZooStore:
     async def add_model(self, model: Model) -> tuple[int, bool]:
         """Insert the model unless its name exists. Returns (model id, created)."""
         async with self.transaction() as db:
-            return await self._add_model(db, model)
+            return await self.add_model_in(db, model)
 
     @staticmethod
-    async def _add_model(db: aiosqlite.Connection, model: Model) -> tuple[int, bool]:
+    async def add_model_in(db: aiosqlite.Connection, model: Model) -> tuple[int, bool]:
         row = await (await db.execute("SELECT id FROM model WHERE name=?", (model.name,))).fetchone()
         if row:
             return int(row[0]), False
@@ -150,6 +150,26 @@ class ZooStore:
         values = [_json(v) if isinstance(v, (dict, list)) else v for v in fields.values()]
         async with self.transaction() as db:
             await db.execute(f"UPDATE model SET {sets} WHERE name=?", (*values, name))
+
+    async def record_analysis(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Write `analyze` results in one transaction: each row has model_id, status, analysed_at and
+        optional error/detail (JSON) and stats (params, flops, fingerprint, code_quality,
+        code_quality_detail). Stats fill only what the model lacks: values the evaluator measured stay."""
+        async with self.transaction() as db:
+            for row in rows:
+                stats = row.get("stats") or {}
+                await db.execute(
+                    "UPDATE model SET params=COALESCE(params, ?), flops=COALESCE(flops, ?),"
+                    " fingerprint=COALESCE(fingerprint, ?), code_quality=COALESCE(code_quality, ?),"
+                    " code_quality_detail=COALESCE(code_quality_detail, ?) WHERE id=?",
+                    (stats.get("params"), stats.get("flops"), stats.get("fingerprint"), stats.get("code_quality"),
+                     _json(stats.get("code_quality_detail")), row["model_id"]))
+                await db.execute(
+                    "INSERT INTO model_analysis(model_id, status, error, detail, analysed_at) VALUES(?,?,?,?,?)"
+                    " ON CONFLICT(model_id) DO UPDATE SET status=excluded.status, error=excluded.error,"
+                    " detail=excluded.detail, analysed_at=excluded.analysed_at",
+                    (row["model_id"], row["status"], _json(row.get("error")), _json(row.get("detail")),
+                     row["analysed_at"]))
 
     async def model_by_name(self, name: str) -> dict[str, Any] | None:
         return await self.fetchone("SELECT * FROM model WHERE name=?", (name,))
@@ -193,16 +213,18 @@ class ZooStore:
     async def add_runs(self, model_id: int, runs: Iterable[Run]) -> list[tuple[int, bool]]:
         """Write runs with their curve points in ONE transaction; idempotent on `Run.uid`."""
         async with self.transaction() as db:
-            return [await self._add_run(db, model_id, run) for run in runs]
+            return [await self.add_run_in(db, model_id, run) for run in runs]
 
     async def add_model_with_runs(self, model: Model, runs: Sequence[Run]) -> tuple[int, list[tuple[int, bool]]]:
         """Model (if new) and its runs in one transaction: used by the importer and the evaluator."""
         async with self.transaction() as db:
-            model_id, _ = await self._add_model(db, model)
-            return model_id, [await self._add_run(db, model_id, run) for run in runs]
+            model_id, _ = await self.add_model_in(db, model)
+            return model_id, [await self.add_run_in(db, model_id, run) for run in runs]
 
     @staticmethod
-    async def _add_run(db: aiosqlite.Connection, model_id: int, run: Run) -> tuple[int, bool]:
+    async def add_run_in(db: aiosqlite.Connection, model_id: int, run: Run) -> tuple[int, bool]:
+        """One run with its points and best points inside the caller's transaction; an existing uid is kept
+        as it is (returns its id and False): the evaluator writes a trial once, when it ends."""
         row = await (await db.execute("SELECT id FROM run WHERE uid=?", (run.uid,))).fetchone()
         if row:
             return int(row[0]), False
@@ -234,11 +256,30 @@ class ZooStore:
 
     async def set_weights(self, run_id: int, sha256: str, size: int, rel_path: str) -> None:
         async with self.transaction() as db:
-            await db.execute(
-                "INSERT INTO weights(run_id, sha256, size, path) VALUES(?,?,?,?) "
-                "ON CONFLICT(run_id) DO UPDATE SET sha256=excluded.sha256, size=excluded.size, path=excluded.path",
-                (run_id, sha256, size, rel_path),
-            )
+            await self.set_weights_in(db, run_id, sha256, size, rel_path)
+
+    @staticmethod
+    async def set_weights_in(db: aiosqlite.Connection, run_id: int, sha256: str, size: int, rel_path: str) -> None:
+        """The run's weights row (replaced if it has one) inside the caller's transaction."""
+        await db.execute(
+            "INSERT INTO weights(run_id, sha256, size, path) VALUES(?,?,?,?) "
+            "ON CONFLICT(run_id) DO UPDATE SET sha256=excluded.sha256, size=excluded.size, path=excluded.path",
+            (run_id, sha256, size, rel_path),
+        )
+
+    @staticmethod
+    async def settle_run_in(db: aiosqlite.Connection, run: Run) -> None:
+        """What a job learns of a run only at its end, for a run written when its trial ended: whether it
+        is the selected one, and the isolation the sandbox reported when it exited."""
+        await db.execute("UPDATE run SET selected=?, isolation=? WHERE uid=?",
+                         (int(run.selected), _json(run.isolation), run.uid))
+
+    @staticmethod
+    async def fill_model_stats_in(db: aiosqlite.Connection, model: Model) -> None:
+        """Params, flops and fingerprint measured by the check, where the stored model has none yet."""
+        if model.params is not None:
+            await db.execute("UPDATE model SET params=?, flops=?, fingerprint=? WHERE name=? AND params IS NULL",
+                             (model.params, model.flops, model.fingerprint, model.name))
 
     # --- queries -----------------------------------------------------------------------------------
     async def query(self, filters: Filters, page: Page) -> dict[str, Any]:

@@ -1,7 +1,19 @@
-"""From a finished job to the zoo: run records, the selected trial's weights, one transaction.
+"""From a job to the zoo: each trial as it ends, then the job's end in one transaction.
 
 Why its own module: what is stored (and under which status) is a decision apart from how the
 sandbox was driven; a dry check or an `evaluate` job builds the same records and stores nothing.
+
+Why trial by trial: a killed server then loses at most the trial in flight, and `get_model` shows a
+job's finished trials while it still runs. Each write is one transaction (the run, its curve points,
+its weights row) that first checks the job's claim, so a stalled server whose job was claimed
+elsewhere writes nothing. The job's end (the runs not written yet, the model's statistics, the
+selected trial's weights row, the job's final state) is ONE further transaction, with
+`JobStore.finish_in`: a kill can never leave a job's result and its archive disagreeing.
+
+A re-queued job (its server died) runs again as a new attempt and writes fresh runs,
+`{job}:a{attempt}:t{n}`: the earlier attempt's finished trials are real results and stay, with their
+curves; replacing them would lose them whenever the new attempt dies too. A run uid is written once
+(`ZooStore.add_run_in` keeps an existing one), so the end of a job never duplicates a trial.
 """
 
 from __future__ import annotations
@@ -11,12 +23,12 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from lemur_agent_server.evaluator import jobfiles
-from lemur_agent_server.evaluator.outcome import Archived
+from lemur_agent_server.evaluator.outcome import Archived, JobResult
 from lemur_agent_server.evaluator.phase import Trial, select
 from sandbox import datasets
 from sandbox.backend import JobPaths
-from sandbox.protocol import FailureKind, RunStatus
-from zoo import codehash
+from sandbox.protocol import FailureKind, JobStatus, RunStatus
+from zoo.jobs import JobStore
 from zoo.records import Model, Run
 from zoo.store import ZooStore
 
@@ -27,26 +39,40 @@ REPEAT_UID_STRIDE = 1000  # run uids keep the old `t{1000 * repeat + trial}` for
 STORED_STATUSES = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.PRUNED, RunStatus.TIMED_OUT})
 
 
-def run_uid(job_id: str, repeat: int, trial: int) -> str:
-    return f"{job_id}:t{REPEAT_UID_STRIDE * repeat + trial}"
+class ClaimLost(Exception):
+    """The job is no longer this worker's (re-queued and claimed elsewhere): roll its archive back."""
+
+
+def run_uid(job_id: str, repeat: int, trial: int, attempt: int = 1) -> str:
+    """`{job}:t{n}` for a job's first attempt (stored uids stay stable), `{job}:a{attempt}:t{n}` after."""
+    return f"{_uid_prefix(job_id, attempt)}:t{REPEAT_UID_STRIDE * repeat + trial}"
+
+
+def _uid_prefix(job_id: str, attempt: int) -> str:
+    return job_id if attempt <= 1 else f"{job_id}:a{attempt}"
+
+
+def trial_run(job: Job, prepared: datasets.PreparedDataset, t: Trial, isolation: dict[str, Any] | None,
+              selected: bool = False) -> Run:
+    """The run record of one trial (search or repeat)."""
+    req = job.request
+    prm = {**t.prm, "epoch": req.epochs}
+    return Run(
+        uid=run_uid(job.job_id, t.repeat, t.trial, job.attempt), task=req.task, dataset=req.dataset,
+        metric=req.metric, status=t.status if t.status in STORED_STATUSES else RunStatus.FAILED,
+        source="evaluator", prm=prm, transform=prm.get("transform"), seed=req.seed + t.repeat,
+        device="cuda" if job.gpu is not None else "cpu", dataset_hash=prepared.content_hash,
+        job_id=job.job_id, trial=t.trial, repeat=t.repeat, selected=selected, isolation=isolation,
+        error=t.error, points=t.points, train_samples=req.max_train_samples and min(
+            req.max_train_samples, prepared.n_train), test_samples=prepared.n_test)
 
 
 def trial_runs(job: Job, prepared: datasets.PreparedDataset, trials: list[Trial], isolation: dict[str, Any]
                ) -> tuple[list[Run], Trial | None]:
     """One run per trial (search and repeats), and the selected trial."""
-    req = job.request
     selected = select(trials)
-    runs = []
-    for t in sorted(trials, key=lambda t: (t.repeat, t.trial)):
-        prm = {**t.prm, "epoch": req.epochs}
-        runs.append(Run(
-            uid=run_uid(job.job_id, t.repeat, t.trial), task=req.task, dataset=req.dataset, metric=req.metric,
-            status=t.status if t.status in STORED_STATUSES else RunStatus.FAILED,
-            source="evaluator", prm=prm, transform=prm.get("transform"), seed=req.seed + t.repeat,
-            device="cuda" if job.gpu is not None else "cpu", dataset_hash=prepared.content_hash,
-            job_id=job.job_id, trial=t.trial, repeat=t.repeat, selected=t is selected, isolation=isolation,
-            error=t.error, points=t.points, train_samples=req.max_train_samples and min(
-                req.max_train_samples, prepared.n_train), test_samples=prepared.n_test))
+    runs = [trial_run(job, prepared, t, isolation, t is selected)
+            for t in sorted(trials, key=lambda t: (t.repeat, t.trial))]
     return runs, selected
 
 
@@ -54,15 +80,27 @@ def failed_run(job: Job, prepared: datasets.PreparedDataset | None, err: dict[st
                isolation: dict[str, Any] | None) -> Run:
     """The one run recorded for a job that never got past its checks."""
     req = job.request
-    return Run(uid=f"{job.job_id}:check", task=req.task, dataset=req.dataset, metric=req.metric,
+    return Run(uid=f"{_uid_prefix(job.job_id, job.attempt)}:check", task=req.task, dataset=req.dataset,
+               metric=req.metric,
                status=RunStatus.TIMED_OUT if err["kind"] == FailureKind.TIMEOUT else RunStatus.FAILED,
                source="evaluator", prm=dict(req.prm), transform=req.prm.get("transform"), seed=req.seed,
                job_id=job.job_id, dataset_hash=prepared.content_hash if prepared else None, isolation=isolation,
                error={k: v for k, v in err.items() if k in ("stage", "kind", "message")})
 
 
-async def duplicates(store: ZooStore, model: Model) -> dict[str, list[str]]:
-    same_code = [m["name"] for m in await store.models_by_hash(codehash.code_hash(model.code))]
+async def earlier_twins(store: ZooStore, code_hash: str, job_id: str) -> list[str]:
+    """The models with this code that this job did not make: an earlier attempt of the same job (its
+    server died after archiving a trial) made a model that is no resubmission."""
+    rows = await store.fetchall(
+        "SELECT name FROM model m WHERE code_hash=? AND (NOT EXISTS (SELECT 1 FROM run r WHERE r.model_id = m.id)"
+        " OR EXISTS (SELECT 1 FROM run r WHERE r.model_id = m.id AND (r.job_id IS NULL OR r.job_id != ?)))"
+        " ORDER BY id", (code_hash, job_id))
+    return [r["name"] for r in rows]
+
+
+async def duplicates(store: ZooStore, model: Model, same_code: list[str]) -> dict[str, list[str]]:
+    """Models with the same code (`same_code`: read when the job started, before it archived anything)
+    and other models with the same architecture fingerprint."""
     same_arch = []
     if model.fingerprint:
         same_arch = [m["name"] for m in await store.models_by_fingerprint(model.fingerprint)
@@ -81,21 +119,70 @@ async def copy_weights(job: Job, paths: JobPaths, trial: Trial) -> None:
         trial.weights_error = str(exc)
 
 
-async def store(job: Job, model: Model, runs: list[Run], selected: Trial | None,
-                duplicates_found: dict[str, list[str]] | None) -> Archived:
-    """The model, its runs and the selected trial's weights, in one transaction (shielded from cancel)."""
-    weights = None
+async def archive_trial(job: Job, model: Model, paths: JobPaths, prepared: datasets.PreparedDataset,
+                        trial: Trial) -> bool:
+    """Write one ended trial of a submission now, in one transaction: its run, its curve and, when it
+    kept weights (the runner keeps the best trial's so far), its weights row. The run carries the
+    isolation the backend provides; the job's end records what the sandbox reported on exit. A repeat
+    keeps no weights: the search's selected trial does. False when nothing was written (not a
+    submission, or the claim is lost)."""
+    if job.kind != "submit":
+        return False
+    if trial.repeat == 0:
+        await copy_weights(job, paths, trial)
+    run = trial_run(job, prepared, trial, job.backend.describe())
     with anyio.CancelScope(shield=True):
-        _, written = await job.store.add_model_with_runs(model, runs)
-        existing = await job.store.model_by_name(model.name)
-        if existing and existing.get("params") is None and model.params is not None:
-            await job.store.update_model_stats(model.name, params=model.params, flops=model.flops,
-                                               fingerprint=model.fingerprint)
-        if selected is not None and selected.archived is not None:
+        try:
+            async with job.store.transaction() as db:
+                await _hold(db, job)
+                model_id, _ = await ZooStore.add_model_in(db, model)
+                await ZooStore.fill_model_stats_in(db, model)
+                run_id, _ = await ZooStore.add_run_in(db, model_id, run)
+                if trial.archived is not None:
+                    await ZooStore.set_weights_in(db, run_id, *trial.archived)
+        except ClaimLost:
+            return False
+    return True
+
+
+async def _hold(db: Any, job: Job) -> None:
+    if job.claim is not None and not await JobStore.holds_in(db, job.claim):
+        raise ClaimLost(job.job_id)
+
+
+async def store(job: Job, model: Model, runs: list[Run], selected: Trial | None, result: JobResult,
+                status: str, err: dict[str, Any] | None) -> bool:
+    """A submission's end, in ONE transaction (shielded from cancel): the model, the runs not written yet
+    (a run written when its trial ended gets its selected flag and the sandbox's exit isolation), the
+    model's statistics, the selected trial's weights row and, with a claim, the job's final state.
+
+    Returns False when the claim is no longer held: then all of it rolls back, and `result.archived`
+    stays None (a stalled server whose job was claimed elsewhere archives nothing)."""
+    with anyio.CancelScope(shield=True):
+        try:
+            async with job.store.transaction() as db:
+                result.archived = await _store_in(db, model, runs, selected, result.duplicates)
+                if job.claim is not None and not await JobStore.finish_in(
+                        db, job.claim, JobStatus(status), result.as_dict(), err):
+                    raise ClaimLost(job.job_id)
+        except ClaimLost:
+            result.archived = None
+            return False
+    return True
+
+
+async def _store_in(db: Any, model: Model, runs: list[Run], selected: Trial | None,
+                    duplicates_found: dict[str, list[str]] | None) -> Archived:
+    model_id, _ = await ZooStore.add_model_in(db, model)
+    await ZooStore.fill_model_stats_in(db, model)
+    weights = None
+    for run in runs:
+        run_id, created = await ZooStore.add_run_in(db, model_id, run)
+        if not created:
+            await ZooStore.settle_run_in(db, run)
+        if run.selected and selected is not None and selected.archived is not None:
             sha, size, rel = selected.archived
-            index = [i for i, r in enumerate(runs) if r.selected]
-            if index:
-                await job.store.set_weights(written[index[0]][0], sha, size, rel)
-                weights = {"sha256": sha, "size": size}
+            await ZooStore.set_weights_in(db, run_id, sha, size, rel)
+            weights = {"sha256": sha, "size": size}
     return Archived(runs_archived=len(runs), resubmission=bool((duplicates_found or {}).get("same_code")),
                     weights=weights)

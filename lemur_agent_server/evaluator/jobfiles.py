@@ -67,6 +67,18 @@ def remove_job_dir(paths: JobPaths) -> None:
     shutil.rmtree(paths.job_dir, ignore_errors=True)
 
 
+def remove_job_dir_of(jobs_root: Path, job_id: str) -> bool:
+    """Remove <jobs_root>/<job_id> if it is there (a killed server's job left it behind). True if removed.
+    A job id that is not one plain name is left alone: it never names a path outside jobs_root."""
+    if not job_id or job_id in (".", "..") or Path(job_id).name != job_id:
+        return False
+    job_dir = jobs_root / job_id
+    if job_dir.is_symlink() or not job_dir.is_dir():
+        return False
+    shutil.rmtree(job_dir, ignore_errors=True)
+    return not job_dir.exists()
+
+
 def _open_regular(out_dir: Path, rel: str, cap: int) -> int:
     """An fd for out_dir/rel if it is a regular file within out_dir, not a link, at most `cap` bytes."""
     rel_path = Path(rel)

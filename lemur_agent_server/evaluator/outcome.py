@@ -16,6 +16,9 @@ class Outcome:
     status: str  # a JobStatus: succeeded | failed | timed_out | cancelled
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
+    # the job's row already holds this end (written in the archive's transaction), or its claim was lost:
+    # the queue writes nothing more
+    recorded: bool = False
 
 
 @dataclasses.dataclass

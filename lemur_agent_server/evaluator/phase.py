@@ -115,8 +115,10 @@ def _finite(value: float) -> float | None:
 class Phase:
     """One sandbox run (check or train) and what it reported."""
 
-    def __init__(self, job: Job, paths: JobPaths, prepared: datasets.PreparedDataset, repeat: int = 0):
+    def __init__(self, job: Job, paths: JobPaths, prepared: datasets.PreparedDataset, repeat: int = 0,
+                 on_ended: Callable[[Trial], Awaitable[None]] | None = None):
         self.job = job
+        self.on_ended = on_ended  # called once per trial the runner ends (the pipeline archives it at once)
         self.paths = paths
         self.prepared = prepared
         self.repeat = repeat
@@ -219,10 +221,16 @@ class Phase:
         self.on_point(event)
         await self.job.progress(Stage.TRAIN, self.progress())
 
-    def _on_trial_end(self, event: dict[str, Any]) -> None:
+    async def _on_trial_end(self, event: dict[str, Any]) -> None:
         trial = self.trials.get(int(event.get("trial", -1)))
         if trial is None or not trial.running:
             return
+        self._end_trial(trial, event)
+        if self.on_ended is not None:
+            await self.on_ended(trial)
+
+    @staticmethod
+    def _end_trial(trial: Trial, event: dict[str, Any]) -> None:
         trial.status = TrialStatus.reported(str(event.get("status", TrialStatus.FAILED)))
         if event.get("error"):
             err = event["error"] if isinstance(event["error"], dict) else {"message": str(event["error"])}

@@ -1,5 +1,6 @@
 """One evaluation job from code to archive: static checks, the sandboxed check, the sandboxed Optuna
-search and its repeats, trusted scoring, and one transaction into the zoo.
+search and its repeats, trusted scoring; each trial into the zoo as it ends, the job's end in one
+transaction.
 
 Where things are: one sandbox run and its events in `phase`, the records and the transaction in
 `archive`, the typed result in `outcome`; this module decides the order and the job's status.
@@ -36,6 +37,7 @@ from sandbox import datasets, protocol
 from sandbox.backend import Backend, Exit, JobPaths, Limits
 from sandbox.protocol import FailureKind, JobStatus, Stage, TimeBudget
 from zoo import codehash
+from zoo.jobs import Claim
 from zoo.records import Model, Run, is_number
 from zoo.store import ZooStore
 
@@ -55,6 +57,7 @@ EARLY_EXIT = ("The sandbox ended with exit code 0 before the runner reported its
 MIN_REPEAT_S = 2.0  # a repeat is not started with less of the budget left
 
 ProgressFn = Callable[[str, dict[str, Any]], Awaitable[None]]
+TrialEnded = Callable[[Trial], Awaitable[None]]
 
 
 @dataclasses.dataclass
@@ -78,6 +81,12 @@ class Job:
     prewarm: Callable[[Any, Limits], None] | None = None
     started: float = dataclasses.field(default_factory=time.monotonic)
     first_step_at: float | None = None  # unix time the host saw the first optimizer step (for bench/)
+    # the queue's hold on the job: every archive write checks it, and the job's end is written with it
+    claim: Claim | None = None
+
+    @property
+    def attempt(self) -> int:
+        return self.claim.attempt if self.claim is not None else 1
 
     @property
     def budget(self) -> TimeBudget:
@@ -149,28 +158,37 @@ async def evaluate(job: Job) -> Outcome:
     await job.progress(Stage.CHECK, {"step": "preparing dataset"})
     try:
         prepared = await anyio.to_thread.run_sync(datasets.prepare, req.dataset, job.data_root, job.cache_root)
-    except (datasets.DatasetUnavailable, datasets.UnknownDataset) as exc:
-        return Outcome(JobStatus.FAILED, result.as_dict(), failure(Stage.CHECK, FailureKind.SANDBOX, str(exc)))
+    except (datasets.DatasetUnavailable, datasets.UnknownDataset) as exc:  # the files went away after admit
+        message = str(exc).replace(str(job.data_root), "the server's data root ($LEMUR_DATA)")
+        return Outcome(JobStatus.FAILED, result.as_dict(), failure(Stage.CHECK, FailureKind.SANDBOX, message))
     paths = jobfiles.create_job_dir(job.jobs_root, job.job_id, prepared.public_dir, req.code)
     try:
-        return await _evaluate_in(job, paths, prepared, model, result)
+        twins = await archive.earlier_twins(job.store, codehash.code_hash(req.code), job.job_id)
+        return await _evaluate_in(job, paths, prepared, model, result, twins)
     finally:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(jobfiles.remove_job_dir, paths)
 
 
 async def _evaluate_in(job: Job, paths: JobPaths, prepared: datasets.PreparedDataset, model: Model,
-                       result: JobResult) -> Outcome:
+                       result: JobResult, same_code: list[str]) -> Outcome:
     """One sandbox does the check and, for submissions, the search: a second start would double the
     fixed cost (interpreter, torch import, data load) for nothing."""
     await job.progress(Stage.CHECK, {"step": "building the model in the sandbox"})
     mode = "check" if job.kind == "check" else "train"
-    phase = Phase(job, paths, prepared)
+
+    async def ended(trial: Trial) -> None:
+        if phase.check is not None:  # the check came first: the model row gets its measurements
+            _check_stats(model, phase.check)
+        await archive.archive_trial(job, model, paths, prepared, trial)
+
+    phase = Phase(job, paths, prepared, on_ended=ended)
     remaining = job.remaining()
     exit = await phase.run(_spec(job, paths, prepared, mode, remaining), job.budget.kill_after(remaining))
     result.isolation = exit.isolation
     result.check = _check_stats(model, phase.check)
-    result.duplicates = await archive.duplicates(job.store, model)
+    # the code's twins as they were before this job (its own trials are archived as they end)
+    result.duplicates = await archive.duplicates(job.store, model, same_code)
     err = _check_failure(phase, exit)
     if err:
         if err.get("kind") == FailureKind.CANCELLED:
@@ -181,7 +199,7 @@ async def _evaluate_in(job: Job, paths: JobPaths, prepared: datasets.PreparedDat
     if mode == "check":
         return Outcome(JobStatus.SUCCEEDED, result.as_dict())
 
-    search = await _search(job, paths, prepared, phase, exit)
+    search = await _search(job, paths, prepared, phase, exit, ended)
     await job.progress(Stage.EVALUATE, {"step": "scoring and archiving"})
     runs, selected = archive.trial_runs(job, prepared, search.trials, exit.isolation)
     result.selection = _selection(selected)
@@ -272,8 +290,8 @@ def _search_timed_out(job: Job, search: Phase, exit: Exit, err: dict[str, Any] |
     return search.done is not None and err is None and len(search.trials) < job.request.n_trials
 
 
-async def _search(job: Job, paths: JobPaths, prepared: datasets.PreparedDataset, search: Phase, exit: Exit
-                  ) -> Search:
+async def _search(job: Job, paths: JobPaths, prepared: datasets.PreparedDataset, search: Phase, exit: Exit,
+                  ended: TrialEnded) -> Search:
     """Read the Optuna search's trials, then rerun the selected prm `repeats - 1` times with other seeds."""
     err = _search_error(search, exit)
     if search.first_step_at is not None:
@@ -291,16 +309,16 @@ async def _search(job: Job, paths: JobPaths, prepared: datasets.PreparedDataset,
         if best is None or exit.cancelled or job.remaining() < MIN_REPEAT_S:
             timed_out = timed_out or (best is not None and job.remaining() < MIN_REPEAT_S)
             break
-        exit, rerun = await _repeat(job, paths, prepared, best, repeat)
+        exit, rerun = await _repeat(job, paths, prepared, best, repeat, ended)
         trials += rerun
         timed_out = timed_out or exit.timed_out
     return Search(trials=trials, error=err, timed_out=timed_out, cancelled=exit.cancelled)
 
 
-async def _repeat(job: Job, paths: JobPaths, prepared: datasets.PreparedDataset, best: Trial, repeat: int
-                  ) -> tuple[Exit, list[Trial]]:
+async def _repeat(job: Job, paths: JobPaths, prepared: datasets.PreparedDataset, best: Trial, repeat: int,
+                  ended: TrialEnded) -> tuple[Exit, list[Trial]]:
     """One more sandbox that trains the selected prm once with seed `seed + repeat`."""
-    rerun = Phase(job, paths, prepared, repeat=repeat)
+    rerun = Phase(job, paths, prepared, repeat=repeat, on_ended=ended)
     remaining = job.remaining()
     fixed = {k: v for k, v in best.prm.items() if k != "epoch"}
     spec = _spec(job, paths, prepared, "train", remaining, fixed_prm=fixed, n_trials=1, seed=job.request.seed + repeat)
@@ -313,13 +331,16 @@ async def _repeat(job: Job, paths: JobPaths, prepared: datasets.PreparedDataset,
 
 async def _finish(job: Job, model: Model, result: JobResult, status: str, err: dict[str, Any] | None,
                   runs: list[Run], selected: Trial | None = None) -> Outcome:
-    """Archive (one transaction) unless this is a dry check, and shape the outcome."""
-    if job.kind == "submit":
-        result.archived = await archive.store(job, model, runs, selected, result.duplicates)
+    """A submission's end is one transaction (its archive and, with a claim, the job's final state);
+    a dry check or an `evaluate` job stores nothing and leaves the job's end to the queue."""
     if err is not None:
         err = {**err}
         err.setdefault("stage", Stage.TRAIN)
-    return Outcome(status, result.as_dict(), err)
+    recorded = False
+    if job.kind == "submit":
+        await archive.store(job, model, runs, selected, result, status, err)
+        recorded = job.claim is not None  # written, or the claim was lost: nothing more to write either way
+    return Outcome(status, result.as_dict(), err, recorded=recorded)
 
 
 def _int(value: Any) -> int | None:

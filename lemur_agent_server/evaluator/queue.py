@@ -2,10 +2,12 @@
 
 Why persisted in the zoo: a stdio client (and every MCP Inspector CLI call) starts a fresh server
 process, and hosts restart servers at will. A job lives in the `job` table; a worker claims it
-atomically, heart-beats while it runs, and writes its runs in one transaction at the end. A server
+atomically, heart-beats while it runs, archives each trial as it ends and the job's end in one
+transaction (`evaluator.archive`), every write checked against its claim. A server
 that starts, and every heartbeat after, finds jobs whose owner died (its process gone from this host,
 or its heartbeat stale) and re-queues them (or fails them as `interrupted` after repeated crashes),
-so no job is lost or stuck and no run is half-written. The persistence rules live in `zoo.jobs`.
+so no job is lost or stuck and no run is half-written; the folders of the jobs it ends or re-queues
+are removed. The persistence rules live in `zoo.jobs`.
 
 Batches (`submit_batch`): one call queues many jobs under one batch id; an item whose experiment
 already succeeded is answered from that job (`reused_from`), identical items of one batch train
@@ -26,7 +28,7 @@ import anyio
 import anyio.abc
 
 from lemur_agent_server.config import Settings
-from lemur_agent_server.evaluator import batching, pipeline
+from lemur_agent_server.evaluator import batching, jobfiles, pipeline
 from lemur_agent_server.evaluator.batching import new_job_id
 from lemur_agent_server.evaluator.dedup import experiment_key
 from lemur_agent_server.evaluator.executor import GpuPool, WorkerLost, make_backend, pool_gpus
@@ -244,13 +246,15 @@ class JobQueue:
                     self._notify(job_id)
 
         job = self._job(job_id, JobKind(row["kind"]), request, progress, gpu)
+        job.claim = claim  # the archive's writes check it; a submission's end is written with it
         self._running[job_id] = job
         self._claims[job_id] = claim
         try:
             if row.get("cancel_requested"):
                 job.cancelled.set()
             outcome = await pipeline.evaluate(job)
-            await self.jobs.finish(claim, JobStatus(outcome.status), outcome.result, outcome.error)
+            if not outcome.recorded:
+                await self.jobs.finish(claim, JobStatus(outcome.status), outcome.result, outcome.error)
             self.last_timings[job_id] = {"claimed": row.get("started") or 0.0,
                                          "first_step": job.first_step_at or 0.0}
         except anyio.get_cancelled_exc_class():
@@ -274,11 +278,18 @@ class JobQueue:
 
     async def _recover(self) -> None:
         """Re-queue the jobs of dead owners now (a gone process on this host, a stale heartbeat elsewhere)."""
-        recovered = await self.jobs.recover(self.settings.stale_after_s)
+        recovered = await self.jobs.recover(self.settings.stale_after_s, on_release=self._remove_job_dirs)
         if recovered["requeued"] or recovered["failed"]:
             log.info("recovered jobs: %s", recovered)
         if recovered["requeued"]:
             self._wakeup.set()
+
+    def _remove_job_dirs(self, job_ids: list[str]) -> None:
+        """The folders of jobs that recovery ended or re-queued: nothing needs them (a re-queued job's
+        next attempt makes a fresh one). Called inside recovery's transaction, so no worker has claimed
+        a re-queued job yet; a few small directories, removed in the event loop on purpose."""
+        for job_id in job_ids:
+            jobfiles.remove_job_dir_of(self.settings.jobs_dir, job_id)
 
     async def _heartbeats(self) -> None:
         while True:

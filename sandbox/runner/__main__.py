@@ -84,8 +84,8 @@ def _validate(spec: protocol.JobSpec) -> None:
     problems: list[str] = []
     if spec.protocol != protocol.PROTOCOL_VERSION:
         problems.append(f"protocol {spec.protocol} but this runner speaks {protocol.PROTOCOL_VERSION}")
-    if spec.mode not in ("check", "train"):
-        problems.append(f"mode must be 'check' or 'train', got {spec.mode!r}")
+    if spec.mode not in (protocol.MODE_CHECK, protocol.MODE_TRAIN, protocol.MODE_ANALYZE):
+        problems.append(f"mode must be 'check', 'train' or 'analyze', got {spec.mode!r}")
     for name in list(spec.transforms) + (
         [spec.fixed_prm["transform"]] if "transform" in spec.fixed_prm else []
     ):
@@ -127,6 +127,10 @@ def _run(spec: protocol.JobSpec, emitter: Emitter, stage: list[str]) -> dict[str
         threads=torch.get_num_threads(),
     )
     _validate(spec)
+    if spec.mode == protocol.MODE_ANALYZE:  # many models, one event each (sandbox/runner/analyze.py)
+        from sandbox.runner.analyze import run_analyze
+
+        return run_analyze(spec, emitter, device)
 
     from sandbox.runner.budget import Budget
     from sandbox.runner.check import run_check
