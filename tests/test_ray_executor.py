@@ -82,8 +82,8 @@ def ray_cluster() -> Iterator[str]:
 @pytest.fixture
 def ray_settings(make_settings, ray_cluster: str):
     def make(**kw: Any):
-        settings = make_settings(seed_zoo=False, executor="ray", ray_address=ray_cluster, sandbox="process",
-                                 stale_after_s=3.0, **kw)
+        settings = make_settings(seed_zoo=False, executor="ray", ray_address=ray_cluster,
+                                 stale_after_s=3.0, **{"sandbox": "process", **kw})
         settings.threads = 1  # one CPU per job: four jobs at once on the two nodes
         return settings
     return make
@@ -270,3 +270,29 @@ def test_the_executor_comes_from_flags_or_the_environment(monkeypatch, tmp_path:
                                           "--ray-address", "127.0.0.1:7000"])
     settings = cli._settings(args)
     assert (settings.executor, settings.ray_address) == ("ray", "127.0.0.1:7000")
+
+
+async def test_a_killed_workers_container_does_not_outlive_it(ray_settings, warm_docker_sandbox):
+    """Docker on the nodes: the container of a Ray worker killed mid-training is reaped (it is labelled
+    with its job and its owner, the dead worker) by the next actor on that node; the job finishes."""
+    import docker
+
+    from sandbox.docker_backend import LABEL_JOB
+
+    settings = ray_settings(slots=1, sandbox="docker")
+    engine = docker.from_env()
+    async with await ZooStore.open(settings.zoo_path) as store:
+        async with JobQueue.running(settings, store) as queue:
+            backend = queue.backend
+            job_id = await queue.submit(EvalRequest(code=models.SLOW, dataset="digits", **LONG))
+            await wait_status(queue, job_id, {"training"}, 120)
+            with anyio.fail_after(30):
+                while job_id not in backend.placed:
+                    await anyio.sleep(0.1)
+            first = backend.placed[job_id]
+            labelled = engine.containers.list(filters={"label": f"{LABEL_JOB}={job_id}"})
+            assert len(labelled) == 1  # the job's container, running
+            os.kill(first["pid"], signal.SIGKILL)
+            row = await wait_status(queue, job_id, {"succeeded", "failed", "timed_out", "cancelled"}, 150)
+    assert row["status"] == "succeeded", row.get("error")
+    assert engine.containers.list(all=True, filters={"label": f"{LABEL_JOB}={job_id}"}) == []
