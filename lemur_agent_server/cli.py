@@ -23,6 +23,7 @@ from lemur_agent_server import __version__
 from lemur_agent_server.analyze import add_parser as add_analyze
 from lemur_agent_server.config import Settings
 from lemur_agent_server.lemur_export import add_parser as add_export_lemur
+from sandbox import gpus as gpu_discovery
 from sandbox.protocol import JobStatus
 from stats.cli import add_stats_subparsers
 
@@ -96,6 +97,10 @@ def _common(parser: argparse.ArgumentParser, top: bool = False) -> None:
     parser.add_argument("--data-root", type=Path, help="datasets in torchvision layout (default: $LEMUR_DATA)",
                         **kw)
     parser.add_argument("--sandbox", choices=("auto", "docker", "process"), help="isolation backend", **kw)
+    parser.add_argument("--executor", choices=("local", "ray"),
+                        help="where sandboxes run: this host's slots (default) or a Ray cluster", **kw)
+    parser.add_argument("--ray-address", help="Ray cluster for --executor ray: auto or HOST:PORT "
+                                              "(default: $LEMUR_RAY_ADDRESS, else auto)", **kw)
     parser.add_argument("-v", "--verbose", action="store_true", **kw)
     parser.add_argument("--debug", action="store_true", help="show the traceback when a command fails", **kw)
 
@@ -108,7 +113,8 @@ def _check_zoo_arg(args: argparse.Namespace) -> None:
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
     return Settings.from_env(args.zoo, data_root=getattr(args, "data_root", None),
-                             sandbox=getattr(args, "sandbox", None), **extra)
+                             sandbox=getattr(args, "sandbox", None), executor=getattr(args, "executor", None),
+                             ray_address=getattr(args, "ray_address", None), **extra)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,7 +205,8 @@ def _serve_args(p: argparse.ArgumentParser, top: bool = False) -> None:
     p.add_argument("--port", type=int, **d(8765))
     p.add_argument("--token", help="bearer token required on HTTP (default: $LEMUR_TOKEN)", **d(None))
     p.add_argument("--slots", type=int, help="parallel training jobs (default: one per GPU, else 1)", **d(None))
-    p.add_argument("--gpus", help="comma-separated GPU ids for the sandboxes, e.g. 0,1", **d(None))
+    p.add_argument("--gpus", help="GPU ids for the sandboxes, e.g. 0,1, or 'all' (every GPU nvidia-smi lists; "
+                                  "one training job per GPU)", **d(None))
     p.add_argument("--no-worker", action="store_true", help="do not run evaluation jobs in this process",
                    **d(False))
     p.add_argument("--no-seed", action="store_true", help="do not add the reference models on first start",
@@ -232,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from lemur_agent_server.server import build_server
 
-    gpus = tuple(g for g in (args.gpus or "").split(",") if g) or None
+    gpus = gpu_discovery.parse(args.gpus)
     settings = _settings(args, slots=args.slots, gpus=gpus, token=args.token)
     if args.no_worker:
         settings.run_workers = False

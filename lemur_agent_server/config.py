@@ -12,14 +12,17 @@ from pathlib import Path
 
 import platformdirs
 
+from sandbox import gpus as gpu_discovery
 from zoo.connection import APP_NAME, resolve_zoo_path
 
 ENV_DATA = "LEMUR_DATA"  # dataset root in torchvision layout
 ENV_SANDBOX = "LEMUR_SANDBOX"  # auto | docker | process
 ENV_SLOTS = "LEMUR_SLOTS"
-ENV_GPUS = "LEMUR_GPUS"  # comma-separated device ids, e.g. "0,1"
+ENV_GPUS = "LEMUR_GPUS"  # comma-separated device ids, e.g. "0,1", or "all" (every GPU nvidia-smi lists)
 ENV_TOKEN = "LEMUR_TOKEN"  # bearer token for --http
 ENV_IMAGE = "LEMUR_SANDBOX_IMAGE"
+ENV_EXECUTOR = "LEMUR_EXECUTOR"  # local | ray
+ENV_RAY_ADDRESS = "LEMUR_RAY_ADDRESS"  # auto | HOST:PORT
 ENV_NO_SEED = "LEMUR_NO_SEED"
 ENV_NO_BASELINES = "LEMUR_NO_BASELINES"  # do not queue the seed models' baseline evaluations on first start
 
@@ -31,7 +34,7 @@ class Settings:
     zoo_path: Path
     data_root: Path
     sandbox: str = "auto"
-    slots: int | None = None  # None: one per GPU, else 1
+    slots: int | None = None  # None: one per GPU, else 1; never more than the GPUs when there are GPUs
     gpus: tuple[str, ...] = ()
     image: str = DEFAULT_IMAGE
     seed_zoo: bool = True
@@ -45,6 +48,8 @@ class Settings:
     memory_gb: float = 6.0  # memory limit of one sandbox
     stale_after_s: float = 15.0  # a running job whose server stopped heart-beating this long is re-queued
     threads: int = max(1, (os.cpu_count() or 1))
+    executor: str = "local"  # local: this host's slots; ray: one Ray actor per sandbox (ray_executor)
+    ray_address: str = "auto"
 
     @property
     def state_dir(self) -> Path:
@@ -61,11 +66,15 @@ class Settings:
 
     @property
     def slot_count(self) -> int:
-        return self.slots if self.slots else max(1, len(self.gpus))
+        """Parallel training jobs: one per GPU (a smaller --slots uses fewer GPUs), else --slots or 1.
+        On Ray the cluster places each GPU job on a GPU of its own, so --slots may exceed this host's list."""
+        if self.gpus and self.executor == "local":
+            return min(self.slots, len(self.gpus)) if self.slots else len(self.gpus)
+        return self.slots if self.slots else 1
 
     @classmethod
     def from_env(cls, zoo: str | os.PathLike[str] | None = None, **overrides: object) -> Settings:
-        gpus = tuple(g for g in os.environ.get(ENV_GPUS, "").split(",") if g.strip())
+        gpus = gpu_discovery.parse(os.environ.get(ENV_GPUS)) or ()
         slots_env = os.environ.get(ENV_SLOTS)
         settings = cls(
             zoo_path=resolve_zoo_path(zoo),
@@ -78,6 +87,8 @@ class Settings:
             baselines=os.environ.get(ENV_NO_BASELINES, "") not in ("1", "true", "yes"),
             token=os.environ.get(ENV_TOKEN) or None,
             stale_after_s=float(os.environ.get("LEMUR_STALE_AFTER_S", "15")),
+            executor=os.environ.get(ENV_EXECUTOR) or "local",
+            ray_address=os.environ.get(ENV_RAY_ADDRESS) or "auto",
         )
         for key, value in overrides.items():
             if value is not None:

@@ -28,4 +28,7 @@ fi
 if [ -x scripts/build-sandbox-image.sh ] || [ -f scripts/build-sandbox-image.sh ]; then
   bash scripts/build-sandbox-image.sh
 fi
+# Ray for the --executor ray tests (tests/test_ray_executor.py start a loopback cluster themselves)
+PY="${PYTHON:-.venv/bin/python}"; [ -x "$PY" ] || PY=python3
+"$PY" -m pip install -q -e '.[ray]'
 echo "test dependencies ready" >&2

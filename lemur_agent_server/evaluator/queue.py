@@ -29,9 +29,9 @@ import anyio.abc
 
 from lemur_agent_server.config import Settings
 from lemur_agent_server.evaluator import batching, jobfiles, pipeline
-from lemur_agent_server.evaluator.backends import choose_backend
 from lemur_agent_server.evaluator.batching import new_job_id
 from lemur_agent_server.evaluator.dedup import experiment_key
+from lemur_agent_server.evaluator.executor import GpuPool, WorkerLost, make_backend, pool_gpus
 from lemur_agent_server.evaluator.requests import EvalRequest, admit
 from lemur_agent_server.evaluator.static_checks import static_problems
 from sandbox.backend import Backend, Limits
@@ -65,6 +65,7 @@ class JobQueue:
         self._running: dict[str, pipeline.Job] = {}
         self._claims: dict[str, Claim] = {}
         self._check_slots = anyio.Semaphore(CHECK_CONCURRENCY)
+        self.gpu_pool = GpuPool(pool_gpus(settings))  # one training job per GPU
         self.last_timings: dict[str, dict[str, float]] = {}
         self._tg: anyio.abc.TaskGroup | None = None
 
@@ -73,7 +74,7 @@ class JobQueue:
     @asynccontextmanager
     async def running(cls, settings: Settings, store: ZooStore, backend: Backend | None = None,
                       workers: bool = True) -> AsyncIterator[JobQueue]:
-        backend = backend or await anyio.to_thread.run_sync(choose_backend, settings)
+        backend = backend or await anyio.to_thread.run_sync(make_backend, settings)
         queue = cls(settings, store, backend)
         removed = await backend.cleanup_orphans()
         if removed:
@@ -109,7 +110,7 @@ class JobQueue:
 
     def describe_sandbox(self) -> dict[str, Any]:
         return {**self.backend.describe(), "slots": self.settings.slot_count,
-                "gpus": list(self.settings.gpus)}
+                "gpus": list(self.gpu_pool.gpus)}
 
     # --- public API --------------------------------------------------------------------------------
     async def submit(self, request: EvalRequest) -> str:
@@ -176,7 +177,8 @@ class JobQueue:
         claim = await self.jobs.create_claimed(job_id, kind, request.model_dump(), self.owner)
         row = await self.jobs.get(job_id)
         assert row is not None
-        await self._run(row, claim)
+        async with self.gpu_pool.lease() as gpu:  # a GPU no worker slot holds now
+            await self._run(row, claim, gpu)
         final = await self.jobs.get(job_id)
         assert final is not None
         return job_id, pipeline.Outcome(final["status"], final.get("result"), final.get("error"))
@@ -208,26 +210,29 @@ class JobQueue:
 
     # --- workers -----------------------------------------------------------------------------------
     def _job(self, job_id: str, kind: JobKind, request: EvalRequest,
-             progress: Callable[[str, dict[str, Any]], Awaitable[None]], slot: int = 0) -> pipeline.Job:
-        gpus = self.settings.gpus
+             progress: Callable[[str, dict[str, Any]], Awaitable[None]], gpu: str | None = None) -> pipeline.Job:
+        """A pipeline job pinned to `gpu` (a lease of `gpu_pool`), or on CPU only when None."""
         return pipeline.Job(
             job_id=job_id, kind=kind, request=request, store=self.store, backend=self.backend,
             jobs_root=self.settings.jobs_dir, data_root=self.settings.data_root,
             cache_root=self.settings.cache_dir, threads=self.settings.threads,
-            memory_bytes=int(self.settings.memory_gb * (1 << 30)), gpu=gpus[slot % len(gpus)] if gpus else None,
+            memory_bytes=int(self.settings.memory_gb * (1 << 30)), gpu=gpu,
             progress=progress, prewarm=self.prewarm)
 
     async def _worker(self, slot: int) -> None:
+        """Claim and run jobs one at a time; a job is claimed only once a GPU is free for it (on a GPU
+        host), so a queued job is never held by a slot that cannot start it."""
         while True:
-            row = await self.jobs.claim_next(self.owner, WORKER_KINDS)
-            if row is None:
-                with anyio.move_on_after(IDLE_POLL_S):
-                    await self._wakeup.wait()
-                self._wakeup = anyio.Event() if self._wakeup.is_set() else self._wakeup
-                continue
-            await self._run(row, Claim.of(row), slot)
+            async with self.gpu_pool.lease() as gpu:
+                row = await self.jobs.claim_next(self.owner, WORKER_KINDS)
+                if row is not None:
+                    await self._run(row, Claim.of(row), gpu)
+                    continue
+            with anyio.move_on_after(IDLE_POLL_S):
+                await self._wakeup.wait()
+            self._wakeup = anyio.Event() if self._wakeup.is_set() else self._wakeup
 
-    async def _run(self, row: dict[str, Any], claim: Claim, slot: int = 0) -> None:
+    async def _run(self, row: dict[str, Any], claim: Claim, gpu: str | None = None) -> None:
         """Run one claimed job as its own kind; every write to its row goes through the claim."""
         job_id = row["id"]
         request = EvalRequest.model_validate(row["request"])
@@ -240,7 +245,7 @@ class JobQueue:
                 if await self.jobs.progress(claim, JobStatus(stage), info):
                     self._notify(job_id)
 
-        job = self._job(job_id, JobKind(row["kind"]), request, progress, slot)
+        job = self._job(job_id, JobKind(row["kind"]), request, progress, gpu)
         job.claim = claim  # the archive's writes check it; a submission's end is written with it
         self._running[job_id] = job
         self._claims[job_id] = claim
@@ -257,6 +262,8 @@ class JobQueue:
             with anyio.CancelScope(shield=True):
                 await self.jobs.requeue(claim)
             raise
+        except WorkerLost as exc:  # left un-heart-beaten: recovery re-queues it (bounded) like a dead server's
+            log.warning("job %s: %s; it goes back to the queue", job_id, exc)
         except Exception as exc:  # a bug of ours must not kill the worker slot
             log.exception("job %s crashed", job_id)
             with anyio.CancelScope(shield=True):

@@ -1,0 +1,387 @@
+"""The Ray executor: each sandbox run (one phase of a job) happens on the Ray node that Ray places it on.
+
+Why a Backend, not a second pipeline: the phase (start, events, wait) and everything after it (scoring
+with the test labels, archiving) stay exactly as on one host. `RayBackend.start` ships the phase's
+inputs to a `SandboxActor` that asks Ray for one GPU (a GPU job) or its CPUs (a CPU job) and runs the
+node's own sandbox backend (process or Docker) there; the returned handle streams the runner's raw
+events file back into the host's out/events.jsonl while the job runs (so the host parses it with the
+same guards as a local sandbox, and `get_job` shows progress as today), then copies the out/ files
+(predictions, weights) back before `wait()` returns.
+
+What travels: in/ (spec.json, model.py) and the public dataset arrays of the job's data dir (train
+images and labels, test images; the prepared data dir never holds the test labels), put into Ray's
+object store once per content hash and cached on each node under that hash. What never travels: the
+test labels and the zoo; the server scores and archives.
+
+Faults: a node or actor that dies mid-phase raises `WorkerLost` from the handle; the queue then stops
+heart-beating the job, so the zoo's recovery re-queues it (bounded attempts, then `interrupted`)
+exactly as for a server that died. `cancel()` cancels the sandbox on its node, then kills the actor;
+an actor starts by reaping sandboxes (processes, containers labelled with their job) of dead owners.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from lemur_agent_server.evaluator.executor import WorkerLost
+from sandbox import protocol
+from sandbox.backend import Backend, Exit, Handle, JobPaths, Limits, RunnerPaths
+
+CHUNK = 1 << 20  # events bytes per poll
+POLL_S = 0.1
+NAMESPACE = "lemur-agent-server"
+EVENTS_FILE = protocol.EVENTS_FILE
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError as exc:  # the optional extra
+        raise RuntimeError("--executor ray needs Ray: pip install 'lemur-agent-server[ray]'") from exc
+    return ray
+
+
+def _read_dir(root: Path, skip: frozenset[str] = frozenset()) -> dict[str, bytes]:
+    """Every regular file under `root` (no links followed), by its path relative to `root`."""
+    files: dict[str, bytes] = {}
+    for dirpath, _dirnames, filenames in os.walk(root, followlinks=False):
+        for name in filenames:
+            path = Path(dirpath, name)
+            rel = path.relative_to(root).as_posix()
+            if rel in skip or path.is_symlink() or not path.is_file():
+                continue
+            files[rel] = path.read_bytes()
+    return files
+
+
+def _write_files(root: Path, files: dict[str, bytes]) -> None:
+    """Write `files` under `root`; a name that would leave `root` is dropped."""
+    for rel, data in files.items():
+        parts = Path(rel).parts
+        if not parts or Path(rel).is_absolute() or ".." in parts:
+            continue
+        target = root.joinpath(*parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+
+
+# --- the node side --------------------------------------------------------------------------------
+
+def _node_settings(sandbox: str, image: str, root: Path) -> Any:
+    from lemur_agent_server.config import Settings
+
+    return Settings(zoo_path=root / "state" / "node.sqlite", data_root=root / "no-raw-data", sandbox=sandbox,
+                    image=image, slots=1)
+
+
+def _node_backend(settings: Any) -> Backend:
+    """This node's sandbox backend, without warm containers (an actor lives for one sandbox: a warm
+    one would outlive it)."""
+    from lemur_agent_server.evaluator.backends import choose_backend, docker_usable
+
+    if settings.sandbox in ("auto", "docker") and docker_usable(settings):
+        from sandbox.docker_backend import DockerBackend
+
+        return DockerBackend(image=settings.image, prestart=False, jobs_root=settings.jobs_dir)
+    return choose_backend(settings)
+
+
+class SandboxRunner:
+    """One phase's sandbox on this node (the body of the Ray actor; plain Python so it can be read
+    and tested without Ray). Its event loop runs in a thread: Ray calls its methods from its own."""
+
+    def __init__(self, sandbox: str, image: str, root: str | None = None):
+        self.root = Path(root or Path(tempfile.gettempdir()) / "lemur-ray-node")
+        self.settings = _node_settings(sandbox, image, self.root)
+        self.settings.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self._portal_cm = anyio.from_thread.start_blocking_portal()
+        self._portal = self._portal_cm.__enter__()
+        self.backend = _node_backend(self.settings)
+        self._portal.call(self.backend.cleanup_orphans)  # containers and processes of dead actors
+        self.handle: Handle | None = None
+        self.exit: Exit | None = None
+        self.paths: JobPaths | None = None
+        self._sent: dict[str, tuple[int, int]] = {}  # out/ files already sent: (size, mtime)
+
+    def _data_dir(self, data: dict[str, bytes], digest: str) -> Path:
+        """The dataset arrays, cached on this node under their content hash (written once, atomically)."""
+        target = self.settings.cache_dir / "ray" / digest
+        if not target.is_dir():
+            tmp = Path(tempfile.mkdtemp(dir=self.settings.cache_dir, prefix=".incoming-"))
+            _write_files(tmp, data)
+            for path in tmp.rglob("*"):
+                os.chmod(path, 0o755 if path.is_dir() else 0o644)
+            os.chmod(tmp, 0o755)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                tmp.rename(target)
+            except OSError:  # another actor on this node won the race: same content
+                pass
+        return target
+
+    def start(self, job_id: str, in_files: dict[str, bytes], data: dict[str, bytes], digest: str,
+              limits: dict[str, Any]) -> dict[str, Any]:
+        """Write the job's inputs here, point its spec at this node's paths and start the sandbox."""
+        self.settings.cache_dir.mkdir(parents=True, exist_ok=True)
+        data_dir = self._data_dir(data, digest)
+        job_dir = self.settings.jobs_dir / job_id
+        (job_dir / "in").mkdir(parents=True, exist_ok=True)
+        (job_dir / "out").mkdir(exist_ok=True)
+        paths = self.paths = JobPaths(job_dir=job_dir, data_dir=data_dir)
+        _write_files(paths.in_dir, in_files)
+        spec_path = paths.in_dir / protocol.SPEC_FILE
+        spec = json.loads(spec_path.read_text())
+        rp = self.backend.runner_paths(paths)
+        spec.update(model_path=rp.model, data_dir=rp.data_dir, out_dir=rp.out_dir)
+        spec_path.write_text(json.dumps(spec))
+        for path in (paths.in_dir, *paths.in_dir.iterdir(), paths.out_dir, job_dir):
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
+        os.chmod(paths.out_dir, 0o777)
+        gpu_ids = _ray().get_gpu_ids() if limits.get("gpu") is not None else []
+        gpu = str(gpu_ids[0]) if gpu_ids else None  # the GPU Ray gave this actor, not the host's id
+        self.handle = self._portal.call(self.backend.start, paths, Limits(**{**limits, "gpu": gpu}))
+        self._portal.start_task_soon(self._wait)
+        return {"gpu": gpu, "node": _ray().get_runtime_context().get_node_id(), "pid": os.getpid()}
+
+    async def _wait(self) -> None:
+        assert self.handle is not None
+        self.exit = await self.handle.wait()
+
+    def read(self, offset: int) -> tuple[dict[str, bytes], bytes, bool]:
+        """The out/ files new or changed since the last read, then the raw bytes of out/events.jsonl
+        from `offset` (the host parses them), and whether the sandbox had ended before this read.
+
+        Files first: an event that names a file (predictions of a point) is written after the file,
+        so the host has every file an event names before it sees the event."""
+        done = self.exit is not None
+        assert self.paths is not None
+        files = self._changed_files()
+        try:
+            with open(self.paths.out_dir / EVENTS_FILE, "rb") as f:
+                f.seek(offset)
+                return files, f.read(CHUNK), done
+        except FileNotFoundError:
+            return files, b"", done
+
+    def _changed_files(self) -> dict[str, bytes]:
+        assert self.paths is not None
+        changed: dict[str, bytes] = {}
+        for dirpath, _dirnames, filenames in os.walk(self.paths.out_dir, followlinks=False):
+            for name in filenames:
+                path = Path(dirpath, name)
+                rel = path.relative_to(self.paths.out_dir).as_posix()
+                try:
+                    st = path.lstat()
+                except OSError:
+                    continue
+                stamp = (st.st_size, st.st_mtime_ns)
+                if rel == EVENTS_FILE or not path.is_file() or path.is_symlink() or self._sent.get(rel) == stamp:
+                    continue
+                try:
+                    changed[rel] = path.read_bytes()
+                except OSError:
+                    continue
+                self._sent[rel] = stamp
+        return changed
+
+    def result(self) -> dict[str, Any]:
+        """How the sandbox ended and the out/ files not sent yet (the events are streamed)."""
+        assert self.exit is not None and self.paths is not None
+        return {"exit": dataclasses.asdict(self.exit), "files": self._changed_files()}
+
+    def cancel(self) -> None:
+        if self.handle is not None:
+            self._portal.call(self.handle.cancel)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def close(self) -> None:
+        """Remove this job's files from the node (the host has its copy) and stop the event loop."""
+        import shutil
+
+        self.cancel()  # idempotent; a host that gave up on this sandbox leaves nothing running
+        if self.paths is not None:
+            shutil.rmtree(self.paths.job_dir, ignore_errors=True)
+        self._portal.call(self.backend.aclose)
+        self._portal_cm.__exit__(None, None, None)
+
+
+_actor_class: Any = None
+
+
+def sandbox_actor() -> Any:
+    """The Ray actor class around `SandboxRunner` (made on first use: Ray is an optional extra)."""
+    global _actor_class
+    if _actor_class is None:
+        _actor_class = _ray().remote(max_restarts=0, max_concurrency=4)(SandboxRunner)
+    return _actor_class
+
+
+# --- the host side --------------------------------------------------------------------------------
+
+class RayHandle(Handle):
+    """The host's view of a sandbox on a Ray node: a thread copies its events into the host's out/
+    as they come and its out/ files at the end; `finished()` once those are here."""
+
+    def __init__(self, backend: RayBackend, paths: JobPaths, actor: Any, started: Any, wall_s: float):
+        self.paths = paths
+        # the node kills its sandbox at wall_s; if no end came by then plus the stop grace (a node that
+        # hangs, a job Ray cannot place), the host gives the job back
+        self._patience_s = wall_s + 2 * protocol.TimeBudget.STOP_GRACE_S
+        self._backend = backend
+        self._actor = actor
+        self._started = started
+        self._exit: Exit | None = None
+        self.placement: dict[str, Any] = {}  # node id, actor pid, GPU of the sandbox once started
+        self._lost: str | None = None
+        self._done = threading.Event()
+        self._cancel = threading.Event()
+        self._thread = threading.Thread(target=self._pump, name=f"ray-{paths.job_dir.name}", daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        ray = _ray()
+        try:
+            self.placement = ray.get(self._started, timeout=self._patience_s)
+            deadline = time.monotonic() + self._patience_s
+            self._backend.placed[self.paths.job_dir.name] = self.placement
+            while len(self._backend.placed) > 1024:  # the newest jobs are the ones anyone asks about
+                self._backend.placed.pop(next(iter(self._backend.placed)))
+            offset = 0
+            events = self.paths.out_dir / EVENTS_FILE
+            with open(events, "ab") as sink:
+                while True:
+                    files, chunk, done = ray.get(self._actor.read.remote(offset))
+                    _write_files(self.paths.out_dir, files)
+                    if chunk:
+                        sink.write(chunk)
+                        sink.flush()
+                        offset += len(chunk)
+                        continue
+                    if done:
+                        break
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"no end from the Ray node {self._patience_s:.0f} s after the start")
+                    time.sleep(POLL_S)
+            result = ray.get(self._actor.result.remote())
+            _write_files(self.paths.out_dir, result["files"])
+            exit_ = result["exit"]
+            exit_["isolation"] = {**exit_.get("isolation", {}), "executor": "ray"}
+            self._exit = Exit(**exit_)
+        except Exception as exc:  # noqa: BLE001 - a dead node, actor or connection: the job goes back
+            self._lost = f"{type(exc).__name__}: {str(exc)[:300]}"
+        finally:
+            self._done.set()
+            self._release()
+
+    def _release(self) -> None:
+        ray = _ray()
+        try:
+            ray.get(self._actor.close.remote(), timeout=protocol.TimeBudget.STOP_GRACE_S)
+        except Exception:  # noqa: BLE001 - a dead actor has nothing left to close
+            pass
+        try:
+            ray.kill(self._actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+
+    def finished(self) -> bool:
+        return self._done.is_set()
+
+    async def wait(self) -> Exit:
+        await anyio.to_thread.run_sync(self._thread.join)
+        if self._exit is None:
+            if self._cancel.is_set():
+                return Exit(exit_code=None, cancelled=True, isolation={"executor": "ray"})
+            raise WorkerLost(f"the Ray worker running this sandbox was lost ({self._lost})")
+        if self._cancel.is_set():
+            self._exit = dataclasses.replace(self._exit, cancelled=True)
+        return self._exit
+
+    async def cancel(self) -> None:
+        """Stop the sandbox on its node (the node's backend kills it, container included), then the actor."""
+        if self._done.is_set() or self._cancel.is_set():
+            return
+        self._cancel.set()
+
+        def stop() -> None:
+            ray = _ray()
+            try:
+                ray.get(self._actor.cancel.remote(), timeout=protocol.TimeBudget.STOP_GRACE_S)
+            except Exception:  # noqa: BLE001 - the actor is gone already: so is its sandbox
+                pass
+
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(stop)
+            await anyio.to_thread.run_sync(self._thread.join)
+
+
+class RayBackend(Backend):
+    """Runs each sandbox in a `SandboxActor` on the Ray cluster at `address`, with the nodes' own
+    `sandbox` backend (process or Docker, `image`)."""
+
+    name = "ray"
+
+    def __init__(self, address: str, sandbox: str = "process", image: str = "", node_root: str | None = None):
+        ray = _ray()
+        self.address = address
+        self.sandbox = sandbox
+        self.image = image
+        self.node_root = node_root
+        if not ray.is_initialized():
+            ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, ignore_reinit_error=True)
+        self._data: dict[str, tuple[str, Any]] = {}  # data dir -> (content hash, object ref)
+        self._data_lock = threading.Lock()
+        self.placed: dict[str, dict[str, Any]] = {}  # job id -> where its last sandbox ran
+        self.sent: collections.deque[Any] = collections.deque(maxlen=256)  # the last objects put (for tests)
+
+    def runner_paths(self, paths: JobPaths) -> RunnerPaths:
+        """Placeholders: the node rewrites them to where its own sandbox sees the files."""
+        return RunnerPaths(spec=str(paths.in_dir / protocol.SPEC_FILE), model=str(paths.in_dir / "model.py"),
+                           data_dir=str(paths.data_dir), out_dir=str(paths.out_dir))
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name, "executor": "ray", "ray_address": self.address,
+                "node_backend": self.sandbox}
+
+    def _dataset(self, data_dir: Path) -> tuple[str, Any]:
+        """The data dir's arrays in the object store, once per content (hash of names and bytes)."""
+        key = os.path.realpath(data_dir)
+        with self._data_lock:
+            if key not in self._data:
+                files = _read_dir(Path(data_dir))
+                digest = hashlib.sha256()
+                for rel in sorted(files):
+                    digest.update(rel.encode() + b"\0" + hashlib.sha256(files[rel]).digest())
+                ref = _ray().put(files)
+                self.sent.append(ref)
+                self._data[key] = (digest.hexdigest()[:32], ref)
+            return self._data[key]
+
+    async def start(self, paths: JobPaths, limits: Limits) -> Handle:
+        return await anyio.to_thread.run_sync(self._start, paths, limits)
+
+    def _start(self, paths: JobPaths, limits: Limits) -> Handle:
+        ray = _ray()
+        digest, data_ref = self._dataset(paths.data_dir)
+        in_ref = ray.put(_read_dir(paths.in_dir))
+        self.sent.append(in_ref)
+        gpu_job = limits.gpu is not None
+        actor = sandbox_actor().options(
+            num_gpus=1 if gpu_job else 0, num_cpus=1 if gpu_job else max(1.0, float(limits.cpus)),
+        ).remote(self.sandbox, self.image, self.node_root)
+        started = actor.start.remote(paths.job_dir.name, in_ref, data_ref, digest,
+                                            dataclasses.asdict(limits))
+        return RayHandle(self, paths, actor, started, limits.wall_s)
