@@ -1,0 +1,321 @@
+"""The Ray executor on a real two-node Ray cluster that this module starts on loopback.
+
+Run only through tests/test_ray_executor.py, which runs this file inside a network namespace of its
+own (only `lo`): there Ray's node address is 127.0.0.1 and every packet of the cluster stays on
+loopback. On the host's network Ray would replace 127.0.0.1 by the address of the default route.
+
+The head (`--num-gpus 2 --num-cpus 2`, logical resources) and a second node that joins it run as
+separate raylets on this machine, with Ray's token authentication on (RAY_AUTH_MODE=token and a
+fresh token, for both nodes and for this test process as the driver). The jobs run on CPU (this
+machine has no GPU) in the process sandbox each node starts itself; the server (this process) keeps
+the zoo and the test labels, scores and archives. Both nodes are stopped at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from lemur_agent_server.evaluator.queue import JobQueue
+from lemur_agent_server.evaluator.ray_executor import RayBackend
+from lemur_agent_server.evaluator.requests import EvalRequest
+from sandbox import datasets
+from tests import models
+from zoo.store import ZooStore
+
+# Ray reads its auth mode and token once, when it is imported: set them before, for this driver
+AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(24)}
+os.environ.update(AUTH)
+import ray  # noqa: E402 - the [ray] extra is a test dependency (scripts/install-test-deps.sh)
+
+
+def _has_route_out() -> bool:
+    """True when this process's network namespace has an interface besides loopback."""
+    names = [line.split(":")[0].strip() for line in Path("/proc/net/dev").read_text().splitlines()[2:]]
+    return any(name != "lo" for name in names)
+
+
+if _has_route_out():  # refuse before any cluster starts: Ray would talk to a non-loopback address
+    raise RuntimeError("tests/ray_cluster_cases.py runs only inside a private network namespace: run "
+                       "tests/test_ray_executor.py, which starts it there (unshare --net).")
+
+pytestmark = pytest.mark.anyio
+
+RAY = str(Path(sys.executable).with_name("ray"))
+QUICK = {"n_trials": 1, "epochs": 0.5, "time_budget_s": 60, "max_train_samples": 64,
+         "prm": {"batch": 16, "lr": 0.05, "momentum": 0.9}}
+LONG = {"n_trials": 1, "epochs": 2, "time_budget_s": 90, "max_train_samples": 512,
+        "prm": {"batch": 16, "lr": 0.05, "momentum": 0.9}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_cli(*args: str, env: dict[str, str]) -> None:
+    subprocess.run([RAY, *args], env=env, check=True, timeout=120, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.PIPE)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[str]:
+    """Head + one joined node on 127.0.0.1 with token auth; yields the address; stops both."""
+    port = free_port()
+    temp = Path(tempfile.mkdtemp(prefix="lemur-ray-", dir="/tmp"))
+    env = {**os.environ, **AUTH, "RAY_USAGE_STATS_ENABLED": "0"}
+    common = ["--node-ip-address", "127.0.0.1", "--disable-usage-stats", "--temp-dir", str(temp)]
+    address = f"127.0.0.1:{port}"
+    try:
+        ray_cli("start", "--head", "--port", str(port), "--num-gpus", "2", "--num-cpus", "2",
+                "--include-dashboard=false", *common, env=env)
+        ray_cli("start", "--address", address, "--num-cpus", "2", "--num-gpus", "0", *common, env=env)
+        yield address
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        subprocess.run([RAY, "stop", "--force"], env=env, timeout=120, capture_output=True)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_settings(make_settings, ray_cluster: str):
+    def make(**kw: Any):
+        settings = make_settings(seed_zoo=False, executor="ray", ray_address=ray_cluster,
+                                 stale_after_s=3.0, **{"sandbox": "process", **kw})
+        settings.threads = 1  # one CPU per job: four jobs at once on the two nodes
+        return settings
+    return make
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def count(zoo: Path, sql: str, args: tuple = ()) -> int:
+    conn = sqlite3.connect(zoo)
+    try:
+        return conn.execute(sql, args).fetchone()[0]
+    finally:
+        conn.close()
+
+
+async def wait_status(queue: JobQueue, job_id: str, statuses: set[str], timeout: float) -> dict[str, Any]:
+    with anyio.fail_after(timeout):
+        while True:
+            row = await queue.jobs.get(job_id)
+            assert row is not None
+            if row["status"] in statuses:
+                return row
+            await anyio.sleep(0.2)
+
+
+def test_every_node_of_the_cluster_is_on_loopback(ray_cluster: str):
+    if not ray.is_initialized():
+        ray.init(address=ray_cluster, log_to_driver=False)
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    assert len(nodes) == 2
+    assert {n["NodeManagerAddress"] for n in nodes} == {"127.0.0.1"}
+
+
+async def test_a_batch_runs_on_both_nodes_and_every_result_is_archived(ray_settings):
+    settings = ray_settings(slots=4)
+    started = time.monotonic()
+    async with await ZooStore.open(settings.zoo_path) as store:
+        async with JobQueue.running(settings, store) as queue:
+            backend = queue.backend
+            assert isinstance(backend, RayBackend)
+            requests = [EvalRequest(code=models.GOOD, dataset="digits", name_prefix=f"r{i}", seed=i, **QUICK)
+                        for i in range(10)]
+            _, entries = await queue.submit_batch(requests)
+            job_ids = [e["job_id"] for e in entries]
+            rows = [await wait_status(queue, j, {"succeeded", "failed", "timed_out", "cancelled"}, 150)
+                    for j in job_ids]
+            sent = [ray.get(ref) for ref in backend.sent]
+    assert [r["status"] for r in rows] == ["succeeded"] * 10, [r.get("error") for r in rows]
+    assert all(r["result"]["accuracy"] is not None for r in rows)
+    for job_id in job_ids:  # archived by the server, one run per job
+        assert count(settings.zoo_path, "SELECT COUNT(*) FROM run WHERE job_id=?", (job_id,)) >= 1
+    node_jobs = Path(tempfile.gettempdir()) / "lemur-ray-node" / "state" / "jobs"
+    assert not [j for j in job_ids if (node_jobs / j).exists()]  # each node removed its copy of the job
+    nodes = {backend.placed[j]["node"] for j in job_ids}
+    assert len(nodes) == 2, nodes  # Ray placed jobs on both nodes
+    # what the Ray jobs received: job inputs and the public arrays; never the test labels
+    labels = datasets.prepare("digits", settings.data_root, settings.cache_dir).test_labels
+    label_bytes = labels.tobytes()
+    shipped = {name: data for files in sent for name, data in files.items()}
+    assert "spec.json" in shipped and any(name.startswith("test_x") for name in shipped)
+    assert not any("test_y" in name or "label" in name.lower() and "test" in name.lower() for name in shipped)
+    assert not any(label_bytes in data for data in shipped.values())
+    assert time.monotonic() - started < 120
+
+
+async def test_a_job_whose_ray_worker_is_killed_is_requeued_and_finishes(ray_settings):
+    settings = ray_settings(slots=2)
+    async with await ZooStore.open(settings.zoo_path) as store:
+        async with JobQueue.running(settings, store) as queue:
+            backend = queue.backend
+            job_id = await queue.submit(EvalRequest(code=models.SLOW, dataset="digits", **LONG))
+            await wait_status(queue, job_id, {"training"}, 90)
+            with anyio.fail_after(30):
+                while job_id not in backend.placed:
+                    await anyio.sleep(0.1)
+            first = backend.placed[job_id]
+            sandbox = descendants(first["pid"])
+            os.kill(first["pid"], signal.SIGKILL)  # the Ray worker process dies mid-training
+            row = await wait_status(queue, job_id, {"succeeded", "failed", "timed_out", "cancelled"}, 150)
+    assert row["status"] == "succeeded", row.get("error")
+    assert row["attempts"] == 2  # given back once, then run again from the start
+    assert backend.placed[job_id]["pid"] != first["pid"]
+    assert not [p for p in sandbox if alive(p)]  # the killed worker's sandbox died with it
+    assert count(settings.zoo_path, "SELECT COUNT(*) FROM run WHERE job_id=?", (job_id,)) == 1  # no half run
+
+
+async def test_cancel_across_ray_stops_the_sandbox_on_its_node(ray_settings):
+    settings = ray_settings(slots=2)
+    async with await ZooStore.open(settings.zoo_path) as store:
+        async with JobQueue.running(settings, store) as queue:
+            backend = queue.backend
+            job_id = await queue.submit(EvalRequest(code=models.SLOW, dataset="digits", **LONG))
+            await wait_status(queue, job_id, {"training"}, 90)
+            with anyio.fail_after(30):
+                while job_id not in backend.placed:
+                    await anyio.sleep(0.1)
+            actor_pid = backend.placed[job_id]["pid"]
+            processes = descendants(actor_pid)
+            assert processes  # the sandbox runs below the actor
+            await queue.cancel(job_id)
+            row = await wait_status(queue, job_id, {"cancelled", "succeeded", "failed"}, 60)
+            with anyio.fail_after(30):  # the actor is killed once its sandbox is gone
+                while alive(actor_pid):
+                    await anyio.sleep(0.2)
+    assert row["status"] == "cancelled", row
+    assert not [p for p in processes if alive(p)]
+
+
+async def test_gpu_jobs_ask_ray_for_a_gpu_and_checks_do_not(ray_settings):
+    """Only the head has (logical) GPUs: every GPU job lands there, pinned to the GPU Ray gave its
+    actor; a check job asks for CPUs only. No real GPU here: the runner then refuses cuda."""
+    settings = ray_settings(gpus=("0",), slots=2)  # on Ray: two GPU jobs in flight, devices chosen by Ray
+    assert settings.slot_count == 2
+    async with await ZooStore.open(settings.zoo_path) as store:
+        async with JobQueue.running(settings, store) as queue:
+            backend = queue.backend
+            gpu_nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")}
+            job_ids = [await queue.submit(EvalRequest(code=models.GOOD, dataset="digits", seed=i, **QUICK))
+                       for i in range(2)]
+            check = await queue.check(EvalRequest(code=models.GOOD, dataset="digits", **QUICK))
+            rows = [await wait_status(queue, j, {"succeeded", "failed", "timed_out", "cancelled"}, 90)
+                    for j in job_ids]
+    placed = [backend.placed[j] for j in job_ids]
+    assert len(gpu_nodes) == 1 and {p["node"] for p in placed} == gpu_nodes
+    assert all(p["gpu"] in ("0", "1") for p in placed)
+    checks = [p for j, p in backend.placed.items() if j.startswith("check-")]
+    assert checks and all(p["gpu"] is None for p in checks)
+    assert check.status == "succeeded"
+    assert all("cuda" in json.dumps(r["error"]) for r in rows), rows
+
+
+async def test_a_job_whose_ray_worker_dies_every_time_ends_interrupted(ray_settings):
+    """Bounded retries: the second death of its worker fails the job as `interrupted`, no run written."""
+    settings = ray_settings(slots=1)
+    async with await ZooStore.open(settings.zoo_path) as store:
+        async with JobQueue.running(settings, store) as queue:
+            backend = queue.backend
+            job_id = await queue.submit(EvalRequest(code=models.SLOW, dataset="digits", **LONG))
+            killed: set[int] = set()
+            with anyio.fail_after(120):
+                while len(killed) < 2:
+                    row = await queue.jobs.get(job_id)
+                    pid = backend.placed.get(job_id, {}).get("pid")
+                    if row["status"] == "training" and pid and pid not in killed:
+                        os.kill(pid, signal.SIGKILL)
+                        killed.add(pid)
+                    await anyio.sleep(0.2)
+            row = await wait_status(queue, job_id, {"succeeded", "failed", "timed_out", "cancelled"}, 60)
+    assert row["status"] == "failed" and row["error"]["kind"] == "interrupted", row
+    assert count(settings.zoo_path, "SELECT COUNT(*) FROM run WHERE job_id=?", (job_id,)) == 0
+
+
+def test_the_executor_comes_from_flags_or_the_environment(monkeypatch, tmp_path: Path):
+    from lemur_agent_server import cli
+    from lemur_agent_server.config import Settings
+
+    monkeypatch.setenv("LEMUR_EXECUTOR", "ray")
+    monkeypatch.setenv("LEMUR_RAY_ADDRESS", "127.0.0.1:6379")
+    settings = Settings.from_env(tmp_path / "zoo.sqlite")
+    assert (settings.executor, settings.ray_address) == ("ray", "127.0.0.1:6379")
+    monkeypatch.delenv("LEMUR_EXECUTOR")
+    monkeypatch.delenv("LEMUR_RAY_ADDRESS")
+    assert (Settings.from_env(tmp_path / "zoo.sqlite").executor, Settings.from_env(tmp_path / "z").ray_address) \
+        == ("local", "auto")
+    args = cli.build_parser().parse_args(["--zoo", str(tmp_path / "zoo.sqlite"), "serve", "--executor", "ray",
+                                          "--ray-address", "127.0.0.1:7000"])
+    settings = cli._settings(args)
+    assert (settings.executor, settings.ray_address) == ("ray", "127.0.0.1:7000")
+
+
+async def test_a_killed_workers_container_does_not_outlive_it(ray_settings, warm_docker_sandbox):
+    """Docker on the nodes: the container of a Ray worker killed mid-training is reaped (it is labelled
+    with its job and its owner, the dead worker) by the next actor on that node; the job finishes."""
+    import docker
+
+    from sandbox.docker_backend import LABEL_JOB
+
+    settings = ray_settings(slots=1, sandbox="docker")
+    engine = docker.from_env()
+    async with await ZooStore.open(settings.zoo_path) as store:
+        async with JobQueue.running(settings, store) as queue:
+            backend = queue.backend
+            job_id = await queue.submit(EvalRequest(code=models.SLOW, dataset="digits", **LONG))
+            await wait_status(queue, job_id, {"training"}, 120)
+            with anyio.fail_after(30):
+                while job_id not in backend.placed:
+                    await anyio.sleep(0.1)
+            first = backend.placed[job_id]
+            labelled = engine.containers.list(filters={"label": f"{LABEL_JOB}={job_id}"})
+            assert len(labelled) == 1  # the job's container, running
+            os.kill(first["pid"], signal.SIGKILL)
+            row = await wait_status(queue, job_id, {"succeeded", "failed", "timed_out", "cancelled"}, 150)
+    assert row["status"] == "succeeded", row.get("error")
+    assert engine.containers.list(all=True, filters={"label": f"{LABEL_JOB}={job_id}"}) == []
