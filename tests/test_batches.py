@@ -29,42 +29,9 @@ pytestmark = pytest.mark.anyio
 
 QUICK = {"n_trials": 1, "epochs": 0.5, "time_budget_s": 60, "max_train_samples": 64,
          "prm": {"batch": 16, "lr": 0.05, "momentum": 0.9}}
-# Under 1,000 characters: the server's argument door (lemur_agent_server.arguments) caps strings nested in
-# an argument at 1,000 characters whatever their schema says, so a batch item's code can be no longer
-# until that door reads nested schemas (see the report of the batches work).
-SMALL = '''import torch
-import torch.nn as nn
-
-
-def supported_hyperparameters():
-    return {"lr", "momentum"}
-
-
-class Net(nn.Module):
-    def __init__(self, in_shape, out_shape, prm, device):
-        super().__init__()
-        self.device = device
-        self.body = nn.Sequential(nn.Conv2d(in_shape[1], 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
-                                  nn.Flatten(), nn.Linear(128, out_shape[0]))
-
-    def forward(self, x):
-        return self.body(x)
-
-    def train_setup(self, prm):
-        self.to(self.device)
-        self.criterion = nn.CrossEntropyLoss()
-        self.optimizer = torch.optim.SGD(self.parameters(), lr=prm["lr"], momentum=prm["momentum"])
-
-    def learn(self, train_data):
-        for inputs, labels in train_data:
-            self.optimizer.zero_grad()
-            self.criterion(self(inputs), labels).backward()
-            self.optimizer.step()
-'''
-SMALL_REFORMATTED = "# the same network, other layout\n" + SMALL.replace("\n\n\n", "\n\n\n\n")
-SMALL_SYNTAX = SMALL.replace("def forward(self, x):", "def forward(self, x)")
+# Whole model files (over 1,000 characters): the argument door reads each nested string's own schema.
 # another network (one more operation in forward): another normalized code, so another experiment
-VARIANT = SMALL.replace("return self.body(x)", "return self.body(x * 1.0)")
+VARIANT = models.tiny(forward_extra="x = x * 1.0")
 FINISHED = {"succeeded", "failed", "timed_out", "cancelled"}
 
 
@@ -126,8 +93,8 @@ async def test_a_batch_end_to_end(make_settings):
     jobs finish, reuse of a finished experiment (and force), list_jobs' filters, cancel by batch."""
     settings = make_settings(seed_zoo=False)
     async with Client(build_server(settings)) as client:
-        items = [{"code": SMALL}, {"code": SMALL_SYNTAX}, {"code": SMALL_REFORMATTED},
-                 {"code": SMALL, "prm": {"dropout": 3}}, {"code": VARIANT, "n_trials": 1}]
+        items = [{"code": models.GOOD}, {"code": models.SYNTAX}, {"code": models.GOOD_REFORMATTED},
+                 {"code": models.GOOD, "prm": {"dropout": 3}}, {"code": VARIANT, "n_trials": 1}]
         batch = await call(client, "submit_models", {"items": items, "dataset": "digits", **QUICK})
         entries = batch["entries"]
         assert [e["index"] for e in entries] == list(range(5))
@@ -170,7 +137,7 @@ async def test_a_batch_end_to_end(make_settings):
         assert first["status"] == "succeeded", first
 
         # the same experiment again (other layout, other prefix): answered from the first job
-        reuse = await call(client, "submit_models", {"items": [{"code": SMALL_REFORMATTED, "name_prefix": "x"}],
+        reuse = await call(client, "submit_models", {"items": [{"code": models.GOOD_REFORMATTED, "name_prefix": "x"}],
                                                      "dataset": "digits", **QUICK})
         entry = reuse["entries"][0]
         assert entry["status"] == "succeeded" and entry["reused_from"] == entries[0]["job_id"]
@@ -178,11 +145,11 @@ async def test_a_batch_end_to_end(make_settings):
         assert reused["result"]["accuracy"] == first["result"]["accuracy"]
         assert reused["model_name"] == first["model_name"]
         assert reused["reused_from"] == entries[0]["job_id"] and reused["batch_id"] == reuse["batch_id"]
-        other_seed = await call(client, "submit_models", {"items": [{"code": SMALL}], "dataset": "digits",
+        other_seed = await call(client, "submit_models", {"items": [{"code": models.GOOD}], "dataset": "digits",
                                                           **{**QUICK, "seed": 1, "epochs": 5}})
         assert other_seed["entries"][0]["status"] == "queued"  # another seed is another experiment
 
-        forced = await call(client, "submit_models", {"items": [{"code": SMALL}, {"code": VARIANT}],
+        forced = await call(client, "submit_models", {"items": [{"code": models.GOOD}, {"code": VARIANT}],
                                                       "dataset": "digits", "force": True, **QUICK})
         assert [e["status"] for e in forced["entries"]] == ["queued", "queued"]
         cancelled = await call(client, "cancel_job", {"batch_id": forced["batch_id"]})
@@ -326,7 +293,7 @@ async def test_a_server_without_evaluator_queues_a_batch_for_a_worker(make_setti
     unqueues them at once."""
     settings = make_settings(seed_zoo=False, run_workers=False)
     async with Client(build_server(settings)) as client:
-        batch = await call(client, "submit_models", {"items": [{"code": SMALL}, {"code": SMALL_SYNTAX}],
+        batch = await call(client, "submit_models", {"items": [{"code": models.GOOD}, {"code": models.SYNTAX}],
                                                      "dataset": "digits", **QUICK})
         assert [e["status"] for e in batch["entries"]] == ["queued", "queued"]
         assert batch["entries"][0]["problems"] == [] and batch["entries"][1]["problems"][0]["kind"] == "syntax"
@@ -336,7 +303,7 @@ async def test_a_server_without_evaluator_queues_a_batch_for_a_worker(make_setti
         assert cancelled["done"] and cancelled["counts"] == {"cancelled": 2}
         ended = await call(client, "wait_jobs", {"batch_id": batch["batch_id"], "wait_s": 5})
         assert [j["status"] for j in ended["jobs"]] == ["cancelled", "cancelled"] and ended["done"]
-        nothing = await call(client, "submit_models", {"items": [{"code": SMALL, "n_trials": 0}],
+        nothing = await call(client, "submit_models", {"items": [{"code": models.GOOD, "n_trials": 0}],
                                                        "dataset": "digits"})
         assert nothing["batch_id"] is None and nothing["entries"][0]["status"] == "invalid"
 
