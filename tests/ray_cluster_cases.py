@@ -150,6 +150,16 @@ async def wait_status(queue: JobQueue, job_id: str, statuses: set[str], timeout:
             await anyio.sleep(0.2)
 
 
+async def a_slow_job_training(queue: JobQueue, within_s: float = 90) -> tuple[str, dict[str, Any]]:
+    """Submit the SLOW model and return (job id, where Ray placed its sandbox) once it is training."""
+    job_id = await queue.submit(EvalRequest(code=models.SLOW, dataset="digits", **LONG))
+    await wait_status(queue, job_id, {"training"}, within_s)
+    with anyio.fail_after(30):
+        while job_id not in queue.backend.placed:
+            await anyio.sleep(0.1)
+    return job_id, queue.backend.placed[job_id]
+
+
 def test_every_node_of_the_cluster_is_on_loopback(ray_cluster: str):
     if not ray.is_initialized():
         ray.init(address=ray_cluster, log_to_driver=False)
@@ -195,12 +205,8 @@ async def test_a_job_whose_ray_worker_is_killed_is_requeued_and_finishes(ray_set
     async with await ZooStore.open(settings.zoo_path) as store:
         async with JobQueue.running(settings, store) as queue:
             backend = queue.backend
-            job_id = await queue.submit(EvalRequest(code=models.SLOW, dataset="digits", **LONG))
-            await wait_status(queue, job_id, {"training"}, 90)
-            with anyio.fail_after(30):
-                while job_id not in backend.placed:
-                    await anyio.sleep(0.1)
-            first = backend.placed[job_id]
+            job_id, placed = await a_slow_job_training(queue)
+            first = placed  # where the first attempt ran
             sandbox = descendants(first["pid"])
             os.kill(first["pid"], signal.SIGKILL)  # the Ray worker process dies mid-training
             row = await wait_status(queue, job_id, {"succeeded", "failed", "timed_out", "cancelled"}, 150)
@@ -215,13 +221,8 @@ async def test_cancel_across_ray_stops_the_sandbox_on_its_node(ray_settings):
     settings = ray_settings(slots=2)
     async with await ZooStore.open(settings.zoo_path) as store:
         async with JobQueue.running(settings, store) as queue:
-            backend = queue.backend
-            job_id = await queue.submit(EvalRequest(code=models.SLOW, dataset="digits", **LONG))
-            await wait_status(queue, job_id, {"training"}, 90)
-            with anyio.fail_after(30):
-                while job_id not in backend.placed:
-                    await anyio.sleep(0.1)
-            actor_pid = backend.placed[job_id]["pid"]
+            job_id, placed = await a_slow_job_training(queue)
+            actor_pid = placed["pid"]
             processes = descendants(actor_pid)
             assert processes  # the sandbox runs below the actor
             await queue.cancel(job_id)
@@ -306,13 +307,8 @@ async def test_a_killed_workers_container_does_not_outlive_it(ray_settings, warm
     engine = docker.from_env()
     async with await ZooStore.open(settings.zoo_path) as store:
         async with JobQueue.running(settings, store) as queue:
-            backend = queue.backend
-            job_id = await queue.submit(EvalRequest(code=models.SLOW, dataset="digits", **LONG))
-            await wait_status(queue, job_id, {"training"}, 120)
-            with anyio.fail_after(30):
-                while job_id not in backend.placed:
-                    await anyio.sleep(0.1)
-            first = backend.placed[job_id]
+            job_id, placed = await a_slow_job_training(queue, 120)
+            first = placed  # where the first attempt ran
             labelled = engine.containers.list(filters={"label": f"{LABEL_JOB}={job_id}"})
             assert len(labelled) == 1  # the job's container, running
             os.kill(first["pid"], signal.SIGKILL)
