@@ -120,19 +120,25 @@ def _with_parsed(row: dict[str, Any], raw: str, parsed: str) -> dict[str, Any]:
 
 
 # --- data(include_nn_stats=True) ---------------------------------------------------------------------------
-def _pick_stat_rows(conn: sqlite3.Connection, names: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """One nn_stat row per model name: an error-free one first, then the lowest LEMUR id (LEMUR joins every
-    nn_stat row of the name, repeating the record; we keep one row per record)."""
-    picked: dict[str, dict[str, Any]] = {}
-    if not _has_table(conn, NN_STAT_TABLE):
-        return picked
+def _first_row_per_model(conn: sqlite3.Connection, table: str, names: Sequence[str], order: str,
+                         name_key: str) -> dict[str, dict[str, Any]]:
+    """The first row of `table` per model name in `order` (after the name), decoded; {} without the table."""
+    first: dict[str, dict[str, Any]] = {}
+    if not _has_table(conn, table):
+        return first
     for start in range(0, len(names), _CHUNK):
         chunk = list(names[start:start + _CHUNK])
         for lemur_id, name, data in conn.execute(
-                f"SELECT lemur_id, model_name, data FROM {NN_STAT_TABLE} WHERE model_name IN "
-                f"({','.join('?' * len(chunk))}) ORDER BY model_name, error IS NOT NULL, lemur_id", chunk):
-            picked.setdefault(name, _decode(lemur_id, name, data, "nn_name"))
-    return picked
+                f"SELECT lemur_id, model_name, data FROM {table} WHERE model_name IN "
+                f"({','.join('?' * len(chunk))}) ORDER BY model_name, {order}", chunk):
+            first.setdefault(name, _decode(lemur_id, name, data, name_key))
+    return first
+
+
+def _pick_stat_rows(conn: sqlite3.Connection, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """One nn_stat row per model name: an error-free one first, then the lowest LEMUR id (LEMUR joins every
+    nn_stat row of the name, repeating the record; we keep one row per record)."""
+    return _first_row_per_model(conn, NN_STAT_TABLE, names, "error IS NOT NULL, lemur_id", "nn_name")
 
 
 def nn_stats_by_model(conn: sqlite3.Connection, model_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
@@ -180,16 +186,7 @@ def nn_stat_data(nn_name: str | None = None, prm_id: str | None = None, max_rows
 
 def _tflite_by_model(conn: sqlite3.Connection, names: Sequence[str]) -> dict[str, dict[str, Any]]:
     """One TFLite row per model name, the lowest LEMUR id (LEMUR keeps one per name too: the last it read)."""
-    found: dict[str, dict[str, Any]] = {}
-    if not _has_table(conn, TFLITE_TABLE):
-        return found
-    for start in range(0, len(names), _CHUNK):
-        chunk = list(names[start:start + _CHUNK])
-        for lemur_id, name, data in conn.execute(
-                f"SELECT lemur_id, model_name, data FROM {TFLITE_TABLE} WHERE model_name IN "
-                f"({','.join('?' * len(chunk))}) ORDER BY model_name, lemur_id", chunk):
-            found.setdefault(name, _decode(lemur_id, name, data, "model_name"))
-    return found
+    return _first_row_per_model(conn, TFLITE_TABLE, names, "lemur_id", "model_name")
 
 
 def run_data(model_name: str | None = None, device_type: str | None = None, max_rows: int | None = None, *,
