@@ -19,7 +19,6 @@ import secrets
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from lemur_agent_server.evaluator.ray_executor import RayBackend
 from lemur_agent_server.evaluator.requests import EvalRequest
 from sandbox import datasets
 from tests import models
+from tests.zoo_factory import count
 from zoo.store import ZooStore
 
 # Ray reads its auth mode and token once, when it is imported: set them before, for this driver
@@ -130,14 +130,6 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
-
-
-def count(zoo: Path, sql: str, args: tuple = ()) -> int:
-    conn = sqlite3.connect(zoo)
-    try:
-        return conn.execute(sql, args).fetchone()[0]
-    finally:
-        conn.close()
 
 
 async def wait_status(queue: JobQueue, job_id: str, statuses: set[str], timeout: float) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from lemur_agent_server.evaluator import queue as queue_module
 from lemur_agent_server.evaluator.queue import JobQueue
 from lemur_agent_server.evaluator.requests import EvalRequest
 from tests import models
+from tests.zoo_factory import count
 from zoo.jobs import Claim, new_owner_id, owner_is_gone
 from zoo.store import ZooStore
 
@@ -46,14 +47,6 @@ def job_row(zoo: Path, job_id: str) -> dict:
     conn.row_factory = sqlite3.Row
     try:
         return dict(conn.execute("SELECT * FROM job WHERE id=?", (job_id,)).fetchone())
-    finally:
-        conn.close()
-
-
-def count(zoo: Path, sql: str, args: tuple = ()) -> int:
-    conn = sqlite3.connect(zoo)
-    try:
-        return conn.execute(sql, args).fetchone()[0]
     finally:
         conn.close()
 

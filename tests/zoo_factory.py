@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 from zoo.records import Model, Point, Run, accuracy_to_time
@@ -37,3 +38,12 @@ async def build_zoo(path: Path, n_models: int = 6, trials: int = 2) -> ZooStore:
         await store.add_model_with_runs(Model(name=f"{prefix}m{i}", code=CODE.format(i=i), origin="submitted",
                                               params=1000 * (i + 1)), runs)
     return store
+
+
+def count(zoo: Path, sql: str, args: tuple = ()) -> int:
+    """The one number a `SELECT COUNT(*) ...` over the zoo file returns (its own short connection)."""
+    conn = sqlite3.connect(zoo)
+    try:
+        return conn.execute(sql, args).fetchone()[0]
+    finally:
+        conn.close()
