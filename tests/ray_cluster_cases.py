@@ -174,7 +174,8 @@ async def test_a_batch_runs_on_both_nodes_and_every_result_is_archived(ray_setti
             rows = [await wait_status(queue, j, {"succeeded", "failed", "timed_out", "cancelled"}, 150)
                     for j in job_ids]
             sent = [ray.get(ref) for ref in backend.sent]
-    assert [r["status"] for r in rows] == ["succeeded"] * 10, [r.get("error") for r in rows]
+    assert [r["status"] for r in rows] == ["succeeded"] * 10, [(r["id"], r["status"], r["error"])
+                                                              for r in rows if r["status"] != "succeeded"]
     assert all(r["result"]["accuracy"] is not None for r in rows)
     for job_id in job_ids:  # archived by the server, one run per job
         assert count(settings.zoo_path, "SELECT COUNT(*) FROM run WHERE job_id=?", (job_id,)) >= 1
