@@ -484,3 +484,8 @@ class TimeBudget:
     def runner_end(self) -> float:
         """Seconds after the runner's start at which it stops starting or continuing work."""
         return self.budget_s * (1 - self.RUNNER_SAFETY_SHARE) - self.RUNNER_SAFETY_S
+
+# --- appended (oomdedup): a trial retried with half the batch after running out of memory ---------
+# {trial, reason: "out_of_memory", from_batch, to_batch, prm, message}: the same trial number starts over
+# with `prm` (only `batch` differs); its `trial_end` then carries `oom_retry: {from_batch, to_batch}`.
+EVENT_TRIAL_RETRY = "trial_retry"

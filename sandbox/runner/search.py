@@ -13,14 +13,10 @@ import optuna
 
 from sandbox import protocol
 from sandbox.protocol import TrialStatus
+from sandbox.runner import memguard, oomretry
 from sandbox.runner.loader import batches_per_epoch
 from sandbox.runner.params import parse_transform, suggest_prm
-from sandbox.runner.trainer import (
-    Job,
-    TrialOutcome,
-    TrialRun,
-    release_memory,
-)
+from sandbox.runner.trainer import Job, TrialOutcome, release_memory
 
 MEDIAN_PRUNER_STARTUP = 2
 
@@ -68,8 +64,14 @@ def _keep_best_weights(job: Job, kept: TrialOutcome | None, new: TrialOutcome) -
 
 
 def run_search(job: Job, declared: set[str]) -> dict[str, Any]:
-    """Run up to `spec.n_trials` trials; emits trial_start/point/trial_end and returns the `done` fields."""
+    """Run up to `spec.n_trials` trials; emits trial_start/point/trial_end and returns the `done` fields.
+
+    A trial that runs out of memory with a batch the caller did not fix runs again with half the batch
+    (`oomretry`); on CPU the data segment is capped at the sandbox's memory limit first (`memguard`), so
+    running out is an error the trial sees rather than the kernel killing the sandbox."""
     spec = job.spec
+    memguard.cap_data_segment(job.device.type)
+    batch_fixed = "batch" in spec.fixed_prm
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         direction="maximize",
@@ -97,7 +99,7 @@ def run_search(job: Job, declared: set[str]) -> dict[str, Any]:
         if outcomes:
             release_memory(job.device)
         job.emitter.emit(protocol.EVENT_TRIAL_START, trial=trial.number, prm=prm, **job.data.sizes())
-        outcome = TrialRun(job, trial.number, prm, trial).run()
+        outcome, retry = oomretry.run_trial(job, trial.number, prm, trial, batch_fixed)
         outcomes.append(outcome)
         if outcome.status == TrialStatus.COMPLETED and outcome.val_accuracy is not None:
             study.tell(trial, outcome.val_accuracy)
@@ -106,7 +108,7 @@ def run_search(job: Job, declared: set[str]) -> dict[str, Any]:
         else:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
         kept = _keep_best_weights(job, kept, outcome)
-        job.emitter.emit(protocol.EVENT_TRIAL_END, **outcome.event_fields())
+        job.emitter.emit(protocol.EVENT_TRIAL_END, **outcome.event_fields(), **({"oom_retry": retry} if retry else {}))
         if outcome.stop_job:
             stopped_by_budget = True
             break

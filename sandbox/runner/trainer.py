@@ -59,6 +59,7 @@ class TrialOutcome:
     error: dict[str, str] | None = None
     stop_job: bool = False  # the time budget is spent: start no further trial
     points: int = 0
+    params: int | None = None  # of the built model (an out-of-memory message names it)
 
     def event_fields(self) -> dict[str, Any]:
         fields: dict[str, Any] = {
@@ -121,6 +122,7 @@ class TrialRun:
         self.best_val: float | None = None
         self.points = 0
         self.model: torch.nn.Module | None = None
+        self.params: int | None = None
 
     # --- pieces -------------------------------------------------------------------------------------
     def _on_batch(self, stream: TrainStream) -> None:
@@ -233,6 +235,7 @@ class TrialRun:
         self.model = netops.build_net(
             job.module, in_shape, (int(spec.num_classes),), self.prm, job.device, protocol.STAGE_TRAIN
         )
+        self.params = netops.count_params(self.model)[0]
         try:
             self.model.train()
             self.model.train_setup(dict(self.prm))
@@ -319,4 +322,5 @@ class TrialRun:
             error=error,
             stop_job=stop_job,
             points=self.points,
+            params=self.params,
         )
