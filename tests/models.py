@@ -91,3 +91,54 @@ CHEAT = tiny(learn_extra='''import glob, os, sys, numpy as np
                             pass
         return None  # no training at all: any accuracy above chance would have to be stolen''',
              learn_return="None")
+
+# Runs out of memory while training at batches above 32 only: forward() in training mode then asks for
+# batch x 256 MiB more (16 GiB at batch 64), beyond any test sandbox's memory limit; the check's batch of
+# 16, evaluation (eval mode) and batches of 32 fit.
+BATCH_HOG = tiny(forward_extra="if self.training and x.shape[0] > 32:\n"
+                               "            torch.ones(x.shape[0], 256 << 20, dtype=torch.uint8)")
+
+# GOOD's network written by someone else: other names for the layers, the loss, the loop variables and
+# the accumulator, another layout. Another normalized code, the same architecture fingerprint and the
+# same training (SGD with lr and momentum on cross-entropy).
+GOOD_RENAMED = '''
+import torch
+from torch import nn
+
+
+def supported_hyperparameters():
+    """Searched by the server."""
+    return {"lr", "momentum"}
+
+
+class Net(nn.Module):
+    def __init__(self, in_shape, out_shape, prm, device):
+        super().__init__()
+        self.device = device
+        self.conv = nn.Conv2d(in_shape[1], 8, 3, padding=1)
+        self.act = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(4)
+        self.classifier = nn.Linear(8 * 16, out_shape[0])
+
+    def forward(self, images):
+        features = self.pool(self.act(self.conv(images)))
+        return self.classifier(torch.flatten(features, 1))
+
+    def train_setup(self, prm):
+        self.to(self.device)
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.opt = torch.optim.SGD(self.parameters(), lr=prm["lr"], momentum=prm["momentum"])
+
+    def learn(self, loader):
+        running = 0.0
+        for images, targets in loader:
+            self.opt.zero_grad()
+            loss = self.loss_fn(self(images), targets)
+            loss.backward()
+            self.opt.step()
+            running += float(loss)
+        return running
+'''
+# The same network trained otherwise (Adam): the same fingerprint, another training code.
+GOOD_ADAM = GOOD_RENAMED.replace('torch.optim.SGD(self.parameters(), lr=prm["lr"], momentum=prm["momentum"])',
+                                 'torch.optim.Adam(self.parameters(), lr=prm["lr"])')

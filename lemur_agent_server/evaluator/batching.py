@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from lemur_agent_server.config import Settings
+from lemur_agent_server.evaluator import dedup
 from lemur_agent_server.evaluator.dedup import experiment_key
 from lemur_agent_server.evaluator.requests import EvalRequest, admit
 from lemur_agent_server.evaluator.static_checks import static_problems
@@ -36,7 +37,8 @@ async def submit_batch(store: ZooStore, settings: Settings, requests: Sequence[E
 
     Each entry: job_id, model_name, status, problems, error, and `reused_from` (a succeeded job of the
     same experiment answered it; skipped with `force`) or `same_as` (the index of an identical earlier
-    item, whose job it shares: one batch never trains the same experiment twice). All rows are written
+    item, whose job it shares: one batch never trains the same experiment twice), with `duplicate_rule`
+    saying which of `dedup`'s rules matched (code or fingerprint; None otherwise). All rows are written
     in one transaction at the end, so a crash half-way queues nothing the caller never heard of.
     `archive=False` makes `evaluate` jobs (trained and scored, nothing archived: save_to_db=False).
     """
@@ -48,30 +50,35 @@ async def submit_batch(store: ZooStore, settings: Settings, requests: Sequence[E
     first: dict[str, int] = {}
     for index, request in enumerate(requests):
         key = experiment_key(request)
-        if key in first:
-            entries.append({**entries[first[key]], "same_as": first[key], "reused_from": None})
+        fingerprint = await dedup.known_fingerprint(store, request.code)
+        keys = {key: dedup.RULE_CODE} | (
+            {dedup.architecture_key(request, fingerprint): dedup.RULE_FINGERPRINT} if fingerprint else {})
+        same = next((k for k in keys if k in first), None)
+        if same is not None:
+            entries.append({**entries[first[same]], "same_as": first[same], "reused_from": None,
+                            "duplicate_rule": keys[same]})
             continue
-        first[key] = index
+        first.update(dict.fromkeys(keys, index))
         problems = [p.as_dict() for p in static_problems(request.code)]
-        row = await _row(store, request, key, kind, force, bool(problems), static_failure)
+        row = await _row(store, request, key, kind, force, bool(problems), static_failure, fingerprint)
         rows.append(row)
         entries.append({"job_id": row.job_id, "model_name": row.model_name, "status": row.status,
                         "reused_from": row.reused_from, "same_as": None,
+                        "duplicate_rule": ((row.result or {}).get("reuse") or {}).get("rule"),
                         "problems": (row.error or {}).get("problems") or problems, "error": row.error})
     await store.jobs.create_many(batch_id, rows)
     return batch_id, entries
 
 
 async def _row(store: ZooStore, request: EvalRequest, key: str, kind: JobKind, force: bool, failing: bool,
-               static_failure: StaticFailure | None) -> NewJob:
+               static_failure: StaticFailure | None, fingerprint: str | None = None) -> NewJob:
     job_id = new_job_id()
     if failing and static_failure is not None:
         return await static_failure(job_id, request, kind)
-    previous = None if force or failing else await store.jobs.reusable(key)
-    if previous is not None:
-        result = {**(previous.get("result") or {}), "reused_from": previous["id"]}
-        return NewJob(job_id, kind, request.model_dump(), previous.get("model_name"), key,
-                      JobStatus.SUCCEEDED, result, None, reused_from=previous["id"])
+    reuse = None if force or failing else await dedup.find_reusable(store, request, fingerprint)
+    if reuse is not None:
+        return NewJob(job_id, kind, request.model_dump(), reuse.job.get("model_name"), key,
+                      JobStatus.SUCCEEDED, reuse.result(), None, reused_from=reuse.job["id"])
     return NewJob(job_id, kind, request.model_dump(), await model_name(store, request), key)
 
 
