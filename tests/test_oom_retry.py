@@ -114,3 +114,26 @@ async def test_through_the_job_door_a_fixed_batch_fails_as_out_of_memory_and_a_s
         searched = await run(prm={"lr": 0.05, "momentum": 0.9}, search_space={"batch": {"choices": [64]}})
         assert searched["status"] == "succeeded", searched
         assert searched["result"]["accuracy"] is not None
+
+
+def test_the_memory_limit_is_read_from_cgroup_v1_and_v2_layouts(tmp_path):
+    from sandbox.runner.memguard import cgroup_memory_limit
+
+    def tree(name: str, files: dict[str, str], proc: str):
+        root = tmp_path / name
+        for rel, text in files.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_text(text)
+        root.mkdir(exist_ok=True)
+        (root / "proc").write_text(proc)
+        return cgroup_memory_limit(root / "fs", root / "proc")
+
+    # v2 (CI runners, Docker with a private cgroup namespace): the job's memory.max, its parent's "max"
+    assert tree("v2", {"fs/memory.max": "max\n", "fs/srv/job/memory.max": "2147483648\n",
+                       "fs/srv/memory.max": "max\n"}, "0::/srv/job\n") == 2 << 30
+    # v1 (this host): the job's limit under the memory controller, the root's "unlimited" 2^63 - 4096
+    assert tree("v1", {"fs/memory/memory.limit_in_bytes": "9223372036854771712\n",
+                       "fs/memory/api/job/memory.limit_in_bytes": "1610612736\n",
+                       "fs/memory/api/memory.limit_in_bytes": "9223372036854771712\n"},
+                "5:pids:/api/job\n4:memory:/api/job\n0::/\n") == 1610612736
+    assert tree("none", {}, "0::/\n") is None
