@@ -68,6 +68,9 @@ class BatchEntry(BaseModel):
                                                               "item (same code, data, prm, epochs and seed)")
     same_as: int | None = Field(default=None, description="Index of an identical earlier item of this batch: "
                                                           "this entry shares its job")
+    duplicate_rule: str | None = Field(default=None, description="Why it is a duplicate: 'code' (same normalized "
+                                                                 "code) or 'fingerprint' (same architecture and "
+                                                                 "training code)")
     problems: list[dict[str, Any]] = Field(default_factory=list, description="What to fix (static or request)")
     error: dict[str, Any] | None = None
 

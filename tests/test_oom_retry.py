@@ -114,6 +114,14 @@ async def test_through_the_job_door_a_fixed_batch_fails_as_out_of_memory_and_a_s
         searched = await run(prm={"lr": 0.05, "momentum": 0.9}, search_space={"batch": {"choices": [64]}})
         assert searched["status"] == "succeeded", searched
         assert searched["result"]["accuracy"] is not None
+        # recorded as such: the trial and its run show the batch it trained with and the retry
+        [trial] = searched["result"]["trials"]
+        assert trial["prm"]["batch"] == 32 and searched["result"]["prm"]["batch"] == 32, trial
+        assert trial["error"]["oom_retry"] == {"from_batch": 64, "to_batch": 32} and trial["status"] == "succeeded"
+        detail = (await client.call_tool("get_model", {"name": searched["model_name"], "include_code": False})
+                  ).structured_content
+        run = next(r for r in detail["recent_runs"] if r["status"] == "succeeded")
+        assert run["prm"]["batch"] == 32 and run["error"]["oom_retry"] == {"from_batch": 64, "to_batch": 32}, run
 
 
 def test_the_memory_limit_is_read_from_cgroup_v1_and_v2_layouts(tmp_path):

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import numpy as np
 
-from lemur_agent_server.evaluator import jobfiles
+from lemur_agent_server.evaluator import jobfiles, oom_retry
 from sandbox import datasets, protocol
 from sandbox.backend import Exit, Handle, JobPaths, Limits
 from sandbox.protocol import FailureKind, RunStatus, Stage, TrialStatus
@@ -139,6 +139,7 @@ class Phase:
             protocol.EVENT_ERROR: self._on_error, protocol.EVENT_FIRST_STEP: self._on_first_step,
             protocol.EVENT_TRIAL_START: self._on_trial_start, protocol.EVENT_POINT: self._on_point_event,
             protocol.EVENT_TRIAL_END: self._on_trial_end, protocol.EVENT_DONE: self._on_done,
+            protocol.EVENT_TRIAL_RETRY: self._on_trial_retry,
         }
 
     async def run(self, spec: protocol.JobSpec, wall_s: float) -> Exit:
@@ -216,6 +217,11 @@ class Phase:
         self.trials[number] = Trial(trial=number, prm=dict(event.get("prm") or {}),
                                     started_at=seen_after or time.monotonic(), repeat=self.repeat)
         await self.job.progress(Stage.TRAIN, self.progress())
+
+    def _on_trial_retry(self, event: dict[str, Any]) -> None:
+        trial = self.trials.get(int(event.get("trial", -1)))
+        if trial is not None:  # the runner halved a batch after running out of memory (see oom_retry)
+            oom_retry.apply_retry(trial, event)
 
     async def _on_point_event(self, event: dict[str, Any]) -> None:
         self.on_point(event)

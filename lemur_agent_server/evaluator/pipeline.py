@@ -250,7 +250,7 @@ def _train_outcome(job: Job, search: Search, selected: Trial | None) -> tuple[st
 
 def _no_point_error(job: Job, search: Search) -> dict[str, Any]:
     """Why no trial has a learning-curve point, when the runner reported no error of its own."""
-    errors = [t.error for t in search.trials if t.error]
+    errors = [t.error for t in search.trials if t.error and not t.error.get("recovered")]
     if errors:
         return errors[-1]
     if search.timed_out:
