@@ -484,3 +484,8 @@ class TimeBudget:
     def runner_end(self) -> float:
         """Seconds after the runner's start at which it stops starting or continuing work."""
         return self.budget_s * (1 - self.RUNNER_SAFETY_SHARE) - self.RUNNER_SAFETY_S
+
+
+# --- calibrate mode (sandbox/runner/calibrate.py; host side lemur_agent_server/evaluator/calibration.py) ---
+MODE_CALIBRATE = "calibrate"  # time the fixed reference workload on the sandbox's device; no model, no data
+EVENT_CALIBRATED = "calibrated"  # {workload_version, steps, repeats, batch, times_ns: [ns per timed block], threads}

@@ -274,6 +274,32 @@ class ZooStore:
         await db.execute("UPDATE run SET selected=?, isolation=? WHERE uid=?",
                          (int(run.selected), _json(run.isolation), run.uid))
 
+    # --- device calibration (lemur_agent_server.evaluator.calibration) -------------------------------
+    async def calibration_by_key(self, key: str) -> dict[str, Any] | None:
+        return await self.fetchone("SELECT * FROM device_calibration WHERE key=?", (key,))
+
+    async def add_calibration(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Store one device's calibration; a row already stored under the same key (another server
+        measured it first) wins and is returned instead."""
+        cols = ("key", "device_kind", "device_name", "threads", "harness", "status", "median_ns", "spread",
+                "times_ns", "factor", "detail", "created")
+        values = [_json(row.get(c)) if c in ("times_ns", "detail") else row.get(c) for c in cols]
+        async with self.transaction() as db:
+            await db.execute(f"INSERT INTO device_calibration({', '.join(cols)}) VALUES({','.join('?' * len(cols))})"
+                             " ON CONFLICT(key) DO NOTHING", values)
+        stored = await self.calibration_by_key(row["key"])
+        assert stored is not None
+        return stored
+
+    @staticmethod
+    async def set_run_calibration_in(db: aiosqlite.Connection, run_uid: str, calibration_id: int) -> None:
+        """The run's training time on the reference device: its duration x the calibration's factor
+        (NULL when the calibration failed or the run has no duration)."""
+        await db.execute(
+            "UPDATE run SET calibration_id=?, duration_norm_ns=CAST(duration_ns * (SELECT factor FROM"
+            " device_calibration WHERE id=? AND status='ok') AS INTEGER) WHERE uid=?",
+            (calibration_id, calibration_id, run_uid))
+
     @staticmethod
     async def fill_model_stats_in(db: aiosqlite.Connection, model: Model) -> None:
         """Params, flops and fingerprint measured by the check, where the stored model has none yet."""

@@ -29,6 +29,7 @@ import anyio.abc
 
 from lemur_agent_server.config import Settings
 from lemur_agent_server.evaluator import batching, jobfiles, pipeline
+from lemur_agent_server.evaluator.calibration import Calibrator
 from lemur_agent_server.evaluator.batching import new_job_id
 from lemur_agent_server.evaluator.dedup import experiment_key
 from lemur_agent_server.evaluator.executor import GpuPool, WorkerLost, make_backend, pool_gpus
@@ -67,6 +68,9 @@ class JobQueue:
         self._check_slots = anyio.Semaphore(CHECK_CONCURRENCY)
         self.gpu_pool = GpuPool(pool_gpus(settings))  # one training job per GPU
         self.last_timings: dict[str, dict[str, float]] = {}
+        # device calibration (evaluator.calibration): local executor only, off with settings.calibrate=False
+        self.calibrator = (Calibrator(store, backend, settings.jobs_dir, int(settings.memory_gb * (1 << 30)))
+                           if settings.executor == "local" and getattr(settings, "calibrate", True) else None)
         self._tg: anyio.abc.TaskGroup | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------------
@@ -84,6 +88,7 @@ class JobQueue:
             async with anyio.create_task_group() as tg:
                 queue._tg = tg
                 if workers:
+                    tg.start_soon(queue._calibrate_devices)  # before the first job wants them
                     for slot in range(settings.slot_count):
                         tg.start_soon(queue._worker, slot)
                 # without workers too: a job run_now runs in the caller's task is heart-beaten like any other
@@ -208,6 +213,12 @@ class JobQueue:
         self._notify(job_id)
         return status
 
+    async def _calibrate_devices(self) -> None:
+        """Calibrate every device the slots train on (each GPU, else the CPU), one after another."""
+        if self.calibrator is not None:
+            for gpu in self.gpu_pool.gpus or (None,):
+                await self.calibrator.for_device(gpu, self.settings.threads)
+
     # --- workers -----------------------------------------------------------------------------------
     def _job(self, job_id: str, kind: JobKind, request: EvalRequest,
              progress: Callable[[str, dict[str, Any]], Awaitable[None]], gpu: str | None = None) -> pipeline.Job:
@@ -245,7 +256,11 @@ class JobQueue:
                 if await self.jobs.progress(claim, JobStatus(stage), info):
                     self._notify(job_id)
 
+        calibration = None
+        if self.calibrator is not None:  # before the job object: its clock starts when it is made
+            calibration = await self.calibrator.for_device(gpu, self.settings.threads)
         job = self._job(job_id, JobKind(row["kind"]), request, progress, gpu)
+        job.calibration = calibration
         job.claim = claim  # the archive's writes check it; a submission's end is written with it
         self._running[job_id] = job
         self._claims[job_id] = claim
