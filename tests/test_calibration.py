@@ -21,6 +21,8 @@ from lemur_agent_server.evaluator.calibration import REFERENCE_BLOCK_NS
 from lemur_agent_server.evaluator.queue import JobQueue
 from lemur_agent_server.evaluator.requests import EvalRequest
 from tests import models
+from zoo.query import Filters, Page, models_view_sql
+from zoo.records import Model, Point, Run, accuracy_to_time
 from zoo.store import ZooStore
 
 pytestmark = pytest.mark.anyio
@@ -123,3 +125,37 @@ async def test_normalized_durations_of_one_model_on_two_devices_agree_within_10_
     tolerance = max(0.10, calibrations[0]["spread"] + calibrations[1]["spread"])
     assert gap < tolerance
     assert calibrations[0]["factor"] != calibrations[1]["factor"]  # two devices, each measured
+
+
+async def add_calibrated_run(store: ZooStore, name: str, duration_s: float, factor: float) -> None:
+    """A model with one succeeded run of `duration_s` on a device whose calibration factor is `factor`."""
+    key = f"device-{factor:g}"
+    calibration = await store.calibration_by_key(key) or await store.add_calibration(
+        {"key": key, "device_kind": "cpu", "device_name": key, "threads": 1, "harness": "test", "status": "ok",
+         "median_ns": int(REFERENCE_BLOCK_NS / factor), "spread": 0.01, "times_ns": [1], "factor": factor,
+         "created": 0.0})
+    code = models.tiny(forward_extra=f"x = x  # {name}")
+    ns = int(duration_s * 1e9)
+    point = Point(epoch=1, accuracy=0.9, duration_ns=ns, accuracy_to_time=accuracy_to_time(0.9, 0.1, ns))
+    run = Run(uid=f"{name}:t0", task="img-classification", dataset="digits", metric="acc", status="succeeded",
+              source="evaluator", prm={"epoch": 1}, points=[point])
+    await store.add_model_with_runs(Model(name=name, code=code, origin="submitted"), [run])
+    async with store.transaction() as db:
+        await ZooStore.set_run_calibration_in(db, run.uid, calibration["id"])
+
+
+async def test_queries_rank_by_the_time_on_the_reference_device_when_asked(tmp_path):
+    """slow-cpu trained 10 s on the reference-speed device (factor 1); fast-gpu 4 s on a device 4x faster,
+    i.e. 16 s on the reference: by raw duration fast-gpu is first, on the common scale slow-cpu is."""
+    async with await ZooStore.open(tmp_path / "zoo.sqlite") as store:
+        await add_calibrated_run(store, "slow-cpu", 10.0, 1.0)
+        await add_calibrated_run(store, "fast-gpu", 4.0, 4.0)
+        raw = await store.query(Filters(), Page(sort="duration"))
+        norm = await store.query(Filters(), Page(sort="duration_norm"))
+        sql, args = models_view_sql(Filters(), by="accuracy_to_time_norm")
+        scored = await store.fetchall(sql, args)
+    assert [r["name"] for r in raw["rows"]] == ["fast-gpu", "slow-cpu"]
+    assert [r["name"] for r in norm["rows"]] == ["slow-cpu", "fast-gpu"]
+    assert [r["duration_norm"] for r in norm["rows"]] == [10 * 10**9, 16 * 10**9]
+    assert [(r["name"], r["rank"]) for r in scored] == [("slow-cpu", 1), ("fast-gpu", 2)]
+    assert scored[0]["score"] == pytest.approx(accuracy_to_time(0.9, 0.1, 10 * 10**9))

@@ -29,8 +29,8 @@ import anyio.abc
 
 from lemur_agent_server.config import Settings
 from lemur_agent_server.evaluator import batching, jobfiles, pipeline
-from lemur_agent_server.evaluator.calibration import Calibrator
 from lemur_agent_server.evaluator.batching import new_job_id
+from lemur_agent_server.evaluator.calibration import Calibrator
 from lemur_agent_server.evaluator.dedup import experiment_key
 from lemur_agent_server.evaluator.executor import GpuPool, WorkerLost, make_backend, pool_gpus
 from lemur_agent_server.evaluator.requests import EvalRequest, admit
