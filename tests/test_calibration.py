@@ -15,6 +15,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from lemur_agent_server.evaluator.calibration import REFERENCE_BLOCK_NS
@@ -78,13 +79,18 @@ def rows(zoo: Path, sql: str) -> list[dict[str, Any]]:
 
 
 async def train_once(settings: Any, code: str, request: dict[str, Any]) -> tuple[dict[str, Any], int]:
-    """One server on the zoo, one job to its end: the job's row and how many calibrations it measured."""
+    """One server on the zoo, one job to its end, then the idle worker's calibration of the device: the
+    job's row and how many calibration sandboxes this server ran."""
     async with await ZooStore.open(settings.zoo_path) as store:
         async with JobQueue.running(settings, store) as queue:
             job_id = await queue.submit(EvalRequest(code=code, **request))
             job = await queue.wait(job_id, 300)
-            assert queue.calibrator is not None
-            measured = queue.calibrator.measured
+            calibrator = queue.calibrator
+            assert calibrator is not None
+            with anyio.fail_after(300):
+                while await calibrator.needs_measuring(None, settings.threads):
+                    await anyio.sleep(0.2)
+            measured = calibrator.measured
     assert job is not None and job["status"] == "succeeded", job
     return job, measured
 

@@ -255,7 +255,7 @@ MIGRATIONS: list[list[str]] = [
             device_name TEXT NOT NULL,        -- CPU model and core count, or the GPU's name
             threads INTEGER NOT NULL,         -- torch threads in the sandbox (CPU jobs)
             harness TEXT NOT NULL,            -- backend, image id, runner source hash, workload version
-            status TEXT NOT NULL,             -- ok | failed (failed: not measured again for this key)
+            status TEXT NOT NULL,             -- pending (runs wait for it) | ok | failed (not measured again)
             median_ns INTEGER,                -- median time of one timed block of the workload
             spread REAL,                      -- (max - min) / median over the timed blocks
             times_ns TEXT,                    -- JSON list, one per timed block
@@ -263,7 +263,7 @@ MIGRATIONS: list[list[str]] = [
             detail TEXT,                      -- JSON: what the runner reported, wall time, error
             created REAL NOT NULL
         )""",
-        "ALTER TABLE run ADD COLUMN duration_norm_ns INTEGER",  # duration_ns x the device's factor
+        "ALTER TABLE run ADD COLUMN duration_norm_ns INTEGER",  # duration_ns x the device's factor (NULL: none yet)
         "ALTER TABLE run ADD COLUMN calibration_id INTEGER REFERENCES device_calibration(id)",
     ],
 ]

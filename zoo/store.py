@@ -275,14 +275,16 @@ class ZooStore:
                          (int(run.selected), _json(run.isolation), run.uid))
 
     # --- device calibration (lemur_agent_server.evaluator.calibration) -------------------------------
+    _CALIBRATION_COLS = ("key", "device_kind", "device_name", "threads", "harness", "status", "median_ns", "spread",
+                         "times_ns", "factor", "detail", "created")
+
     async def calibration_by_key(self, key: str) -> dict[str, Any] | None:
         return await self.fetchone("SELECT * FROM device_calibration WHERE key=?", (key,))
 
     async def add_calibration(self, row: dict[str, Any]) -> dict[str, Any]:
-        """Store one device's calibration; a row already stored under the same key (another server
-        measured it first) wins and is returned instead."""
-        cols = ("key", "device_kind", "device_name", "threads", "harness", "status", "median_ns", "spread",
-                "times_ns", "factor", "detail", "created")
+        """Store a device's calibration row (usually `pending`); a row already stored under the same key
+        (another job or server saw the device first) wins and is returned instead."""
+        cols = self._CALIBRATION_COLS
         values = [_json(row.get(c)) if c in ("times_ns", "detail") else row.get(c) for c in cols]
         async with self.transaction() as db:
             await db.execute(f"INSERT INTO device_calibration({', '.join(cols)}) VALUES({','.join('?' * len(cols))})"
@@ -291,10 +293,26 @@ class ZooStore:
         assert stored is not None
         return stored
 
+    async def finish_calibration(self, key: str, row: dict[str, Any]) -> dict[str, Any] | None:
+        """A pending calibration's result (status ok or failed, times, factor) and, in the same
+        transaction, the normalized duration of every run that trained on the device meanwhile. The
+        first result wins: a row no longer pending is left as it is. Returns the stored row."""
+        fields = ("status", "median_ns", "spread", "times_ns", "factor", "detail", "created")
+        values = [_json(row.get(c)) if c in ("times_ns", "detail") else row.get(c) for c in fields]
+        async with self.transaction() as db:
+            cur = await db.execute(f"UPDATE device_calibration SET {', '.join(f + '=?' for f in fields)}"
+                                   " WHERE key=? AND status='pending'", (*values, key))
+            if cur.rowcount:
+                await db.execute(
+                    "UPDATE run SET duration_norm_ns=CAST(duration_ns * (SELECT factor FROM device_calibration"
+                    " WHERE key=? AND status='ok') AS INTEGER) WHERE calibration_id=(SELECT id FROM"
+                    " device_calibration WHERE key=?)", (key, key))
+        return await self.calibration_by_key(key)
+
     @staticmethod
     async def set_run_calibration_in(db: aiosqlite.Connection, run_uid: str, calibration_id: int) -> None:
-        """The run's training time on the reference device: its duration x the calibration's factor
-        (NULL when the calibration failed or the run has no duration)."""
+        """Which device calibration a run's time is measured against, and its training time on the
+        reference device (duration x the factor; NULL while the calibration is pending or if it failed)."""
         await db.execute(
             "UPDATE run SET calibration_id=?, duration_norm_ns=CAST(duration_ns * (SELECT factor FROM"
             " device_calibration WHERE id=? AND status='ok') AS INTEGER) WHERE uid=?",

@@ -17,8 +17,12 @@ Why these choices:
   later job and server: the key is the device kind, its name (CPU model and core count, or the GPU's
   name), the sandbox's thread count, and the harness (backend, Docker image id or interpreter, the
   runner's source hash, torch's version, the workload version). A new image or runner is a new key.
-- Before the first job on a device (and at server start, in the background), never inside a job: the
-  job's clock starts after its calibration is known, so the cost never lands on its budget or duration.
+- Never inside a job and never beside one: the first job on a new device creates the device's row as
+  `pending` (a lookup, before its clock starts) and runs at once; the queue measures the device when
+  a worker is idle and no job is running (at server start, or after the first job), and a job that
+  arrives meanwhile cancels the measurement (retried at the next idle moment). The result fills in
+  the normalized time of every run that trained on the device before it was known. So the cost lands
+  on no job's budget or duration, and no job waits for it.
 - Several timed blocks: the median resists one slow block (another process took the CPU), and the
   relative spread `(max - min) / median` says how much to trust the factor; both are stored.
 - Only our code runs in a calibration sandbox (no submission, no dataset), but its events are still
@@ -66,8 +70,11 @@ MAX_BLOCK_NS = 600 * 10**9
 
 
 class Status:
+    """`device_calibration.status`."""
+
+    PENDING = "pending"  # the device was seen; runs point at the row and get their time when it is measured
     OK = "ok"
-    FAILED = "failed"
+    FAILED = "failed"  # the runner refused the mode: not measured again for this key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,16 +261,21 @@ def _row(key: DeviceKey, seen: dict[str, dict[str, Any]], exit_code: int | None,
 
 # --- the cache -------------------------------------------------------------------------------------------
 class Calibrator:
-    """Knows each device's calibration; measures a device the zoo has none for, once (per key lock)."""
+    """Knows each device's calibration row; measures a pending one when the queue lets it (`measure`).
+
+    A job asks `device()` for its device's row before its clock starts: a lookup (the row is created
+    `pending` the first time a device is seen), never a measurement, so no job ever waits for one. The
+    queue's idle worker calls `measure()`; the stored result fills in the runs that trained meanwhile."""
 
     def __init__(self, store: ZooStore, backend: Backend, jobs_root: Path, memory_bytes: int) -> None:
         self.store = store
         self.backend = backend
         self.jobs_root = jobs_root
         self.memory_bytes = memory_bytes
-        self.measured = 0  # sandboxes this calibrator started (a cached device costs none)
-        self._known: dict[str, Calibration | None] = {}
-        self._locks: dict[str, anyio.Lock] = {}
+        self.measured = 0  # calibration sandboxes this calibrator ran to the end (a cached device costs none)
+        self._rows: dict[str, Calibration] = {}
+        self._tried: set[str] = set()  # measured (or failed) in this process: not again
+        self._lock = anyio.Lock()  # one calibration sandbox at a time
         self._harness: str | None = None
 
     async def key(self, gpu: str | None, threads: int) -> DeviceKey:
@@ -273,31 +285,47 @@ class Calibrator:
             return DeviceKey("cpu", await anyio.to_thread.run_sync(cpu_name), int(threads), self._harness)
         return DeviceKey("cuda", await anyio.to_thread.run_sync(gpu_name, gpu), 1, self._harness)
 
-    async def for_device(self, gpu: str | None, threads: int) -> Calibration | None:
-        """The device's calibration (measured now when neither this process nor the zoo has it); None when
-        it cannot be measured. Never raises: a job runs without normalization rather than not at all."""
+    async def device(self, gpu: str | None, threads: int) -> Calibration | None:
+        """The device's calibration row (created `pending` when the zoo has none yet); None when even that
+        fails. Never raises: a job runs without normalization rather than not at all."""
         try:
             key = await self.key(gpu, threads)
-            lock = self._locks.setdefault(key.digest, anyio.Lock())
-            async with lock:
-                if key.digest not in self._known:
-                    self._known[key.digest] = await self._load_or_measure(key, gpu)
-                return self._known[key.digest]
+            known = self._rows.get(key.digest)
+            if known is not None and known.status != Status.PENDING:
+                return known
+            row = await self.store.calibration_by_key(key.digest) or await self.store.add_calibration(
+                {"key": key.digest, "device_kind": key.kind, "device_name": key.name, "threads": key.threads,
+                 "harness": key.harness, "status": Status.PENDING, "created": time.time()})
+            self._rows[key.digest] = Calibration.of(row)
+            return self._rows[key.digest]
         except Exception:  # noqa: BLE001 - calibration is a bonus on top of the job, never its failure
-            log.exception("device calibration failed; runs get no normalized duration")
+            log.exception("device calibration lookup failed; runs get no normalized duration")
             return None
 
-    async def _load_or_measure(self, key: DeviceKey, gpu: str | None) -> Calibration | None:
-        row = await self.store.calibration_by_key(key.digest)
-        if row is None:
-            self.measured += 1
+    async def needs_measuring(self, gpu: str | None, threads: int) -> bool:
+        """True while the device's row is pending and this process has not measured it yet."""
+        calibration = await self.device(gpu, threads)
+        return (calibration is not None and calibration.status == Status.PENDING
+                and calibration.key not in self._tried)
+
+    async def measure(self, gpu: str | None, threads: int) -> Calibration | None:
+        """Measure the device if its row is pending (one sandbox, seconds); the stored row after. Cancel it
+        to give the device back to a job: the sandbox is killed and the row stays pending."""
+        if not await self.needs_measuring(gpu, threads):
+            return self._rows.get((await self.key(gpu, threads)).digest)
+        key = await self.key(gpu, threads)
+        async with self._lock:
             fresh = await measure(self.backend, self.jobs_root, key, gpu, self.memory_bytes)
+            self._tried.add(key.digest)
+            self.measured += 1
             if fresh["status"] != Status.OK and not fresh["detail"].get("refused"):
                 log.warning("calibration of %s (%d threads) failed: %s", key.name, key.threads,
                             fresh["detail"]["error"])
-                return None  # transient: not stored, a later server measures again
-            row = await self.store.add_calibration(fresh)
-            log.info("calibrated %s (%d threads): median %.1f ms per block, spread %.1f %%", key.name, key.threads,
-                     (row["median_ns"] or 0) / 1e6, 100 * (row["spread"] or 0))
-        calibration = Calibration.of(row)
-        return calibration if calibration.ok else None
+                return None  # transient: left pending, a later server measures again
+            row = await self.store.finish_calibration(key.digest, fresh)
+        if row is None:
+            return None
+        self._rows[key.digest] = Calibration.of(row)
+        log.info("calibrated %s (%d threads): median %.1f ms per block, spread %.1f %%", key.name, key.threads,
+                 (row["median_ns"] or 0) / 1e6, 100 * (row["spread"] or 0))
+        return self._rows[key.digest]

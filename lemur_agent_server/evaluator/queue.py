@@ -88,7 +88,6 @@ class JobQueue:
             async with anyio.create_task_group() as tg:
                 queue._tg = tg
                 if workers:
-                    tg.start_soon(queue._calibrate_devices)  # before the first job wants them
                     for slot in range(settings.slot_count):
                         tg.start_soon(queue._worker, slot)
                 # without workers too: a job run_now runs in the caller's task is heart-beaten like any other
@@ -213,11 +212,28 @@ class JobQueue:
         self._notify(job_id)
         return status
 
-    async def _calibrate_devices(self) -> None:
-        """Calibrate every device the slots train on (each GPU, else the CPU), one after another."""
-        if self.calibrator is not None:
-            for gpu in self.gpu_pool.gpus or (None,):
-                await self.calibrator.for_device(gpu, self.settings.threads)
+    async def _calibrate_while_idle(self, gpu: str | None) -> None:
+        """Measure this slot's device if it is pending, while no job runs here; a job that becomes
+        claimable (or starts in another slot) cancels the measurement, to be retried when idle again."""
+        calibrator = self.calibrator
+        if calibrator is None or self._running or not await calibrator.needs_measuring(gpu, self.settings.threads):
+            return
+        async with anyio.create_task_group() as tg:
+            async def give_way() -> None:
+                while not (self._running or await self._claimable()):
+                    with anyio.move_on_after(IDLE_POLL_S):
+                        await self._wakeup.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(give_way)
+            await calibrator.measure(gpu, self.settings.threads)
+            tg.cancel_scope.cancel()
+
+    async def _claimable(self) -> bool:
+        """Whether a queued job waits for a worker (of this server or another on the same zoo)."""
+        marks = ",".join("?" * len(WORKER_KINDS))
+        return await self.store.fetchone(f"SELECT 1 FROM job WHERE status=? AND cancel_requested=0 AND kind IN "
+                                         f"({marks}) LIMIT 1", (JobStatus.QUEUED, *WORKER_KINDS)) is not None
 
     # --- workers -----------------------------------------------------------------------------------
     def _job(self, job_id: str, kind: JobKind, request: EvalRequest,
@@ -239,6 +255,7 @@ class JobQueue:
                 if row is not None:
                     await self._run(row, Claim.of(row), gpu)
                     continue
+                await self._calibrate_while_idle(gpu)
             with anyio.move_on_after(IDLE_POLL_S):
                 await self._wakeup.wait()
             self._wakeup = anyio.Event() if self._wakeup.is_set() else self._wakeup
@@ -258,7 +275,7 @@ class JobQueue:
 
         calibration = None
         if self.calibrator is not None:  # before the job object: its clock starts when it is made
-            calibration = await self.calibrator.for_device(gpu, self.settings.threads)
+            calibration = await self.calibrator.device(gpu, self.settings.threads)
         job = self._job(job_id, JobKind(row["kind"]), request, progress, gpu)
         job.calibration = calibration
         job.claim = claim  # the archive's writes check it; a submission's end is written with it
