@@ -138,12 +138,13 @@ async def add_calibrated_run(store: ZooStore, name: str, duration_s: float, fact
     key = f"device-{factor:g}"
     calibration = await store.calibration_by_key(key) or await store.add_calibration(
         {"key": key, "device_kind": "cpu", "device_name": key, "threads": 1, "harness": "test", "status": "ok",
-         "median_ns": int(REFERENCE_BLOCK_NS / factor), "spread": 0.01, "times_ns": [1], "factor": factor,
+         "median_ns": int(REFERENCE_BLOCK_NS / factor), "spread": 0.01, "factor": factor,
+         "times_ns": [int(REFERENCE_BLOCK_NS / factor * k) for k in (0.995, 1.0, 1.005)],
          "created": 0.0})
     code = models.tiny(forward_extra=f"x = x  # {name}")
     ns = int(duration_s * 1e9)
     point = Point(epoch=1, accuracy=0.9, duration_ns=ns, accuracy_to_time=accuracy_to_time(0.9, 0.1, ns))
-    run = Run(uid=f"{name}:t0", task="img-classification", dataset="digits", metric="acc", status="succeeded",
+    run = Run(uid=f"{name}:{key}", task="img-classification", dataset="digits", metric="acc", status="succeeded",
               source="evaluator", prm={"epoch": 1}, points=[point])
     await store.add_model_with_runs(Model(name=name, code=code, origin="submitted"), [run])
     async with store.transaction() as db:
@@ -165,3 +166,21 @@ async def test_queries_rank_by_the_time_on_the_reference_device_when_asked(tmp_p
     assert [r["duration_norm"] for r in norm["rows"]] == [10 * 10**9, 16 * 10**9]
     assert [(r["name"], r["rank"]) for r in scored] == [("slow-cpu", 1), ("fast-gpu", 2)]
     assert scored[0]["score"] == pytest.approx(accuracy_to_time(0.9, 0.1, 10 * 10**9))
+
+
+def test_the_calibration_plot_shows_each_device_and_the_same_model_on_two_devices(tmp_path):
+    """slow-cpu's model trained on both devices: 10 s on the reference-speed one, 2.6 s on the one 4x faster
+    (10.4 s on the reference scale, a 3.9 % gap); the picture and its summary say so."""
+    from stats.plots import render
+
+    async def build() -> None:
+        async with await ZooStore.open(tmp_path / "zoo.sqlite") as store:
+            await add_calibrated_run(store, "slow-cpu", 10.0, 1.0)
+            await add_calibrated_run(store, "slow-cpu", 2.6, 4.0)
+
+    anyio.run(build)
+    result = render("calibration", tmp_path / "zoo.sqlite")
+    assert result.png.startswith(b"\x89PNG") and len(result.axes_px) == 2
+    assert "device-1 · 1 thread: median 400.0 ms per block" in result.summary
+    assert "device-4 · 1 thread: median 100.0 ms per block" in result.summary
+    assert "slow-cpu on digits (1 epochs): normalized 10.00 s vs 10.40 s (gap 3.9%)" in result.summary
