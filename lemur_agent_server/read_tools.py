@@ -96,8 +96,10 @@ async def query_model_view(state: AppState, filters: Filters, by: ScoreBy = "acc
     sql, args = models_view_sql(filters, by, include_partial, limit, offset)
     raw = await state.zoo().fetchall(sql, args)
     total = raw[0]["total"] if raw else 0
-    models = [ModelScoreRow(**{k: v for k, v in r.items() if k not in ("total", "duration_ns")},
-                            duration_s=r["duration_ns"] / 1e9 if r["duration_ns"] is not None else None)
+    models = [ModelScoreRow(**{k: v for k, v in r.items() if k not in ("total", "duration_ns", "duration_norm_ns")},
+                            duration_s=r["duration_ns"] / 1e9 if r["duration_ns"] is not None else None,
+                            duration_norm_s=r["duration_norm_ns"] / 1e9 if r.get("duration_norm_ns") is not None
+                            else None)
               for r in raw]
     end = offset + len(models)
     hint = ("No models match the name filters; call list_catalog." if total == 0 else
@@ -250,7 +252,9 @@ QUERY_MODELS_DESCRIPTION = (
     "or trial, only_best_accuracy=true the best per epoch: these are point views, not the score. Filters "
     "combine with AND; nn and nn_prefix take one string or a list; dataset names match ignoring case. Each "
     "point row: name, task, dataset, metric, epoch, accuracy (test, 0..1), duration (training ns), "
-    "accuracy_to_time, params, prm. `total` counts all matching rows; page with `next_cursor` (points) or "
+    "duration_norm (training ns on the reference device, null until the run's device is calibrated; "
+    "sort='duration_norm' ranks runs of different machines on it), accuracy_to_time, params, prm. `total` "
+    "counts all matching rows; page with `next_cursor` (points) or "
     "offset (models). Next: get_model(name) for code, curve and runs of one model.")
 
 
