@@ -65,7 +65,7 @@ class Net(nn.Module):
             self.criterion(self(inputs), labels).backward()
             self.optimizer.step()
 '''
-TIMED = {"dataset": "fashion-mnist", "n_trials": 1, "epochs": 1, "time_budget_s": 150, "max_train_samples": 3000,
+TIMED = {"dataset": "fashion-mnist", "n_trials": 1, "epochs": 1, "time_budget_s": 300, "max_train_samples": 2000,
          "prm": {"batch": 32, "lr": 0.01, "momentum": 0.9, "transform": "norm_32"}}
 
 
@@ -96,7 +96,7 @@ async def train_once(settings: Any, code: str, request: dict[str, Any]) -> tuple
 
 
 async def test_a_device_is_calibrated_once_and_every_later_job_reuses_it(make_settings):
-    settings = make_settings(seed_zoo=False, threads=1)
+    settings = make_settings(seed_zoo=False, threads=1, calibrate=True)
     first, measured_first = await train_once(settings, models.GOOD, QUICK)
     second, measured_second = await train_once(settings, models.tiny(forward_extra="x = x + 0"), QUICK)
     assert (measured_first, measured_second) == (1, 0)  # the second server found it in the zoo
@@ -112,8 +112,8 @@ async def test_a_device_is_calibrated_once_and_every_later_job_reuses_it(make_se
 
 
 async def test_normalized_durations_of_one_model_on_two_devices_agree_within_10_percent(make_settings):
-    one = make_settings(seed_zoo=False, threads=1)
-    two = make_settings(seed_zoo=False, threads=2)  # the same zoo file: two devices of one zoo
+    one = make_settings(seed_zoo=False, threads=1, calibrate=True)
+    two = make_settings(seed_zoo=False, threads=2, calibrate=True)  # the same zoo file: two devices of one zoo
     await train_once(one, CONV_NET, TIMED)
     await train_once(two, CONV_NET, TIMED)
     calibrations = rows(one.zoo_path, "SELECT id, threads, median_ns, spread, factor FROM device_calibration "
