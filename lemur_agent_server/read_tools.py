@@ -18,6 +18,7 @@ from pydantic import Field
 
 from lemur_agent_server import contract
 from lemur_agent_server.clip import clip
+from lemur_agent_server.evaluator.calibration import REFERENCE_DESCRIPTION
 from lemur_agent_server.schemas import (
     Catalog,
     CatalogEntry,
@@ -95,13 +96,18 @@ async def query_model_view(state: AppState, filters: Filters, by: ScoreBy = "acc
     sql, args = models_view_sql(filters, by, include_partial, limit, offset)
     raw = await state.zoo().fetchall(sql, args)
     total = raw[0]["total"] if raw else 0
-    models = [ModelScoreRow(**{k: v for k, v in r.items() if k not in ("total", "duration_ns")},
-                            duration_s=r["duration_ns"] / 1e9 if r["duration_ns"] is not None else None)
+    models = [ModelScoreRow(**{k: v for k, v in r.items() if k not in ("total", "duration_ns", "duration_norm_ns")},
+                            duration_s=r["duration_ns"] / 1e9 if r["duration_ns"] is not None else None,
+                            duration_norm_s=r["duration_norm_ns"] / 1e9 if r.get("duration_norm_ns") is not None
+                            else None)
               for r in raw]
     end = offset + len(models)
     hint = ("No models match the name filters; call list_catalog." if total == 0 else
             f"More models: call again with offset={end}." if end < total else
             "All models returned. get_model(name) shows one; rank null = no complete run in scope yet.")
+    if by == "accuracy_to_time_norm":
+        hint = ("Scored by accuracy_to_time_norm: accuracy_to_time with the training time on "
+                f"{REFERENCE_DESCRIPTION}; uncalibrated runs are not scored. " + hint)
     return QueryResult(rows=[], models=models, total=total, returned=len(models), offset=offset, next_cursor=None,
                        truncated=end < total, hint=hint)
 
@@ -132,6 +138,8 @@ async def query_models(state: AppState, filters: Filters, page: Page, include_co
         hint = "More rows exist: call again with cursor=next_cursor. get_model(name) shows one model."
     else:
         hint = "All matching rows returned. get_model(name) shows code, curve and runs of one model."
+    if page.sort == "duration_norm":
+        hint = f"Sorted by duration_norm, the training time on {REFERENCE_DESCRIPTION}. " + hint
     return QueryResult(
         rows=[{k: v for k, v in r.items() if k not in ("run_uid", "status", "model_id", "transform")}
               for r in rows],
@@ -244,7 +252,9 @@ QUERY_MODELS_DESCRIPTION = (
     "or trial, only_best_accuracy=true the best per epoch: these are point views, not the score. Filters "
     "combine with AND; nn and nn_prefix take one string or a list; dataset names match ignoring case. Each "
     "point row: name, task, dataset, metric, epoch, accuracy (test, 0..1), duration (training ns), "
-    "accuracy_to_time, params, prm. `total` counts all matching rows; page with `next_cursor` (points) or "
+    "duration_norm (training ns on the reference device, null until the run's device is calibrated; "
+    "sort='duration_norm' ranks runs of different machines on it), accuracy_to_time, params, prm. `total` "
+    "counts all matching rows; page with `next_cursor` (points) or "
     "offset (models). Next: get_model(name) for code, curve and runs of one model.")
 
 
@@ -281,8 +291,11 @@ def register_read_tools(mcp: MCPServer, state: AppState) -> None:
         device_type: Annotated[FilterText, Field(
             description="Only models LEMUR benchmarked on this device (its imported mobile benchmarks), "
                         "e.g. 'Pixel 7'")] = None,
-        sort: Annotated[Literal["accuracy", "duration", "accuracy_to_time", "params", "created", "name"], Field(
-            description="Sort key; accuracy, accuracy_to_time and created sort descending by default")] = "accuracy",
+        sort: Annotated[Literal["accuracy", "duration", "duration_norm", "accuracy_to_time", "params", "created",
+                                "name"], Field(
+            description="Sort key; accuracy, accuracy_to_time and created sort descending by default; duration_norm: "
+                        "training time on the reference device (" + REFERENCE_DESCRIPTION + "); rows of runs "
+                        "without a calibration sort last")] = "accuracy",
         descending: Annotated[bool | None, Field(description="Override the sort direction")] = None,
         limit: Annotated[int, Field(description="Rows per page, 1..100", ge=1, le=100)] = 20,
         offset: Annotated[Offset, Field(description="Rows to skip (ignored with cursor)")] = 0,
@@ -292,8 +305,9 @@ def register_read_tools(mcp: MCPServer, state: AppState) -> None:
         view: Annotated[Literal["points", "models"], Field(
             description="points: learning-curve points (rows); models: one row per model and task/dataset/metric "
                         "with its score and rank (in `models`), models without runs included")] = "points",
-        by: Annotated[Literal["accuracy", "accuracy_to_time"], Field(
-            description="view=models: the score ranked by")] = "accuracy",
+        by: Annotated[Literal["accuracy", "accuracy_to_time", "accuracy_to_time_norm"], Field(
+            description="view=models: the score ranked by; accuracy_to_time_norm uses the training time on the "
+                        "reference device (duration_norm), so runs of different machines compare")] = "accuracy",
         include_partial: Annotated[bool, Field(
             description="view=models: also count pruned/failed runs and runs short of their epochs")] = False,
     ) -> QueryResult:

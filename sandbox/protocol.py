@@ -489,3 +489,7 @@ class TimeBudget:
 # {trial, reason: "out_of_memory", from_batch, to_batch, prm, message}: the same trial number starts over
 # with `prm` (only `batch` differs); its `trial_end` then carries `oom_retry: {from_batch, to_batch}`.
 EVENT_TRIAL_RETRY = "trial_retry"
+
+# --- calibrate mode (sandbox/runner/calibrate.py; host side lemur_agent_server/evaluator/calibration.py) ---
+MODE_CALIBRATE = "calibrate"  # time the fixed reference workload on the sandbox's device; no model, no data
+EVENT_CALIBRATED = "calibrated"  # {workload_version, steps, repeats, batch, times_ns: [ns per timed block], threads}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import math
 import sqlite3
 import textwrap
@@ -546,3 +547,117 @@ def draw_timeline(fig: Figure, d: dict[str, Any]) -> str:
             f"{when[-1]:%Y-%m-%d} ({_n(tl['runs'].sum())} runs): rolling mean {tl['rolling_mean'].iloc[0]:.3f} → "
             f"{tl['rolling_mean'].iloc[-1]:.3f}, best so far {tl['best_so_far'].iloc[-1]:.3f}."
             + _chosen_hint(d["triple"]))
+
+
+# --- device calibration ---------------------------------------------------------------------------
+def fetch_calibration(conn: sqlite3.Connection, f: Filters, o: Options) -> dict[str, Any]:
+    """Each calibrated device's block times (lemur_agent_server.evaluator.calibration), and per model that
+    trained on two or more of them its mean raw and normalized training time on each; without any
+    calibration, the devices the runs name, so the picture says what is there to calibrate."""
+    cal = agg._frame(conn, "SELECT id, device_kind, device_name, threads, median_ns, spread, times_ns, factor "
+                           "FROM device_calibration WHERE status = 'ok' ORDER BY created, id")
+    clauses, args = ["r.duration_norm_ns IS NOT NULL", "r.status = 'succeeded'"], []
+    for column, value in (("task", f.task), ("dataset", f.dataset), ("metric", f.metric)):
+        if value is not None:
+            clauses.append(f"r.{column} = ?")
+            args.append(value)
+    if f.nn:
+        clauses.append(f"m.name IN ({','.join('?' * len(f.nn))})")
+        args.extend(f.nn)
+    runs = agg._frame(conn, (
+        "SELECT m.name, r.dataset, r.epochs, r.calibration_id, COUNT(*) AS runs, AVG(r.duration_ns) AS raw_ns, "
+        "AVG(r.duration_norm_ns) AS norm_ns FROM run r JOIN model m ON m.id = r.model_id "
+        f"WHERE {' AND '.join(clauses)} GROUP BY m.name, r.dataset, r.epochs, r.calibration_id"), args)
+    if len(runs):
+        devices = runs.groupby(["name", "dataset", "epochs"])["calibration_id"].transform("nunique")
+        runs = runs[devices >= 2]
+    seen = None if len(cal) else agg._frame(conn, (
+        "SELECT COALESCE(device, 'not recorded (imported)') AS device, COUNT(*) AS runs, AVG(duration_ns) AS mean_ns "
+        "FROM run WHERE duration_ns IS NOT NULL GROUP BY 1 ORDER BY runs DESC"))
+    if seen is not None and seen.empty:
+        raise no_data(f, "device calibrations or timed runs")
+    return {"f": f, "cal": cal, "runs": runs, "seen": seen}
+
+
+def _device_label(row: Any) -> str:
+    threads = f" · {int(row.threads)} thread{'s' if row.threads != 1 else ''}" if row.device_kind == "cpu" else ""
+    return f"{_short(str(row.device_name), 34)}{threads}"
+
+
+def _draw_calibrations(ax: Any, cal: pd.DataFrame) -> list[str]:
+    y = np.arange(len(cal))
+    blocks = [np.asarray(json.loads(t) if isinstance(t, str) else [m], float) / 1e6
+              for t, m in zip(cal["times_ns"], cal["median_ns"])]
+    med = cal["median_ns"].to_numpy(float) / 1e6
+    lo = np.clip(med - np.array([b.min() for b in blocks]), 0, None)
+    hi = np.clip(np.array([b.max() for b in blocks]) - med, 0, None)
+    ax.barh(y, med, xerr=[lo, hi], color=[series(i) for i in range(len(cal))], alpha=0.85, capsize=4)
+    reference = float((cal["median_ns"] * cal["factor"]).iloc[0]) / 1e6
+    ax.axvline(reference, color=REFERENCE, ls="--", lw=1.4, label=f"reference device ({reference:g} ms)")
+    for yi, (m, row) in enumerate(zip(med, cal.itertuples())):
+        ax.text(m, yi, f"  spread {row.spread:.0%}, ×{row.factor:.2f}", va="bottom", fontsize=8)
+    ax.set_yticks(y, [_device_label(r) for r in cal.itertuples()])
+    ax.invert_yaxis()
+    ax.set_xlabel("Median time of one workload block (ms); bars: min–max of the blocks")
+    ax.legend(loc="lower right", frameon=True, framealpha=0.85, fontsize=8)
+    return [f"{_device_label(r)}: median {r.median_ns / 1e6:,.1f} ms per block, spread {r.spread:.1%}, factor "
+            f"{r.factor:.3f}" for r in cal.itertuples()]
+
+
+def _draw_agreement(ax: Any, runs: pd.DataFrame, cal: pd.DataFrame) -> list[str]:
+    models = list(dict.fromkeys(zip(runs["name"], runs["dataset"], runs["epochs"])))[:6]
+    devices = list(dict.fromkeys(runs["calibration_id"]))
+    width = 0.8 / max(1, len(devices))
+    labels = {int(r.id): _device_label(r) for r in cal.itertuples()}
+    colour = {d: series(list(cal["id"]).index(d)) if d in set(cal["id"]) else GREY for d in devices}
+    lines = []
+    for j, key in enumerate(models):
+        g = runs[(runs["name"] == key[0]) & (runs["dataset"] == key[1]) & (runs["epochs"] == key[2])]
+        for i, d in enumerate(devices):
+            row = g[g["calibration_id"] == d]
+            if row.empty:
+                continue
+            x = j - 0.4 + width * (i + 0.5)
+            ax.bar(x, row["raw_ns"].iloc[0] / 1e9, width * 0.9, fill=False, edgecolor=colour[d], lw=1.2)
+            ax.bar(x, row["norm_ns"].iloc[0] / 1e9, width * 0.55, color=colour[d], alpha=0.9)
+        norm = g["norm_ns"].to_numpy(float)
+        gap = (norm.max() - norm.min()) / norm.mean()
+        lines.append(f"{key[0]} on {key[1]} ({key[2]:g} epochs): normalized "
+                     + " vs ".join(f"{v / 1e9:,.2f} s" for v in norm) + f" (gap {gap:.1%}), raw "
+                     + " vs ".join(f"{v / 1e9:,.2f} s" for v in g["raw_ns"]))
+    ax.set_xticks(range(len(models)), [_short(m[0], 18) for m in models])
+    ax.set_ylabel("Training time (s)")
+    handles = [Patch(color=colour[d], label=_short(labels.get(int(d), f"calibration {d}"), 28)) for d in devices]
+    handles += [Patch(fill=False, edgecolor=GREY, label="measured (outline)"),
+                Patch(color=GREY, label="on the reference device")]
+    _legend_outside(ax, handles=handles, fontsize=8)
+    return lines
+
+
+def draw_calibration(fig: Figure, d: dict[str, Any]) -> str:
+    cal: pd.DataFrame = d["cal"]
+    if d["seen"] is not None:
+        ax = fig.add_subplot()
+        seen: pd.DataFrame = d["seen"]
+        ax.barh(np.arange(len(seen)), seen["runs"], color=[series(i) for i in range(len(seen))])
+        ax.set_yticks(np.arange(len(seen)), [_short(str(s), 30) for s in seen["device"]])
+        ax.invert_yaxis()
+        ax.set_xlabel("Runs with a training time")
+        fig.suptitle("Devices seen (none calibrated yet)")
+        _subtitle(fig, ax, "a device is calibrated when a worker of the server is idle, after its first job")
+        parts = ", ".join(f"{r.device}: {_n(r.runs)} runs, mean {r.mean_ns / 1e9:,.1f} s" for r in seen.itertuples())
+        return (f"No device calibration in this zoo yet, so no run has a normalized duration; the runs name these "
+                f"devices: {parts}. Start a server with workers: it calibrates its device when idle.")
+    runs: pd.DataFrame = d["runs"]
+    if runs.empty:
+        ax = fig.add_subplot()
+        notes = _draw_calibrations(ax, cal)
+        agree = "No model has calibrated runs on two devices yet, so there is nothing to compare."
+    else:
+        ax, bx = fig.subplots(1, 2, width_ratios=[1, 1.3])
+        notes = _draw_calibrations(ax, cal)
+        bx.set_title("Same model, two devices", fontsize=10)
+        agree = "Same model on several devices: " + "; ".join(_draw_agreement(bx, runs, cal)) + "."
+    fig.suptitle("Device calibration: the reference workload per device")
+    _subtitle(fig, ax, f"{len(cal)} calibrated device{'s' if len(cal) != 1 else ''} · normalized = measured × factor")
+    return f"Device calibration of {len(cal)} devices: " + "; ".join(notes) + ". " + agree

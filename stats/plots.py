@@ -37,7 +37,7 @@ MIN_HEIGHT, MAX_HEIGHT = 400, 1800
 DEFAULT_WIDTH, DEFAULT_HEIGHT = 1000, 600
 
 PlotKind = Literal["curves", "mean_std", "accuracy_vs_time", "pareto", "box", "histogram", "durations",
-                   "failures", "correlation", "timeline"]
+                   "failures", "correlation", "timeline", "calibration"]
 Options = fg.Options
 
 
@@ -91,6 +91,9 @@ PLOT_KINDS: dict[str, PlotSpec] = {s.kind: s for s in (
           "dropout (≤20,000 runs sampled) [one triple]"),
     _spec("timeline", "Accuracy over time",
           "final accuracy by run creation time: rolling mean, best so far, runs per bin [one triple]"),
+    _spec("calibration", "Device calibration",
+          "each calibrated device's reference-workload time (median, min-max, spread, factor) and, for models "
+          "trained on two devices, measured vs normalized training time side by side"),
 )}
 
 

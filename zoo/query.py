@@ -18,7 +18,7 @@ import json
 from collections.abc import Sequence
 from typing import Any, Literal
 
-SortKey = Literal["accuracy", "duration", "accuracy_to_time", "params", "created", "name"]
+SortKey = Literal["accuracy", "duration", "duration_norm", "accuracy_to_time", "params", "created", "name"]
 
 _SORT_COLUMN: dict[str, str] = {
     "accuracy": "accuracy",
@@ -27,7 +27,11 @@ _SORT_COLUMN: dict[str, str] = {
     "created": "created",
 }
 _DEFAULT_DESC = {"accuracy": True, "accuracy_to_time": True, "created": True, "duration": False,
-                 "params": False, "name": False}
+                 "duration_norm": False, "params": False, "name": False}
+# A point's training time on the reference device (lemur_agent_server.evaluator.calibration): its duration
+# times its run's calibration factor (run.duration_norm_ns / run.duration_ns); NULL for an uncalibrated run.
+# `{p}` is the point's alias, `{r}` its run's.
+DURATION_NORM_SQL = "({p}.duration_ns * {r}.duration_norm_ns * 1.0 / {r}.duration_ns)"
 _NULL_LOW, _NULL_HIGH = -1e308, 1e308
 SQL_INT_MAX = 2**63 - 1  # SQLite's INTEGER range; a larger Python int raises OverflowError when bound
 MAX_OFFSET = 10**9  # rows to skip; far beyond any zoo, far inside SQLite's range
@@ -147,6 +151,9 @@ def grouped_sql(f: Filters, with_params: bool = False) -> tuple[str, list[Any]]:
 def _sort_expr(page: Page) -> str:
     if page.sort == "name":
         return "m.name"
+    if page.sort == "duration_norm":
+        column = DURATION_NORM_SQL.format(p="q", r="r0")
+        return column if page.desc else f"COALESCE({column}, {_NULL_HIGH!r})"
     column = "m.params" if page.sort == "params" else f"q.{_SORT_COLUMN[page.sort]}"
     if page.desc:
         return column  # SQLite sorts NULL lowest, so DESC puts them last and an index can serve it
@@ -199,6 +206,8 @@ def page_sql(f: Filters, page: Page) -> tuple[str, list[Any]]:
     sort = _sort_expr(page)
     direction = "DESC" if page.desc else "ASC"
     join_model = " JOIN model m ON m.id = q.model_id" if page.sort in ("params", "name") else ""
+    if page.sort == "duration_norm":
+        join_model = " JOIN run r0 ON r0.id = q.run_id"
     where = ""
     if page.cursor:
         if page.sort == "name":
@@ -227,7 +236,8 @@ def page_sql(f: Filters, page: Page) -> tuple[str, list[Any]]:
         args.append(int(page.offset))
     sql = (f"SELECT pg.*, m.name AS name, m.params AS params, pt.val_accuracy AS val_accuracy, pt.loss AS loss, "
            f"pt.elapsed_s AS elapsed_s, r.uid AS run_uid, r.prm AS prm, r.transform AS transform, "
-           f"r.status AS status FROM ({sql}) pg JOIN model m ON m.id = pg.model_id "
+           f"r.status AS status, CAST({DURATION_NORM_SQL.format(p='pt', r='r')} AS INTEGER) AS duration_norm_ns "
+           f"FROM ({sql}) pg JOIN model m ON m.id = pg.model_id "
            f"JOIN point pt ON pt.run_id = pg.run_id AND pt.epoch = pg.epoch JOIN run r ON r.id = pg.run_id "
            f"ORDER BY {', '.join('pg.' + k for k in keys)}")
     return sql, args
@@ -249,6 +259,7 @@ def decode_row(row: dict[str, Any]) -> dict[str, Any]:
         "epoch": row["epoch"],
         "accuracy": row["accuracy"],
         "duration": row["duration_ns"],
+        "duration_norm": row.get("duration_norm_ns"),  # on the reference device; None: run not calibrated
         "accuracy_to_time": row["accuracy_to_time"],
         "params": row["params"],
         "prm": prm,
@@ -260,7 +271,9 @@ def decode_row(row: dict[str, Any]) -> dict[str, Any]:
 
 
 # --- the score of a model: one definition for query_models(view='models'), leaderboard, plots, jobs --------
-ScoreBy = Literal["accuracy", "accuracy_to_time"]
+ScoreBy = Literal["accuracy", "accuracy_to_time", "accuracy_to_time_norm"]
+SCORE_BY = ("accuracy", "accuracy_to_time", "accuracy_to_time_norm")
+# accuracy_to_time_norm: accuracy_to_time with the training time on the reference device (duration_norm)
 SCORE_DEFINITION = (
     "A model's score on a task/dataset/metric is the best value (accuracy, or accuracy_to_time) among its "
     "complete runs, each run counted at its last learning-curve point (for a job: the test accuracy of a trial "
@@ -278,23 +291,27 @@ def model_scores_sql(f: Filters, by: ScoreBy = "accuracy", include_partial: bool
     model's score (SCORE_DEFINITION) as `best`, the run that holds it (run_id, accuracy, accuracy_to_time,
     epoch, duration_ns) and `runs`, the number of runs counted. With `f.epoch` each run counts at its point
     at that epoch instead of its last one (then completeness is having reached it)."""
-    if by not in ("accuracy", "accuracy_to_time"):
-        raise QueryError(f"by must be 'accuracy' or 'accuracy_to_time', not {by!r}.")
+    if by not in SCORE_BY:
+        raise QueryError(f"by must be one of {', '.join(SCORE_BY)}, not {by!r}.")
     where, args = _where(dataclasses.replace(f, epoch=None, min_accuracy=None))
     clauses = [where[len(" WHERE "):]] if where else []
     if f.epoch is None:
         source = "run p"
-        cols = "p.id AS run_id, p.epochs AS epoch, p.accuracy, p.duration_ns, p.accuracy_to_time"
+        cols = ("p.id AS run_id, p.epochs AS epoch, p.accuracy, p.duration_ns, p.accuracy_to_time, "
+                "p.duration_norm_ns")
         if not include_partial:
             clauses.append(COMPLETE_RUN_SQL)
         acc = "p.accuracy"
     else:
         source = "run p CROSS JOIN point pt ON pt.run_id = p.id"
-        cols = "p.id AS run_id, pt.epoch AS epoch, pt.accuracy, pt.duration_ns, pt.accuracy_to_time"
+        cols = ("p.id AS run_id, pt.epoch AS epoch, pt.accuracy, pt.duration_ns, pt.accuracy_to_time, "
+                f"CAST({DURATION_NORM_SQL.format(p='pt', r='p')} AS INTEGER) AS duration_norm_ns")
         clauses.append("pt.epoch = ?")
         args.append(float(f.epoch))
         acc = "pt.accuracy"
     value = acc if by == "accuracy" else acc.replace("accuracy", "accuracy_to_time")
+    if by == "accuracy_to_time_norm":  # a2t scales with 1 / time: divide by the run's calibration factor
+        value = f"({value} * p.duration_ns * 1.0 / p.duration_norm_ns)"
     clauses.append(f"{value} IS NOT NULL")
     if f.min_accuracy is not None:
         clauses.append(f"{acc} >= ?")
@@ -302,7 +319,7 @@ def model_scores_sql(f: Filters, by: ScoreBy = "accuracy", include_partial: bool
     part = "PARTITION BY p.task, p.dataset, p.metric, p.model_id"
     duration = acc.replace("accuracy", "duration_ns")
     sql = (f"(SELECT task, dataset, metric, model_id, best, run_id, accuracy, accuracy_to_time, epoch, duration_ns, "
-           f"runs FROM (SELECT p.task, p.dataset, p.metric, p.model_id, {value} AS best, {cols}, "
+           f"duration_norm_ns, runs FROM (SELECT p.task, p.dataset, p.metric, p.model_id, {value} AS best, {cols}, "
            f"COUNT(*) OVER ({part}) AS runs, ROW_NUMBER() OVER ({part} ORDER BY {value} DESC, "
            f"COALESCE({duration}, {SQL_INT_MAX}), p.id) AS k FROM {source} WHERE {' AND '.join(clauses)}) "
            "WHERE k = 1)")
@@ -323,7 +340,7 @@ def models_view_sql(f: Filters, by: ScoreBy = "accuracy", include_partial: bool 
     names, name_args = name_filter(f, "m.name")
     where = f" WHERE {names}" if names else ""
     sql = (f"SELECT m.name, m.params, m.flops, s.task, s.dataset, s.metric, s.best AS score, s.accuracy, "
-           f"s.accuracy_to_time, s.epoch, s.duration_ns, COALESCE(s.runs, 0) AS runs, "
+           f"s.accuracy_to_time, s.epoch, s.duration_ns, s.duration_norm_ns, COALESCE(s.runs, 0) AS runs, "
            f"CASE WHEN s.model_id IS NULL THEN NULL ELSE ROW_NUMBER() OVER (PARTITION BY s.task, s.dataset, "
            f"s.metric, s.model_id IS NULL ORDER BY {SCORE_ORDER_SQL}) END AS rank, COUNT(*) OVER () AS total "
            f"FROM model m LEFT JOIN {scores} s ON s.model_id = m.id{where} "

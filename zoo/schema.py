@@ -244,6 +244,28 @@ MIGRATIONS: list[list[str]] = [
         )""",
         "CREATE INDEX model_analysis_status ON model_analysis(status)",
     ],
+    # version 5 (calib): device calibration (lemur_agent_server.evaluator.calibration), so that training times
+    # from different machines share one scale: the fixed reference workload's time per device and harness,
+    # measured once and reused, and each run's training time expressed on the reference device
+    [
+        """CREATE TABLE device_calibration (
+            id INTEGER PRIMARY KEY,
+            key TEXT NOT NULL UNIQUE,         -- sha256 of device_kind, device_name, threads, harness
+            device_kind TEXT NOT NULL,        -- cpu | cuda
+            device_name TEXT NOT NULL,        -- CPU model and core count, or the GPU's name
+            threads INTEGER NOT NULL,         -- torch threads in the sandbox (CPU jobs)
+            harness TEXT NOT NULL,            -- backend, image id, runner source hash, workload version
+            status TEXT NOT NULL,             -- pending (runs wait for it) | ok | failed (not measured again)
+            median_ns INTEGER,                -- median time of one timed block of the workload
+            spread REAL,                      -- (max - min) / median over the timed blocks
+            times_ns TEXT,                    -- JSON list, one per timed block
+            factor REAL,                      -- reference workload ns / median_ns: multiply a duration by it
+            detail TEXT,                      -- JSON: what the runner reported, wall time, error
+            created REAL NOT NULL
+        )""",
+        "ALTER TABLE run ADD COLUMN duration_norm_ns INTEGER",  # duration_ns x the device's factor (NULL: none yet)
+        "ALTER TABLE run ADD COLUMN calibration_id INTEGER REFERENCES device_calibration(id)",
+    ],
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -274,6 +274,50 @@ class ZooStore:
         await db.execute("UPDATE run SET selected=?, isolation=? WHERE uid=?",
                          (int(run.selected), _json(run.isolation), run.uid))
 
+    # --- device calibration (lemur_agent_server.evaluator.calibration) -------------------------------
+    _CALIBRATION_COLS = ("key", "device_kind", "device_name", "threads", "harness", "status", "median_ns", "spread",
+                         "times_ns", "factor", "detail", "created")
+
+    async def calibration_by_key(self, key: str) -> dict[str, Any] | None:
+        return await self.fetchone("SELECT * FROM device_calibration WHERE key=?", (key,))
+
+    async def add_calibration(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Store a device's calibration row (usually `pending`); a row already stored under the same key
+        (another job or server saw the device first) wins and is returned instead."""
+        cols = self._CALIBRATION_COLS
+        values = [_json(row.get(c)) if c in ("times_ns", "detail") else row.get(c) for c in cols]
+        async with self.transaction() as db:
+            await db.execute(f"INSERT INTO device_calibration({', '.join(cols)}) VALUES({','.join('?' * len(cols))})"
+                             " ON CONFLICT(key) DO NOTHING", values)
+        stored = await self.calibration_by_key(row["key"])
+        assert stored is not None
+        return stored
+
+    async def finish_calibration(self, key: str, row: dict[str, Any]) -> dict[str, Any] | None:
+        """A pending calibration's result (status ok or failed, times, factor) and, in the same
+        transaction, the normalized duration of every run that trained on the device meanwhile. The
+        first result wins: a row no longer pending is left as it is. Returns the stored row."""
+        fields = ("status", "median_ns", "spread", "times_ns", "factor", "detail", "created")
+        values = [_json(row.get(c)) if c in ("times_ns", "detail") else row.get(c) for c in fields]
+        async with self.transaction() as db:
+            cur = await db.execute(f"UPDATE device_calibration SET {', '.join(f + '=?' for f in fields)}"
+                                   " WHERE key=? AND status='pending'", (*values, key))
+            if cur.rowcount:
+                await db.execute(
+                    "UPDATE run SET duration_norm_ns=CAST(duration_ns * (SELECT factor FROM device_calibration"
+                    " WHERE key=? AND status='ok') AS INTEGER) WHERE calibration_id=(SELECT id FROM"
+                    " device_calibration WHERE key=?)", (key, key))
+        return await self.calibration_by_key(key)
+
+    @staticmethod
+    async def set_run_calibration_in(db: aiosqlite.Connection, run_uid: str, calibration_id: int) -> None:
+        """Which device calibration a run's time is measured against, and its training time on the
+        reference device (duration x the factor; NULL while the calibration is pending or if it failed)."""
+        await db.execute(
+            "UPDATE run SET calibration_id=?, duration_norm_ns=CAST(duration_ns * (SELECT factor FROM"
+            " device_calibration WHERE id=? AND status='ok') AS INTEGER) WHERE uid=?",
+            (calibration_id, calibration_id, run_uid))
+
     @staticmethod
     async def fill_model_stats_in(db: aiosqlite.Connection, model: Model) -> None:
         """Params, flops and fingerprint measured by the check, where the stored model has none yet."""

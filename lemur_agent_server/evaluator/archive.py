@@ -138,11 +138,18 @@ async def archive_trial(job: Job, model: Model, paths: JobPaths, prepared: datas
                 model_id, _ = await ZooStore.add_model_in(db, model)
                 await ZooStore.fill_model_stats_in(db, model)
                 run_id, _ = await ZooStore.add_run_in(db, model_id, run)
+                await _normalize_in(db, job, run.uid)
                 if trial.archived is not None:
                     await ZooStore.set_weights_in(db, run_id, *trial.archived)
         except ClaimLost:
             return False
     return True
+
+
+async def _normalize_in(db: Any, job: Job, run_uid: str) -> None:
+    """The run's duration on the reference device, from the calibration of the device the job ran on."""
+    if job.calibration is not None:
+        await ZooStore.set_run_calibration_in(db, run_uid, job.calibration.id)
 
 
 async def _hold(db: Any, job: Job) -> None:
@@ -162,6 +169,8 @@ async def store(job: Job, model: Model, runs: list[Run], selected: Trial | None,
         try:
             async with job.store.transaction() as db:
                 result.archived = await _store_in(db, model, runs, selected, result.duplicates)
+                for run in runs:
+                    await _normalize_in(db, job, run.uid)
                 if job.claim is not None and not await JobStore.finish_in(
                         db, job.claim, JobStatus(status), result.as_dict(), err):
                     raise ClaimLost(job.job_id)

@@ -83,6 +83,9 @@ class Job:
     first_step_at: float | None = None  # unix time the host saw the first optimizer step (for bench/)
     # the queue's hold on the job: every archive write checks it, and the job's end is written with it
     claim: Claim | None = None
+    # the device's calibration (evaluator.calibration), known before the job's clock started; None: runs
+    # get no normalized duration
+    calibration: Any = None
 
     @property
     def attempt(self) -> int:

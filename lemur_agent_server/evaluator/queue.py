@@ -30,6 +30,7 @@ import anyio.abc
 from lemur_agent_server.config import Settings
 from lemur_agent_server.evaluator import batching, jobfiles, pipeline
 from lemur_agent_server.evaluator.batching import new_job_id
+from lemur_agent_server.evaluator.calibration import Calibrator
 from lemur_agent_server.evaluator.dedup import experiment_key
 from lemur_agent_server.evaluator.executor import GpuPool, WorkerLost, make_backend, pool_gpus
 from lemur_agent_server.evaluator.requests import EvalRequest, admit
@@ -67,6 +68,9 @@ class JobQueue:
         self._check_slots = anyio.Semaphore(CHECK_CONCURRENCY)
         self.gpu_pool = GpuPool(pool_gpus(settings))  # one training job per GPU
         self.last_timings: dict[str, dict[str, float]] = {}
+        # device calibration (evaluator.calibration): local executor only, off with settings.calibrate=False
+        self.calibrator = (Calibrator(store, backend, settings.jobs_dir, int(settings.memory_gb * (1 << 30)))
+                           if settings.executor == "local" and getattr(settings, "calibrate", True) else None)
         self._tg: anyio.abc.TaskGroup | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------------
@@ -208,6 +212,29 @@ class JobQueue:
         self._notify(job_id)
         return status
 
+    async def _calibrate_while_idle(self, gpu: str | None) -> None:
+        """Measure this slot's device if it is pending, while no job runs here; a job that becomes
+        claimable (or starts in another slot) cancels the measurement, to be retried when idle again."""
+        calibrator = self.calibrator
+        if calibrator is None or self._running or not await calibrator.needs_measuring(gpu, self.settings.threads):
+            return
+        async with anyio.create_task_group() as tg:
+            async def give_way() -> None:
+                while not (self._running or await self._claimable()):
+                    with anyio.move_on_after(IDLE_POLL_S):
+                        await self._wakeup.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(give_way)
+            await calibrator.measure(gpu, self.settings.threads)
+            tg.cancel_scope.cancel()
+
+    async def _claimable(self) -> bool:
+        """Whether a queued job waits for a worker (of this server or another on the same zoo)."""
+        marks = ",".join("?" * len(WORKER_KINDS))
+        return await self.store.fetchone(f"SELECT 1 FROM job WHERE status=? AND cancel_requested=0 AND kind IN "
+                                         f"({marks}) LIMIT 1", (JobStatus.QUEUED, *WORKER_KINDS)) is not None
+
     # --- workers -----------------------------------------------------------------------------------
     def _job(self, job_id: str, kind: JobKind, request: EvalRequest,
              progress: Callable[[str, dict[str, Any]], Awaitable[None]], gpu: str | None = None) -> pipeline.Job:
@@ -228,6 +255,7 @@ class JobQueue:
                 if row is not None:
                     await self._run(row, Claim.of(row), gpu)
                     continue
+                await self._calibrate_while_idle(gpu)
             with anyio.move_on_after(IDLE_POLL_S):
                 await self._wakeup.wait()
             self._wakeup = anyio.Event() if self._wakeup.is_set() else self._wakeup
@@ -245,7 +273,11 @@ class JobQueue:
                 if await self.jobs.progress(claim, JobStatus(stage), info):
                     self._notify(job_id)
 
+        calibration = None
+        if self.calibrator is not None:  # before the job object: its clock starts when it is made
+            calibration = await self.calibrator.device(gpu, self.settings.threads)
         job = self._job(job_id, JobKind(row["kind"]), request, progress, gpu)
+        job.calibration = calibration
         job.claim = claim  # the archive's writes check it; a submission's end is written with it
         self._running[job_id] = job
         self._claims[job_id] = claim

@@ -84,8 +84,8 @@ def _validate(spec: protocol.JobSpec) -> None:
     problems: list[str] = []
     if spec.protocol != protocol.PROTOCOL_VERSION:
         problems.append(f"protocol {spec.protocol} but this runner speaks {protocol.PROTOCOL_VERSION}")
-    if spec.mode not in (protocol.MODE_CHECK, protocol.MODE_TRAIN, protocol.MODE_ANALYZE):
-        problems.append(f"mode must be 'check', 'train' or 'analyze', got {spec.mode!r}")
+    if spec.mode not in (protocol.MODE_CHECK, protocol.MODE_TRAIN, protocol.MODE_ANALYZE, protocol.MODE_CALIBRATE):
+        problems.append(f"mode must be 'check', 'train', 'analyze' or 'calibrate', got {spec.mode!r}")
     for name in list(spec.transforms) + (
         [spec.fixed_prm["transform"]] if "transform" in spec.fixed_prm else []
     ):
@@ -131,6 +131,10 @@ def _run(spec: protocol.JobSpec, emitter: Emitter, stage: list[str]) -> dict[str
         from sandbox.runner.analyze import run_analyze
 
         return run_analyze(spec, emitter, device)
+    if spec.mode == protocol.MODE_CALIBRATE:  # the fixed reference workload, no model (sandbox/runner/calibrate.py)
+        from sandbox.runner.calibrate import run_calibrate
+
+        return run_calibrate(spec, emitter, device)
 
     from sandbox.runner.budget import Budget
     from sandbox.runner.check import run_check
