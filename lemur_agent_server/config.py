@@ -25,6 +25,7 @@ ENV_EXECUTOR = "LEMUR_EXECUTOR"  # local | ray
 ENV_RAY_ADDRESS = "LEMUR_RAY_ADDRESS"  # auto | HOST:PORT
 ENV_NO_SEED = "LEMUR_NO_SEED"
 ENV_NO_BASELINES = "LEMUR_NO_BASELINES"  # do not queue the seed models' baseline evaluations on first start
+ENV_NO_CALIBRATE = "LEMUR_NO_CALIBRATE"  # do not time the reference workload on this server's devices
 
 DEFAULT_IMAGE = "lemur-agent-server-sandbox:latest"
 
@@ -42,6 +43,7 @@ class Settings:
     baseline_epochs: float = 2.0  # digits: 45 steps an epoch at batch 32, seconds on a CPU
     baseline_budget_s: float = 90.0  # SmallVGG took 20 s a half epoch on a loaded 2-core host
     baseline_max_train_samples: int | None = None  # None: the whole training split
+    calibrate: bool = True  # time the reference workload once per device while idle (evaluator.calibration)
     run_workers: bool = True
     token: str | None = None
     max_time_budget_s: float = 3600.0
@@ -85,6 +87,7 @@ class Settings:
             image=os.environ.get(ENV_IMAGE, DEFAULT_IMAGE),
             seed_zoo=os.environ.get(ENV_NO_SEED, "") not in ("1", "true", "yes"),
             baselines=os.environ.get(ENV_NO_BASELINES, "") not in ("1", "true", "yes"),
+            calibrate=os.environ.get(ENV_NO_CALIBRATE, "") not in ("1", "true", "yes"),
             token=os.environ.get(ENV_TOKEN) or None,
             stale_after_s=float(os.environ.get("LEMUR_STALE_AFTER_S", "15")),
             executor=os.environ.get(ENV_EXECUTOR) or "local",

@@ -56,6 +56,8 @@ class ModelRow(BaseModel):
     epoch: float = Field(description="Epochs trained at this point (0.5 = half an epoch)")
     accuracy: float | None = Field(description="Test accuracy in [0, 1], computed by the server")
     duration: int | None = Field(description="Training-only time until this point, nanoseconds")
+    duration_norm: int | None = Field(default=None, description="That time on the reference device, nanoseconds "
+                                                                "(device calibration); null: not calibrated")
     accuracy_to_time: float | None = Field(
         description="max(0, accuracy - chance) / (duration_ns / 1e11); higher is better")
     params: int | None = Field(description="Trainable + frozen parameter count")
@@ -78,6 +80,8 @@ class ModelScoreRow(BaseModel):
     accuracy_to_time: float | None = None
     epoch: float | None = None
     duration_s: float | None = Field(default=None, description="Training-only seconds of that run")
+    duration_norm_s: float | None = Field(default=None, description="That time on the reference device "
+                                                                      "(device calibration); null: not calibrated")
     runs: int = Field(default=0, description="Complete runs counted (0: none yet, e.g. a seed model)")
 
 

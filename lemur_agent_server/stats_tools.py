@@ -22,6 +22,7 @@ from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp.types import ImageContent, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field
 
+from lemur_agent_server.evaluator.calibration import REFERENCE_DESCRIPTION
 from lemur_agent_server.schemas import (
     MAX_NAME_CHARS,
     FilterText,
@@ -88,6 +89,9 @@ class LeaderboardRow(BaseModel):
         description="LEMUR's accuracy-to-time of that run: max(0, accuracy - chance) / (training ns / 1e11)")
     epoch: float | None = Field(description="Epoch of that run's point (its last, or the epoch filter)")
     duration_s: float | None = Field(description="Training-only time of that run up to that point, seconds")
+    duration_norm_s: float | None = Field(default=None, description=(
+        "That training time on the reference device (device calibration); null until the run's device is "
+        "calibrated"))
     params: int | None = Field(description="Trainable parameters of the model")
     flops: int | None = Field(description="FLOPs per forward pass of the model")
     runs: int = Field(description="Scored runs of this model on this task/dataset/metric")
@@ -95,7 +99,7 @@ class LeaderboardRow(BaseModel):
 
 
 class Leaderboard(BaseModel):
-    by: Literal["accuracy", "accuracy_to_time"]
+    by: Literal["accuracy", "accuracy_to_time", "accuracy_to_time_norm"]
     scope: str = Field(description="The filters applied, and what one row is computed from")
     total: int = Field(description="Ranked model/task/dataset/metric pairs matching the filters")
     rows: list[LeaderboardRow]
@@ -217,9 +221,11 @@ def register_stats_tools(mcp: MCPServer, get_zoo_path: Callable[[], Path]) -> No
 
     @tool(mcp, "leaderboard", READ_ONLY, description=LEADERBOARD_DESCRIPTION)
     async def leaderboard_tool(
-        by: Annotated[Literal["accuracy", "accuracy_to_time"], Field(
+        by: Annotated[Literal["accuracy", "accuracy_to_time", "accuracy_to_time_norm"], Field(
             description="Rank by test accuracy, or by LEMUR's accuracy-to-time (accuracy gained per training "
-                        "time; favours fast models)")] = "accuracy",
+                        "time; favours fast models), or accuracy_to_time_norm: the same with the training time "
+                        f"on {REFERENCE_DESCRIPTION} (runs of different machines compare; uncalibrated runs "
+                        "are not ranked)")] = "accuracy",
         task: Task = None,
         dataset: Dataset = None,
         metric: Metric = None,

@@ -31,9 +31,9 @@ from stats.scope import (
     sample_clause,
 )
 from zoo.jobs import JobKind
-from zoo.query import SCORE_ORDER_SQL, Filters, model_scores_sql, name_filter
+from zoo.query import SCORE_BY, SCORE_ORDER_SQL, Filters, model_scores_sql, name_filter
 
-LeaderboardBy = Literal["accuracy", "accuracy_to_time"]
+LeaderboardBy = Literal["accuracy", "accuracy_to_time", "accuracy_to_time_norm"]
 FAILED_STATUSES = tuple(str(s) for s in RunStatus if s.is_failure())
 SCATTER_CAP = 5_000  # points drawn in a scatter; the rest are summarised (front, counts)
 CORRELATION_CAP = 20_000  # runs sampled for correlations
@@ -126,8 +126,8 @@ def leaderboard(conn: sqlite3.Connection, f: Filters, by: LeaderboardBy = "accur
     Returns (rows, total number of ranked model/triple pairs). Each row carries the run that holds the
     score: its accuracy, accuracy-to-time, epoch, training time and uid, and the model's params/FLOPs.
     """
-    if by not in ("accuracy", "accuracy_to_time"):
-        raise ValueError(f"by must be accuracy or accuracy_to_time, not {by!r}")
+    if by not in SCORE_BY:
+        raise ValueError(f"by must be one of {', '.join(SCORE_BY)}, not {by!r}")
     scores, args = model_scores_sql(f, by, include_partial)
     df = _frame(conn, (
         f"SELECT s.*, COUNT(*) OVER () AS total FROM {scores} s "
@@ -145,8 +145,9 @@ def leaderboard(conn: sqlite3.Connection, f: Filters, by: LeaderboardBy = "accur
     df = df.merge(models, on="model_id", how="left").merge(uids, on="run_id", how="left")
     df.insert(0, "rank", range(offset + 1, offset + 1 + len(df)))
     df["duration_s"] = df["duration_ns"] / 1e9
+    df["duration_norm_s"] = pd.to_numeric(df["duration_norm_ns"], errors="coerce") / 1e9  # NaN: not calibrated
     cols = ["rank", "name", "task", "dataset", "metric", "accuracy", "accuracy_to_time", "epoch", "duration_s",
-            "params", "flops", "runs", "run_uid", "model_id"]
+            "duration_norm_s", "params", "flops", "runs", "run_uid", "model_id"]
     return df[cols], total
 
 

@@ -38,6 +38,7 @@ def make_settings(tmp_path: Path, data_root: Path):
         settings.threads = 2
         settings.memory_gb = 4.0
         settings.baselines = False  # a test that wants the seed baselines passes baselines=True
+        settings.calibrate = False  # idle calibration sandboxes would share the CPU with the test's jobs
         for key, value in overrides.items():
             setattr(settings, key, value)
         return settings

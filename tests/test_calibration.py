@@ -168,6 +168,21 @@ async def test_queries_rank_by_the_time_on_the_reference_device_when_asked(tmp_p
     assert scored[0]["score"] == pytest.approx(accuracy_to_time(0.9, 0.1, 10 * 10**9))
 
 
+async def test_the_leaderboard_ranks_on_the_reference_device_when_asked(tmp_path):
+    """The same two runs through the leaderboard tool's code: by accuracy_to_time the 4 s run wins, by
+    accuracy_to_time_norm the run that is faster on the common scale does, and each row shows that time."""
+    from lemur_agent_server.stats_tools import leaderboard
+
+    async with await ZooStore.open(tmp_path / "zoo.sqlite") as store:
+        await add_calibrated_run(store, "slow-cpu", 10.0, 1.0)
+        await add_calibrated_run(store, "fast-gpu", 4.0, 4.0)
+    raw = await leaderboard(tmp_path / "zoo.sqlite", Filters(), "accuracy_to_time")
+    norm = await leaderboard(tmp_path / "zoo.sqlite", Filters(), "accuracy_to_time_norm")
+    assert [r.name for r in raw.rows] == ["fast-gpu", "slow-cpu"]
+    assert [(r.name, r.duration_norm_s) for r in norm.rows] == [("slow-cpu", 10.0), ("fast-gpu", 16.0)]
+    assert norm.by == "accuracy_to_time_norm"
+
+
 def test_the_calibration_plot_shows_each_device_and_the_same_model_on_two_devices(tmp_path):
     """slow-cpu's model trained on both devices: 10 s on the reference-speed one, 2.6 s on the one 4x faster
     (10.4 s on the reference scale, a 3.9 % gap); the picture and its summary say so."""

@@ -70,7 +70,7 @@ class JobQueue:
         self.last_timings: dict[str, dict[str, float]] = {}
         # device calibration (evaluator.calibration): local executor only, off with settings.calibrate=False
         self.calibrator = (Calibrator(store, backend, settings.jobs_dir, int(settings.memory_gb * (1 << 30)))
-                           if settings.executor == "local" and getattr(settings, "calibrate", True) else None)
+                           if settings.executor == "local" and settings.calibrate else None)
         self._tg: anyio.abc.TaskGroup | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------------
