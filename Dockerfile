@@ -23,7 +23,8 @@ RUN set -eu; \
     echo /opt/lemur/site > "$site_dir/zz-lemur-sandbox.pth"
 
 # The runner only (it imports the standard library, numpy, torch, torchvision, optuna, safetensors and
-# sandbox.protocol). Copied last: a runner change rebuilds only these small layers.
+# sandbox.protocol; for export_onnx also onnx and onnxscript, whose absence it reports as the job's
+# onnx_error). Copied last: a runner change rebuilds only these small layers.
 COPY sandbox/__init__.py sandbox/protocol.py /opt/lemur/sandbox/
 COPY sandbox/runner/ /opt/lemur/sandbox/runner/
 

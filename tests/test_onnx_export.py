@@ -81,6 +81,7 @@ def test_check_nn_exports_onnx_that_onnxruntime_runs_like_the_torch_model(tmp_pa
                                                                           monkeypatch: pytest.MonkeyPatch):
     zoo, save_path, name, result, warned = _check_nn(models.GOOD, tmp_path, data_root, monkeypatch)
     assert warned == [] and "onnx_error" not in result
+    assert result["isolation"]["backend"] == SANDBOX  # exported inside the sandbox under test
     exported = save_path / api.ONNX_FILE
     onnx.checker.check_model(onnx.load(str(exported)), full_check=True)
     digest = hashlib.sha256(exported.read_bytes()).hexdigest()
@@ -171,3 +172,35 @@ def test_the_weights_migration_keeps_every_row_and_allows_one_per_format(tmp_pat
     with pytest.raises(sqlite3.IntegrityError):
         conn.execute("INSERT INTO weights(run_id, sha256, size, path) VALUES(7, 'x', 1, 'x')")
     conn.close()
+
+
+@pytest.mark.anyio
+async def test_submit_model_export_onnx_survives_repeats_and_shows_in_get_model(make_settings):
+    from mcp import Client
+
+    from lemur_agent_server.server import build_server
+
+    settings = make_settings(seed_zoo=False, sandbox=SANDBOX)
+    async with Client(build_server(settings)) as client:
+        async def call(tool: str, **args):
+            answer = await client.call_tool(tool, args)
+            assert not answer.is_error, answer.content[0].text
+            return answer.structured_content
+
+        job = await call("submit_model", code=models.GOOD, dataset=DATASET, n_trials=2, repeats=2, epochs=1.0,
+                         prm={"batch": 32}, max_train_samples=400, time_budget_s=120, export_onnx=True)
+        while not job["done"]:
+            job = await call("get_job", job_id=job["job_id"], wait_s=20)
+        assert job["status"] == "succeeded", job
+        result = job["result"]
+        # the search's selected trial is exported (its weights' twin); the repeat, a fresh phase that
+        # empties out/, neither exports nor loses it
+        assert "onnx_error" not in result, result
+        detail = await call("get_model", name=job["model_name"])
+    files = {f["format"]: f for f in detail["weights"]["files"]}
+    assert files["onnx"]["sha256"] == result["onnx"]["sha256"]
+    assert detail["weights"]["run_uid"].endswith(f":t{result['selected_trial']}")
+    exported = weights_dir_of(settings.zoo_path) / files["onnx"]["path"]
+    session = onnxruntime.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {session.get_inputs()[0].name: np.zeros((3, 1, 32, 32), np.float32)})
+    assert logits.shape == (3, 10)
