@@ -133,8 +133,8 @@ async def copy_onnx(job: Job, paths: JobPaths, trial: Trial) -> None:
         trial.onnx_error = f"the sandbox's ONNX file was rejected: {exc}"
 
 
-NO_ONNX_EVENT = ("the sandbox reported no ONNX export (a sandbox image older than export_onnx? rebuild it: "
-                 "lemur-agent-server sandbox build)")
+NO_ONNX_EVENT = ("the sandbox reported no ONNX export of the selected trial (a sandbox image from before "
+                 "export_onnx? rebuild it: lemur-agent-server sandbox build)")
 
 
 def onnx_result(job: Job, selected: Trial | None) -> dict[str, Any]:
