@@ -204,3 +204,23 @@ async def test_submit_model_export_onnx_survives_repeats_and_shows_in_get_model(
     session = onnxruntime.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
     (logits,) = session.run(None, {session.get_inputs()[0].name: np.zeros((3, 1, 32, 32), np.float32)})
     assert logits.shape == (3, 10)
+
+
+def test_the_runner_says_why_it_does_not_start_an_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import time
+
+    from sandbox.runner import onnx_export
+    from sandbox.runner.budget import Budget
+
+    (tmp_path / "weights").mkdir()
+    (tmp_path / protocol.weights_name(1)).write_bytes(b"x" * 1000)
+    job = types.SimpleNamespace(out_dir=tmp_path, budget=Budget(time.monotonic(), 60.0))
+    prm = {"transform": "norm_32"}
+    assert "no trial reached" in onnx_export._why_not(job, None, None)
+    assert "trial 0 kept no weights" in onnx_export._why_not(job, 0, prm)
+    assert onnx_export._why_not(job, 1, prm) is None
+    monkeypatch.setattr(onnx_export, "MAX_OUT_BYTES", 1500)  # out/ would hold the weights twice
+    assert "too large to export" in onnx_export._why_not(job, 1, prm)
+    monkeypatch.undo()
+    late = types.SimpleNamespace(out_dir=tmp_path, budget=Budget(time.monotonic() - 58.0, 60.0))
+    assert "raise time_budget_s" in onnx_export._why_not(late, 1, prm)
