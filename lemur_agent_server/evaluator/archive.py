@@ -139,13 +139,14 @@ NO_ONNX_EVENT = ("the sandbox reported no ONNX export of the selected trial (a s
 
 def onnx_result(job: Job, selected: Trial | None) -> dict[str, Any]:
     """The result's ONNX part when the request asked for it: `onnx` {sha256, size, path (in the zoo's
-    weights dir), format} of the selected trial's export, or `onnx_error` saying why there is none."""
+    weights dir), format, exporter, seconds, fallback_from} of the selected trial's export, or `onnx_error`
+    saying why there is none."""
     if not job.request.export_onnx or selected is None:
         return {}
     if selected.onnx_archived is not None:
         sha, size, rel = selected.onnx_archived
         return {"onnx": {"sha256": sha, "size": size, "path": rel, "format": onnx_files.FORMAT,
-                         "exporter": selected.onnx_exporter}}
+                         **selected.onnx_detail}}
     return {"onnx_error": selected.onnx_error or NO_ONNX_EVENT}
 
 

@@ -52,7 +52,8 @@ class Trial:
     onnx: str | None = None  # out/ path of its ONNX export (the `onnx` event), then `onnx_archived`
     onnx_archived: tuple[str, int, str] | None = None
     onnx_error: str | None = None  # why there is no ONNX file (the runner's reason, or the host's)
-    onnx_exporter: str | None = None  # which of torch's exporters made it (dynamo, torchscript)
+    # what the runner said of it: exporter (dynamo | torchscript), seconds, fallback_from (the errors before)
+    onnx_detail: dict[str, Any] = dataclasses.field(default_factory=dict)
     started_at: float = dataclasses.field(default_factory=time.monotonic)
     repeat: int = 0
 
@@ -110,6 +111,14 @@ def exit_failure(exit: Exit, stage: str) -> dict[str, Any] | None:
         return failure(stage, FailureKind.SANDBOX, f"The sandbox ended with {how} without reporting an error.",
                        log_tail=tail)
     return None
+
+
+def _onnx_detail(event: dict[str, Any]) -> dict[str, Any]:
+    """The `onnx` event's description of a made file, bounded (the runner's words are untrusted)."""
+    fallback = event.get("fallback_from")
+    return {"exporter": str(event.get("exporter") or "")[:40] or None,
+            "seconds": float(event["seconds"]) if is_number(event.get("seconds")) else None,
+            "fallback_from": [str(e)[:600] for e in fallback[:4]] if isinstance(fallback, list) and fallback else None}
 
 
 def _finite(value: float) -> float | None:
@@ -219,7 +228,7 @@ class Phase:
             return
         if isinstance(event.get("file"), str):
             trial.onnx = event["file"]
-            trial.onnx_exporter = str(event.get("exporter") or "")[:40] or None
+            trial.onnx_detail = _onnx_detail(event)
         else:
             trial.onnx_error = str(event.get("error") or "the sandbox exported no ONNX file")[:2000]
 
