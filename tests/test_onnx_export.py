@@ -35,6 +35,8 @@ SANDBOX = os.environ.get("LEMUR_TEST_SANDBOX", "process")
 # torch.histc has no ONNX function in either exporter (dynamo: NotImplementedError, TorchScript:
 # UnsupportedOperatorError); multiplied by 0 it leaves the logits, and so the training, as they are
 UNEXPORTABLE = models.tiny(forward_extra="x = x + 0 * torch.histc(x, bins=4).sum()")
+# a Python branch on a tensor's value: torch.export cannot capture it, the TorchScript tracer records the branch taken
+DATA_DEPENDENT = models.tiny(forward_extra="x = x * 2 if float(x.mean()) > 100 else x")
 
 
 def _check_nn(code: str, tmp_path: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch, save_to_db: bool = True):
@@ -119,6 +121,17 @@ def test_a_model_the_exporters_cannot_handle_still_succeeds_with_onnx_error(tmp_
     assert not (save_path / api.ONNX_FILE).exists() and (save_path / "1.json").exists()
     weights = _model_detail(zoo, name)["weights"]
     assert [f["format"] for f in weights["files"]] == ["safetensors"]
+
+
+def test_a_model_torch_export_cannot_capture_falls_back_to_the_torchscript_exporter(
+        tmp_path: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch):
+    _zoo, save_path, _name, result, warned = _check_nn(DATA_DEPENDENT, tmp_path, data_root, monkeypatch)
+    assert warned == [] and result["onnx"]["exporter"] == "torchscript"
+    (why,) = result["onnx"]["fallback_from"]
+    assert why.startswith("dynamo exporter: ") and "data-dependent" in why
+    session = onnxruntime.InferenceSession(str(save_path / api.ONNX_FILE), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {session.get_inputs()[0].name: np.zeros((4, 1, 32, 32), np.float32)})
+    assert logits.shape == (4, 10)  # the batch dimension stays dynamic with this exporter too
 
 
 def test_without_save_to_db_the_onnx_file_still_reaches_save_path(tmp_path: Path, data_root: Path,
