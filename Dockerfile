@@ -23,7 +23,8 @@ RUN set -eu; \
     echo /opt/lemur/site > "$site_dir/zz-lemur-sandbox.pth"
 
 # The runner only (it imports the standard library, numpy, torch, torchvision, optuna, safetensors and
-# sandbox.protocol). Copied last: a runner change rebuilds only these small layers.
+# sandbox.protocol; for export_onnx also onnx and onnxscript, whose absence it reports as the job's
+# onnx_error). Copied last: a runner change rebuilds only these small layers.
 COPY sandbox/__init__.py sandbox/protocol.py /opt/lemur/sandbox/
 COPY sandbox/runner/ /opt/lemur/sandbox/runner/
 
@@ -49,7 +50,7 @@ RUN set -eu; \
     chmod -R a+rX,go-w /opt/lemur; \
     find / -xdev -type f -perm /6000 -exec chmod ug-s {} + 2>/dev/null || true; \
     mkdir -p /job/in /job/out /data; \
-    python3 -c "import numpy, torch, torchvision, optuna, safetensors, sandbox.protocol, sandbox.runner"
+    python3 -c "import numpy, torch, torchvision, optuna, safetensors, onnx, onnxscript, sandbox.protocol, sandbox.runner"
 
 LABEL org.opencontainers.image.title="lemur-agent-server sandbox runner" \
       lemur-agent-server.sandbox-image="1"

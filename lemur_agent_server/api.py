@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -143,22 +145,36 @@ def lemur_name(nn_code: str, prefix: str | None = None) -> str:
     return codehash.model_name(prefix, nn_code)
 
 
-def _refuse_unsupported(export_onnx: bool, transform_dir: str | os.PathLike[str] | None) -> None:
+def _refuse_unsupported(transform_dir: str | os.PathLike[str] | None) -> None:
     """Options LEMUR has that we cannot honour: say so before any work, never ignore them silently."""
     if transform_dir is not None:
         raise UnsupportedOptionError(
             f"transform_dir={str(transform_dir)!r}: custom transform code is not run here (untrusted code runs "
             f"only inside the sandbox, and transforms are ours). Pass transform_dir=None and set prm['transform'] "
             f"to one of: {', '.join(datasets.ALL_TRANSFORMS)}.", {"error": {"kind": "unsupported_option"}})
-    if export_onnx:
-        raise UnsupportedOptionError(
-            "export_onnx=True: ONNX export is not available yet (it must run inside the sandbox, which does not "
-            "export ONNX today). Call with export_onnx=False; the selected weights are archived as safetensors "
-            "(see the job's result 'weights').", {"error": {"kind": "unsupported_option"}})
+
+
+ONNX_FILE = "best_model.onnx"  # LEMUR's name for the exported model (its out/ckpt/<name>/best_model.onnx)
+
+
+def _save_onnx(zoo_path: Path, res: dict[str, Any], save_path: str | os.PathLike[str] | None) -> None:
+    """The job's archived ONNX export copied to `save_path/best_model.onnx`; a model that could not be
+    exported is no failure of the training: a warning says why there is no file."""
+    from zoo.store import weights_dir_of
+
+    onnx = res.get("onnx")
+    if not isinstance(onnx, dict):
+        warnings.warn(f"check_nn: no ONNX export: {res.get('onnx_error') or 'the job reported none'}",
+                      stacklevel=3)
+        return
+    if save_path is not None:
+        target = Path(save_path) / ONNX_FILE
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(weights_dir_of(zoo_path) / onnx["path"], target)
 
 
 def _request(nn_code: str, task: str, dataset: str, metric: str, prm: dict[str, Any], prefix: str | None,
-             epoch_limit_minutes: float, max_train_samples: int | None) -> Any:
+             epoch_limit_minutes: float, max_train_samples: int | None, export_onnx: bool = False) -> Any:
     from lemur_agent_server.evaluator.requests import EvalRequest
 
     fixed = copy.deepcopy(dict(prm))
@@ -169,7 +185,7 @@ def _request(nn_code: str, task: str, dataset: str, metric: str, prm: dict[str, 
         return EvalRequest(code=nn_code, task=task, dataset=dataset, metric=metric, prm=fixed, n_trials=1,
                            epochs=epochs, eval_every=min(0.5, epochs),
                            time_budget_s=max(30.0, epoch_limit_minutes * 60 * epochs), name_prefix=prefix,
-                           max_train_samples=max_train_samples)
+                           max_train_samples=max_train_samples, export_onnx=bool(export_onnx))
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         raise InvalidRequestError(f"check_nn: bad arguments: {exc}", {"error": {"kind": "invalid_request",
                                                                                 "message": str(exc)}}) from None
@@ -258,14 +274,21 @@ def check_nn(nn_code: str, task: str, dataset: str, metric: str, prm: dict[str, 
 
     `save_path`: LEMUR's statistics files, one `<epoch>.json` per epoch, added to what is there.
     Unlike LEMUR they are written whether or not `save_to_db` is set. `prm` is never mutated.
+    `export_onnx`: the selected trial's model with its weights is exported to ONNX inside the sandbox,
+    archived beside its safetensors (get_model's `weights.files`, format 'onnx') and, with `save_path`,
+    copied to `save_path/best_model.onnx` once the job succeeded (whatever its accuracy). A model the
+    exporter cannot handle still trains: the result's `onnx_error` says why, and a warning repeats it.
 
     Raises a `CheckNNError` subclass per failure kind (see lemur_agent_server.api_errors), each with
     `.result`; `AccuracyError` (alias `AccuracyException`) when accuracy is not above 1.2 x chance.
     """
-    _refuse_unsupported(export_onnx, transform_dir)
-    request = _request(nn_code, task, dataset, metric, prm, prefix, epoch_limit_minutes, max_train_samples)
+    _refuse_unsupported(transform_dir)
+    request = _request(nn_code, task, dataset, metric, prm, prefix, epoch_limit_minutes, max_train_samples,
+                       export_onnx)
     zoo_path, job_id, outcome = _run_job(request, save_to_db, zoo, sandbox)
     result = {"job_id": job_id, "status": outcome.status, "result": outcome.result, "error": outcome.error}
+    if export_onnx and outcome.status == JobStatus.SUCCEEDED:
+        _save_onnx(zoo_path, outcome.result or {}, save_path)
     return _lemur_tuple(result, nn_code, task, dataset, metric, prm, prefix, zoo_path, save_path)
 
 

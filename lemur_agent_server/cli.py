@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--seed", type=int, default=0)
             p.add_argument("--prefix")
             p.add_argument("--max-train-samples", type=int)
+            p.add_argument("--export-onnx", action="store_true", default=None,
+                           help="also export the selected trial's model to ONNX (archived beside its weights)")
             p.add_argument("--wait", action="store_true", help="run the job here and show a progress bar")
 
     imp = sub.add_parser("import-lemur", help="import a LEMUR nn-dataset checkout, wheel or 2.2 database (ab.nn.db)")
@@ -340,7 +342,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     settings = _settings(args)
     shared = {"task": args.task, "dataset": args.dataset, "prm": args.prm, "n_trials": args.trials,
               "epochs": args.epochs, "time_budget_s": args.budget_s, "eval_every": args.eval_every, "seed": args.seed,
-              "name_prefix": args.prefix, "max_train_samples": args.max_train_samples}
+              "name_prefix": args.prefix, "max_train_samples": args.max_train_samples, "export_onnx": args.export_onnx}
     shared = {k: v for k, v in shared.items() if v is not None}  # unset: the request's default (epochs: prm's)
     requests = [EvalRequest(code=_read_code(path), **shared) for path in args.file]
     if len(requests) > 1:

@@ -309,6 +309,10 @@ def register_job_tools(mcp: MCPServer, state: AppState) -> None:
         max_train_samples: Annotated[int | None, Field(
             description="Train on at most this many images (quick experiments); test accuracy always uses "
                         "the full test split", ge=16)] = None,
+        export_onnx: Annotated[bool, Field(
+            description="Also export the selected trial's model with its weights to ONNX (in the sandbox); "
+                        "get_model lists it in weights.files (format 'onnx'). A model that cannot be exported "
+                        "still succeeds: the result's onnx_error says why")] = False,
     ) -> JobView:
         """Train and score new model code: static checks at once, then (in a job) a sandboxed check and a
         time-boxed Optuna search on the dataset; accuracy is computed by the server on the held-out
@@ -320,7 +324,7 @@ def register_job_tools(mcp: MCPServer, state: AppState) -> None:
         return await submit_model(state, build_request(
             code=code, dataset=dataset, task=task, metric=metric, prm=prm or {}, search_space=search_space or {},
             n_trials=n_trials, epochs=epochs, time_budget_s=time_budget_s, eval_every=eval_every, seed=seed,
-            repeats=repeats, name_prefix=name_prefix, max_train_samples=max_train_samples))
+            repeats=repeats, name_prefix=name_prefix, max_train_samples=max_train_samples, export_onnx=export_onnx))
 
     @tool(mcp, "get_job", ToolAnnotations(read_only_hint=True, open_world_hint=False))
     async def get_job_tool(

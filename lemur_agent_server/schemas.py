@@ -196,7 +196,8 @@ class ModelDetail(BaseModel):
     best_run: dict[str, Any] | None = Field(description="The run with the highest test accuracy")
     curve: list[CurvePoint] = Field(description="Learning curve of the best run")
     weights: dict[str, Any] | None = Field(description="Weights file (safetensors) of the best run that kept "
-                                                 "one: sha256, size, path, run_uid, run_accuracy")
+                                                 "one: sha256, size, path, run_uid, run_accuracy; `files`: every "
+                                                 "file of that run, one per format (safetensors, onnx)")
     recent_runs: list[dict[str, Any]]
     same_architecture: list[str] = Field(description="Other models with the same fingerprint")
     lemur: LemurMeasurements | None = Field(

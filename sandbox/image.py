@@ -69,7 +69,7 @@ _SUITE_PYTHON = {"bookworm": ("3.11", "2.36"), "trixie": ("3.13", "2.41")}
 # Overridable (whitespace-separated pip requirement specifiers) for other torch pairs.
 BASE_REQUIREMENTS = tuple(os.environ.get("LEMUR_SANDBOX_TORCH", "torch==2.14.1 torchvision==0.29.1 numpy").split())
 # What the runner imports; the Dockerfile installs whichever of these the base lacks.
-RUNNER_REQUIREMENTS = ("numpy", "torch", "torchvision", "optuna", "safetensors")
+RUNNER_REQUIREMENTS = ("numpy", "torch", "torchvision", "optuna", "safetensors", "onnx", "onnxscript")
 _LOCAL_BASE_VERSION = "1"  # bump when the recipe below changes (part of the default local base tag)
 _DIGEST_LABEL = "lemur-agent-server.build-digest"
 _TORCH_NAMES = {"torch", "torchvision"}

@@ -201,6 +201,7 @@ class JobSpec:
     # analyze mode: [{id, file (a name in in/), image_shape, num_classes, mean, std, transform}], one event each
     models: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     model_timeout_s: float = 30.0  # analyze mode: a model that takes longer is skipped (SIGALRM)
+    export_onnx: bool = False  # train mode: after the search, the selected trial as ONNX (EVENT_ONNX)
     protocol: int = PROTOCOL_VERSION
 
     def to_json(self) -> str:
@@ -493,3 +494,14 @@ EVENT_TRIAL_RETRY = "trial_retry"
 # --- calibrate mode (sandbox/runner/calibrate.py; host side lemur_agent_server/evaluator/calibration.py) ---
 MODE_CALIBRATE = "calibrate"  # time the fixed reference workload on the sandbox's device; no model, no data
 EVENT_CALIBRATED = "calibrated"  # {workload_version, steps, repeats, batch, times_ns: [ns per timed block], threads}
+
+# --- ONNX export (train mode with JobSpec.export_onnx) ----------------------------------------------
+# After the search the runner rebuilds the trial whose weights it kept, loads them and exports it with
+# torch's ONNX exporter; then one EVENT_ONNX: {trial, file, exporter, bytes, seconds} or {trial, error}.
+# The job never fails for it: an export that cannot be made is only an `error` text in that event.
+EVENT_ONNX = "onnx"
+
+
+def onnx_name(trial: int) -> str:
+    """File name (relative to out/) of a trial's exported ONNX model."""
+    return f"onnx/t{trial}.onnx"

@@ -28,7 +28,8 @@ fi
 if [ -x scripts/build-sandbox-image.sh ] || [ -f scripts/build-sandbox-image.sh ]; then
   bash scripts/build-sandbox-image.sh
 fi
-# Ray for the --executor ray tests (tests/test_ray_executor.py start a loopback cluster themselves)
+# Ray for the --executor ray tests (tests/test_ray_executor.py start a loopback cluster themselves); onnx,
+# onnxscript and onnxruntime for the export_onnx tests (the process sandbox runs on this Python)
 PY="${PYTHON:-.venv/bin/python}"; [ -x "$PY" ] || PY=python3
-"$PY" -m pip install -q -e '.[ray]'
+"$PY" -m pip install -q -e '.[ray,onnx,test]'
 echo "test dependencies ready" >&2

@@ -65,8 +65,6 @@ def test_unsupported_options_refused_before_any_work(tmp_path: Path):
                      zoo=zoo)
     assert "norm_32" in str(custom.value) and "/my/transforms" in str(custom.value)
     assert isinstance(custom.value, api.CheckNNError)
-    with pytest.raises(api.UnsupportedOptionError, match="ONNX export is not available"):
-        api.check_nn(models.GOOD, "img-classification", "digits", "acc", dict(PRM), True, None, None, True, zoo=zoo)
     assert not zoo.exists()  # refused before the zoo was even opened
     with pytest.raises(api.InvalidRequestError, match="dataset"):
         api.check_nn(models.GOOD, "img-classification", "no-such-set", "acc", dict(PRM), zoo=zoo)

@@ -266,6 +266,22 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE run ADD COLUMN duration_norm_ns INTEGER",  # duration_ns x the device's factor (NULL: none yet)
         "ALTER TABLE run ADD COLUMN calibration_id INTEGER REFERENCES device_calibration(id)",
     ],
+    # version 6 (onnx): one weights row per run AND format, so a run keeps its ONNX export (format 'onnx')
+    # beside its safetensors; SQLite cannot change a primary key in place, so the table is rebuilt
+    [
+        """CREATE TABLE weights_by_format (
+            run_id INTEGER NOT NULL REFERENCES run(id) ON DELETE CASCADE,
+            sha256 TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            path TEXT NOT NULL,               -- relative to the zoo's weights dir
+            format TEXT NOT NULL DEFAULT 'safetensors',  -- safetensors | onnx
+            PRIMARY KEY (run_id, format)
+        )""",
+        "INSERT INTO weights_by_format(run_id, sha256, size, path, format) "
+        "SELECT run_id, sha256, size, path, format FROM weights",
+        "DROP TABLE weights",
+        "ALTER TABLE weights_by_format RENAME TO weights",
+    ],
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

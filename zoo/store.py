@@ -24,6 +24,11 @@ from zoo.jobs import JobStore
 from zoo.query import Filters, Page, count_sql, decode_row, encode_cursor, page_sql
 from zoo.records import Model, Run
 
+
+def weights_dir_of(zoo_path: Path) -> Path:
+    """Where a zoo's weights files live (content-addressed; the rows' `path` is relative to it)."""
+    return zoo_path.parent / (zoo_path.stem + "-weights")
+
 _FAILED_RUN_SQL = ",".join(f"'{s}'" for s in RunStatus if s.is_failure())
 
 
@@ -79,7 +84,7 @@ class ZooStore:
 
     @property
     def weights_dir(self) -> Path:
-        return self.path.parent / (self.path.stem + "-weights")
+        return weights_dir_of(self.path)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -259,12 +264,14 @@ class ZooStore:
             await self.set_weights_in(db, run_id, sha256, size, rel_path)
 
     @staticmethod
-    async def set_weights_in(db: aiosqlite.Connection, run_id: int, sha256: str, size: int, rel_path: str) -> None:
-        """The run's weights row (replaced if it has one) inside the caller's transaction."""
+    async def set_weights_in(db: aiosqlite.Connection, run_id: int, sha256: str, size: int, rel_path: str,
+                             fmt: str = "safetensors") -> None:
+        """The run's weights row of format `fmt` (replaced if it has one) inside the caller's transaction;
+        a run has one per format (its safetensors, and its ONNX export when one was asked for)."""
         await db.execute(
-            "INSERT INTO weights(run_id, sha256, size, path) VALUES(?,?,?,?) "
-            "ON CONFLICT(run_id) DO UPDATE SET sha256=excluded.sha256, size=excluded.size, path=excluded.path",
-            (run_id, sha256, size, rel_path),
+            "INSERT INTO weights(run_id, sha256, size, path, format) VALUES(?,?,?,?,?) ON CONFLICT(run_id, format) "
+            "DO UPDATE SET sha256=excluded.sha256, size=excluded.size, path=excluded.path",
+            (run_id, sha256, size, rel_path, fmt),
         )
 
     @staticmethod
@@ -367,9 +374,13 @@ class ZooStore:
                 # the best run that kept weights (a repeat's rerun keeps none: the selected trial does)
                 w = await (await db.execute(
                     "SELECT w.*, r.uid AS run_uid, r.accuracy AS run_accuracy FROM weights w JOIN run r "
-                    "ON r.id = w.run_id WHERE r.model_id=? ORDER BY r.accuracy DESC, r.id LIMIT 1",
-                    (model["id"],))).fetchone()
+                    "ON r.id = w.run_id WHERE r.model_id=? AND w.format='safetensors' "
+                    "ORDER BY r.accuracy DESC, r.id LIMIT 1", (model["id"],))).fetchone()
                 weights = dict(w) if w else None
+                if weights is not None:  # every file of that run, one per format (safetensors, onnx)
+                    weights["files"] = [dict(f) for f in await db.execute_fetchall(
+                        "SELECT format, sha256, size, path FROM weights WHERE run_id=? ORDER BY format",
+                        (weights["run_id"],))]
             recent = [dict(r) for r in await db.execute_fetchall(
                 "SELECT uid, task, dataset, metric, status, accuracy, epochs, duration_ns, prm, error, created "
                 "FROM run WHERE model_id=? ORDER BY created DESC, id DESC LIMIT 10", (model["id"],))]

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from lemur_agent_server.evaluator import jobfiles
+from lemur_agent_server.evaluator import jobfiles, onnx_files
 from lemur_agent_server.evaluator.outcome import Archived, JobResult
 from lemur_agent_server.evaluator.phase import Trial, select
 from sandbox import datasets
@@ -109,7 +109,9 @@ async def duplicates(store: ZooStore, model: Model, same_code: list[str]) -> dic
 
 
 async def copy_weights(job: Job, paths: JobPaths, trial: Trial) -> None:
-    """Copy the trial's weights into the store, once, while they are still in out/ (a repeat resets it)."""
+    """Copy the trial's weights into the store, once, while they are still in out/ (a repeat resets it);
+    its ONNX export too, once the runner made one."""
+    await copy_onnx(job, paths, trial)
     if trial.weights is None or trial.archived is not None or trial.weights_error is not None:
         return
     try:
@@ -117,6 +119,40 @@ async def copy_weights(job: Job, paths: JobPaths, trial: Trial) -> None:
                                                         job.store.weights_dir)
     except jobfiles.OutputError as exc:
         trial.weights_error = str(exc)
+
+
+async def copy_onnx(job: Job, paths: JobPaths, trial: Trial) -> None:
+    """Copy the trial's ONNX export into the store (beside the safetensors), once; a bad file becomes
+    the trial's `onnx_error`, never the job's failure."""
+    if trial.onnx is None or trial.onnx_archived is not None or trial.onnx_error is not None:
+        return
+    try:
+        trial.onnx_archived = await anyio.to_thread.run_sync(onnx_files.archive_onnx, paths.out_dir, trial.onnx,
+                                                             job.store.weights_dir)
+    except jobfiles.OutputError as exc:
+        trial.onnx_error = f"the sandbox's ONNX file was rejected: {exc}"
+
+
+NO_ONNX_EVENT = ("the sandbox reported no ONNX export of the selected trial (a sandbox image from before "
+                 "export_onnx? rebuild it: lemur-agent-server sandbox build)")
+
+
+def onnx_result(job: Job, selected: Trial | None) -> dict[str, Any]:
+    """The result's ONNX part when the request asked for it: `onnx` {sha256, size, path (in the zoo's
+    weights dir), format, exporter, seconds, fallback_from} of the selected trial's export, or `onnx_error`
+    saying why there is none."""
+    if not job.request.export_onnx or selected is None:
+        return {}
+    if selected.onnx_archived is not None:
+        sha, size, rel = selected.onnx_archived
+        return {"onnx": {"sha256": sha, "size": size, "path": rel, "format": onnx_files.FORMAT,
+                         **selected.onnx_detail}}
+    return {"onnx_error": selected.onnx_error or NO_ONNX_EVENT}
+
+
+def result_dict(job: Job, result: JobResult, selected: Trial | None) -> dict[str, Any]:
+    """The job's result as stored and shown: `result.as_dict()` plus its ONNX part."""
+    return {**result.as_dict(), **onnx_result(job, selected)}
 
 
 async def archive_trial(job: Job, model: Model, paths: JobPaths, prepared: datasets.PreparedDataset,
@@ -172,7 +208,7 @@ async def store(job: Job, model: Model, runs: list[Run], selected: Trial | None,
                 for run in runs:
                     await _normalize_in(db, job, run.uid)
                 if job.claim is not None and not await JobStore.finish_in(
-                        db, job.claim, JobStatus(status), result.as_dict(), err):
+                        db, job.claim, JobStatus(status), result_dict(job, result, selected), err):
                     raise ClaimLost(job.job_id)
         except ClaimLost:
             result.archived = None
@@ -193,5 +229,7 @@ async def _store_in(db: Any, model: Model, runs: list[Run], selected: Trial | No
             sha, size, rel = selected.archived
             await ZooStore.set_weights_in(db, run_id, sha, size, rel)
             weights = {"sha256": sha, "size": size}
+        if run.selected and selected is not None and selected.onnx_archived is not None:
+            await ZooStore.set_weights_in(db, run_id, *selected.onnx_archived, fmt=onnx_files.FORMAT)
     return Archived(runs_archived=len(runs), resubmission=bool((duplicates_found or {}).get("same_code")),
                     weights=weights)

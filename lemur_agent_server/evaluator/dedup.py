@@ -37,6 +37,8 @@ MAX_TWINS = 50  # models of one fingerprint looked at per item (a zoo rarely hol
 def _fields(request: EvalRequest) -> dict[str, Any]:
     fields = request.model_dump(include=set(KEY_FIELDS))
     fields["epochs"] = float(fields["epochs"])
+    if request.export_onnx:  # only then: an earlier result without an ONNX file cannot answer it (and the
+        fields["export_onnx"] = True  # keys of every experiment without an export stay as they were)
     return fields
 
 

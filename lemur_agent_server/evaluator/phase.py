@@ -49,6 +49,11 @@ class Trial:
     weights: str | None = None
     archived: tuple[str, int, str] | None = None  # (sha256, size, path in the weights store) once copied
     weights_error: str | None = None
+    onnx: str | None = None  # out/ path of its ONNX export (the `onnx` event), then `onnx_archived`
+    onnx_archived: tuple[str, int, str] | None = None
+    onnx_error: str | None = None  # why there is no ONNX file (the runner's reason, or the host's)
+    # what the runner said of it: exporter (dynamo | torchscript), seconds, fallback_from (the errors before)
+    onnx_detail: dict[str, Any] = dataclasses.field(default_factory=dict)
     started_at: float = dataclasses.field(default_factory=time.monotonic)
     repeat: int = 0
 
@@ -108,6 +113,14 @@ def exit_failure(exit: Exit, stage: str) -> dict[str, Any] | None:
     return None
 
 
+def _onnx_detail(event: dict[str, Any]) -> dict[str, Any]:
+    """The `onnx` event's description of a made file, bounded (the runner's words are untrusted)."""
+    fallback = event.get("fallback_from")
+    return {"exporter": str(event.get("exporter") or "")[:40] or None,
+            "seconds": float(event["seconds"]) if is_number(event.get("seconds")) else None,
+            "fallback_from": [str(e)[:600] for e in fallback[:4]] if isinstance(fallback, list) and fallback else None}
+
+
 def _finite(value: float) -> float | None:
     return value if value > float("-inf") else None
 
@@ -140,6 +153,7 @@ class Phase:
             protocol.EVENT_TRIAL_START: self._on_trial_start, protocol.EVENT_POINT: self._on_point_event,
             protocol.EVENT_TRIAL_END: self._on_trial_end, protocol.EVENT_DONE: self._on_done,
             protocol.EVENT_TRIAL_RETRY: self._on_trial_retry,
+            protocol.EVENT_ONNX: self._on_onnx,
         }
 
     async def run(self, spec: protocol.JobSpec, wall_s: float) -> Exit:
@@ -207,6 +221,17 @@ class Phase:
 
     def _on_done(self, event: dict[str, Any]) -> None:
         self.done = event
+
+    def _on_onnx(self, event: dict[str, Any]) -> None:
+        """The export of an ended search trial: its file (checked when archived) or why there is none."""
+        trial = self.trials.get(int(event.get("trial", -1)))
+        if trial is None or trial.running or trial.onnx is not None or trial.onnx_error is not None:
+            return
+        if isinstance(event.get("file"), str):
+            trial.onnx = event["file"]
+            trial.onnx_detail = _onnx_detail(event)
+        else:
+            trial.onnx_error = str(event.get("error") or "the sandbox exported no ONNX file")[:2000]
 
     async def _on_trial_start(self, event: dict[str, Any]) -> None:
         number = int(event.get("trial", len(self.trials)))

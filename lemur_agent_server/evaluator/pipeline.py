@@ -127,7 +127,7 @@ def _spec(job: Job, paths: JobPaths, prepared: datasets.PreparedDataset, mode: s
         transforms=default_transforms(prepared.info), n_trials=req.n_trials, epochs=req.epochs,
         eval_every=req.eval_every, seed=req.seed, time_budget_s=job.budget.sandbox_s(budget_s),
         device="cuda" if job.gpu is not None else "cpu", max_train_samples=req.max_train_samples,
-        threads=job.threads)
+        threads=job.threads, export_onnx=req.export_onnx and mode == protocol.MODE_TRAIN)
     return dataclasses.replace(spec, **overrides)
 
 
@@ -324,7 +324,8 @@ async def _repeat(job: Job, paths: JobPaths, prepared: datasets.PreparedDataset,
     rerun = Phase(job, paths, prepared, repeat=repeat, on_ended=ended)
     remaining = job.remaining()
     fixed = {k: v for k, v in best.prm.items() if k != "epoch"}
-    spec = _spec(job, paths, prepared, "train", remaining, fixed_prm=fixed, n_trials=1, seed=job.request.seed + repeat)
+    spec = _spec(job, paths, prepared, "train", remaining, fixed_prm=fixed, n_trials=1, seed=job.request.seed + repeat,
+                 export_onnx=False)  # the search's selected trial is exported, never a rerun
     exit = await rerun.run(spec, job.budget.kill_after(remaining))
     trials = list(rerun.trials.values())
     for t in trials:
@@ -343,7 +344,7 @@ async def _finish(job: Job, model: Model, result: JobResult, status: str, err: d
     if job.kind == "submit":
         await archive.store(job, model, runs, selected, result, status, err)
         recorded = job.claim is not None  # written, or the claim was lost: nothing more to write either way
-    return Outcome(status, result.as_dict(), err, recorded=recorded)
+    return Outcome(status, archive.result_dict(job, result, selected), err, recorded=recorded)
 
 
 def _int(value: Any) -> int | None:

@@ -50,6 +50,9 @@ class EvalRequest(BaseModel):
     repeats: int = Field(default=1, ge=1, le=10)
     name_prefix: str | None = Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9.-]*$")
     max_train_samples: int | None = Field(default=None, ge=16)
+    # the selected trial's model with its weights as ONNX too (exported in the sandbox, archived next to the
+    # safetensors); a model that cannot be exported still succeeds, with the reason as `onnx_error`
+    export_onnx: bool = False
 
     @field_validator("task")
     @classmethod

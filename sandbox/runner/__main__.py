@@ -7,8 +7,8 @@ moment the spec was seen. Exits 0 without output if no spec arrives within $LEMU
 seconds (default 3600). This is the pre-start contract `sandbox.docker_backend` documents.
 
 Sequence: `ready` -> load and check the model (`check`) -> in train mode, the Optuna trials
-(`trial_start`, `first_step`, `point`..., `trial_end`) -> `done`. Any failure that stops the job becomes
-one `error` event {stage, kind, message, traceback}.
+(`trial_start`, `first_step`, `point`..., `trial_end`) -> with `export_onnx`, `onnx` -> `done`. Any
+failure that stops the job becomes one `error` event {stage, kind, message, traceback}.
 
 Exit status: 0 after `done`, 2 after an `error` event, 3 if even the error could not be reported
 normally. The host must not trust any of it (the model runs in this interpreter); it is a hint only.
@@ -174,6 +174,11 @@ def _run(spec: protocol.JobSpec, emitter: Emitter, stage: list[str]) -> dict[str
         raise RunnerFailure(protocol.KIND_SANDBOX, f"too little data: {data.sizes()}", stage[0])
     out_dir = Path(spec.out_dir)
     (out_dir / "preds").mkdir(parents=True, exist_ok=True)
+    recorder = None
+    if spec.export_onnx:  # the export rebuilds the selected trial's Net: it needs that trial's prm
+        from sandbox.runner.onnx_export import PrmRecorder
+
+        emitter = recorder = PrmRecorder(emitter)
     job = Job(
         spec=spec,
         module=module,
@@ -183,7 +188,12 @@ def _run(spec: protocol.JobSpec, emitter: Emitter, stage: list[str]) -> dict[str
         budget=Budget(_STARTED, float(spec.time_budget_s)),
         out_dir=out_dir,
     )
-    return run_search(job, declared)
+    done = run_search(job, declared)
+    if recorder is not None:
+        from sandbox.runner.onnx_export import export_selected
+
+        export_selected(job, done.get("best_trial"), recorder.prm_of)
+    return done
 
 
 def main(argv: list[str]) -> int:
