@@ -1,0 +1,148 @@
+"""The compact zoo layout (zoo.schema version 5: `scope`, `point_row`, `best_point_row` behind the `point`
+and `best_point` views): a zoo written before it migrates with every record and every answer kept, the
+writers that insert into `point` still work, and imported points no longer carry their strings."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.lemur_db_synth import build_synthetic
+from lemur_agent_server.lemur_import import import_lemur_sync
+from tests.zoo_factory import build_zoo
+from zoo import schema
+from zoo.query import Filters, Page
+from zoo.records import Model, Point, Run
+from zoo.store import ZooStore
+
+V4 = 4  # the layout before the compact one: MIGRATIONS[:V4]
+COPIED_TABLES = ("model", "run", "weights", "point_train", "hardware", "run_hardware", "job")
+QUERIES: list[tuple[Filters, Page]] = [
+    (Filters(), Page(limit=50)),
+    (Filters(), Page(sort="accuracy_to_time", limit=7)),
+    (Filters(task="img-classification", dataset="mnist", metric="acc"), Page(sort="duration", limit=100)),
+    (Filters(dataset="cifar-10", epoch=2.0, only_best_accuracy=True), Page(limit=100)),
+    (Filters(only_best_accuracy=True), Page(limit=100)),
+    (Filters(task="img-classification", dataset="cifar-10", metric="acc", unique_nn=True), Page(sort="created")),
+    (Filters(nn_prefix=("rag-",), min_accuracy=0.4), Page(sort="name", limit=100)),
+    (Filters(task="img-captioning"), Page(limit=100)),
+]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+async def filled(tmp_path: Path) -> AsyncIterator[ZooStore]:
+    """A zoo of the current layout: the factory's models plus a run of another task (two scopes more)."""
+    store = await build_zoo(tmp_path / "new.sqlite")
+    await store.add_model_with_runs(Model(name="cap", code="class Net:\n    pass\n", origin="lemur"), [
+        Run(uid="cap-1", task="img-captioning", dataset="coco", metric="bleu", status="imported",
+            source="lemur-import", points=[Point(epoch=1.0, accuracy=0.2, duration_ns=10**9, loss=2.5),
+                                           Point(epoch=2.0, accuracy=0.25, duration_ns=2 * 10**9)])])
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def answers(store: ZooStore) -> dict[str, Any]:
+    """Everything a reader can ask: query pages with totals, a model's detail, the catalog, every row."""
+    out: dict[str, Any] = {f"query {i}": await store.query(f, p) for i, (f, p) in enumerate(QUERIES)}
+    out["detail"] = await store.model_detail("rag-m5")
+    out["catalog"] = await store.catalog_counts()
+    out["points"] = await store.fetchall("SELECT * FROM point ORDER BY run_id, epoch")
+    out["best"] = await store.fetchall("SELECT * FROM best_point ORDER BY task, dataset, metric, epoch, model_id")
+    return out
+
+
+def write_v4_copy(source: Path, path: Path) -> None:
+    """The zoo at `source` as a version-4 file: the old tables, filled from the current ones."""
+    conn = sqlite3.connect(path)
+    for migration in schema.MIGRATIONS[:V4]:
+        for statement in migration:
+            conn.execute(statement)
+    conn.execute("INSERT INTO meta(key, value) VALUES('schema_version', ?)", (str(V4),))
+    conn.execute("ATTACH DATABASE ? AS src", (str(source),))
+    for table in (*COPIED_TABLES, "point", "best_point"):  # the views' columns are the old tables' columns
+        conn.execute(f"INSERT INTO main.{table} SELECT * FROM src.{table}")
+    conn.commit()
+    conn.close()
+
+
+def index_sql(path: Path) -> list[tuple[str, str]]:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute("SELECT name, sql FROM sqlite_master WHERE type IN ('index', 'view', 'trigger')"
+                            " AND sql IS NOT NULL ORDER BY name").fetchall()
+    finally:
+        conn.close()
+
+
+@pytest.mark.anyio
+async def test_a_v4_zoo_keeps_every_record_and_answer_after_migration(filled: ZooStore, tmp_path: Path) -> None:
+    expected = await answers(filled)
+    old = tmp_path / "old.sqlite"
+    write_v4_copy(filled.path, old)
+    assert "point_row" not in {name for name, _ in index_sql(old)}
+    async with await ZooStore.open(old) as migrated:
+        got = await answers(migrated)
+        version = (await migrated.fetchone("SELECT value FROM meta WHERE key='schema_version'"))["value"]
+        scopes = await migrated.fetchall("SELECT task, dataset, metric FROM scope ORDER BY 1, 2, 3")
+    assert len(expected["points"]) == 6 * (4 + 6) + 2 and len(expected["best"]) > 0
+    assert got == expected
+    assert int(version) == schema.SCHEMA_VERSION
+    assert scopes == [{"task": "img-captioning", "dataset": "coco", "metric": "bleu"},
+                      {"task": "img-classification", "dataset": "cifar-10", "metric": "acc"},
+                      {"task": "img-classification", "dataset": "mnist", "metric": "acc"}]
+    assert index_sql(old) == index_sql(filled.path)  # the same indexes, views and trigger as a fresh zoo
+
+
+@pytest.mark.anyio
+async def test_runs_written_after_the_migration_land_in_point_and_best_point(filled: ZooStore,
+                                                                             tmp_path: Path) -> None:
+    """The store inserts into the `point` view: its trigger adds a new task/dataset/metric to `scope` once."""
+    old = tmp_path / "old.sqlite"
+    write_v4_copy(filled.path, old)
+    async with await ZooStore.open(old) as store:
+        model_id, _ = await store.add_model(Model(name="seg", code="class Net:\n    pass\n", origin="submitted"))
+        runs = [Run(uid=f"seg-{k}", task="img-segmentation", dataset="coco", metric="iou", status="succeeded",
+                    source="evaluator", points=[Point(epoch=1.0, accuracy=0.3 + k / 10, duration_ns=10**9)])
+                for k in range(2)]
+        await store.add_runs(model_id, runs)
+        page = await store.query(Filters(task="img-segmentation"), Page())
+        best = await store.query(Filters(task="img-segmentation", only_best_accuracy=True), Page())
+        n_scopes = (await store.fetchone("SELECT COUNT(*) AS n FROM scope WHERE task='img-segmentation'"))["n"]
+    assert [(r["run_uid"], r["accuracy"]) for r in page["rows"]] == [("seg-1", 0.4), ("seg-0", 0.3)]
+    assert page["total"] == 2
+    assert [(r["run_uid"], r["accuracy"]) for r in best["rows"]] == [("seg-1", 0.4)]
+    assert n_scopes == 1
+
+
+def test_a_point_outside_any_run_is_refused_as_before(tmp_path: Path) -> None:
+    """The view's trigger keeps the old table's constraints: a missing task or a duplicate point fails."""
+    path = tmp_path / "zoo.sqlite"
+    import_lemur_sync(path, _small_db(tmp_path, 300))
+    conn = sqlite3.connect(path)
+    try:
+        run_id, epoch, model_id = conn.execute("SELECT run_id, epoch, model_id FROM point LIMIT 1").fetchone()
+        with pytest.raises(sqlite3.IntegrityError):
+            conn.execute("INSERT INTO point(run_id, epoch, model_id, task, dataset, metric, created)"
+                         " VALUES(?,?,?,'img-classification','cifar-10','acc',0)", (run_id, epoch, model_id))
+        with pytest.raises(sqlite3.IntegrityError):
+            conn.execute("INSERT INTO point(run_id, epoch, model_id, task, dataset, metric, created)"
+                         " VALUES(?,?,?,NULL,'cifar-10','acc',0)", (run_id, 99.0, model_id))
+    finally:
+        conn.close()
+
+
+def _small_db(tmp_path: Path, records: int) -> Path:
+    db = tmp_path / "lemur.db"
+    build_synthetic(db, records, models=50)
+    return db
