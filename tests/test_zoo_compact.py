@@ -146,3 +146,51 @@ def _small_db(tmp_path: Path, records: int) -> Path:
     db = tmp_path / "lemur.db"
     build_synthetic(db, records, models=50)
     return db
+
+
+# --- deflated model code (zoo.records.COMPRESS_CODE) ------------------------------------------------------
+@pytest.mark.anyio
+async def test_deflated_code_reads_back_as_text_everywhere(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Imported and stored models keep their code deflated; every reader of the store, the stats export,
+    data()'s code length and a re-import (same code: nothing reported) see the original text."""
+    from lemur_agent_server.api_tables import nn_stats_by_model
+    from stats.finetune import _entries
+    from zoo import records
+
+    db = _small_db(tmp_path, 400)
+    codes = dict(sqlite3.connect(db).execute("SELECT name, code FROM nn").fetchall())
+    zoo = tmp_path / "zoo.sqlite"
+    import_lemur_sync(zoo, db)  # text, as before
+    monkeypatch.setattr(records, "COMPRESS_CODE", True)
+    async with await ZooStore.open(zoo) as store:
+        await store.add_model(Model(name="mine", code="class Net:\n    width = 3\n", origin="submitted"))
+    other = tmp_path / "deflated.sqlite"
+    first = import_lemur_sync(other, db)
+    again = import_lemur_sync(other, db)
+    mine = {"mine": "class Net:\n    width = 3\n"}
+    for path, expected in ((zoo, codes | mine), (other, codes)):
+        async with await ZooStore.open(path) as store:
+            for name in ("mine", sorted(codes)[0]) if path == zoo else (sorted(codes)[0],):
+                assert (await store.model_by_name(name))["code"] == expected[name]
+                assert (await store.model_detail(name))["model"]["code"] == expected[name]
+            rows = await store.fetchall("SELECT name, code FROM model")
+        assert {r["name"]: r["code"] for r in rows} == expected
+        conn = sqlite3.connect(path)
+        ids = dict(conn.execute("SELECT id, name FROM model").fetchall())
+        lengths = {ids[mid]: s["nn_code_length"] for mid, s in nn_stats_by_model(conn, list(ids)).items()}
+        entries = {e.nn: e.code for e in _entries(conn, Filters())}
+        kinds = dict(conn.execute("SELECT typeof(code), COUNT(*) FROM model GROUP BY 1").fetchall())
+        conn.close()
+        assert lengths == {name: len(expected[name]) for name in ids.values()}
+        assert entries and all(code == expected[name] for name, code in entries.items())
+    assert kinds == {"blob": 50}  # the second zoo: every model deflated
+    assert first.models_added == 50 and again.models_added == 0 and again.problems_total == 0
+
+
+def test_deflated_code_is_smaller_than_the_text() -> None:
+    from zoo import records
+
+    code = (Path(__file__).parent / "models.py").read_text()
+    assert records.code_text(code) == code
+    packed = records.zlib.compress(code.encode(), records.CODE_ZLIB_LEVEL)
+    assert records.code_text(packed) == code and len(packed) < len(code.encode()) / 2

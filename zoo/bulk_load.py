@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from zoo import codehash, connection, schema
-from zoo.records import Run
+from zoo.records import Run, code_text, stored_code
 
 BULK_TABLES = ("run", "point_row", "best_point_row", "point_train")
 FLUSH_ROWS = 50_000   # rows buffered per executemany; more than any drop_threshold, see begin()
@@ -146,14 +146,15 @@ class BulkWriter:
         """(id, name, code, code_hash, lemur_id, prefix, origin) of models reserved before."""
         for model_id, name, _, code_hash, *_ in rows:
             self.models[name] = (model_id, code_hash)
-        self.conn.executemany(MODEL_INSERT, [(*row, self.created) for row in rows])
+        self.conn.executemany(MODEL_INSERT, [(model_id, name, stored_code(code), *rest, self.created)
+                                             for model_id, name, code, *rest in rows])
 
     def has_other_code(self, name: str, code: str) -> bool:
         """Whether the existing model `name` has code other than `code` (by our code hash). The stored
         text is compared first: a re-import then costs a lookup per model, not a tokenizer pass."""
         model_id, stored_hash = self.models[name]
         row = self.conn.execute("SELECT code FROM model WHERE id=?", (model_id,)).fetchone()
-        if row is not None and row[0] == code:
+        if row is not None and code_text(row[0]) == code:
             return False
         return stored_hash != codehash.code_hash(code)
 
