@@ -7,6 +7,7 @@ zoo's size. Targets (issue 10): 578,595 records <= 30 s on a 2-core machine, zoo
 
     python bench/import.py [--records 578595] [--db /tmp/lemur22-synth.db] [--zoo /tmp/zoo-import.sqlite]
     python bench/import.py --source nn_dataset-2.1.2-py3-none-any.whl   # the 2.1 file importer instead
+    python bench/import.py --compress-code   # model code stored deflated (zoo.records.COMPRESS_CODE)
 """
 
 from __future__ import annotations
