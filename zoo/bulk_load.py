@@ -1,7 +1,7 @@
 """Bulk writes into the zoo: many models, runs and curve points in ONE transaction, fast.
 
 Why not the store's per-run inserts: importing LEMUR's 578k records through `ZooStore._add_run` costs
-a SELECT per run, an INSERT per row (through the `point` view's trigger) and the upkeep of four point
+a SELECT per run, an INSERT per row (through the `point` view's trigger) and the upkeep of five point
 indexes and three best_point indexes on every row. Here:
 
 - ids are assigned in Python (next free id), so runs and points go in with `executemany` batches and
