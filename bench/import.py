@@ -1,12 +1,13 @@
 """Import speed and zoo size for a LEMUR-2.2-shaped database of >= 500k records (synthetic, ours).
 
-Builds the database once (bench/lemur_db_synth.py: 10,482 models, trials of 1-5 epochs, duplicated
+Builds the database once (bench/lemur_db_synth.py: 10,482 models, trials of 1-13 epochs, duplicated
 prm rows, half the trials with train_stat, nn_stat/run/prun rows), imports it into a fresh zoo with
 `import-lemur`'s code path, imports it again (must add nothing), and prints records/s, seconds and the
 zoo's size. Targets (issue 10): 578,595 records <= 30 s on a 2-core machine, zoo <= 150 MB.
 
     python bench/import.py [--records 578595] [--db /tmp/lemur22-synth.db] [--zoo /tmp/zoo-import.sqlite]
     python bench/import.py --source nn_dataset-2.1.2-py3-none-any.whl   # the 2.1 file importer instead
+    python bench/import.py --compress-code   # model code stored deflated (zoo.records.COMPRESS_CODE)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.lemur_db_synth import build_synthetic  # noqa: E402
 from lemur_agent_server.lemur_import import import_lemur_sync  # noqa: E402
+from zoo import records  # noqa: E402
 
 
 def zoo_mb(path: Path) -> float:
@@ -46,15 +48,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=578_595)
     parser.add_argument("--models", type=int, default=10_482)
+    parser.add_argument("--epochs", type=int, default=13, help="a trial has 1..EPOCHS records (LEMUR: ~7 a trial)")
     parser.add_argument("--db", type=Path, default=Path("/tmp/lemur22-synth.db"))
     parser.add_argument("--zoo", type=Path, default=Path("/tmp/zoo-import-bench.sqlite"))
     parser.add_argument("--rebuild", action="store_true", help="rebuild the synthetic database")
     parser.add_argument("--source", type=Path, help="import this instead (a LEMUR wheel, checkout or database)")
+    parser.add_argument("--compress-code", action="store_true", help="store model code deflated "
+                        "(zoo.records.COMPRESS_CODE, off by default until every reader inflates it)")
     args = parser.parse_args()
     source = args.source or args.db
+    records.COMPRESS_CODE = args.compress_code
     if args.source is None and (args.rebuild or not args.db.exists()):
         t = time.perf_counter()
-        info = build_synthetic(args.db, args.records, models=args.models)
+        info = build_synthetic(args.db, args.records, models=args.models, epochs=args.epochs)
         print(f"built {args.db}: {info} in {time.perf_counter() - t:.1f} s, {args.db.stat().st_size / 1e6:.0f} MB")
     args.zoo.parent.mkdir(parents=True, exist_ok=True)
     for old in args.zoo.parent.glob(args.zoo.name + "*"):

@@ -90,8 +90,9 @@ async def bench(path: Path, label: str) -> None:
         sql, args = grouped_sql(best)
         plan = [r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sql, args)]
         # the same answer computed from every point through the covering index (no summary table)
-        naive_sql = ("SELECT p.run_id, p.model_id, MAX(p.accuracy) FROM point p INDEXED BY point_filter "
-                     "WHERE p.task=? AND p.dataset=? AND p.metric=? AND p.epoch=? GROUP BY p.model_id")
+        naive_sql = ("SELECT p.run_id, p.model_id, MAX(p.accuracy) FROM point_row p INDEXED BY point_filter "
+                     "WHERE p.scope_id = (SELECT id FROM scope WHERE task=? AND dataset=? AND metric=?) "
+                     "AND p.epoch=? GROUP BY p.model_id")
         naive = median_ms(lambda: conn.execute(naive_sql, (task, dataset, metric, epoch)).fetchall(), repeat=3)
         conn.close()
 

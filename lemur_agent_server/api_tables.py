@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 
 from zoo import connection
+from zoo.records import code_text
 
 STAT_FIELDS = ("total_layers", "leaf_layers", "max_depth", "total_params", "trainable_params", "frozen_params",
                "flops", "model_size_mb", "buffer_size_mb", "total_memory_mb", "dropout_count", "has_attention",
@@ -153,9 +154,12 @@ def nn_stats_by_model(conn: sqlite3.Connection, model_ids: Sequence[int]) -> dic
     for start in range(0, len(model_ids), _CHUNK):
         chunk = list(model_ids[start:start + _CHUNK])
         for mid, name, params, flops, length, fingerprint, quality in conn.execute(
-                "SELECT id, name, params, flops, length(code), fingerprint, code_quality FROM model "
+                "SELECT id, name, params, flops, CASE WHEN typeof(code) = 'blob' THEN code ELSE length(code) END,"
+                " fingerprint, code_quality FROM model "
                 f"WHERE id IN ({','.join('?' * len(chunk))})", chunk):
             names[mid] = name
+            if isinstance(length, bytes):  # deflated code (zoo.records.code_text)
+                length = len(code_text(length) or "")
             stats[mid] = {"nn_total_params": params, "nn_flops": flops, "nn_code_length": length,
                           "nn_fingerprint": fingerprint, "nn_code_quality": quality}
     rows = _pick_stat_rows(conn, sorted(set(names.values())))

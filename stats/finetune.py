@@ -33,6 +33,7 @@ from typing import Any
 
 from stats.scope import no_data, runs_sql
 from zoo.query import Filters
+from zoo.records import code_text
 
 SPLITS = ("train", "dev", "test")
 SYSTEM_PROMPT = (
@@ -83,7 +84,7 @@ def _entries(conn: sqlite3.Connection, f: Filters) -> list[Entry]:
     for row in conn.execute(sql, args):
         k = (row[0], row[3], row[4], row[5])
         if k not in best:  # rows come best first per model and triple
-            best[k] = Entry(row[0], row[1], row[2], row[3], row[4], row[5], float(row[6]), float(row[7]),
+            best[k] = Entry(row[0], code_text(row[1]), row[2], row[3], row[4], row[5], float(row[6]), float(row[7]),
                             json.loads(row[8]) if row[8] else {}, row[9], row[10], row[11])
     return list(best.values())
 

@@ -1,13 +1,15 @@
 """Bulk writes into the zoo: many models, runs and curve points in ONE transaction, fast.
 
 Why not the store's per-run inserts: importing LEMUR's 578k records through `ZooStore._add_run` costs
-a SELECT per run, an INSERT per row and the upkeep of six point indexes and three best_point indexes
-on every row. Here:
+a SELECT per run, an INSERT per row (through the `point` view's trigger) and the upkeep of five point
+indexes and three best_point indexes on every row. Here:
 
 - ids are assigned in Python (next free id), so runs and points go in with `executemany` batches and
   no `lastrowid` round trips; existence is checked against sets loaded once;
 - for a large load the secondary indexes of the tables written are dropped first and rebuilt from
   their own `CREATE INDEX` text at the end (one sort per index instead of a B-tree insert per row);
+- rows go to the tables behind the `point` and `best_point` views (zoo.schema, version 5), each
+  (task, dataset, metric) as its `scope` id;
 - best_point receives one upsert per (task, dataset, metric, epoch, model) of the new points, the best
   of them chosen in Python, with the store's rule (strictly better accuracy wins, ties keep the first);
 - everything is one transaction: readers (WAL) see the zoo before or after the import, never half.
@@ -24,17 +26,17 @@ from pathlib import Path
 from typing import Any
 
 from zoo import codehash, connection, schema
-from zoo.records import Run
+from zoo.records import Run, code_text, stored_code
 
-BULK_TABLES = ("run", "point", "best_point", "point_train")
+BULK_TABLES = ("run", "point_row", "best_point_row", "point_train")
 FLUSH_ROWS = 50_000   # rows buffered per executemany; more than any drop_threshold, see begin()
 
 RUN_INSERT = (
     "INSERT INTO run(id, uid, model_id, task, dataset, metric, transform, prm, epochs, status, accuracy,"
     " duration_ns, accuracy_to_time, device, source, created) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
-POINT_INSERT = (
-    "INSERT INTO point(run_id, epoch, model_id, task, dataset, metric, accuracy, val_accuracy, loss,"
-    " duration_ns, accuracy_to_time, elapsed_s, created) VALUES(?,?,?,?,?,?,?,NULL,?,?,?,NULL,?)")
+POINT_INSERT = (  # point_row, not the `point` view: no trigger per row (zoo.schema, version 5)
+    "INSERT INTO point_row(run_id, epoch, model_id, scope_id, accuracy, val_accuracy, loss,"
+    " duration_ns, accuracy_to_time, elapsed_s, created) VALUES(?,?,?,?,?,NULL,?,?,?,NULL,?)")
 TRAIN_INSERT = (
     "INSERT INTO point_train(run_id, epoch, train_loss, test_loss, train_accuracy, gradient_norm,"
     " samples_per_second, cpu_usage_percent, occupied_ram_kb, ram_usage_percent, occupied_gpu_memory_kb,"
@@ -43,7 +45,7 @@ HARDWARE_INSERT = "INSERT INTO run_hardware(run_id, hardware_id) VALUES(?,?)"
 MODEL_INSERT = (
     "INSERT INTO model(id, name, code, code_hash, lemur_id, prefix, origin, created) VALUES(?,?,?,?,?,?,?,?)")
 
-BestKey = tuple[str, str, str, float, int]
+BestKey = tuple[int, float, int]  # scope id, epoch, model id
 
 
 class BulkWriter:
@@ -55,6 +57,7 @@ class BulkWriter:
         self.models: dict[str, tuple[int, str]] = {}   # name -> (id, code_hash)
         self.run_uids: set[str] = set()
         self.hardware: dict[str, int] = {}              # spec JSON -> hardware id
+        self.scopes: dict[tuple[str, str, str], int] = {}  # (task, dataset, metric) -> scope id
         self.next_hardware_id = 1
         self.drop_threshold = 20_000
         self._new_points = 0
@@ -92,6 +95,8 @@ class BulkWriter:
         self.next_run_id = self._max_id("run") + 1
         self.next_hardware_id = self._max_id("hardware") + 1
         self.hardware = dict(self.conn.execute("SELECT spec, id FROM hardware").fetchall())
+        self.scopes = {(task, dataset, metric): scope_id for scope_id, task, dataset, metric
+                       in self.conn.execute("SELECT id, task, dataset, metric FROM scope")}
         self.drop_threshold = drop_threshold
 
     def _max_id(self, table: str) -> int:
@@ -109,9 +114,9 @@ class BulkWriter:
     def commit(self, clock: Callable[[str], None] = lambda _: None) -> None:
         """Flush, upsert best points, rebuild the dropped indexes, COMMIT; `clock(phase)` times them."""
         self.flush()
-        self.conn.executemany(schema.BEST_POINT_UPSERT, [
-            (task, dataset, metric, epoch, model_id, acc, duration, a2t, self.created, run_id)
-            for (task, dataset, metric, epoch, model_id), (acc, duration, a2t, run_id) in self.best.items()])
+        self.conn.executemany(schema.BEST_POINT_ROW_UPSERT, [
+            (scope_id, epoch, model_id, acc, duration, a2t, self.created, run_id)
+            for (scope_id, epoch, model_id), (acc, duration, a2t, run_id) in self.best.items()])
         clock("rows written")
         for sql in self._dropped:
             self.conn.execute(sql)
@@ -141,14 +146,15 @@ class BulkWriter:
         """(id, name, code, code_hash, lemur_id, prefix, origin) of models reserved before."""
         for model_id, name, _, code_hash, *_ in rows:
             self.models[name] = (model_id, code_hash)
-        self.conn.executemany(MODEL_INSERT, [(*row, self.created) for row in rows])
+        self.conn.executemany(MODEL_INSERT, [(model_id, name, stored_code(code), *rest, self.created)
+                                             for model_id, name, code, *rest in rows])
 
     def has_other_code(self, name: str, code: str) -> bool:
         """Whether the existing model `name` has code other than `code` (by our code hash). The stored
         text is compared first: a re-import then costs a lookup per model, not a tokenizer pass."""
         model_id, stored_hash = self.models[name]
         row = self.conn.execute("SELECT code FROM model WHERE id=?", (model_id,)).fetchone()
-        if row is not None and row[0] == code:
+        if row is not None and code_text(row[0]) == code:
             return False
         return stored_hash != codehash.code_hash(code)
 
@@ -181,12 +187,22 @@ class BulkWriter:
                            p.duration_ns, p.accuracy_to_time)
         return True
 
+    def scope_id(self, task: str, dataset: str, metric: str) -> int:
+        """The id of the (task, dataset, metric) in `scope`, inserted the first time it is seen."""
+        key = (task, dataset, metric)
+        scope_id = self.scopes.get(key)
+        if scope_id is None:
+            scope_id = self.scopes[key] = int(self.conn.execute(
+                "INSERT INTO scope(task, dataset, metric) VALUES(?,?,?) RETURNING id", key).fetchone()[0])
+        return scope_id
+
     def add_point(self, run_id: int, epoch: float, model_id: int, task: str, dataset: str, metric: str,
                   accuracy: float | None, loss: float | None, duration_ns: int | None, a2t: float | None) -> None:
-        self._rows[POINT_INSERT].append((run_id, epoch, model_id, task, dataset, metric, accuracy, loss,
-                                         duration_ns, a2t, self.created))
+        scope_id = self.scope_id(task, dataset, metric)
+        self._rows[POINT_INSERT].append((run_id, epoch, model_id, scope_id, accuracy, loss, duration_ns, a2t,
+                                         self.created))
         if accuracy is not None:
-            key = (task, dataset, metric, epoch, model_id)
+            key = (scope_id, epoch, model_id)
             best = self.best.get(key)
             if best is None or accuracy > best[0]:
                 self.best[key] = (accuracy, duration_ns, a2t, run_id)

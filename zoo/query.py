@@ -244,6 +244,8 @@ def page_sql(f: Filters, page: Page) -> tuple[str, list[Any]]:
 
 
 def count_sql(f: Filters) -> tuple[str, list[Any]]:
+    if dataclasses.replace(f, only_best_accuracy=False) == Filters():  # every (best) point: count the table
+        return f"SELECT COUNT(*) FROM {'best_point_row' if f.only_best_accuracy else 'point_row'}", []
     inner, args = grouped_sql(f)
     return f"SELECT COUNT(*) FROM ({inner})", args
 

@@ -9,6 +9,9 @@ and has only single-column indexes, so its filtered best-only query takes 30 s. 
 - `point` is one learning-curve point of a run. A point is what LEMUR calls a record ("the model after
   N epochs"), so queries read this table. The filter columns (task, dataset, metric, model_id) are
   copied from the run so the covering index below answers the best-per-model query without a join.
+  Since version 5 `point` and `best_point` are views: the rows live in `point_row`/`best_point_row`
+  with the (task, dataset, metric) as an id into `scope`: the 2.1.2 wheel's 578k points with their
+  indexes (best_point's included) take 113 MB instead of 169.
 - `weights` are content-addressed files beside the zoo, referenced per run.
 - `job` is the evaluator's persistent queue: jobs survive server restarts.
 
@@ -19,6 +22,28 @@ and records `schema_version` in `meta`.
 from __future__ import annotations
 
 import sqlite3
+
+# `point` and `best_point` as their readers know them (version 5 on): the row tables with the scope's
+# strings joined back. Writers insert into `point` (its trigger) or the row tables, never update them.
+POINT_VIEW = (
+    "CREATE VIEW point AS SELECT r.run_id, r.epoch, r.model_id, s.task, s.dataset, s.metric, r.accuracy,"
+    " r.val_accuracy, r.loss, r.duration_ns, r.accuracy_to_time, r.elapsed_s, r.created"
+    " FROM point_row r JOIN scope s ON s.id = r.scope_id")
+BEST_POINT_VIEW = (
+    "CREATE VIEW best_point AS SELECT s.task, s.dataset, s.metric, b.epoch, b.model_id, b.accuracy, b.duration_ns,"
+    " b.accuracy_to_time, b.created, b.run_id FROM best_point_row b JOIN scope s ON s.id = b.scope_id")
+# Inserting into `point`: the scope once (never replaced: point rows refer to its id), then the row.
+POINT_INSERT_TRIGGER = """CREATE TRIGGER point_insert INSTEAD OF INSERT ON point BEGIN
+    INSERT INTO scope(task, dataset, metric) SELECT NEW.task, NEW.dataset, NEW.metric
+        WHERE NOT EXISTS (SELECT 1 FROM scope WHERE task = NEW.task AND dataset = NEW.dataset
+                          AND metric = NEW.metric);
+    INSERT INTO point_row(run_id, epoch, model_id, scope_id, accuracy, val_accuracy, loss, duration_ns,
+                          accuracy_to_time, elapsed_s, created)
+        VALUES (NEW.run_id, NEW.epoch, NEW.model_id,
+                (SELECT id FROM scope WHERE task = NEW.task AND dataset = NEW.dataset AND metric = NEW.metric),
+                NEW.accuracy, NEW.val_accuracy, NEW.loss, NEW.duration_ns, NEW.accuracy_to_time, NEW.elapsed_s,
+                NEW.created);
+END"""
 
 MIGRATIONS: list[list[str]] = [
     # version 1
@@ -282,29 +307,116 @@ MIGRATIONS: list[list[str]] = [
         "DROP TABLE weights",
         "ALTER TABLE weights_by_format RENAME TO weights",
     ],
+    # version 7 (zoosize): a smaller zoo (issue 10: LEMUR's 578k records in <= 150 MB). Measured on a zoo
+    # of the 2.1.2 wheel's records, `point` with its indexes held 60 % of the file: every point and every
+    # entry of its covering index repeated the task/dataset/metric strings (28 bytes), and four
+    # single-column sort indexes copied the table once more.
+    # - `scope` holds each (task, dataset, metric) once; `point_row` and `best_point_row` are `point` and
+    #   `best_point` with `scope_id` instead of the three strings. `point` and `best_point` become views
+    #   with the old columns, so every reader's SQL is unchanged; the INSTEAD OF INSERT trigger on `point`
+    #   serves the writers that insert into it (the store, tests); BEST_POINT_UPSERT and the bulk loader
+    #   write the tables.
+    # - the covering indexes key on scope_id (a byte instead of 28 per entry); the sort index on duration
+    #   goes: duration sorts ascending (its default) through COALESCE, which no index serves, so it
+    #   served only an unfiltered slowest-first page (that one now scans point_filter).
+    # - run_job indexes only runs that have a job (an import's hundreds of thousands of runs have none).
+    [
+        """CREATE TABLE scope (
+            id INTEGER PRIMARY KEY,
+            task TEXT NOT NULL,
+            dataset TEXT NOT NULL,
+            metric TEXT NOT NULL,
+            UNIQUE (task, dataset, metric)
+        )""",
+        "INSERT INTO scope(task, dataset, metric) SELECT task, dataset, metric FROM point UNION"
+        " SELECT task, dataset, metric FROM best_point ORDER BY 1, 2, 3",
+        """CREATE TABLE point_row (
+            run_id INTEGER NOT NULL REFERENCES run(id) ON DELETE CASCADE,
+            epoch REAL NOT NULL,
+            model_id INTEGER NOT NULL,
+            scope_id INTEGER NOT NULL REFERENCES scope(id),
+            accuracy REAL,                    -- test accuracy computed by the server
+            val_accuracy REAL,
+            loss REAL,
+            duration_ns INTEGER,              -- cumulative training-only time
+            accuracy_to_time REAL,
+            elapsed_s REAL,                   -- wall clock since the run started, evaluation included
+            created REAL NOT NULL,
+            PRIMARY KEY (run_id, epoch)
+        ) WITHOUT ROWID""",
+        "INSERT INTO point_row(run_id, epoch, model_id, scope_id, accuracy, val_accuracy, loss, duration_ns,"
+        " accuracy_to_time, elapsed_s, created) SELECT p.run_id, p.epoch, p.model_id, s.id, p.accuracy,"
+        " p.val_accuracy, p.loss, p.duration_ns, p.accuracy_to_time, p.elapsed_s, p.created FROM point p"
+        " JOIN scope s ON s.task = p.task AND s.dataset = p.dataset AND s.metric = p.metric"
+        " ORDER BY p.run_id, p.epoch",
+        """CREATE TABLE best_point_row (
+            scope_id INTEGER NOT NULL REFERENCES scope(id),
+            epoch REAL NOT NULL,
+            model_id INTEGER NOT NULL,
+            accuracy REAL NOT NULL,
+            duration_ns INTEGER,
+            accuracy_to_time REAL,
+            created REAL NOT NULL,
+            run_id INTEGER NOT NULL,
+            PRIMARY KEY (scope_id, epoch, model_id)
+        ) WITHOUT ROWID""",
+        "INSERT INTO best_point_row(scope_id, epoch, model_id, accuracy, duration_ns, accuracy_to_time, created,"
+        " run_id) SELECT s.id, b.epoch, b.model_id, b.accuracy, b.duration_ns, b.accuracy_to_time, b.created,"
+        " b.run_id FROM best_point b JOIN scope s ON s.task = b.task AND s.dataset = b.dataset"
+        " AND s.metric = b.metric ORDER BY 1, 2, 3",
+        "DROP TABLE point",  # with its six indexes
+        "DROP TABLE best_point",  # with its three
+        POINT_VIEW,
+        POINT_INSERT_TRIGGER,
+        BEST_POINT_VIEW,
+        # best-per-model for one task/dataset/metric/epoch, answered from the index alone
+        # (with the primary key run_id, epoch it also covers every sort key of a page)
+        "CREATE INDEX point_filter ON point_row(scope_id, epoch, model_id, accuracy, duration_ns, accuracy_to_time,"
+        " created)",
+        # (model_id, epoch) only: with scope_id in it, SQLite without statistics scans this index with a
+        # table lookup per point for an unfiltered page instead of the covering point_filter (10x slower)
+        "CREATE INDEX point_model ON point_row(model_id, epoch)",
+        "CREATE INDEX point_accuracy ON point_row(accuracy)",
+        "CREATE INDEX point_a2t ON point_row(accuracy_to_time)",
+        "CREATE INDEX point_created ON point_row(created)",
+        "CREATE INDEX best_point_model ON best_point_row(model_id, accuracy)",
+        # unique_nn within one task/dataset/metric groups by model without a sort
+        "CREATE INDEX best_point_by_model ON best_point_row(scope_id, model_id, accuracy, duration_ns,"
+        " accuracy_to_time, created, epoch, run_id)",
+        "CREATE INDEX best_point_accuracy ON best_point_row(accuracy)",
+        "DROP INDEX run_job",
+        "CREATE INDEX run_job ON run(job_id) WHERE job_id IS NOT NULL",
+    ],
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # Upsert of one point into best_point: strictly better accuracy wins, so ties keep the first row.
-BEST_POINT_UPSERT = (
-    "INSERT INTO best_point(task, dataset, metric, epoch, model_id, accuracy, duration_ns, accuracy_to_time,"
-    " created, run_id) VALUES(?,?,?,?,?,?,?,?,?,?) "
-    "ON CONFLICT(task, dataset, metric, epoch, model_id) DO UPDATE SET accuracy=excluded.accuracy,"
+_BEST_POINT_SET = (
+    " ON CONFLICT(scope_id, epoch, model_id) DO UPDATE SET accuracy=excluded.accuracy,"
     " duration_ns=excluded.duration_ns, accuracy_to_time=excluded.accuracy_to_time, created=excluded.created,"
-    " run_id=excluded.run_id WHERE excluded.accuracy > best_point.accuracy"
-)
+    " run_id=excluded.run_id WHERE excluded.accuracy > best_point_row.accuracy")
+# parameters (task, dataset, metric, epoch, model_id, accuracy, duration_ns, accuracy_to_time, created,
+# run_id); the point's scope exists: its point was written first (the point view's trigger adds it)
+BEST_POINT_UPSERT = (
+    "INSERT INTO best_point_row(scope_id, epoch, model_id, accuracy, duration_ns, accuracy_to_time, created,"
+    " run_id) SELECT s.id, ?4, ?5, ?6, ?7, ?8, ?9, ?10 FROM scope s WHERE s.task = ?1 AND s.dataset = ?2"
+    " AND s.metric = ?3" + _BEST_POINT_SET)
+# the same with the scope's id: (scope_id, epoch, model_id, accuracy, duration_ns, accuracy_to_time,
+# created, run_id), for the bulk loader
+BEST_POINT_ROW_UPSERT = (
+    "INSERT INTO best_point_row(scope_id, epoch, model_id, accuracy, duration_ns, accuracy_to_time, created,"
+    " run_id) VALUES(?,?,?,?,?,?,?,?)" + _BEST_POINT_SET)
 
 
 def rebuild_best_points(conn: sqlite3.Connection) -> int:
     """Recompute best_point from point (after bulk loads that bypass the store). Returns its row count."""
-    conn.execute("DELETE FROM best_point")
+    conn.execute("DELETE FROM best_point_row")
     conn.execute(
-        "INSERT INTO best_point(task, dataset, metric, epoch, model_id, accuracy, duration_ns, accuracy_to_time,"
-        " created, run_id) SELECT task, dataset, metric, epoch, model_id, MAX(accuracy), duration_ns,"
-        " accuracy_to_time, created, run_id FROM point WHERE accuracy IS NOT NULL"
-        " GROUP BY task, dataset, metric, epoch, model_id")
-    return conn.execute("SELECT COUNT(*) FROM best_point").fetchone()[0]
+        "INSERT INTO best_point_row(scope_id, epoch, model_id, accuracy, duration_ns, accuracy_to_time, created,"
+        " run_id) SELECT scope_id, epoch, model_id, MAX(accuracy), duration_ns, accuracy_to_time, created, run_id"
+        " FROM point_row WHERE accuracy IS NOT NULL GROUP BY scope_id, epoch, model_id")
+    return conn.execute("SELECT COUNT(*) FROM best_point_row").fetchone()[0]
 
 
 def current_version(conn: sqlite3.Connection) -> int:

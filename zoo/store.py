@@ -22,7 +22,7 @@ from sandbox.protocol import RunStatus
 from zoo import codehash, connection, schema
 from zoo.jobs import JobStore
 from zoo.query import Filters, Page, count_sql, decode_row, encode_cursor, page_sql
-from zoo.records import Model, Run
+from zoo.records import Model, Run, code_text, stored_code
 
 
 def weights_dir_of(zoo_path: Path) -> Path:
@@ -34,6 +34,13 @@ _FAILED_RUN_SQL = ",".join(f"'{s}'" for s in RunStatus if s.is_failure())
 
 def _json(value: Any) -> str | None:
     return None if value is None else json.dumps(value, sort_keys=True, default=str)
+
+
+def _decoded(row: dict[str, Any]) -> dict[str, Any]:
+    """A row with its `code` column (model code, maybe deflated: zoo.records.code_text) as text."""
+    if isinstance(row.get("code"), bytes):
+        row["code"] = code_text(row["code"])
+    return row
 
 
 class ZooStore:
@@ -115,7 +122,7 @@ class ZooStore:
     async def fetchall(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
         async with self._read_lock:
             rows = await self._r.execute_fetchall(sql, args)
-        return [dict(r) for r in rows]
+        return [_decoded(dict(r)) for r in rows]
 
     async def fetchone(self, sql: str, args: Sequence[Any] = ()) -> dict[str, Any] | None:
         rows = await self.fetchall(sql, args)
@@ -136,7 +143,7 @@ class ZooStore:
             "INSERT INTO model(name, code, code_hash, lemur_id, prefix, origin, fingerprint, params, flops,"
             " code_quality, code_quality_detail, supported_hyperparameters, created)"
             " VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (model.name, model.code, codehash.code_hash(model.code), codehash.lemur_id(model.code),
+            (model.name, stored_code(model.code), codehash.code_hash(model.code), codehash.lemur_id(model.code),
              model.prefix, model.origin, model.fingerprint, model.params, model.flops, model.code_quality,
              _json(model.code_quality_detail), _json(model.supported_hyperparameters), model.created),
         )
@@ -354,7 +361,7 @@ class ZooStore:
             model = await (await db.execute("SELECT * FROM model WHERE name=?", (name,))).fetchone()
             if model is None:
                 return None
-            model = dict(model)
+            model = _decoded(dict(model))
             summary = [dict(r) for r in await db.execute_fetchall(
                 "SELECT task, dataset, metric, COUNT(*) AS runs, MAX(accuracy) AS best_accuracy,"
                 " AVG(accuracy) AS mean_accuracy, MAX(accuracy_to_time) AS best_accuracy_to_time,"
