@@ -44,6 +44,7 @@ from sandbox import datasets
 from sandbox.protocol import JobStatus
 from zoo import codehash, connection
 from zoo.query import Filters, as_tuple, grouped_sql
+from zoo.records import code_text
 
 # LEMUR's `good()`: a trained model counts only if its accuracy is above this multiple of chance
 GOOD_FACTOR = 1.2
@@ -118,7 +119,7 @@ def _model_code(conn: Any, ids: list[int]) -> dict[int, tuple[str, str]]:
         chunk = ids[start:start + 900]
         for mid, text, lemur_id in conn.execute(
                 f"SELECT id, code, lemur_id FROM model WHERE id IN ({','.join('?' * len(chunk))})", chunk):
-            code[mid] = (text, lemur_id)
+            code[mid] = (code_text(text), lemur_id)  # stored text or deflated bytes
     return code
 
 

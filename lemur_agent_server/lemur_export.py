@@ -35,6 +35,7 @@ from lemur_agent_server.lemur_import import SOURCE as IMPORT_SOURCE
 from sandbox.protocol import RunStatus
 from zoo import codehash, connection
 from zoo.query import Filters, _where
+from zoo.records import code_text
 
 SPLITTER = "_"  # LEMUR's config_splitter
 
@@ -116,7 +117,7 @@ def export_lemur(zoo: str | Path | None, out: str | Path, filters: Filters | Non
             config = SPLITTER.join((row[2], row[3], row[4], row[7]))
             for epoch, rec in records.items():
                 by_config[config][epoch].append(rec)
-            code[row[7]] = row[8]
+            code[row[7]] = code_text(row[8])  # stored text or deflated bytes
             report.runs += 1
             report.records += len(records)
         conn.execute("COMMIT")

@@ -71,7 +71,9 @@ def write_v4_copy(source: Path, path: Path) -> None:
     conn.execute("INSERT INTO meta(key, value) VALUES('schema_version', ?)", (str(V4),))
     conn.execute("ATTACH DATABASE ? AS src", (str(source),))
     for table in (*COPIED_TABLES, "point", "best_point"):  # the views' columns are the old tables' columns
-        conn.execute(f"INSERT INTO main.{table} SELECT * FROM src.{table}")
+        # the v4 table's own columns: later migrations add columns to some tables (run)
+        columns = ", ".join(row[1] for row in conn.execute(f"PRAGMA main.table_info({table})"))
+        conn.execute(f"INSERT INTO main.{table}({columns}) SELECT {columns} FROM src.{table}")
     conn.commit()
     conn.close()
 

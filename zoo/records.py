@@ -10,9 +10,8 @@ from typing import Any
 
 # Model code is the largest thing in an imported zoo (LEMUR's 10,482 files: 47 MB of text, 14 MB deflated).
 # With COMPRESS_CODE the writers store it zlib-deflated (a BLOB); every reader passes `model.code` through
-# `code_text`, which takes both forms, so a zoo may mix them. Off until every reader of the column does
-# (lemur_agent_server.api._model_code and lemur_export still read it raw).
-COMPRESS_CODE = False
+# `code_text`, which takes both forms, so a zoo may mix them (zoos written before stay readable as they are).
+COMPRESS_CODE = True
 CODE_ZLIB_LEVEL = 6
 
 
