@@ -62,6 +62,16 @@ QUICK = {"n_trials": 1, "epochs": 0.5, "time_budget_s": 60, "max_train_samples":
 LONG = {"n_trials": 1, "epochs": 2, "time_budget_s": 90, "max_train_samples": 512,
         "prm": {"batch": 16, "lr": 0.05, "momentum": 0.9}}
 
+# a net whose code leaves thousands of files in out/ (each look of the node at out/ then takes long
+# enough for the runner to write a point's predictions and its event in the middle of it)
+LITTERS_OUT = models.tiny(learn_extra=(
+    "import os\n        litter = os.path.join(os.environ['HOME'], 'preds')\n"
+    "        os.makedirs(litter, exist_ok=True)\n"
+    "        if not os.path.exists(os.path.join(litter, 'pad0')):\n"
+    "            [open(os.path.join(litter, f'pad{i}'), 'w').close() for i in range(3000)]"))
+MANY_POINTS = {**QUICK, "eval_every": 0.1, "max_train_samples": 256}
+FINISHED = {"succeeded", "failed", "timed_out", "cancelled"}
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -174,6 +184,7 @@ async def test_a_batch_runs_on_both_nodes_and_every_result_is_archived(ray_setti
             rows = [await wait_status(queue, j, {"succeeded", "failed", "timed_out", "cancelled"}, 150)
                     for j in job_ids]
             sent = [ray.get(ref) for ref in backend.sent]
+    assert all(r["error"] for r in rows if r["status"] == "failed"), rows  # a failure always says why
     assert [r["status"] for r in rows] == ["succeeded"] * 10, [(r["id"], r["status"], r["error"])
                                                               for r in rows if r["status"] != "succeeded"]
     assert all(r["result"]["accuracy"] is not None for r in rows)
@@ -191,6 +202,26 @@ async def test_a_batch_runs_on_both_nodes_and_every_result_is_archived(ray_setti
     assert not any("test_y" in name or "label" in name.lower() and "test" in name.lower() for name in shipped)
     assert not any(label_bytes in data for data in shipped.values())
     assert time.monotonic() - started < 120
+
+
+async def test_every_point_arrives_with_its_predictions_while_the_node_reads_out(ray_settings):
+    """The node hands the host each event only with the files it names. Its sandbox's out/ holds
+    thousands of files here, so each look at out/ is long: the old order (the files, then the
+    events) let a point's event through before its predictions and failed the job."""
+    settings = ray_settings(slots=2)
+    async with await ZooStore.open(settings.zoo_path) as store:
+        async with JobQueue.running(settings, store) as queue:
+            requests = [EvalRequest(code=LITTERS_OUT, dataset="digits", name_prefix=f"p{i}", seed=i, **MANY_POINTS)
+                        for i in range(2)]
+            _, entries = await queue.submit_batch(requests)
+            rows = [await wait_status(queue, e["job_id"], FINISHED, 120) for e in entries]
+    assert [(r["status"], r["error"]) for r in rows] == [("succeeded", None)] * 2, rows
+    trials = [t for r in rows for t in r["result"]["trials"]]
+    assert [t["error"] for t in trials] == [None, None]
+    for row in rows:  # all five points of the curve, each scored from its predictions
+        points = count(settings.zoo_path, "SELECT COUNT(*) FROM point p JOIN run r ON r.id = p.run_id "
+                                          "WHERE r.job_id=?", (row["id"],))
+        assert points == 5
 
 
 async def test_a_job_whose_ray_worker_is_killed_is_requeued_and_finishes(ray_settings):

@@ -26,6 +26,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -65,6 +67,15 @@ def _read_dir(root: Path, skip: frozenset[str] = frozenset()) -> dict[str, bytes
     return files
 
 
+def _read_regular(path: Path) -> bytes:
+    """The bytes of `path` if it is a regular file; never through a link (the sandbox writes out/)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        return f.read()
+
+
 def _write_files(root: Path, files: dict[str, bytes]) -> None:
     """Write `files` under `root`; a name that would leave `root` is dropped."""
     for rel, data in files.items():
@@ -97,6 +108,53 @@ def _node_backend(settings: Any) -> Backend:
     return choose_backend(settings)
 
 
+class OutFeed:
+    """What of a sandbox's out/ on this node the host has not got yet: the events file from an offset,
+    and the other files that are new or changed since they were last sent.
+
+    Why the events are read BEFORE the files: the runner writes a file (a point's predictions, a
+    trial's weights) completely and only then appends the event that names it. Events read first were
+    all written before the files are looked at, so every file they name is complete by then and goes
+    in the same answer; the host writes the files before it appends the events, so it never parses an
+    event whose file it lacks. (Files first, the other order, loses that: a file written while they are
+    listed, and its event appended before the events are read, arrive as an event without its file;
+    the host then failed the point with "Bad predictions: ... cannot be opened".)"""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+        self._sent: dict[str, tuple[int, int, int, int]] = {}  # rel path -> (inode, size, mtime, ctime) sent
+
+    def read(self, offset: int) -> tuple[dict[str, bytes], bytes]:
+        """(the changed files, the events' bytes from `offset`, at most CHUNK); the events are read first."""
+        try:
+            with open(self.out_dir / EVENTS_FILE, "rb") as f:
+                f.seek(offset)
+                chunk = f.read(CHUNK)
+        except FileNotFoundError:
+            chunk = b""
+        return self.changed_files(), chunk
+
+    def changed_files(self) -> dict[str, bytes]:
+        """Every regular file of out/ but the events, not sent yet in its current state."""
+        changed: dict[str, bytes] = {}
+        for dirpath, _dirnames, filenames in os.walk(self.out_dir, followlinks=False):
+            for name in filenames:
+                path = Path(dirpath, name)
+                rel = path.relative_to(self.out_dir).as_posix()
+                if rel == EVENTS_FILE:
+                    continue
+                try:
+                    st = path.lstat()
+                    stamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                    if not stat.S_ISREG(st.st_mode) or self._sent.get(rel) == stamp:
+                        continue
+                    changed[rel] = _read_regular(path)
+                except OSError:  # gone, or swapped for a link or a fifo since the listing
+                    continue
+                self._sent[rel] = stamp
+        return changed
+
+
 class SandboxRunner:
     """One phase's sandbox on this node (the body of the Ray actor; plain Python so it can be read
     and tested without Ray). Its event loop runs in a thread: Ray calls its methods from its own."""
@@ -112,7 +170,7 @@ class SandboxRunner:
         self.handle: Handle | None = None
         self.exit: Exit | None = None
         self.paths: JobPaths | None = None
-        self._sent: dict[str, tuple[int, int]] = {}  # out/ files already sent: (size, mtime)
+        self.out: OutFeed | None = None
 
     def _data_dir(self, data: dict[str, bytes], digest: str) -> Path:
         """The dataset arrays, cached on this node under their content hash (written once, atomically)."""
@@ -127,7 +185,7 @@ class SandboxRunner:
             try:
                 tmp.rename(target)
             except OSError:  # another actor on this node won the race: same content
-                pass
+                shutil.rmtree(tmp, ignore_errors=True)
         return target
 
     def start(self, job_id: str, in_files: dict[str, bytes], data: dict[str, bytes], digest: str,
@@ -139,6 +197,7 @@ class SandboxRunner:
         (job_dir / "in").mkdir(parents=True, exist_ok=True)
         (job_dir / "out").mkdir(exist_ok=True)
         paths = self.paths = JobPaths(job_dir=job_dir, data_dir=data_dir)
+        self.out = OutFeed(paths.out_dir)
         _write_files(paths.in_dir, in_files)
         spec_path = paths.in_dir / protocol.SPEC_FILE
         spec = json.loads(spec_path.read_text())
@@ -159,46 +218,17 @@ class SandboxRunner:
         self.exit = await self.handle.wait()
 
     def read(self, offset: int) -> tuple[dict[str, bytes], bytes, bool]:
-        """The out/ files new or changed since the last read, then the raw bytes of out/events.jsonl
-        from `offset` (the host parses them), and whether the sandbox had ended before this read.
-
-        Files first: an event that names a file (predictions of a point) is written after the file,
-        so the host has every file an event names before it sees the event."""
+        """The out/ files new or changed since the last read, the raw bytes of out/events.jsonl from
+        `offset` (the host parses them), and whether the sandbox had ended before this read."""
         done = self.exit is not None
-        assert self.paths is not None
-        files = self._changed_files()
-        try:
-            with open(self.paths.out_dir / EVENTS_FILE, "rb") as f:
-                f.seek(offset)
-                return files, f.read(CHUNK), done
-        except FileNotFoundError:
-            return files, b"", done
-
-    def _changed_files(self) -> dict[str, bytes]:
-        assert self.paths is not None
-        changed: dict[str, bytes] = {}
-        for dirpath, _dirnames, filenames in os.walk(self.paths.out_dir, followlinks=False):
-            for name in filenames:
-                path = Path(dirpath, name)
-                rel = path.relative_to(self.paths.out_dir).as_posix()
-                try:
-                    st = path.lstat()
-                except OSError:
-                    continue
-                stamp = (st.st_size, st.st_mtime_ns)
-                if rel == EVENTS_FILE or not path.is_file() or path.is_symlink() or self._sent.get(rel) == stamp:
-                    continue
-                try:
-                    changed[rel] = path.read_bytes()
-                except OSError:
-                    continue
-                self._sent[rel] = stamp
-        return changed
+        assert self.out is not None
+        files, chunk = self.out.read(offset)
+        return files, chunk, done
 
     def result(self) -> dict[str, Any]:
         """How the sandbox ended and the out/ files not sent yet (the events are streamed)."""
-        assert self.exit is not None and self.paths is not None
-        return {"exit": dataclasses.asdict(self.exit), "files": self._changed_files()}
+        assert self.exit is not None and self.out is not None
+        return {"exit": dataclasses.asdict(self.exit), "files": self.out.changed_files()}
 
     def cancel(self) -> None:
         if self.handle is not None:
@@ -209,8 +239,6 @@ class SandboxRunner:
 
     def close(self) -> None:
         """Remove this job's files from the node (the host has its copy) and stop the event loop."""
-        import shutil
-
         self.cancel()  # idempotent; a host that gave up on this sandbox leaves nothing running
         if self.paths is not None:
             shutil.rmtree(self.paths.job_dir, ignore_errors=True)
