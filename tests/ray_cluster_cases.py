@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +36,7 @@ import pytest
 from lemur_agent_server.evaluator.queue import JobQueue
 from lemur_agent_server.evaluator.ray_executor import RayBackend
 from lemur_agent_server.evaluator.requests import EvalRequest
-from sandbox import datasets
+from sandbox import _cgroups, datasets
 from tests import models
 from tests.zoo_factory import count
 from zoo.store import ZooStore
@@ -162,6 +165,25 @@ async def a_slow_job_training(queue: JobQueue, within_s: float = 90) -> tuple[st
     return job_id, queue.backend.placed[job_id]
 
 
+def sandbox_cgroups(job_id: str) -> list[Path]:
+    """The job cgroups (every controller) of `job_id`'s sandboxes on this machine, whoever made them."""
+    version = _cgroups.version()
+    assert version is not None
+    safe = re.sub(r"[^A-Za-z0-9_.]", "_", job_id)
+    return [d for base in _cgroups.base_dirs(version).values() for d in base.glob(f"{_cgroups.PREFIX}{safe}-*")]
+
+
+def start_worker(settings: Any, log: Path) -> subprocess.Popen[bytes]:
+    """The real server's job runner (`lemur-agent-server worker --executor ray`) on `settings`' zoo,
+    its output into `log`."""
+    env = {**os.environ, "LEMUR_DATA": str(settings.data_root), "LEMUR_STALE_AFTER_S": str(settings.stale_after_s)}
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "lemur_agent_server", "--zoo", str(settings.zoo_path), "worker", "--slots", "1",
+             "--executor", "ray", "--ray-address", settings.ray_address, "--sandbox", "process"],
+            env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+
+
 def test_every_node_of_the_cluster_is_on_loopback(ray_cluster: str):
     if not ray.is_initialized():
         ray.init(address=ray_cluster, log_to_driver=False)
@@ -191,7 +213,7 @@ async def test_a_batch_runs_on_both_nodes_and_every_result_is_archived(ray_setti
     for job_id in job_ids:  # archived by the server, one run per job
         assert count(settings.zoo_path, "SELECT COUNT(*) FROM run WHERE job_id=?", (job_id,)) >= 1
     node_jobs = Path(tempfile.gettempdir()) / "lemur-ray-node" / "state" / "jobs"
-    assert not [j for j in job_ids if (node_jobs / j).exists()]  # each node removed its copy of the job
+    assert not [j for j in job_ids if list(node_jobs.glob(f"*/{j}"))]  # each node removed its copy of the job
     nodes = {backend.placed[j]["node"] for j in job_ids}
     assert len(nodes) == 2, nodes  # Ray placed jobs on both nodes
     # what the Ray jobs received: job inputs and the public arrays; never the test labels
@@ -239,6 +261,55 @@ async def test_a_job_whose_ray_worker_is_killed_is_requeued_and_finishes(ray_set
     assert backend.placed[job_id]["pid"] != first["pid"]
     assert not [p for p in sandbox if alive(p)]  # the killed worker's sandbox died with it
     assert count(settings.zoo_path, "SELECT COUNT(*) FROM run WHERE job_id=?", (job_id,)) == 1  # no half run
+
+
+async def test_a_server_killed_mid_training_leaves_its_job_to_the_next_server(ray_settings):
+    """A server (the real `worker` process, a Ray driver) is killed -9 while its job trains on Ray: Ray
+    ends the dead driver's actor, its sandbox goes with it, and the next server on the zoo re-queues
+    the job and finishes it: one run, from the second attempt, and nothing of the first left on the node."""
+    settings = ray_settings(slots=1)
+    async with await ZooStore.open(settings.zoo_path) as store:
+        async with JobQueue.running(settings, store, workers=False) as queue:
+            job_id = await queue.submit(EvalRequest(code=models.SLOW, dataset="digits", **LONG))
+    log = settings.state_dir / "worker.log"
+    worker = start_worker(settings, log)
+    try:
+        with anyio.fail_after(120):  # killed once the first point is in (the node holds its events and files)
+            while not (count(settings.zoo_path, "SELECT COUNT(*) FROM job WHERE id=? AND status='training' AND "
+                             "json_extract(progress, '$.epoch') >= 0.5", (job_id,)) and sandbox_cgroups(job_id)):
+                assert worker.poll() is None, log.read_text()[-3000:]
+                await anyio.sleep(0.2)
+        first = sandbox_cgroups(job_id)
+        owner = {int(m.group(1)) for d in first if (m := re.search(r"-o(\d+)-", d.name))}
+        sandbox = {int(p) for d in first for p in (d / "cgroup.procs").read_text().split()}
+        assert len(owner) == 1 and sandbox, (first, sandbox)
+        actor_pid = owner.pop()
+        worker.kill()
+    finally:
+        worker.kill()
+        worker.wait(timeout=30)
+    async with await ZooStore.open(settings.zoo_path) as store:
+        async with JobQueue.running(settings, store) as queue:
+            row = await wait_status(queue, job_id, FINISHED, 180)
+            placed = queue.backend.placed[job_id]
+    assert (row["status"], row["error"], row["attempts"]) == ("succeeded", None, 2), row
+    assert placed["pid"] != actor_pid
+    with closing(sqlite3.connect(settings.zoo_path)) as conn:
+        uids = [uid for (uid,) in conn.execute("SELECT uid FROM run WHERE job_id=?", (job_id,))]
+        elapsed = [e for (e,) in conn.execute("SELECT p.elapsed_s FROM point p JOIN run r ON r.id = p.run_id "
+                                              "WHERE r.job_id=? ORDER BY p.epoch", (job_id,))]
+    assert len(uids) == 1 and uids[0].startswith(f"{job_id}:a2:"), uids  # no run of the killed attempt
+    # every point is the second attempt's own: SLOW sleeps 0.1 s a batch, 1.6 s to its first point (the
+    # first attempt's events, read again, would put that point at once after the trial's start)
+    assert len(elapsed) == 4 and elapsed[0] >= 1.6, elapsed
+    assert count(settings.zoo_path, "SELECT COUNT(*) FROM run WHERE job_id=? AND selected=1", (job_id,)) == 1
+    with anyio.fail_after(30):  # Ray ends the actors of a dead driver (fate sharing)
+        while alive(actor_pid):
+            await anyio.sleep(0.2)
+    assert not [p for p in sandbox if alive(p)]
+    assert not [d for d in sandbox_cgroups(job_id) if f"-o{actor_pid}-" in d.name]
+    node_jobs = Path(tempfile.gettempdir()) / "lemur-ray-node" / "state" / "jobs"
+    assert not list(node_jobs.glob(f"*/{job_id}"))  # neither attempt left its files on the node
 
 
 async def test_cancel_across_ray_stops_the_sandbox_on_its_node(ray_settings):

@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -37,10 +38,11 @@ from typing import Any
 import anyio
 
 from lemur_agent_server.evaluator.executor import WorkerLost
-from sandbox import protocol
+from sandbox import _owner, protocol
 from sandbox.backend import Backend, Exit, Handle, JobPaths, Limits, RunnerPaths
 
 CHUNK = 1 << 20  # events bytes per poll
+ACTOR_DIR = re.compile(r"o(\d+)-t(\d+)")  # a node's jobs dir holds one folder per actor: o<pid>-t<start ticks>
 POLL_S = 0.1
 NAMESPACE = "lemur-agent-server"
 EVENTS_FILE = protocol.EVENTS_FILE
@@ -155,22 +157,52 @@ class OutFeed:
         return changed
 
 
+def actor_dir_name(pid: int) -> str:
+    """The folder of one actor's job dirs on its node: its pid and start time (a reused pid is not it)."""
+    return f"o{pid}-t{_owner.start_ticks(pid)}"
+
+
+def remove_dead_actors_dirs(jobs_dir: Path) -> int:
+    """Remove the job folders of actors on this node that are gone (Ray killed them, or their driver
+    died): a killed actor never reaches its `close`. Returns how many actors' folders went."""
+    removed = 0
+    for entry in jobs_dir.iterdir() if jobs_dir.is_dir() else ():
+        m = ACTOR_DIR.fullmatch(entry.name)
+        if m and not entry.is_symlink() and not _owner.is_running(int(m.group(1)), m.group(2)):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed += 1
+    return removed
+
+
 class SandboxRunner:
     """One phase's sandbox on this node (the body of the Ray actor; plain Python so it can be read
-    and tested without Ray). Its event loop runs in a thread: Ray calls its methods from its own."""
+    and tested without Ray). Its event loop runs in a thread: Ray calls its methods from its own.
+
+    Each actor keeps its job's files in a folder of its own (`actor_dir_name`), not in one named by the
+    job alone: two nodes of one machine share the node root, and a job given back (its worker or its
+    server died) may start again here while the dead attempt's files, or even its sandbox, are still
+    there; the new attempt must never read the old one's events. Every actor, when it starts and when
+    it closes, removes what dead actors left on the node: their sandboxes (cgroups, containers) and
+    their folders."""
 
     def __init__(self, sandbox: str, image: str, root: str | None = None):
         self.root = Path(root or Path(tempfile.gettempdir()) / "lemur-ray-node")
         self.settings = _node_settings(sandbox, image, self.root)
-        self.settings.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self.jobs_dir = self.settings.jobs_dir / actor_dir_name(os.getpid())
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self._portal_cm = anyio.from_thread.start_blocking_portal()
         self._portal = self._portal_cm.__enter__()
         self.backend = _node_backend(self.settings)
-        self._portal.call(self.backend.cleanup_orphans)  # containers and processes of dead actors
+        self._sweep()
         self.handle: Handle | None = None
         self.exit: Exit | None = None
         self.paths: JobPaths | None = None
         self.out: OutFeed | None = None
+
+    def _sweep(self) -> None:
+        """Remove the sandboxes and folders of dead actors on this node."""
+        self._portal.call(self.backend.cleanup_orphans)
+        remove_dead_actors_dirs(self.settings.jobs_dir)
 
     def _data_dir(self, data: dict[str, bytes], digest: str) -> Path:
         """The dataset arrays, cached on this node under their content hash (written once, atomically)."""
@@ -193,7 +225,7 @@ class SandboxRunner:
         """Write the job's inputs here, point its spec at this node's paths and start the sandbox."""
         self.settings.cache_dir.mkdir(parents=True, exist_ok=True)
         data_dir = self._data_dir(data, digest)
-        job_dir = self.settings.jobs_dir / job_id
+        job_dir = self.jobs_dir / job_id
         (job_dir / "in").mkdir(parents=True, exist_ok=True)
         (job_dir / "out").mkdir(exist_ok=True)
         paths = self.paths = JobPaths(job_dir=job_dir, data_dir=data_dir)
@@ -240,9 +272,9 @@ class SandboxRunner:
     def close(self) -> None:
         """Remove this job's files from the node (the host has its copy) and stop the event loop."""
         self.cancel()  # idempotent; a host that gave up on this sandbox leaves nothing running
-        if self.paths is not None:
-            shutil.rmtree(self.paths.job_dir, ignore_errors=True)
+        shutil.rmtree(self.jobs_dir, ignore_errors=True)
         self._portal.call(self.backend.aclose)
+        self._sweep()  # an actor that died after this one started (its driver killed) left its sandbox
         self._portal_cm.__exit__(None, None, None)
 
 
