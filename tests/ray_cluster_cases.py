@@ -82,9 +82,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ray_cli(*args: str, env: dict[str, str]) -> None:
-    subprocess.run([RAY, *args], env=env, check=True, timeout=120, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.PIPE)
+def start_node(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """One Ray node: a `ray start --block` process of its own session, which stops the node's
+    processes when it is stopped (so the fixture ends its own cluster by process id, never with
+    `ray stop`, which ends every Ray node on the machine)."""
+    with open(log, "wb") as out:
+        return subprocess.Popen([RAY, "start", *args, "--block"], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def wait_for_nodes(address: str, n: int, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if not ray.is_initialized():
+                ray.init(address=address, log_to_driver=False)
+            if sum(node["Alive"] for node in ray.nodes()) >= n:
+                return
+        except Exception:  # noqa: BLE001 - the head is still starting
+            if time.monotonic() > deadline:
+                raise
+        assert time.monotonic() < deadline, f"the Ray cluster did not reach {n} nodes"
+        time.sleep(0.5)
+
+
+def stop_nodes(nodes: list[subprocess.Popen[bytes]]) -> None:
+    """Stop the nodes (the joined one first), then kill whatever of their processes is left, by id."""
+    tree = {pid for node in nodes for pid in descendants(node.pid)}
+    for node in reversed(nodes):
+        node.send_signal(signal.SIGTERM)
+        try:
+            node.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            node.kill()
+            node.wait()
+    for pid in tree:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
@@ -95,15 +129,19 @@ def ray_cluster() -> Iterator[str]:
     env = {**os.environ, **AUTH, "RAY_USAGE_STATS_ENABLED": "0"}
     common = ["--node-ip-address", "127.0.0.1", "--disable-usage-stats", "--temp-dir", str(temp)]
     address = f"127.0.0.1:{port}"
+    nodes: list[subprocess.Popen[bytes]] = []
     try:
-        ray_cli("start", "--head", "--port", str(port), "--num-gpus", "2", "--num-cpus", "2",
-                "--include-dashboard=false", *common, env=env)
-        ray_cli("start", "--address", address, "--num-cpus", "2", "--num-gpus", "0", *common, env=env)
+        nodes.append(start_node(["--head", "--port", str(port), "--num-gpus", "2", "--num-cpus", "2",
+                                 "--include-dashboard=false", *common], env, temp / "head.log"))
+        wait_for_nodes(address, 1)
+        nodes.append(start_node(["--address", address, "--num-cpus", "2", "--num-gpus", "0", *common], env,
+                                temp / "node.log"))
+        wait_for_nodes(address, 2)
         yield address
     finally:
         if ray.is_initialized():
             ray.shutdown()
-        subprocess.run([RAY, "stop", "--force"], env=env, timeout=120, capture_output=True)
+        stop_nodes(nodes)
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -216,6 +254,8 @@ async def test_a_batch_runs_on_both_nodes_and_every_result_is_archived(ray_setti
     assert not [j for j in job_ids if list(node_jobs.glob(f"*/{j}"))]  # each node removed its copy of the job
     nodes = {backend.placed[j]["node"] for j in job_ids}
     assert len(nodes) == 2, nodes  # Ray placed jobs on both nodes
+    actors = {backend.placed[j]["pid"] for j in job_ids}
+    assert len(actors) < len(job_ids), actors  # an actor whose job ended runs a later one
     # what the Ray jobs received: job inputs and the public arrays; never the test labels
     labels = datasets.prepare("digits", settings.data_root, settings.cache_dir).test_labels
     label_bytes = labels.tobytes()

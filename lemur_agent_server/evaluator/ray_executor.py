@@ -16,7 +16,9 @@ test labels and the zoo; the server scores and archives.
 Faults: a node or actor that dies mid-phase raises `WorkerLost` from the handle; the queue then stops
 heart-beating the job, so the zoo's recovery re-queues it (bounded attempts, then `interrupted`)
 exactly as for a server that died. `cancel()` cancels the sandbox on its node, then kills the actor;
-an actor starts by reaping sandboxes (processes, containers labelled with their job) of dead owners.
+an actor starts (and closes) by reaping sandboxes (processes, containers labelled with their job) and
+job folders of dead actors. An actor whose sandbox ended by itself is kept for the next job of the
+same shape (`ActorPool`): a fresh one costs seconds before its sandbox starts.
 """
 
 from __future__ import annotations
@@ -99,8 +101,8 @@ def _node_settings(sandbox: str, image: str, root: Path) -> Any:
 
 
 def _node_backend(settings: Any) -> Backend:
-    """This node's sandbox backend, without warm containers (an actor lives for one sandbox: a warm
-    one would outlive it)."""
+    """This node's sandbox backend, without warm containers (an actor is retired once it is idle, and a
+    warm container would outlive it)."""
     from lemur_agent_server.evaluator.backends import choose_backend, docker_usable
 
     if settings.sandbox in ("auto", "docker") and docker_usable(settings):
@@ -223,6 +225,7 @@ class SandboxRunner:
     def start(self, job_id: str, in_files: dict[str, bytes], data: dict[str, bytes], digest: str,
               limits: dict[str, Any]) -> dict[str, Any]:
         """Write the job's inputs here, point its spec at this node's paths and start the sandbox."""
+        assert self.handle is None, "one sandbox at a time: reset() the one that ended first"
         self.settings.cache_dir.mkdir(parents=True, exist_ok=True)
         data_dir = self._data_dir(data, digest)
         job_dir = self.jobs_dir / job_id
@@ -269,12 +272,20 @@ class SandboxRunner:
     def pid(self) -> int:
         return os.getpid()
 
+    def reset(self) -> None:
+        """Forget the job that ended (its files go: the host has its copy); the actor, its event loop and
+        its sandbox backend stay for the host's next job of the same shape (see `RayBackend`)."""
+        assert self.exit is not None, "reset() of a sandbox that has not ended"
+        if self.paths is not None:
+            shutil.rmtree(self.paths.job_dir, ignore_errors=True)
+        self.handle = self.exit = self.paths = self.out = None
+
     def close(self) -> None:
-        """Remove this job's files from the node (the host has its copy) and stop the event loop."""
+        """Remove this actor's files from the node (the host has its copy) and stop the event loop."""
         self.cancel()  # idempotent; a host that gave up on this sandbox leaves nothing running
         shutil.rmtree(self.jobs_dir, ignore_errors=True)
-        self._portal.call(self.backend.aclose)
         self._sweep()  # an actor that died after this one started (its driver killed) left its sandbox
+        self._portal.call(self.backend.aclose)
         self._portal_cm.__exit__(None, None, None)
 
 
@@ -291,12 +302,81 @@ def sandbox_actor() -> Any:
 
 # --- the host side --------------------------------------------------------------------------------
 
+IDLE_S = 30.0  # an actor idle longer than this is retired (at the next start or return)
+Shape = tuple[float, float]  # (GPUs, CPUs) an actor asks Ray for
+
+
+def retire(actor: Any) -> None:
+    """Close the actor (its sandbox stopped, its files and dead neighbours' leftovers removed), then kill it."""
+    ray = _ray()
+    try:
+        ray.get(actor.close.remote(), timeout=protocol.TimeBudget.STOP_GRACE_S)
+    except Exception:  # noqa: BLE001 - a dead actor has nothing left to close
+        pass
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # noqa: BLE001 - already gone
+        pass
+
+
+class ActorPool:
+    """Actors whose sandbox ended normally, kept for the next job of the same shape.
+
+    Why: a fresh actor costs a Ray worker process (Python, Ray, our modules) and the node's sandbox
+    backend (its probes) before its sandbox even starts, seconds per job on a loaded machine
+    (bench/throughput.py); a kept one starts the next sandbox at once. An actor whose sandbox was
+    cancelled, or that was lost, is never kept.
+
+    Why it cannot starve other jobs: an idle actor holds the CPUs (and GPU) it asked for. Every start
+    first retires the idle actors of other shapes (they might hold what it needs) and those idle longer
+    than IDLE_S; the server's stop (`close`) retires them all. At most `max_idle` are kept."""
+
+    def __init__(self, max_idle: int = 16):
+        self.max_idle = max_idle
+        self._idle: list[tuple[Shape, float, Any]] = []  # (shape, idle since, actor)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def take(self, shape: Shape) -> Any | None:
+        """An idle actor of `shape` (now this caller's), or None."""
+        with self._lock:
+            now = time.monotonic()
+            usable = [entry for entry in self._idle if entry[0] == shape and now - entry[1] <= IDLE_S]
+            gone = [entry[2] for entry in self._idle if entry not in usable]
+            mine = usable.pop() if usable else None  # the most recently idle: its pages are warmest
+            self._idle = usable
+        for actor in gone:
+            retire(actor)
+        return mine[2] if mine else None
+
+    def give(self, shape: Shape, actor: Any) -> bool:
+        """Keep `actor` (its ended job forgotten on its node) for a later job; False: the caller retires it."""
+        try:
+            _ray().get(actor.reset.remote(), timeout=protocol.TimeBudget.STOP_GRACE_S)
+        except Exception:  # noqa: BLE001 - a dead or stuck actor is not kept
+            return False
+        with self._lock:
+            if self._closed or len(self._idle) >= self.max_idle:
+                return False
+            self._idle.append((shape, time.monotonic(), actor))
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for _shape, _since, actor in idle:
+            retire(actor)
+
+
 class RayHandle(Handle):
     """The host's view of a sandbox on a Ray node: a thread copies its events into the host's out/
     as they come and its out/ files at the end; `finished()` once those are here."""
 
-    def __init__(self, backend: RayBackend, paths: JobPaths, actor: Any, started: Any, wall_s: float):
+    def __init__(self, backend: RayBackend, paths: JobPaths, actor: Any, shape: Shape, started: Any,
+                 wall_s: float):
         self.paths = paths
+        self._shape = shape
         # the node kills its sandbox at wall_s; if no end came by then plus the stop grace (a node that
         # hangs, a job Ray cannot place), the host gives the job back
         self._patience_s = wall_s + 2 * protocol.TimeBudget.STOP_GRACE_S
@@ -347,15 +427,10 @@ class RayHandle(Handle):
             self._release()
 
     def _release(self) -> None:
-        ray = _ray()
-        try:
-            ray.get(self._actor.close.remote(), timeout=protocol.TimeBudget.STOP_GRACE_S)
-        except Exception:  # noqa: BLE001 - a dead actor has nothing left to close
-            pass
-        try:
-            ray.kill(self._actor, no_restart=True)
-        except Exception:  # noqa: BLE001 - already gone
-            pass
+        """The actor goes back to the pool when its sandbox ended by itself; else it is retired."""
+        ended = self._exit is not None and not self._cancel.is_set()
+        if not (ended and self._backend.pool.give(self._shape, self._actor)):
+            retire(self._actor)
 
     def finished(self) -> bool:
         return self._done.is_set()
@@ -406,6 +481,7 @@ class RayBackend(Backend):
         self._data_lock = threading.Lock()
         self.placed: dict[str, dict[str, Any]] = {}  # job id -> where its last sandbox ran
         self.sent: collections.deque[Any] = collections.deque(maxlen=256)  # the last objects put (for tests)
+        self.pool = ActorPool()
 
     def runner_paths(self, paths: JobPaths) -> RunnerPaths:
         """Placeholders: the node rewrites them to where its own sandbox sees the files."""
@@ -439,9 +515,12 @@ class RayBackend(Backend):
         in_ref = ray.put(_read_dir(paths.in_dir))
         self.sent.append(in_ref)
         gpu_job = limits.gpu is not None
-        actor = sandbox_actor().options(
-            num_gpus=1 if gpu_job else 0, num_cpus=1 if gpu_job else max(1.0, float(limits.cpus)),
-        ).remote(self.sandbox, self.image, self.node_root)
-        started = actor.start.remote(paths.job_dir.name, in_ref, data_ref, digest,
-                                            dataclasses.asdict(limits))
-        return RayHandle(self, paths, actor, started, limits.wall_s)
+        shape = (1.0, 1.0) if gpu_job else (0.0, max(1.0, float(limits.cpus)))
+        actor = self.pool.take(shape) or sandbox_actor().options(num_gpus=shape[0], num_cpus=shape[1]).remote(
+            self.sandbox, self.image, self.node_root)
+        started = actor.start.remote(paths.job_dir.name, in_ref, data_ref, digest, dataclasses.asdict(limits))
+        return RayHandle(self, paths, actor, shape, started, limits.wall_s)
+
+    async def aclose(self) -> None:
+        """Retire the idle actors (their CPUs and GPUs go back to the cluster)."""
+        await anyio.to_thread.run_sync(self.pool.close)
