@@ -254,6 +254,10 @@ async def through_queue(key: str, label: str, settings: Settings, requests: list
     for j in ids:
         if j not in ok:
             print(f"  {label}: {j} {rows[j]['status']}: {json.dumps(rows[j]['error'])[:300]}", flush=True)
+    placed = getattr(backend.inner, "placed", None)
+    if placed is not None:  # Ray: how many actors ran the batch (a kept actor runs several jobs)
+        print(f"  {label}: {len({placed[j]['pid'] for j in ids if j in placed})} actors ran {len(ids)} jobs",
+              flush=True)
     return Result(key, label, settings.slot_count, wall, len(ok), len(ids),
                   [backend.marks[j]["first_step"] - rows[j]["started"] for j in ok],
                   [rows[j]["finished"] - backend.marks[j]["last_point"] for j in ok],
