@@ -7,7 +7,7 @@ zoo's size. Targets (issue 10): 578,595 records <= 30 s on a 2-core machine, zoo
 
     python bench/import.py [--records 578595] [--db /tmp/lemur22-synth.db] [--zoo /tmp/zoo-import.sqlite]
     python bench/import.py --source nn_dataset-2.1.2-py3-none-any.whl   # the 2.1 file importer instead
-    python bench/import.py --compress-code   # model code stored deflated (zoo.records.COMPRESS_CODE)
+    python bench/import.py --plain-code   # model code stored as text (before schema 7)
 """
 
 from __future__ import annotations
@@ -53,11 +53,11 @@ def main() -> int:
     parser.add_argument("--zoo", type=Path, default=Path("/tmp/zoo-import-bench.sqlite"))
     parser.add_argument("--rebuild", action="store_true", help="rebuild the synthetic database")
     parser.add_argument("--source", type=Path, help="import this instead (a LEMUR wheel, checkout or database)")
-    parser.add_argument("--compress-code", action="store_true", help="store model code deflated "
-                        "(zoo.records.COMPRESS_CODE, off by default until every reader inflates it)")
+    parser.add_argument("--plain-code", action="store_true", help="store model code as text, as zoos "
+                        "before schema 7 did (default: deflated, zoo.records.COMPRESS_CODE)")
     args = parser.parse_args()
     source = args.source or args.db
-    records.COMPRESS_CODE = args.compress_code
+    records.COMPRESS_CODE = not args.plain_code
     if args.source is None and (args.rebuild or not args.db.exists()):
         t = time.perf_counter()
         info = build_synthetic(args.db, args.records, models=args.models, epochs=args.epochs)

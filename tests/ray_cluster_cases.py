@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +36,7 @@ import pytest
 from lemur_agent_server.evaluator.queue import JobQueue
 from lemur_agent_server.evaluator.ray_executor import RayBackend
 from lemur_agent_server.evaluator.requests import EvalRequest
-from sandbox import datasets
+from sandbox import _cgroups, datasets
 from tests import models
 from tests.zoo_factory import count
 from zoo.store import ZooStore
@@ -62,6 +65,16 @@ QUICK = {"n_trials": 1, "epochs": 0.5, "time_budget_s": 60, "max_train_samples":
 LONG = {"n_trials": 1, "epochs": 2, "time_budget_s": 90, "max_train_samples": 512,
         "prm": {"batch": 16, "lr": 0.05, "momentum": 0.9}}
 
+# a net whose code leaves thousands of files in out/ (each look of the node at out/ then takes long
+# enough for the runner to write a point's predictions and its event in the middle of it)
+LITTERS_OUT = models.tiny(learn_extra=(
+    "import os\n        litter = os.path.join(os.environ['HOME'], 'preds')\n"
+    "        os.makedirs(litter, exist_ok=True)\n"
+    "        if not os.path.exists(os.path.join(litter, 'pad0')):\n"
+    "            [open(os.path.join(litter, f'pad{i}'), 'w').close() for i in range(3000)]"))
+MANY_POINTS = {**QUICK, "eval_every": 0.1, "max_train_samples": 256}
+FINISHED = {"succeeded", "failed", "timed_out", "cancelled"}
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -69,9 +82,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ray_cli(*args: str, env: dict[str, str]) -> None:
-    subprocess.run([RAY, *args], env=env, check=True, timeout=120, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.PIPE)
+def start_node(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """One Ray node: a `ray start --block` process of its own session, which stops the node's
+    processes when it is stopped (so the fixture ends its own cluster by process id, never with
+    `ray stop`, which ends every Ray node on the machine)."""
+    with open(log, "wb") as out:
+        return subprocess.Popen([RAY, "start", *args, "--block"], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def wait_for_nodes(address: str, n: int, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if not ray.is_initialized():
+                ray.init(address=address, log_to_driver=False)
+            if sum(node["Alive"] for node in ray.nodes()) >= n:
+                return
+        except Exception:  # noqa: BLE001 - the head is still starting
+            if time.monotonic() > deadline:
+                raise
+        assert time.monotonic() < deadline, f"the Ray cluster did not reach {n} nodes"
+        time.sleep(0.5)
+
+
+def stop_nodes(nodes: list[subprocess.Popen[bytes]]) -> None:
+    """Stop the nodes (the joined one first), then kill whatever of their processes is left, by id."""
+    tree = {pid for node in nodes for pid in descendants(node.pid)}
+    for node in reversed(nodes):
+        node.send_signal(signal.SIGTERM)
+        try:
+            node.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            node.kill()
+            node.wait()
+    for pid in tree:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
@@ -82,15 +129,19 @@ def ray_cluster() -> Iterator[str]:
     env = {**os.environ, **AUTH, "RAY_USAGE_STATS_ENABLED": "0"}
     common = ["--node-ip-address", "127.0.0.1", "--disable-usage-stats", "--temp-dir", str(temp)]
     address = f"127.0.0.1:{port}"
+    nodes: list[subprocess.Popen[bytes]] = []
     try:
-        ray_cli("start", "--head", "--port", str(port), "--num-gpus", "2", "--num-cpus", "2",
-                "--include-dashboard=false", *common, env=env)
-        ray_cli("start", "--address", address, "--num-cpus", "2", "--num-gpus", "0", *common, env=env)
+        nodes.append(start_node(["--head", "--port", str(port), "--num-gpus", "2", "--num-cpus", "2",
+                                 "--include-dashboard=false", *common], env, temp / "head.log"))
+        wait_for_nodes(address, 1)
+        nodes.append(start_node(["--address", address, "--num-cpus", "2", "--num-gpus", "0", *common], env,
+                                temp / "node.log"))
+        wait_for_nodes(address, 2)
         yield address
     finally:
         if ray.is_initialized():
             ray.shutdown()
-        subprocess.run([RAY, "stop", "--force"], env=env, timeout=120, capture_output=True)
+        stop_nodes(nodes)
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -152,6 +203,25 @@ async def a_slow_job_training(queue: JobQueue, within_s: float = 90) -> tuple[st
     return job_id, queue.backend.placed[job_id]
 
 
+def sandbox_cgroups(job_id: str) -> list[Path]:
+    """The job cgroups (every controller) of `job_id`'s sandboxes on this machine, whoever made them."""
+    version = _cgroups.version()
+    assert version is not None
+    safe = re.sub(r"[^A-Za-z0-9_.]", "_", job_id)
+    return [d for base in _cgroups.base_dirs(version).values() for d in base.glob(f"{_cgroups.PREFIX}{safe}-*")]
+
+
+def start_worker(settings: Any, log: Path) -> subprocess.Popen[bytes]:
+    """The real server's job runner (`lemur-agent-server worker --executor ray`) on `settings`' zoo,
+    its output into `log`."""
+    env = {**os.environ, "LEMUR_DATA": str(settings.data_root), "LEMUR_STALE_AFTER_S": str(settings.stale_after_s)}
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "lemur_agent_server", "--zoo", str(settings.zoo_path), "worker", "--slots", "1",
+             "--executor", "ray", "--ray-address", settings.ray_address, "--sandbox", "process"],
+            env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+
+
 def test_every_node_of_the_cluster_is_on_loopback(ray_cluster: str):
     if not ray.is_initialized():
         ray.init(address=ray_cluster, log_to_driver=False)
@@ -171,26 +241,52 @@ async def test_a_batch_runs_on_both_nodes_and_every_result_is_archived(ray_setti
                         for i in range(10)]
             _, entries = await queue.submit_batch(requests)
             job_ids = [e["job_id"] for e in entries]
-            rows = [await wait_status(queue, j, {"succeeded", "failed", "timed_out", "cancelled"}, 150)
-                    for j in job_ids]
+            rows = [await wait_status(queue, j, FINISHED, 150) for j in job_ids]
             sent = [ray.get(ref) for ref in backend.sent]
+    assert all(r["error"] for r in rows if r["status"] == "failed"), rows  # a failure always says why
     assert [r["status"] for r in rows] == ["succeeded"] * 10, [(r["id"], r["status"], r["error"])
                                                               for r in rows if r["status"] != "succeeded"]
     assert all(r["result"]["accuracy"] is not None for r in rows)
     for job_id in job_ids:  # archived by the server, one run per job
         assert count(settings.zoo_path, "SELECT COUNT(*) FROM run WHERE job_id=?", (job_id,)) >= 1
     node_jobs = Path(tempfile.gettempdir()) / "lemur-ray-node" / "state" / "jobs"
-    assert not [j for j in job_ids if (node_jobs / j).exists()]  # each node removed its copy of the job
+    assert not [j for j in job_ids if list(node_jobs.glob(f"*/{j}"))]  # each node removed its copy of the job
     nodes = {backend.placed[j]["node"] for j in job_ids}
     assert len(nodes) == 2, nodes  # Ray placed jobs on both nodes
-    # what the Ray jobs received: job inputs and the public arrays; never the test labels
+    actors = {backend.placed[j]["pid"] for j in job_ids}
+    assert len(actors) < len(job_ids), actors  # an actor whose job ended runs a later one
+    assert_no_test_labels_in(sent, settings)
+    assert time.monotonic() - started < 120
+
+
+def assert_no_test_labels_in(sent: list[dict[str, bytes]], settings: Any) -> None:
+    """What the Ray jobs received: job inputs and the public arrays; never the test labels."""
     labels = datasets.prepare("digits", settings.data_root, settings.cache_dir).test_labels
     label_bytes = labels.tobytes()
     shipped = {name: data for files in sent for name, data in files.items()}
     assert "spec.json" in shipped and any(name.startswith("test_x") for name in shipped)
     assert not any("test_y" in name or "label" in name.lower() and "test" in name.lower() for name in shipped)
     assert not any(label_bytes in data for data in shipped.values())
-    assert time.monotonic() - started < 120
+
+
+async def test_every_point_arrives_with_its_predictions_while_the_node_reads_out(ray_settings):
+    """The node hands the host each event only with the files it names. Its sandbox's out/ holds
+    thousands of files here, so each look at out/ is long: the old order (the files, then the
+    events) let a point's event through before its predictions and failed the job."""
+    settings = ray_settings(slots=2)
+    async with await ZooStore.open(settings.zoo_path) as store:
+        async with JobQueue.running(settings, store) as queue:
+            requests = [EvalRequest(code=LITTERS_OUT, dataset="digits", name_prefix=f"p{i}", seed=i, **MANY_POINTS)
+                        for i in range(2)]
+            _, entries = await queue.submit_batch(requests)
+            rows = [await wait_status(queue, e["job_id"], FINISHED, 120) for e in entries]
+    assert [(r["status"], r["error"]) for r in rows] == [("succeeded", None)] * 2, rows
+    trials = [t for r in rows for t in r["result"]["trials"]]
+    assert [t["error"] for t in trials] == [None, None]
+    for row in rows:  # all five points of the curve, each scored from its predictions
+        points = count(settings.zoo_path, "SELECT COUNT(*) FROM point p JOIN run r ON r.id = p.run_id "
+                                          "WHERE r.job_id=?", (row["id"],))
+        assert points == 5
 
 
 async def test_a_job_whose_ray_worker_is_killed_is_requeued_and_finishes(ray_settings):
@@ -208,6 +304,55 @@ async def test_a_job_whose_ray_worker_is_killed_is_requeued_and_finishes(ray_set
     assert backend.placed[job_id]["pid"] != first["pid"]
     assert not [p for p in sandbox if alive(p)]  # the killed worker's sandbox died with it
     assert count(settings.zoo_path, "SELECT COUNT(*) FROM run WHERE job_id=?", (job_id,)) == 1  # no half run
+
+
+async def test_a_server_killed_mid_training_leaves_its_job_to_the_next_server(ray_settings):
+    """A server (the real `worker` process, a Ray driver) is killed -9 while its job trains on Ray: Ray
+    ends the dead driver's actor, its sandbox goes with it, and the next server on the zoo re-queues
+    the job and finishes it: one run, from the second attempt, and nothing of the first left on the node."""
+    settings = ray_settings(slots=1)
+    async with await ZooStore.open(settings.zoo_path) as store:
+        async with JobQueue.running(settings, store, workers=False) as queue:
+            job_id = await queue.submit(EvalRequest(code=models.SLOW, dataset="digits", **LONG))
+    log = settings.state_dir / "worker.log"
+    worker = start_worker(settings, log)
+    try:
+        with anyio.fail_after(120):  # killed once the first point is in (the node holds its events and files)
+            while not (count(settings.zoo_path, "SELECT COUNT(*) FROM job WHERE id=? AND status='training' AND "
+                             "json_extract(progress, '$.epoch') >= 0.5", (job_id,)) and sandbox_cgroups(job_id)):
+                assert worker.poll() is None, log.read_text()[-3000:]
+                await anyio.sleep(0.2)
+        first = sandbox_cgroups(job_id)
+        owner = {int(m.group(1)) for d in first if (m := re.search(r"-o(\d+)-", d.name))}
+        sandbox = {int(p) for d in first for p in (d / "cgroup.procs").read_text().split()}
+        assert len(owner) == 1 and sandbox, (first, sandbox)
+        actor_pid = owner.pop()
+        worker.kill()
+    finally:
+        worker.kill()
+        worker.wait(timeout=30)
+    async with await ZooStore.open(settings.zoo_path) as store:
+        async with JobQueue.running(settings, store) as queue:
+            row = await wait_status(queue, job_id, FINISHED, 180)
+            placed = queue.backend.placed[job_id]
+    assert (row["status"], row["error"], row["attempts"]) == ("succeeded", None, 2), row
+    assert placed["pid"] != actor_pid
+    with closing(sqlite3.connect(settings.zoo_path)) as conn:
+        uids = [uid for (uid,) in conn.execute("SELECT uid FROM run WHERE job_id=?", (job_id,))]
+        elapsed = [e for (e,) in conn.execute("SELECT p.elapsed_s FROM point p JOIN run r ON r.id = p.run_id "
+                                              "WHERE r.job_id=? ORDER BY p.epoch", (job_id,))]
+    assert len(uids) == 1 and uids[0].startswith(f"{job_id}:a2:"), uids  # no run of the killed attempt
+    # every point is the second attempt's own: SLOW sleeps 0.1 s a batch, 1.6 s to its first point (the
+    # first attempt's events, read again, would put that point at once after the trial's start)
+    assert len(elapsed) == 4 and elapsed[0] >= 1.6, elapsed
+    assert count(settings.zoo_path, "SELECT COUNT(*) FROM run WHERE job_id=? AND selected=1", (job_id,)) == 1
+    with anyio.fail_after(30):  # Ray ends the actors of a dead driver (fate sharing)
+        while alive(actor_pid):
+            await anyio.sleep(0.2)
+    assert not [p for p in sandbox if alive(p)]
+    assert not [d for d in sandbox_cgroups(job_id) if f"-o{actor_pid}-" in d.name]
+    node_jobs = Path(tempfile.gettempdir()) / "lemur-ray-node" / "state" / "jobs"
+    assert not list(node_jobs.glob(f"*/{job_id}"))  # neither attempt left its files on the node
 
 
 async def test_cancel_across_ray_stops_the_sandbox_on_its_node(ray_settings):

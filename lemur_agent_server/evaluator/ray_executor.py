@@ -16,7 +16,9 @@ test labels and the zoo; the server scores and archives.
 Faults: a node or actor that dies mid-phase raises `WorkerLost` from the handle; the queue then stops
 heart-beating the job, so the zoo's recovery re-queues it (bounded attempts, then `interrupted`)
 exactly as for a server that died. `cancel()` cancels the sandbox on its node, then kills the actor;
-an actor starts by reaping sandboxes (processes, containers labelled with their job) of dead owners.
+an actor starts (and closes) by reaping sandboxes (processes, containers labelled with their job) and
+job folders of dead actors. An actor whose sandbox ended by itself is kept for the next job of the
+same shape (`ActorPool`): a fresh one costs seconds before its sandbox starts.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
+import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -35,10 +40,11 @@ from typing import Any
 import anyio
 
 from lemur_agent_server.evaluator.executor import WorkerLost
-from sandbox import protocol
+from sandbox import _owner, protocol
 from sandbox.backend import Backend, Exit, Handle, JobPaths, Limits, RunnerPaths
 
 CHUNK = 1 << 20  # events bytes per poll
+ACTOR_DIR = re.compile(r"o(\d+)-t(\d+)")  # a node's jobs dir holds one folder per actor: o<pid>-t<start ticks>
 POLL_S = 0.1
 NAMESPACE = "lemur-agent-server"
 EVENTS_FILE = protocol.EVENTS_FILE
@@ -65,6 +71,15 @@ def _read_dir(root: Path, skip: frozenset[str] = frozenset()) -> dict[str, bytes
     return files
 
 
+def _read_regular(path: Path) -> bytes:
+    """The bytes of `path` if it is a regular file; never through a link (the sandbox writes out/)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        return f.read()
+
+
 def _write_files(root: Path, files: dict[str, bytes]) -> None:
     """Write `files` under `root`; a name that would leave `root` is dropped."""
     for rel, data in files.items():
@@ -86,8 +101,8 @@ def _node_settings(sandbox: str, image: str, root: Path) -> Any:
 
 
 def _node_backend(settings: Any) -> Backend:
-    """This node's sandbox backend, without warm containers (an actor lives for one sandbox: a warm
-    one would outlive it)."""
+    """This node's sandbox backend, without warm containers (an actor is retired once it is idle, and a
+    warm container would outlive it)."""
     from lemur_agent_server.evaluator.backends import choose_backend, docker_usable
 
     if settings.sandbox in ("auto", "docker") and docker_usable(settings):
@@ -97,22 +112,99 @@ def _node_backend(settings: Any) -> Backend:
     return choose_backend(settings)
 
 
+class OutFeed:
+    """What of a sandbox's out/ on this node the host has not got yet: the events file from an offset,
+    and the other files that are new or changed since they were last sent.
+
+    Why the events are read BEFORE the files: the runner writes a file (a point's predictions, a
+    trial's weights) completely and only then appends the event that names it. Events read first were
+    all written before the files are looked at, so every file they name is complete by then and goes
+    in the same answer; the host writes the files before it appends the events, so it never parses an
+    event whose file it lacks. (Files first, the other order, loses that: a file written while they are
+    listed, and its event appended before the events are read, arrive as an event without its file;
+    the host then failed the point with "Bad predictions: ... cannot be opened".)"""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+        self._sent: dict[str, tuple[int, int, int, int]] = {}  # rel path -> (inode, size, mtime, ctime) sent
+
+    def read(self, offset: int) -> tuple[dict[str, bytes], bytes]:
+        """(the changed files, the events' bytes from `offset`, at most CHUNK); the events are read first."""
+        try:
+            with open(self.out_dir / EVENTS_FILE, "rb") as f:
+                f.seek(offset)
+                chunk = f.read(CHUNK)
+        except FileNotFoundError:
+            chunk = b""
+        return self.changed_files(), chunk
+
+    def changed_files(self) -> dict[str, bytes]:
+        """Every regular file of out/ but the events, not sent yet in its current state."""
+        changed: dict[str, bytes] = {}
+        for dirpath, _dirnames, filenames in os.walk(self.out_dir, followlinks=False):
+            for name in filenames:
+                path = Path(dirpath, name)
+                rel = path.relative_to(self.out_dir).as_posix()
+                if rel == EVENTS_FILE:
+                    continue
+                try:
+                    st = path.lstat()
+                    stamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                    if not stat.S_ISREG(st.st_mode) or self._sent.get(rel) == stamp:
+                        continue
+                    changed[rel] = _read_regular(path)
+                except OSError:  # gone, or swapped for a link or a fifo since the listing
+                    continue
+                self._sent[rel] = stamp
+        return changed
+
+
+def actor_dir_name(pid: int) -> str:
+    """The folder of one actor's job dirs on its node: its pid and start time (a reused pid is not it)."""
+    return f"o{pid}-t{_owner.start_ticks(pid)}"
+
+
+def remove_dead_actors_dirs(jobs_dir: Path) -> int:
+    """Remove the job folders of actors on this node that are gone (Ray killed them, or their driver
+    died): a killed actor never reaches its `close`. Returns how many actors' folders went."""
+    removed = 0
+    for entry in jobs_dir.iterdir() if jobs_dir.is_dir() else ():
+        m = ACTOR_DIR.fullmatch(entry.name)
+        if m and not entry.is_symlink() and not _owner.is_running(int(m.group(1)), m.group(2)):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed += 1
+    return removed
+
+
 class SandboxRunner:
     """One phase's sandbox on this node (the body of the Ray actor; plain Python so it can be read
-    and tested without Ray). Its event loop runs in a thread: Ray calls its methods from its own."""
+    and tested without Ray). Its event loop runs in a thread: Ray calls its methods from its own.
+
+    Each actor keeps its job's files in a folder of its own (`actor_dir_name`), not in one named by the
+    job alone: two nodes of one machine share the node root, and a job given back (its worker or its
+    server died) may start again here while the dead attempt's files, or even its sandbox, are still
+    there; the new attempt must never read the old one's events. Every actor, when it starts and when
+    it closes, removes what dead actors left on the node: their sandboxes (cgroups, containers) and
+    their folders."""
 
     def __init__(self, sandbox: str, image: str, root: str | None = None):
         self.root = Path(root or Path(tempfile.gettempdir()) / "lemur-ray-node")
         self.settings = _node_settings(sandbox, image, self.root)
-        self.settings.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self.jobs_dir = self.settings.jobs_dir / actor_dir_name(os.getpid())
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self._portal_cm = anyio.from_thread.start_blocking_portal()
         self._portal = self._portal_cm.__enter__()
         self.backend = _node_backend(self.settings)
-        self._portal.call(self.backend.cleanup_orphans)  # containers and processes of dead actors
+        self._sweep()
         self.handle: Handle | None = None
         self.exit: Exit | None = None
         self.paths: JobPaths | None = None
-        self._sent: dict[str, tuple[int, int]] = {}  # out/ files already sent: (size, mtime)
+        self.out: OutFeed | None = None
+
+    def _sweep(self) -> None:
+        """Remove the sandboxes and folders of dead actors on this node."""
+        self._portal.call(self.backend.cleanup_orphans)
+        remove_dead_actors_dirs(self.settings.jobs_dir)
 
     def _data_dir(self, data: dict[str, bytes], digest: str) -> Path:
         """The dataset arrays, cached on this node under their content hash (written once, atomically)."""
@@ -127,18 +219,20 @@ class SandboxRunner:
             try:
                 tmp.rename(target)
             except OSError:  # another actor on this node won the race: same content
-                pass
+                shutil.rmtree(tmp, ignore_errors=True)
         return target
 
     def start(self, job_id: str, in_files: dict[str, bytes], data: dict[str, bytes], digest: str,
               limits: dict[str, Any]) -> dict[str, Any]:
         """Write the job's inputs here, point its spec at this node's paths and start the sandbox."""
+        assert self.handle is None, "one sandbox at a time: reset() the one that ended first"
         self.settings.cache_dir.mkdir(parents=True, exist_ok=True)
         data_dir = self._data_dir(data, digest)
-        job_dir = self.settings.jobs_dir / job_id
+        job_dir = self.jobs_dir / job_id
         (job_dir / "in").mkdir(parents=True, exist_ok=True)
         (job_dir / "out").mkdir(exist_ok=True)
         paths = self.paths = JobPaths(job_dir=job_dir, data_dir=data_dir)
+        self.out = OutFeed(paths.out_dir)
         _write_files(paths.in_dir, in_files)
         spec_path = paths.in_dir / protocol.SPEC_FILE
         spec = json.loads(spec_path.read_text())
@@ -159,46 +253,17 @@ class SandboxRunner:
         self.exit = await self.handle.wait()
 
     def read(self, offset: int) -> tuple[dict[str, bytes], bytes, bool]:
-        """The out/ files new or changed since the last read, then the raw bytes of out/events.jsonl
-        from `offset` (the host parses them), and whether the sandbox had ended before this read.
-
-        Files first: an event that names a file (predictions of a point) is written after the file,
-        so the host has every file an event names before it sees the event."""
+        """The out/ files new or changed since the last read, the raw bytes of out/events.jsonl from
+        `offset` (the host parses them), and whether the sandbox had ended before this read."""
         done = self.exit is not None
-        assert self.paths is not None
-        files = self._changed_files()
-        try:
-            with open(self.paths.out_dir / EVENTS_FILE, "rb") as f:
-                f.seek(offset)
-                return files, f.read(CHUNK), done
-        except FileNotFoundError:
-            return files, b"", done
-
-    def _changed_files(self) -> dict[str, bytes]:
-        assert self.paths is not None
-        changed: dict[str, bytes] = {}
-        for dirpath, _dirnames, filenames in os.walk(self.paths.out_dir, followlinks=False):
-            for name in filenames:
-                path = Path(dirpath, name)
-                rel = path.relative_to(self.paths.out_dir).as_posix()
-                try:
-                    st = path.lstat()
-                except OSError:
-                    continue
-                stamp = (st.st_size, st.st_mtime_ns)
-                if rel == EVENTS_FILE or not path.is_file() or path.is_symlink() or self._sent.get(rel) == stamp:
-                    continue
-                try:
-                    changed[rel] = path.read_bytes()
-                except OSError:
-                    continue
-                self._sent[rel] = stamp
-        return changed
+        assert self.out is not None
+        files, chunk = self.out.read(offset)
+        return files, chunk, done
 
     def result(self) -> dict[str, Any]:
         """How the sandbox ended and the out/ files not sent yet (the events are streamed)."""
-        assert self.exit is not None and self.paths is not None
-        return {"exit": dataclasses.asdict(self.exit), "files": self._changed_files()}
+        assert self.exit is not None and self.out is not None
+        return {"exit": dataclasses.asdict(self.exit), "files": self.out.changed_files()}
 
     def cancel(self) -> None:
         if self.handle is not None:
@@ -207,13 +272,19 @@ class SandboxRunner:
     def pid(self) -> int:
         return os.getpid()
 
-    def close(self) -> None:
-        """Remove this job's files from the node (the host has its copy) and stop the event loop."""
-        import shutil
-
-        self.cancel()  # idempotent; a host that gave up on this sandbox leaves nothing running
+    def reset(self) -> None:
+        """Forget the job that ended (its files go: the host has its copy); the actor, its event loop and
+        its sandbox backend stay for the host's next job of the same shape (see `RayBackend`)."""
+        assert self.exit is not None, "reset() of a sandbox that has not ended"
         if self.paths is not None:
             shutil.rmtree(self.paths.job_dir, ignore_errors=True)
+        self.handle = self.exit = self.paths = self.out = None
+
+    def close(self) -> None:
+        """Remove this actor's files from the node (the host has its copy) and stop the event loop."""
+        self.cancel()  # idempotent; a host that gave up on this sandbox leaves nothing running
+        shutil.rmtree(self.jobs_dir, ignore_errors=True)
+        self._sweep()  # an actor that died after this one started (its driver killed) left its sandbox
         self._portal.call(self.backend.aclose)
         self._portal_cm.__exit__(None, None, None)
 
@@ -231,12 +302,81 @@ def sandbox_actor() -> Any:
 
 # --- the host side --------------------------------------------------------------------------------
 
+IDLE_S = 30.0  # an actor idle longer than this is retired (at the next start or return)
+Shape = tuple[float, float]  # (GPUs, CPUs) an actor asks Ray for
+
+
+def retire(actor: Any) -> None:
+    """Close the actor (its sandbox stopped, its files and dead neighbours' leftovers removed), then kill it."""
+    ray = _ray()
+    try:
+        ray.get(actor.close.remote(), timeout=protocol.TimeBudget.STOP_GRACE_S)
+    except Exception:  # noqa: BLE001 - a dead actor has nothing left to close
+        pass
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # noqa: BLE001 - already gone
+        pass
+
+
+class ActorPool:
+    """Actors whose sandbox ended normally, kept for the next job of the same shape.
+
+    Why: a fresh actor costs a Ray worker process (Python, Ray, our modules) and the node's sandbox
+    backend (its probes) before its sandbox even starts, seconds per job on a loaded machine
+    (bench/throughput.py); a kept one starts the next sandbox at once. An actor whose sandbox was
+    cancelled, or that was lost, is never kept.
+
+    Why it cannot starve other jobs: an idle actor holds the CPUs (and GPU) it asked for. Every start
+    first retires the idle actors of other shapes (they might hold what it needs) and those idle longer
+    than IDLE_S; the server's stop (`close`) retires them all. At most `max_idle` are kept."""
+
+    def __init__(self, max_idle: int = 16):
+        self.max_idle = max_idle
+        self._idle: list[tuple[Shape, float, Any]] = []  # (shape, idle since, actor)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def take(self, shape: Shape) -> Any | None:
+        """An idle actor of `shape` (now this caller's), or None."""
+        with self._lock:
+            now = time.monotonic()
+            usable = [entry for entry in self._idle if entry[0] == shape and now - entry[1] <= IDLE_S]
+            gone = [entry[2] for entry in self._idle if entry not in usable]
+            mine = usable.pop() if usable else None  # the most recently idle: its pages are warmest
+            self._idle = usable
+        for actor in gone:
+            retire(actor)
+        return mine[2] if mine else None
+
+    def give(self, shape: Shape, actor: Any) -> bool:
+        """Keep `actor` (its ended job forgotten on its node) for a later job; False: the caller retires it."""
+        try:
+            _ray().get(actor.reset.remote(), timeout=protocol.TimeBudget.STOP_GRACE_S)
+        except Exception:  # noqa: BLE001 - a dead or stuck actor is not kept
+            return False
+        with self._lock:
+            if self._closed or len(self._idle) >= self.max_idle:
+                return False
+            self._idle.append((shape, time.monotonic(), actor))
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for _shape, _since, actor in idle:
+            retire(actor)
+
+
 class RayHandle(Handle):
     """The host's view of a sandbox on a Ray node: a thread copies its events into the host's out/
     as they come and its out/ files at the end; `finished()` once those are here."""
 
-    def __init__(self, backend: RayBackend, paths: JobPaths, actor: Any, started: Any, wall_s: float):
+    def __init__(self, backend: RayBackend, paths: JobPaths, actor: Any, shape: Shape, started: Any,
+                 wall_s: float):
         self.paths = paths
+        self._shape = shape
         # the node kills its sandbox at wall_s; if no end came by then plus the stop grace (a node that
         # hangs, a job Ray cannot place), the host gives the job back
         self._patience_s = wall_s + 2 * protocol.TimeBudget.STOP_GRACE_S
@@ -287,15 +427,10 @@ class RayHandle(Handle):
             self._release()
 
     def _release(self) -> None:
-        ray = _ray()
-        try:
-            ray.get(self._actor.close.remote(), timeout=protocol.TimeBudget.STOP_GRACE_S)
-        except Exception:  # noqa: BLE001 - a dead actor has nothing left to close
-            pass
-        try:
-            ray.kill(self._actor, no_restart=True)
-        except Exception:  # noqa: BLE001 - already gone
-            pass
+        """The actor goes back to the pool when its sandbox ended by itself; else it is retired."""
+        ended = self._exit is not None and not self._cancel.is_set()
+        if not (ended and self._backend.pool.give(self._shape, self._actor)):
+            retire(self._actor)
 
     def finished(self) -> bool:
         return self._done.is_set()
@@ -346,6 +481,7 @@ class RayBackend(Backend):
         self._data_lock = threading.Lock()
         self.placed: dict[str, dict[str, Any]] = {}  # job id -> where its last sandbox ran
         self.sent: collections.deque[Any] = collections.deque(maxlen=256)  # the last objects put (for tests)
+        self.pool = ActorPool()
 
     def runner_paths(self, paths: JobPaths) -> RunnerPaths:
         """Placeholders: the node rewrites them to where its own sandbox sees the files."""
@@ -379,9 +515,12 @@ class RayBackend(Backend):
         in_ref = ray.put(_read_dir(paths.in_dir))
         self.sent.append(in_ref)
         gpu_job = limits.gpu is not None
-        actor = sandbox_actor().options(
-            num_gpus=1 if gpu_job else 0, num_cpus=1 if gpu_job else max(1.0, float(limits.cpus)),
-        ).remote(self.sandbox, self.image, self.node_root)
-        started = actor.start.remote(paths.job_dir.name, in_ref, data_ref, digest,
-                                            dataclasses.asdict(limits))
-        return RayHandle(self, paths, actor, started, limits.wall_s)
+        shape = (1.0, 1.0) if gpu_job else (0.0, max(1.0, float(limits.cpus)))
+        actor = self.pool.take(shape) or sandbox_actor().options(num_gpus=shape[0], num_cpus=shape[1]).remote(
+            self.sandbox, self.image, self.node_root)
+        started = actor.start.remote(paths.job_dir.name, in_ref, data_ref, digest, dataclasses.asdict(limits))
+        return RayHandle(self, paths, actor, shape, started, limits.wall_s)
+
+    async def aclose(self) -> None:
+        """Retire the idle actors (their CPUs and GPUs go back to the cluster)."""
+        await anyio.to_thread.run_sync(self.pool.close)

@@ -1,0 +1,487 @@
+"""Batch throughput: N small models through `submit_models` (the queue's submit_batch) on each executor,
+against an NNGPT-style loop that starts a fresh Python process per model, all in one run.
+
+For each way of running, the table gives jobs per minute (the whole batch, from the submit call to the
+last job's end) and the fixed cost per job, in its two parts:
+  - claim -> first step: from the moment a worker claims the job (its row's `started`) to the moment
+    the host sees the runner's first optimizer step (static checks, code quality, the sandbox's start,
+    torch's import, the data, the model's check; on Ray also the actor and the transfer);
+  - last step -> archived: from the host seeing the last learning-curve point to the job's end in
+    the zoo (its row's `finished`: the runner's exit, the weights, scoring, the archive transaction).
+The first step and the last point are stamped where the host reads the runner's events (a thin
+wrapper around the backend's handles); the loop is timed the same way, from its process's spawn to its
+exit. Targets (issue 12): fixed cost <= 1 s per job locally with pre-started sandboxes (`--sandbox
+docker`), <= 2 s on Ray; Ray's throughput >= 0.9 x local's for the same slots.
+
+Ray runs as two nodes (one CPU each, so two slots, as local with 2 slots) started by this script on
+127.0.0.1 with token authentication, inside a network namespace of its own (only `lo`, as the tests
+do: Ray would otherwise use the default route's address): the script re-executes itself under
+`unshare --net`. Its nodes are stopped by process id at the end.
+
+    python bench/throughput.py [--models 50] [--epochs 0.5] [--sandbox process|docker]
+                               [--configs nngpt,local1,local2,ray2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lemur_agent_server.config import Settings  # noqa: E402
+from lemur_agent_server.evaluator.executor import make_backend  # noqa: E402
+from lemur_agent_server.evaluator.pipeline import default_transforms  # noqa: E402
+from lemur_agent_server.evaluator.queue import JobQueue  # noqa: E402
+from lemur_agent_server.evaluator.requests import EvalRequest  # noqa: E402
+from sandbox import datasets, protocol  # noqa: E402
+from sandbox.backend import Backend, Exit, Handle, JobPaths, Limits, RunnerPaths  # noqa: E402
+from zoo.store import ZooStore  # noqa: E402
+
+DATASET = "digits"
+PRM = {"batch": 16, "lr": 0.05, "momentum": 0.9}
+FINISHED = {"succeeded", "failed", "timed_out", "cancelled"}
+CONFIGS = ("nngpt", "local1", "local2", "ray2")
+# the runner's first events, in order: where the time from the claim to the first step goes
+STAGES = (protocol.EVENT_READY, protocol.EVENT_CHECK, protocol.EVENT_TRIAL_START, protocol.EVENT_FIRST_STEP)
+INSIDE = "LEMUR_BENCH_IN_NETNS"
+
+NET = '''
+import torch
+import torch.nn as nn
+
+
+def supported_hyperparameters():
+    return {{"lr", "momentum"}}
+
+
+class Net(nn.Module):
+    def __init__(self, in_shape, out_shape, prm, device):
+        super().__init__()
+        self.device = device
+        self.features = nn.Sequential(nn.Conv2d(in_shape[1], {width}, 3, padding=1), nn.ReLU(),
+                                      nn.AdaptiveAvgPool2d({pool}))
+        self.head = nn.Linear({width} * {pool} * {pool}, out_shape[0])
+
+    def forward(self, x):
+        return self.head(torch.flatten(self.features(x), 1))
+
+    def train_setup(self, prm):
+        self.to(self.device)
+        self.criterion = nn.CrossEntropyLoss()
+        self.optimizer = torch.optim.SGD(self.parameters(), lr=prm["lr"], momentum=prm["momentum"])
+
+    def learn(self, train_data):
+        for inputs, labels in train_data:
+            self.optimizer.zero_grad()
+            self.criterion(self(inputs), labels).backward()
+            self.optimizer.step()
+'''
+
+
+def model_code(i: int) -> str:
+    """Model i: a tiny conv net whose width and pooling differ per model (50 distinct codes), so the
+    batch's duplicate detection trains each one."""
+    return NET.format(width=4 + i % 25, pool=2 + (i // 25) % 3)
+
+
+def make_requests(n: int, epochs: float) -> list[EvalRequest]:
+    return [EvalRequest(code=model_code(i), dataset=DATASET, name_prefix=f"tp{i}", n_trials=1, epochs=epochs,
+                        eval_every=epochs, prm=PRM, time_budget_s=300) for i in range(n)]
+
+
+# --- timing the host's view of the runner's events -------------------------------------------------
+
+class TimedHandle(Handle):
+    """A sandbox handle that stamps (time.time) the first step and the last point as the host reads them."""
+
+    def __init__(self, inner: Handle, marks: dict[str, float]):
+        self._inner = inner
+        self.paths = inner.paths
+        self._marks = marks
+
+    @property  # type: ignore[override]
+    def written_after(self) -> float:
+        return self._inner.written_after
+
+    async def events(self, poll_s: float = 0.05) -> AsyncIterator[dict[str, Any]]:
+        async for event in self._inner.events(poll_s):
+            kind = event.get("event")
+            if kind in STAGES:
+                self._marks.setdefault(kind, time.time())
+            elif kind == protocol.EVENT_POINT:
+                self._marks["last_point"] = time.time()
+            yield event
+
+    async def wait(self) -> Exit:
+        return await self._inner.wait()
+
+    async def cancel(self) -> None:
+        await self._inner.cancel()
+
+    def finished(self) -> bool:
+        return self._inner.finished()
+
+
+class TimedBackend(Backend):
+    """The executor's backend, its handles timed; `marks[job id]` holds the stamps."""
+
+    def __init__(self, inner: Backend):
+        self.inner = inner
+        self.name = inner.name
+        self.marks: dict[str, dict[str, float]] = {}
+
+    def runner_paths(self, paths: JobPaths) -> RunnerPaths:
+        return self.inner.runner_paths(paths)
+
+    def describe(self) -> dict[str, Any]:
+        return self.inner.describe()
+
+    async def start(self, paths: JobPaths, limits: Limits) -> Handle:
+        marks = self.marks.setdefault(paths.job_dir.name, {})
+        marks.setdefault("start", time.time())
+        return TimedHandle(await self.inner.start(paths, limits), marks)
+
+    async def cleanup_orphans(self) -> int:
+        return await self.inner.cleanup_orphans()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    def __getattr__(self, name: str) -> Any:  # prestart (Docker), placed (Ray)
+        return getattr(self.inner, name)
+
+
+# --- the results -----------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Result:
+    key: str  # one of CONFIGS
+    label: str
+    slots: int
+    wall_s: float
+    ok: int
+    jobs: int
+    to_first: list[float]  # claim -> first step, per job
+    to_end: list[float]  # last step -> archived, per job
+    parts: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # claim -> first step, by stage
+
+    @property
+    def per_min(self) -> float:
+        return 60 * self.jobs / self.wall_s
+
+    @property
+    def fixed(self) -> float:
+        sums = [a + b for a, b in zip(self.to_first, self.to_end, strict=True)]
+        return statistics.median(sums) if sums else float("nan")
+
+
+def _med(values: list[float]) -> str:
+    return f"{statistics.median(values):6.2f}" if values else "   n/a"
+
+
+def table(results: list[Result]) -> str:
+    head = (f"{'way of running':<28}{'slots':>5}{'ok':>7}{'wall s':>8}{'jobs/min':>9}  "
+            f"{'claim->1st step':>15}{'last->archived':>15}{'fixed/job':>10}   (medians, s)")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        lines.append(f"{r.label:<28}{r.slots:>5}{f'{r.ok}/{r.jobs}':>7}{r.wall_s:8.1f}{r.per_min:9.1f}  "
+                     f"{_med(r.to_first):>15}{_med(r.to_end):>15}{r.fixed:10.2f}")
+    by = {r.key: r for r in results}
+    ratios = []
+    base = by.get("nngpt")
+    for r in results:
+        if base is not None and r is not base:
+            ratios.append(f"{r.label} / nngpt loop: throughput x{r.per_min / base.per_min:.2f}")
+    if "ray2" in by and "local2" in by:
+        ratios.append(f"ray / local (2 slots): throughput x{by['ray2'].per_min / by['local2'].per_min:.2f} "
+                      "(target >= 0.9)")
+    lines.append("")
+    for r in results:
+        if r.parts:
+            lines.append(f"{r.label + ', ' + str(r.slots) + ' slot(s)':<34} claim->1st step: " + ", ".join(
+                f"{name} {statistics.median(v):.2f}" for name, v in r.parts.items() if v))
+    return "\n".join(lines + [""] + ratios)
+
+
+# --- the executors through the queue ---------------------------------------------------------------
+
+def bench_settings(root: Path, sandbox: str, slots: int, executor: str = "local", address: str = "auto") -> Settings:
+    settings = Settings.from_env(root / "zoo" / "zoo.sqlite", data_root=REPO / "data", sandbox=sandbox,
+                                 executor=executor, ray_address=address)
+    settings.slots = slots
+    settings.threads = 1
+    settings.memory_gb = 2.0
+    settings.seed_zoo = False
+    settings.baselines = False
+    return settings
+
+
+async def through_queue(key: str, label: str, settings: Settings, requests: list[EvalRequest]) -> Result:
+    backend = TimedBackend(await anyio.to_thread.run_sync(make_backend, settings))
+    async with await ZooStore.open(settings.zoo_path) as store:
+        async with JobQueue.running(settings, store, backend=backend) as queue:
+            t0 = time.time()
+            _, entries = await queue.submit_batch(requests)
+            ids = [e["job_id"] for e in entries]
+            rows: dict[str, dict[str, Any]] = {}
+            while len(rows) < len(ids):
+                for job_id in ids:
+                    row = await queue.jobs.get(job_id)
+                    if job_id not in rows and row is not None and row["status"] in FINISHED:
+                        rows[job_id] = row
+                await anyio.sleep(0.2)
+    wall = max(r["finished"] for r in rows.values()) - t0
+    ok = [j for j in ids if rows[j]["status"] == "succeeded" and backend.marks.get(j, {}).keys() >= {
+        "first_step", "last_point"}]
+    for j in ids:
+        if j not in ok:
+            print(f"  {label}: {j} {rows[j]['status']}: {json.dumps(rows[j]['error'])[:300]}", flush=True)
+    placed = getattr(backend.inner, "placed", None)
+    if placed is not None:  # Ray: how many actors ran the batch (a kept actor runs several jobs)
+        print(f"  {label}: {len({placed[j]['pid'] for j in ids if j in placed})} actors ran {len(ids)} jobs",
+              flush=True)
+    return Result(key, label, settings.slot_count, wall, len(ok), len(ids),
+                  [backend.marks[j]["first_step"] - rows[j]["started"] for j in ok],
+                  [rows[j]["finished"] - backend.marks[j]["last_point"] for j in ok],
+                  _stage_parts([{"claim": rows[j]["started"], **backend.marks[j]} for j in ok]))
+
+
+def _stage_parts(marks: list[dict[str, float]]) -> dict[str, list[float]]:
+    """Per job, the seconds between consecutive stamps: claim -> sandbox start (the host's checks, code
+    quality, job dir) -> ready (the sandbox up, the runner's imports) -> check (data, model built and
+    run once) -> trial start -> first step."""
+    names = ("claim", "start", *STAGES)
+    parts: dict[str, list[float]] = {}
+    for a, b in zip(names, names[1:], strict=False):
+        parts[f"{a}->{b}"] = [m[b] - m[a] for m in marks if a in m and b in m]
+    return parts
+
+
+# --- the NNGPT-style loop: a fresh Python process per model ----------------------------------------
+
+def nngpt_loop(requests: list[EvalRequest], work: Path) -> Result:
+    """Each model trained by the same runner, the same way, in a fresh unsandboxed Python process, one
+    after the other (what NNGPT's evaluator does); scored from its predictions as the server does."""
+    import numpy as np
+
+    prepared = datasets.prepare(DATASET, REPO / "data", work / "cache")
+    first, end, ok = [], [], 0
+    t0 = time.time()
+    for i, req in enumerate(requests):
+        job = work / f"m{i}"
+        (job / "out").mkdir(parents=True)
+        (job / "model.py").write_text(req.code)
+        fields = {**prepared.spec_fields(), "model_path": str(job / "model.py"), "out_dir": str(job / "out")}
+        spec = protocol.JobSpec(mode="train", **fields, fixed_prm=dict(req.prm), transforms=default_transforms(
+            prepared.info), n_trials=1, epochs=req.epochs, eval_every=req.eval_every, seed=req.seed,
+            time_budget_s=req.time_budget_s, threads=1)
+        (job / "spec.json").write_text(spec.to_json())
+        marks = _run_runner(job)
+        preds = sorted((job / "out" / "preds").glob("*.npy"))
+        if preds and {"first_step", "last_point"} <= marks.keys():
+            np.mean(np.load(preds[-1]) == prepared.test_labels)  # scored, as the server scores a point
+            ok += 1
+            first.append(marks["first_step"] - marks["spawn"])
+            end.append(marks["exit"] - marks["last_point"] + marks["scored"])
+    return Result("nngpt", "nngpt loop (process/model)", 1, time.time() - t0, ok, len(requests), first, end)
+
+
+def _run_runner(job: Path) -> dict[str, float]:
+    """Run the runner on job/spec.json; stamp its spawn, first step, last point and exit (time.time)."""
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "HOME": str(job / "out"), "CUDA_VISIBLE_DEVICES": ""}
+    marks = {"spawn": time.time()}
+    proc = subprocess.Popen([sys.executable, "-m", "sandbox.runner", str(job / "spec.json")], cwd=job / "out",
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    events, offset = job / "out" / protocol.EVENTS_FILE, 0
+    while True:
+        done = proc.poll() is not None
+        if events.exists():
+            with open(events, "rb") as f:
+                f.seek(offset)
+                data = f.read()
+            complete = data[:data.rfind(b"\n") + 1]
+            offset += len(complete)
+            for line in complete.splitlines():
+                kind = json.loads(line).get("event")
+                if kind == protocol.EVENT_FIRST_STEP:
+                    marks.setdefault("first_step", time.time())
+                elif kind == protocol.EVENT_POINT:
+                    marks["last_point"] = time.time()
+        if done:
+            marks["exit"] = time.time()
+            break
+        time.sleep(0.05)  # the host's own poll interval
+    marks["scored"] = 0.0  # scoring one .npy is microseconds; archiving is the server's extra
+    return marks
+
+
+# --- a two-node Ray cluster on loopback -------------------------------------------------------------
+
+class RayCluster:
+    """Head and one joined node (one CPU each) on 127.0.0.1 with token auth, each a `ray start --block`
+    process of its own session, stopped by process id."""
+
+    def __init__(self, temp: Path):
+        self.temp = temp
+        self.port = _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def __enter__(self) -> RayCluster:
+        ray = str(Path(sys.executable).with_name("ray"))
+        common = ["--node-ip-address", "127.0.0.1", "--disable-usage-stats", "--temp-dir", str(self.temp),
+                  "--num-cpus", "1", "--num-gpus", "0", "--block"]
+        self._start([ray, "start", "--head", "--port", str(self.port), "--include-dashboard=false", *common])
+        self._wait_nodes(1)
+        self._start([ray, "start", "--address", self.address, *common])
+        self._wait_nodes(2)
+        return self
+
+    def _start(self, argv: list[str]) -> None:
+        log = open(self.temp / f"node{len(self.procs)}.log", "wb")  # noqa: SIM115 - open while the node runs
+        self.procs.append(subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                           start_new_session=True))
+
+    def _wait_nodes(self, n: int, timeout_s: float = 120) -> None:
+        import ray
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if not ray.is_initialized():
+                    ray.init(address=self.address, log_to_driver=False)
+                if sum(node["Alive"] for node in ray.nodes()) >= n:
+                    return
+            except Exception:  # noqa: BLE001 - the head is still starting
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"the Ray cluster did not reach {n} nodes; see {self.temp}")
+
+    def __exit__(self, *exc: object) -> None:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        tree = {pid for p in self.procs for pid in _descendants(p.pid)}
+        for p in reversed(self.procs):
+            p.send_signal(signal.SIGTERM)  # `ray start --block` stops its node's processes
+        for p in self.procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for pid in tree:  # whatever of the nodes' processes is left, by its id
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+# --- main ------------------------------------------------------------------------------------------
+
+def _only_loopback() -> bool:
+    names = [line.split(":")[0].strip() for line in Path("/proc/net/dev").read_text().splitlines()[2:]]
+    return all(name == "lo" for name in names)
+
+
+def _reexec_in_netns() -> None:
+    """Run this script again inside a network namespace whose only interface is `lo` (brought up)."""
+    script = 'ip link set lo up && exec "$0" "$@"'
+    argv = ["unshare", "--net", "sh", "-c", script, sys.executable, str(Path(__file__).resolve()), *sys.argv[1:]]
+    os.execvpe("unshare", argv, {**os.environ, INSIDE: "1"})
+
+
+def run(args: argparse.Namespace) -> list[Result]:
+    requests = make_requests(args.models, args.epochs)
+    configs = args.configs.split(",")
+    results: list[Result] = []
+    subprocess.run([sys.executable, "-c", "import numpy, torch, torchvision, optuna"], check=True)  # warm disk
+    with tempfile.TemporaryDirectory(prefix="lemur-throughput-") as tmp:
+        root = Path(tmp)
+        steps: dict[str, Callable[[], Result]] = {
+            "nngpt": lambda: nngpt_loop(requests, root / "nngpt"),
+            "local1": lambda: anyio.run(through_queue, "local1", f"local {args.sandbox}", bench_settings(
+                root / "local1", args.sandbox, 1), requests),
+            "local2": lambda: anyio.run(through_queue, "local2", f"local {args.sandbox}", bench_settings(
+                root / "local2", args.sandbox, 2), requests),
+        }
+        for name in configs:
+            if name in steps:
+                print(f"running {name} ...", flush=True)
+                results.append(steps[name]())
+        if "ray2" in configs:
+            print("running ray2 ...", flush=True)
+            (root / "ray").mkdir()
+            with RayCluster(root / "ray") as cluster:
+                settings = bench_settings(root / "ray2", args.sandbox, 2, "ray", cluster.address)
+                results.append(anyio.run(through_queue, "ray2", f"ray 2 nodes ({args.sandbox})", settings, requests))
+        shutil.rmtree(root, ignore_errors=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", type=int, default=50)
+    parser.add_argument("--epochs", type=float, default=0.5)
+    parser.add_argument("--sandbox", choices=("process", "docker"), default="process",
+                        help="the sandbox of every executor (docker: pre-started containers locally)")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of {', '.join(CONFIGS)}")
+    args = parser.parse_args()
+    if "ray2" in args.configs and not _only_loopback():
+        if os.environ.get(INSIDE):
+            raise SystemExit("still a route out inside the namespace: refusing to start Ray")
+        _reexec_in_netns()
+    # Ray reads its auth mode and token when it is imported: set them before, for the nodes and this driver
+    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(24)})
+    results = run(args)
+    print(f"\n{args.models} models ({DATASET}, tiny nets, {args.epochs} epoch each), 1 CPU thread per job, "
+          f"{os.cpu_count()} CPUs\n")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
