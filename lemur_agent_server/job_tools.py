@@ -54,6 +54,12 @@ class CheckResult(BaseModel):
         "same_code: models with the same normalized code (a submission adds runs to it); same_architecture: "
         "models with the same fingerprint"))
     isolation: dict[str, Any] | None = None
+    layers: list[dict[str, Any]] | None = Field(default=None, description=(
+        "The heaviest modules (top 10 by FLOPs): name, type, out_shape, params, flops (one sample)"))
+    speed: dict[str, Any] | None = Field(default=None, description=(
+        "Measured on this server now: epoch_s (seconds per training epoch) and eval_pass_s (one evaluation "
+        "of the validation and test splits) at the given batch and transform; size time_budget_s and epochs "
+        "with them"))
     next_step: str
 
 
@@ -86,6 +92,18 @@ class JobView(BaseModel):
         "score minus the best one's; 0 = best). Null when the model has no complete run there."))
     notes: list[str] = Field(default_factory=list, description="What the job did differently from the request")
     next_step: str
+
+
+PROBLEM_KEYS = ("stage", "kind", "message", "line", "function", "source", "hint", "traceback")
+
+
+def final_progress(row: dict[str, Any]) -> dict[str, Any] | None:
+    """A finished job's progress without the step it was in (a job that ended while 'preparing dataset'
+    is no longer preparing anything)."""
+    progress = row.get("progress")
+    if not isinstance(progress, dict) or not JobStatus(row["status"]).is_finished():
+        return progress
+    return {k: v for k, v in progress.items() if k != "step"} or None
 
 
 def _request_of(row: dict[str, Any]) -> dict[str, Any]:
@@ -134,7 +152,7 @@ def job_view(row: dict[str, Any], standing: dict[str, Any] | None = None) -> Job
     else:
         hint = "Still running: call get_job(job_id, wait_s=50) again."
     return JobView(job_id=row["id"], status=status, done=done, model_name=row.get("model_name"),
-                   progress=row.get("progress"), result=row.get("result"), error=row.get("error"),
+                   progress=final_progress(row), result=row.get("result"), error=row.get("error"),
                    created=row["created"], finished=row.get("finished"), batch_id=row.get("batch_id"),
                    reused_from=row.get("reused_from"), standing=standing, notes=request_notes(row), next_step=hint)
 
@@ -158,14 +176,14 @@ async def check_model(state: AppState, request: EvalRequest) -> CheckResult:
     problems = []
     if outcome.error:
         problems = outcome.error.get("problems") or [
-            {k: v for k, v in outcome.error.items() if k in ("stage", "kind", "message", "traceback")}]
+            {k: v for k, v in outcome.error.items() if k in PROBLEM_KEYS}]
     ok = outcome.status == JobStatus.SUCCEEDED
     return CheckResult(
         ok=ok, model_name=result.get("model_name", ""), problems=problems, params=result.get("params"),
         flops=result.get("flops"), fingerprint=result.get("fingerprint"), in_shape=result.get("in_shape"),
         out_shape=result.get("out_shape"), code_quality=result.get("code_quality"),
         code_quality_detail=result.get("code_quality_detail"), duplicates=result.get("duplicates") or {},
-        isolation=result.get("isolation"),
+        isolation=result.get("isolation"), layers=result.get("layers"), speed=result.get("speed"),
         next_step="submit_model with the same code" if ok else "fix the problems and call check_model again")
 
 

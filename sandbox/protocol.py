@@ -484,3 +484,6 @@ class TimeBudget:
     def runner_end(self) -> float:
         """Seconds after the runner's start at which it stops starting or continuing work."""
         return self.budget_s * (1 - self.RUNNER_SAFETY_SHARE) - self.RUNNER_SAFETY_S
+
+# (agentview) the runner starts an evaluation pass: {trial, epoch}; progress shows that epoch while it runs
+EVENT_EVALUATING = "evaluating"
