@@ -5,6 +5,9 @@ small models built to trigger them, pruned reasons, cancelled trials and progres
 
 from __future__ import annotations
 
+import re
+
+import anyio
 import pytest
 from mcp import Client
 
@@ -70,3 +73,128 @@ async def test_an_unknown_prm_key_is_refused_with_the_known_ones(client):
     assert problem["kind"] == "contract"
     assert "['foo'] is not a hyperparameter of this model" in problem["message"]
     assert "['lr', 'momentum', 'batch', 'epoch', 'transform']" in problem["message"]
+
+
+# Trains for real (learn returns training accuracy and loss), but after its second learn() call its
+# evaluation-mode forward answers class 0 for everything: test accuracy falls while training loss falls,
+# the pattern a BatchNorm model with broken running statistics shows.
+DEGRADES = models.GOOD.replace("        return self.head(torch.flatten(self.features(x), 1))", """\
+        out = self.head(torch.flatten(self.features(x), 1))
+        if not self.training and getattr(self, "calls", 0) >= 2:
+            return out * 0
+        return out""").replace("""        total = 0.0
+        for inputs, labels in train_data:""", """        self.calls = getattr(self, "calls", 0) + 1
+        total, right, seen = 0.0, 0, 0
+        for inputs, labels in train_data:""").replace("""            total += float(loss)
+        return total""", """            total += float(loss) * len(labels)
+            seen += len(labels)
+        return right / max(seen, 1), total / max(seen, 1)""").replace(
+    "            loss = self.criterion(self(inputs), labels)\n", """\
+            out = self(inputs)
+            loss = self.criterion(out, labels)
+            right += int((out.argmax(1) == labels).sum())
+""")
+# answers class 0 for everything, slowly in evaluation: chance level, most of the time in evaluation
+SLOW_EVAL_CONSTANT = models.GOOD.replace("        return self.head(torch.flatten(self.features(x), 1))", """\
+        if not self.training:
+            import time
+            time.sleep(0.7)
+        return self.head(torch.flatten(self.features(x), 1)) * 0""")
+
+
+async def test_flags_falling_accuracy_lr_at_the_edge_training_accuracy_and_timing(client):
+    job = await call(client, "submit_model", code=DEGRADES, dataset="digits", n_trials=1, epochs=1,
+                     eval_every=0.5, time_budget_s=90, prm={"momentum": 0.9, "batch": 16},
+                     search_space={"lr": {"low": 0.02, "high": 0.04, "log": True}})
+    job = await finished(client, job["job_id"])
+    assert job["status"] == "succeeded", job["error"]
+    result = job["result"]
+    names = [f["flag"] for f in result["flags"]]
+    assert "accuracy_falls_while_loss_falls" in names and "lr_at_edge" in names
+    falls = next(f for f in result["flags"] if f["flag"] == "accuracy_falls_while_loss_falls")
+    assert "BatchNorm" in falls["next_step"] and "training loss fell" in falls["why"]
+    edge = next(f for f in result["flags"] if f["flag"] == "lr_at_edge")
+    assert "[0.02, 0.04]" in edge["why"] and "search_space" in edge["next_step"]
+    curve = result["curve"]
+    assert [p["epoch"] for p in curve] == [0.5, 1.0]
+    assert curve[1]["accuracy"] < curve[0]["accuracy"] - 0.05 and curve[1]["train_loss"] < curve[0]["train_loss"]
+    assert all(p["train_accuracy"] is not None and 0.2 < p["train_accuracy"] <= 1.0 for p in curve)
+    timing = result["timing"]
+    assert timing["train_s"] > 0 and timing["eval_s"] > 0 and timing["warmup_s"] > 0
+    assert set(timing["host"]) >= {"load_before", "load_after", "cpus", "noisy"}
+    assert result["trials"][0]["epochs"] == 1.0 and result["trials"][0]["eval_s"] > 0
+    assert "step" not in (job["progress"] or {})  # a finished job is in no step any more
+
+
+async def test_chance_level_and_evaluation_heavy_are_flagged_and_progress_shows_the_evaluated_epoch(client):
+    job = await call(client, "submit_model", code=SLOW_EVAL_CONSTANT, dataset="digits", n_trials=1, epochs=1,
+                     eval_every=0.5, time_budget_s=90, prm={"lr": 0.01, "momentum": 0.9, "batch": 32})
+    seen = set()
+    for _ in range(400):
+        view = await call(client, "get_job", job_id=job["job_id"])
+        progress = view["progress"] or {}
+        if str(progress.get("step", "")).startswith("evaluating epoch"):
+            seen.add((progress["step"], progress["epoch"]))
+        if view["done"]:
+            break
+        await anyio.sleep(0.1)
+    assert ("evaluating epoch 0.5", 0.5) in seen
+    view = await finished(client, job["job_id"])
+    assert view["status"] == "succeeded", view["error"]
+    flags = {f["flag"]: f for f in view["result"]["flags"]}
+    assert "chance_level" in flags and "optimizer.step()" in flags["chance_level"]["next_step"]
+    assert "evaluation_heavy" in flags and "eval_every" in flags["evaluation_heavy"]["next_step"]
+    timing = view["result"]["timing"]
+    assert timing["eval_s"] > timing["train_s"]
+
+
+async def test_a_budget_stop_inside_a_segment_gives_the_forecast_not_a_tiny_epoch_count(client):
+    job = await call(client, "submit_model", code=models.SLOW, dataset="digits", n_trials=1, epochs=8,
+                     eval_every=8, time_budget_s=35, prm={"lr": 0.01, "momentum": 0.9, "batch": 16})
+    job = await finished(client, job["job_id"])
+    assert job["status"] == "timed_out" and job["result"]["trials"], (job["error"], job["progress"])
+    trial = job["result"]["trials"][0]
+    message = trial["error"]["message"]
+    assert re.fullmatch(r"the next [0-9.]+ epoch would take ~[0-9.]+s \+ [0-9.]+s evaluation; [0-9.]+s were left "
+                        r"\(stopped after [0-9.]+ epochs\)", message), message
+    assert "time budget reached after" not in message
+    assert trial["pruned"] == f"time budget: {message}"
+
+
+# the third Net built in the sandbox (the check builds the first) answers class 0: its trial is pruned
+THIRD_TRIAL_BAD = "_BUILT = [0]\n" + models.GOOD.replace("        super().__init__()\n", """\
+        super().__init__()
+        _BUILT[0] += 1
+        self.bad = _BUILT[0] == 4
+""").replace("        return self.head(torch.flatten(self.features(x), 1))",
+             "        return self.head(torch.flatten(self.features(x), 1)) * (0 if self.bad else 1)")
+
+
+async def test_a_pruned_trial_says_why(client):
+    job = await call(client, "submit_model", code=THIRD_TRIAL_BAD, dataset="digits", n_trials=3, epochs=1,
+                     eval_every=0.5, time_budget_s=120, prm={"lr": 0.05, "momentum": 0.9, "batch": 32})
+    job = await finished(client, job["job_id"])
+    assert job["status"] == "succeeded", job["error"]
+    trials = job["result"]["trials"]
+    assert [t["status"] for t in trials] == ["succeeded", "succeeded", "pruned"]
+    assert trials[2]["pruned"].startswith("median pruner at epoch 0.5: validation accuracy ")
+    assert "below the median" in trials[2]["pruned"]
+    assert "pruned" not in trials[0]
+
+
+async def test_a_cancelled_trial_is_cancelled_and_the_failures_plot_names_it(client):
+    job = await call(client, "submit_model", code=models.SLOW, dataset="digits", n_trials=1, epochs=3,
+                     time_budget_s=120, prm={"lr": 0.01, "momentum": 0.9, "batch": 16})
+    for _ in range(300):
+        view = await call(client, "get_job", job_id=job["job_id"])
+        if (view["progress"] or {}).get("trial") == 0:
+            break
+        await anyio.sleep(0.1)
+    await call(client, "cancel_job", job_id=job["job_id"])
+    view = await finished(client, job["job_id"])
+    assert view["status"] == "cancelled"
+    trial = view["result"]["trials"][0]
+    assert trial["status"] == "cancelled" and trial["error"]["kind"] == "cancelled"
+    plot = await client.call_tool("plot", {"kind": "failures", "dataset": "digits"})
+    text = " ".join(c.text for c in plot.content if getattr(c, "type", "") == "text")
+    assert "cancelled" in text and "unknown" not in text

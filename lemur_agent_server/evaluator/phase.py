@@ -244,7 +244,7 @@ class Phase:
         if trial is None or not trial.running or not 0 < epoch <= self.job.request.epochs + 1e-6:
             return
         self.evaluating = (trial.trial, epoch)
-        await self.job.progress(Stage.EVALUATE, self.progress())
+        await self.job.progress(Stage.TRAIN, self.progress())
 
     async def _on_trial_end(self, event: dict[str, Any]) -> None:
         trial = self.trials.get(int(event.get("trial", -1)))
