@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field, ValidationError, WithJsonSchema
 
 from lemur_agent_server.contract import SEARCH_SPACE_HELP
 from lemur_agent_server.evaluator.requests import EvalRequest, RequestRefused
+from lemur_agent_server.isolation_view import short, shorten_result
 from lemur_agent_server.schemas import MAX_FILTER_CHARS
 from lemur_agent_server.state import AppState
 from lemur_agent_server.tool_wiring import tool
@@ -136,7 +137,7 @@ async def job_standing(state: AppState, row: dict[str, Any]) -> dict[str, Any] |
                                 request["dataset"], request.get("metric", "acc"))
 
 
-def job_view(row: dict[str, Any], standing: dict[str, Any] | None = None) -> JobView:
+def job_view(row: dict[str, Any], standing: dict[str, Any] | None = None, include_isolation: bool = False) -> JobView:
     status = JobStatus(row["status"])
     done = status.is_finished()
     if status is JobStatus.SUCCEEDED:
@@ -152,7 +153,9 @@ def job_view(row: dict[str, Any], standing: dict[str, Any] | None = None) -> Job
     else:
         hint = "Still running: call get_job(job_id, wait_s=50) again."
     return JobView(job_id=row["id"], status=status, done=done, model_name=row.get("model_name"),
-                   progress=final_progress(row), result=row.get("result"), error=row.get("error"),
+                   progress=final_progress(row),
+                   result=row.get("result") if include_isolation else shorten_result(row.get("result")),
+                   error=row.get("error"),
                    created=row["created"], finished=row.get("finished"), batch_id=row.get("batch_id"),
                    reused_from=row.get("reused_from"), standing=standing, notes=request_notes(row), next_step=hint)
 
@@ -183,7 +186,7 @@ async def check_model(state: AppState, request: EvalRequest) -> CheckResult:
         flops=result.get("flops"), fingerprint=result.get("fingerprint"), in_shape=result.get("in_shape"),
         out_shape=result.get("out_shape"), code_quality=result.get("code_quality"),
         code_quality_detail=result.get("code_quality_detail"), duplicates=result.get("duplicates") or {},
-        isolation=result.get("isolation"), layers=result.get("layers"), speed=result.get("speed"),
+        isolation=short(result.get("isolation")), layers=result.get("layers"), speed=result.get("speed"),
         next_step="submit_model with the same code" if ok else "fix the problems and call check_model again")
 
 
@@ -201,7 +204,8 @@ async def submit_model(state: AppState, request: EvalRequest) -> JobView:
 ProgressFn = Callable[[float, float, str], Awaitable[None]]
 
 
-async def get_job(state: AppState, job_id: str, wait_s: float = 0, report: ProgressFn | None = None) -> JobView:
+async def get_job(state: AppState, job_id: str, wait_s: float = 0, report: ProgressFn | None = None,
+                  include_isolation: bool = False) -> JobView:
     """The job's view, after waiting up to `wait_s` for it to end; `report(progress, total, message)`
     hears each change while waiting (the MCP tool sends them as progress notifications)."""
     jobs = state.zoo().jobs
@@ -225,7 +229,7 @@ async def get_job(state: AppState, job_id: str, wait_s: float = 0, report: Progr
                          f"best val {progress.get('best_val_accuracy')}")
 
         row = await state.queue.wait(job_id, wait_s, on_change) or row
-    return job_view(row, await job_standing(state, row))
+    return job_view(row, await job_standing(state, row), include_isolation)
 
 
 async def cancel_job(state: AppState, job_id: str) -> JobView:
@@ -345,6 +349,9 @@ def register_job_tools(mcp: MCPServer, state: AppState) -> None:
         job_id: Annotated[str, Field(description="job_id returned by submit_model", min_length=1, max_length=64)],
         wait_s: Annotated[float, Field(description="Wait up to this many seconds (0..50) for the job to end; "
                                                    "progress is reported while waiting", ge=0, le=50)] = 0,
+        include_isolation: Annotated[bool, Field(description=(
+            "Show the full sandbox description the job ran under (~1.5k characters); otherwise result.isolation "
+            "is a short id (the same id = the same isolation)"))] = False,
         ctx: Context | None = None,
     ) -> JobView:
         """State of an evaluation job: queued, checking, training, evaluating, then succeeded, failed,
@@ -354,7 +361,8 @@ def register_job_tools(mcp: MCPServer, state: AppState) -> None:
         job also its `standing` (rank by accuracy and by accuracy-to-time of n models, gap to the best, by
         the score leaderboard ranks) and `notes` where it did not do what was asked (e.g. name_prefix).
         """
-        return await get_job(state, job_id, wait_s, ctx.report_progress if ctx is not None else None)
+        return await get_job(state, job_id, wait_s, ctx.report_progress if ctx is not None else None,
+                             include_isolation)
 
     @tool(mcp, "cancel_job", ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True,
                                              open_world_hint=False))

@@ -5,6 +5,7 @@ small models built to trigger them, pruned reasons, cancelled trials and progres
 
 from __future__ import annotations
 
+import json
 import re
 
 import anyio
@@ -50,6 +51,7 @@ async def test_check_model_estimates_epoch_and_evaluation_seconds_and_lists_the_
     assert conv["type"] == "Conv2d" and conv["params"] == 1 * 8 * 9 + 8 and conv["flops"] > 0
     assert conv["out_shape"][1:] == [8, 32, 32]  # digits resized to 32x32 by the default transform
     assert [r["flops"] for r in layers] == sorted((r["flops"] for r in layers), reverse=True)
+    assert set(out["isolation"]) == {"id", "backend", "full"}
 
 
 KEY_ERROR = models.GOOD.replace('momentum=prm["momentum"])', 'momentum=prm["momentum"] * (1 - prm["dropout"]))')
@@ -124,6 +126,14 @@ async def test_flags_falling_accuracy_lr_at_the_edge_training_accuracy_and_timin
     assert set(timing["host"]) >= {"load_before", "load_after", "cpus", "noisy"}
     assert result["trials"][0]["epochs"] == 1.0 and result["trials"][0]["eval_s"] > 0
     assert "step" not in (job["progress"] or {})  # a finished job is in no step any more
+    # the sandbox description once: a short id in the result, the full text on request
+    short = result["isolation"]
+    assert set(short) == {"id", "backend", "full"} and short["id"].startswith("process:")
+    assert len(json.dumps(short)) < 200
+    full = (await call(client, "get_job", job_id=job["job_id"], include_isolation=True))["result"]["isolation"]
+    assert full["backend"] == "process" and len(json.dumps(full)) > 400
+    catalog = await call(client, "list_catalog")
+    assert catalog["sandbox"]["id"].startswith("process:") and catalog["sandbox"]["backend"] == "process"
 
 
 async def test_chance_level_and_evaluation_heavy_are_flagged_and_progress_shows_the_evaluated_epoch(client):
