@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 
 import anyio
 import pytest
@@ -14,6 +15,7 @@ from mcp import Client
 
 from lemur_agent_server.server import build_server
 from tests import models
+from zoo.query import Filters
 
 pytestmark = pytest.mark.anyio
 
@@ -208,3 +210,27 @@ async def test_a_cancelled_trial_is_cancelled_and_the_failures_plot_names_it(cli
     plot = await client.call_tool("plot", {"kind": "failures", "dataset": "digits"})
     text = " ".join(c.text for c in plot.content if getattr(c, "type", "") == "text")
     assert "cancelled" in text and "unknown" not in text
+
+
+async def test_the_accuracy_vs_time_legend_says_the_epochs_reached(make_settings, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from stats import figures
+    from tests.test_agent_view import build_ranked_zoo
+
+    settings = make_settings(run_workers=False)
+    await build_ranked_zoo(settings.zoo_path)
+    conn = sqlite3.connect(settings.zoo_path)
+    try:
+        data = figures.fetch_accuracy_vs_time(conn, Filters(dataset="fashion-mnist"), figures.Options())
+    finally:
+        conn.close()
+    fig = Figure()
+    figures.draw_accuracy_vs_time(fig, data)
+    legend = fig.axes[0].get_legend()
+    assert legend.get_title().get_text() == "Epochs reached"
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert labels[:2] == ["0.5", "2"]  # Pruned and Partial stopped at half an epoch; the others ran 2
