@@ -78,7 +78,11 @@ class JobView(BaseModel):
                                                                        "accuracy, elapsed and budget seconds")
     result: dict[str, Any] | None = Field(default=None, description=(
         "When done: accuracy (test, 0..1, computed by the server), accuracy_to_time, code_quality, duration_ns "
-        "(training only), selected trial and prm, every trial, params, flops, duplicates, isolation"))
+        "(training only, warm-up excluded), selected trial and prm, every trial (a pruned one says why), params, "
+        "flops, layers, duplicates; curve (the selected trial's points: test accuracy, training loss and accuracy); "
+        "timing (train_s, eval_s, warmup_s, the host's load, a warning when noisy); flags (chance_level, "
+        "accuracy_falls_while_loss_falls, lr_at_edge, evaluation_heavy, noisy_timing: each with why and "
+        "next_step); isolation as a short id (include_isolation=true for the full description)"))
     error: dict[str, Any] | None = Field(default=None, description=(
         "When failed: stage, kind (syntax, contract, shape, exception, nan_loss, out_of_memory, timeout, "
         "sandbox, interrupted), message, log tail"))
@@ -299,7 +303,10 @@ def register_job_tools(mcp: MCPServer, state: AppState) -> None:
         """Check model code in seconds without training or archiving anything: syntax, the Net contract,
         building the Net in the sandbox with the dataset's shapes, one forward pass (logits must be
         (batch, classes)), a short learn() smoke test, parameter count, FLOPs, architecture fingerprint,
-        duplicates already in the zoo, and the code-quality score with its breakdown.
+        duplicates already in the zoo, and the code-quality score with its breakdown; `layers` lists the
+        heaviest modules (output shape, parameters, FLOPs) and `speed` the seconds per epoch and per
+        evaluation pass measured here at the given batch and transform (size time_budget_s and epochs with it).
+        prm keys the model does not declare in supported_hyperparameters() are refused.
         Use it before every submit_model. `problems` lists what to fix. Next: submit_model.
         """
         return await check_model(state, build_request(code=code, dataset=dataset, task=task, prm=prm or {}))

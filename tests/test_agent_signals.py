@@ -70,13 +70,21 @@ async def test_an_exception_names_its_line_and_an_undeclared_prm_key_gets_the_hi
     assert "declare it in supported_hyperparameters()" in problem["hint"]
 
 
-async def test_an_unknown_prm_key_is_refused_with_the_known_ones(client):
-    out = await call(client, "check_model", code=models.GOOD, dataset="digits", prm={"foo": 0.5})
+COMPUTED_NAMES = models.GOOD.replace('return {"lr", "momentum"}', 'return set("lr momentum".split())')
+
+
+@pytest.mark.parametrize("code", [models.GOOD, COMPUTED_NAMES], ids=["literal-names", "computed-names"])
+async def test_an_unknown_prm_key_is_refused_with_the_known_ones(client, code):
+    """Literal names are read statically (with the line of supported_hyperparameters); computed ones are
+    known only in the sandbox's check, which refuses the same way."""
+    out = await call(client, "check_model", code=code, dataset="digits", prm={"foo": 0.5, "lr": 0.1})
     assert not out["ok"]
     problem = out["problems"][0]
     assert problem["kind"] == "contract"
-    assert "['foo'] is not a hyperparameter of this model" in problem["message"]
+    assert "prm ['foo'] is not a hyperparameter of this model" in problem["message"]
     assert "['lr', 'momentum', 'batch', 'epoch', 'transform']" in problem["message"]
+    line = next(i for i, text in enumerate(code.splitlines(), 1) if "def supported_hyperparameters" in text)
+    assert problem.get("line") == (line if code is models.GOOD else None)
 
 
 # Trains for real (learn returns training accuracy and loss), but after its second learn() call its

@@ -32,7 +32,7 @@ from lemur_agent_server.evaluator.phase import (  # noqa: F401 - re-exported: th
 )
 from lemur_agent_server.evaluator.quality import code_quality
 from lemur_agent_server.evaluator.requests import EvalRequest
-from lemur_agent_server.evaluator.static_checks import static_problems
+from lemur_agent_server.evaluator.static_checks import prm_problems, static_problems
 from sandbox import datasets, protocol
 from sandbox.backend import Backend, Exit, JobPaths, Limits
 from sandbox.protocol import FailureKind, JobStatus, Stage, TimeBudget
@@ -146,7 +146,7 @@ async def evaluate(job: Job) -> Outcome:
     same_code = await job.store.models_by_hash(codehash.code_hash(req.code))
     # same normalized code -> same model: a resubmission adds runs to the existing name
     name = same_code[0]["name"] if same_code else codehash.model_name(req.name_prefix, req.code)
-    problems = static_problems(req.code)
+    problems = static_problems(req.code) or prm_problems(req.code, req.prm)
     score, quality = await anyio.to_thread.run_sync(code_quality, req.code)
     model = Model(name=name, code=req.code, origin="submitted", prefix=req.name_prefix or "nn",
                   code_quality=score, code_quality_detail=quality)

@@ -154,16 +154,8 @@ def refuse_unknown_prm(fixed_prm: dict[str, Any], declared: set[str]) -> None:
     """A fixed hyperparameter the model does not declare would be passed and never read: refuse it."""
     unknown = sorted(set(fixed_prm) - set(declared) - set(RESERVED))
     if unknown:
-        known = sorted(declared) + list(RESERVED)
         raise RunnerFailure(
-            protocol.KIND_CONTRACT,
-            f"prm {unknown} {'is not a hyperparameter' if len(unknown) == 1 else 'are not hyperparameters'} "
-            "of this model; its "
-            f"supported_hyperparameters() declares {sorted(declared)}, and batch, epoch, transform are always "
-            f"known (so prm may hold {known}). Remove {unknown} from prm, or add "
-            f"{'it' if len(unknown) == 1 else 'them'} to supported_hyperparameters() and read "
-            f"{'it' if len(unknown) == 1 else 'them'} from prm in the Net.",
-            protocol.STAGE_CHECK,
+            protocol.KIND_CONTRACT, protocol.unknown_prm_message(unknown, sorted(declared)), protocol.STAGE_CHECK
         )
 
 
