@@ -85,7 +85,7 @@ async def list_catalog(state: AppState) -> Catalog:
         metrics=["acc"],
         net_contract=contract.NET_CONTRACT,
         hyperparameters=contract.HYPERPARAMETERS,
-        sandbox=with_id(sandbox_info),
+        sandbox=with_id(sandbox_info) if state.queue else sandbox_info,
         baselines=await baselines_status(store, state.settings, workers=state.queue is not None),
     )
 
