@@ -5,6 +5,7 @@ small models built to trigger them, pruned reasons, cancelled trials and progres
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sqlite3
@@ -13,6 +14,7 @@ import anyio
 import pytest
 from mcp import Client
 
+from lemur_agent_server.evaluator import flags, hostload
 from lemur_agent_server.server import build_server
 from tests import models
 from zoo.query import Filters
@@ -242,3 +244,20 @@ async def test_the_accuracy_vs_time_legend_says_the_epochs_reached(make_settings
     assert legend.get_title().get_text() == "Epochs reached"
     labels = [t.get_text() for t in legend.get_texts()]
     assert labels[:2] == ["0.5", "2"]  # Pruned and Partial stopped at half an epoch; the others ran 2
+
+
+def test_host_load_and_steal_make_timings_noisy(tmp_path) -> None:
+    """The busy-host rule on two real /proc/stat-format snapshots (user nice system idle iowait irq softirq
+    steal): 100 of 1,000 jiffies stolen, and a load of 3 on 2 CPUs."""
+    stat = tmp_path / "stat"
+    stat.write_text("cpu 100 0 50 800 0 0 0 50 0 0\ncpu0 1 2 3\n")
+    before = hostload.sample(stat)
+    stat.write_text("cpu 500 0 150 1200 0 0 0 150 0 0\n")
+    after = hostload.sample(stat)
+    busy = hostload.between(dataclasses.replace(before, load1=3.0), dataclasses.replace(after, load1=3.0), cpus=2)
+    assert busy["noisy"] and busy["steal_share"] == pytest.approx(0.1)
+    assert busy["why"] == "load average 3.0 on 2 CPUs; 10% of the CPU time stolen by the hypervisor"
+    idle = hostload.between(dataclasses.replace(before, load1=0.5), dataclasses.replace(before, load1=0.5), cpus=2)
+    assert not idle["noisy"] and idle["why"] is None and idle["steal_share"] == 0.0
+    flag = flags.noisy_timing(busy)
+    assert flag is not None and "load average 3.0" in flag["why"] and flags.noisy_timing(idle) is None
