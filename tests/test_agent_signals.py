@@ -112,7 +112,7 @@ DEGRADES = models.GOOD.replace("        return self.head(torch.flatten(self.feat
 SLOW_EVAL_CONSTANT = models.GOOD.replace("        return self.head(torch.flatten(self.features(x), 1))", """\
         if not self.training:
             import time
-            time.sleep(0.7)
+            time.sleep(1.0)
         return self.head(torch.flatten(self.features(x), 1)) * 0""")
 
 
@@ -150,7 +150,8 @@ async def test_flags_falling_accuracy_lr_at_the_edge_training_accuracy_and_timin
 
 async def test_chance_level_and_evaluation_heavy_are_flagged_and_progress_shows_the_evaluated_epoch(client):
     job = await call(client, "submit_model", code=SLOW_EVAL_CONSTANT, dataset="digits", n_trials=1, epochs=1,
-                     eval_every=0.5, time_budget_s=90, prm={"lr": 0.01, "momentum": 0.9, "batch": 32})
+                     eval_every=0.5, time_budget_s=90, max_train_samples=160,
+                     prm={"lr": 0.01, "momentum": 0.9, "batch": 32})
     seen = set()
     for _ in range(400):
         view = await call(client, "get_job", job_id=job["job_id"])
@@ -165,6 +166,7 @@ async def test_chance_level_and_evaluation_heavy_are_flagged_and_progress_shows_
     assert view["status"] == "succeeded", view["error"]
     flags = {f["flag"]: f for f in view["result"]["flags"]}
     assert "chance_level" in flags and "optimizer.step()" in flags["chance_level"]["next_step"]
+    assert "after 1 epochs is chance level" in flags["chance_level"]["why"]
     assert "evaluation_heavy" in flags and "eval_every" in flags["evaluation_heavy"]["next_step"]
     timing = view["result"]["timing"]
     assert timing["eval_s"] > timing["train_s"]

@@ -25,11 +25,15 @@ def _flag(name: str, why: str, next_step: str) -> dict[str, str]:
     return {"flag": name, "why": why, "next_step": next_step}
 
 
-def chance_level(accuracy: float | None, chance: float) -> dict[str, str] | None:
+def chance_level(accuracy: float | None, chance: float, reached: float, asked: float) -> dict[str, str] | None:
     if accuracy is None or accuracy > chance + CHANCE_MARGIN:
         return None
-    return _flag("chance_level", f"test accuracy {accuracy:.3f} is chance level ({chance:.3f} for this dataset): "
-                 "the model learned nothing",
+    short = reached < asked - 1e-9
+    return _flag("chance_level", f"test accuracy {accuracy:.3f} after {reached:g} epochs is chance level "
+                 f"({chance:.3f} for this dataset): the model learned nothing"
+                 + (f" (the budget stopped it at {reached:g} of {asked:g} epochs)" if short else ""),
+                 ("give it more time first (time_budget_s; check_model's speed says what an epoch costs); then "
+                  if short else "") +
                  "check that learn() calls optimizer.zero_grad(), loss.backward() and optimizer.step() on every "
                  "batch, that the loss gets logits (no softmax before CrossEntropyLoss), and the lr (try prm "
                  "lr=0.01)")
@@ -99,7 +103,8 @@ def job_flags(trials: list[Trial], selected: Trial | None, chance: float, reques
     train_s = sum((t.points[-1].duration_ns or 0) / 1e9 for t in trials if t.points)
     eval_s = sum(t.eval_s for t in trials)
     found = [
-        chance_level(selected.points[-1].accuracy if selected else None, chance) if selected else None,
+        chance_level(selected.points[-1].accuracy, chance, selected.points[-1].epoch, request.epochs)
+        if selected else None,
         accuracy_falls_while_loss_falls(selected) if selected else None,
         lr_at_edge(selected.prm, request.prm, request.search_space) if selected else None,
         evaluation_heavy(train_s, eval_s),
