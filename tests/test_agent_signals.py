@@ -161,7 +161,7 @@ async def test_chance_level_and_evaluation_heavy_are_flagged_and_progress_shows_
         if view["done"]:
             break
         await anyio.sleep(0.1)
-    assert ("evaluating epoch 0.5", 0.5) in seen
+    assert ("evaluating epoch 0.5", 0.5) in seen, view
     view = await finished(client, job["job_id"])
     assert view["status"] == "succeeded", view["error"]
     flags = {f["flag"]: f for f in view["result"]["flags"]}

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 LOG_TAIL_CHARS = 4000
 MIN_TRAIN_SHARE = 0.5  # the least share of the host-observed trial time counted as training (see trusted_duration)
+PROGRESS_AGAIN_S = 0.6  # just over the queue's progress throttle (0.5 s): a long evaluation is shown
 RUNNING = TrialStatus.RUNNING  # a trial the host saw start and not (yet) end
 
 
@@ -139,6 +140,7 @@ class Phase:
         self.first_step_at: float | None = None
         self.evaluating: tuple[int, float] | None = None  # (trial, epoch) of the evaluation pass running now
         self.host: dict[str, Any] | None = None  # hostload.between() around the run
+        self._tasks: anyio.abc.TaskGroup | None = None  # the run's task group (cancelled when the sandbox ends)
         self.trials: dict[int, Trial] = {}
         self.exit: Exit | None = None
         self.test_labels = prepared.test_labels
@@ -170,6 +172,7 @@ class Phase:
                     await handle.cancel()
 
                 tg.start_soon(watch_cancel)
+                self._tasks = tg
                 async for event in handle.events():
                     await self.on_event(event)
                 self.exit = await handle.wait()
@@ -245,6 +248,13 @@ class Phase:
             return
         self.evaluating = (trial.trial, epoch)
         await self.job.progress(Stage.TRAIN, self.progress())
+        if self._tasks is not None:  # the queue writes progress at most every 0.5 s: say it again after that
+            self._tasks.start_soon(self._still_evaluating, self.evaluating)
+
+    async def _still_evaluating(self, evaluating: tuple[int, float]) -> None:
+        await anyio.sleep(PROGRESS_AGAIN_S)
+        if self.evaluating == evaluating:
+            await self.job.progress(Stage.TRAIN, self.progress())
 
     async def _on_trial_end(self, event: dict[str, Any]) -> None:
         trial = self.trials.get(int(event.get("trial", -1)))
