@@ -116,6 +116,30 @@ SLOW_EVAL_CONSTANT = models.GOOD.replace("        return self.head(torch.flatten
         return self.head(torch.flatten(self.features(x), 1)) * 0""")
 
 
+def assert_curve_and_timing(result: dict) -> None:
+    """The selected trial's curve carries learn()'s training loss and accuracy; timing splits the seconds."""
+    curve = result["curve"]
+    assert [p["epoch"] for p in curve] == [0.5, 1.0]
+    assert curve[1]["accuracy"] < curve[0]["accuracy"] - 0.05 and curve[1]["train_loss"] < curve[0]["train_loss"]
+    assert all(p["train_accuracy"] is not None and 0.2 < p["train_accuracy"] <= 1.0 for p in curve)
+    timing = result["timing"]
+    assert timing["train_s"] > 0 and timing["eval_s"] > 0 and timing["warmup_s"] > 0
+    assert set(timing["host"]) >= {"load_before", "load_after", "cpus", "noisy"}
+    assert result["trials"][0]["epochs"] == 1.0 and result["trials"][0]["eval_s"] > 0
+
+
+async def assert_isolation_once(client, job: dict) -> None:
+    """The sandbox description once: a short id in the result, the full text on request."""
+    result = job["result"]
+    short = result["isolation"]
+    assert set(short) == {"id", "backend", "full"} and short["id"].startswith("process:")
+    assert len(json.dumps(short)) < 200
+    full = (await call(client, "get_job", job_id=job["job_id"], include_isolation=True))["result"]["isolation"]
+    assert full["backend"] == "process" and len(json.dumps(full)) > 400
+    catalog = await call(client, "list_catalog")
+    assert catalog["sandbox"]["id"].startswith("process:") and catalog["sandbox"]["backend"] == "process"
+
+
 async def test_flags_falling_accuracy_lr_at_the_edge_training_accuracy_and_timing(client):
     job = await call(client, "submit_model", code=DEGRADES, dataset="digits", n_trials=1, epochs=1,
                      eval_every=0.5, time_budget_s=90, prm={"momentum": 0.9, "batch": 16},
@@ -129,23 +153,9 @@ async def test_flags_falling_accuracy_lr_at_the_edge_training_accuracy_and_timin
     assert "BatchNorm" in falls["next_step"] and "training loss fell" in falls["why"]
     edge = next(f for f in result["flags"] if f["flag"] == "lr_at_edge")
     assert "[0.02, 0.04]" in edge["why"] and "search_space" in edge["next_step"]
-    curve = result["curve"]
-    assert [p["epoch"] for p in curve] == [0.5, 1.0]
-    assert curve[1]["accuracy"] < curve[0]["accuracy"] - 0.05 and curve[1]["train_loss"] < curve[0]["train_loss"]
-    assert all(p["train_accuracy"] is not None and 0.2 < p["train_accuracy"] <= 1.0 for p in curve)
-    timing = result["timing"]
-    assert timing["train_s"] > 0 and timing["eval_s"] > 0 and timing["warmup_s"] > 0
-    assert set(timing["host"]) >= {"load_before", "load_after", "cpus", "noisy"}
-    assert result["trials"][0]["epochs"] == 1.0 and result["trials"][0]["eval_s"] > 0
+    assert_curve_and_timing(result)
     assert "step" not in (job["progress"] or {})  # a finished job is in no step any more
-    # the sandbox description once: a short id in the result, the full text on request
-    short = result["isolation"]
-    assert set(short) == {"id", "backend", "full"} and short["id"].startswith("process:")
-    assert len(json.dumps(short)) < 200
-    full = (await call(client, "get_job", job_id=job["job_id"], include_isolation=True))["result"]["isolation"]
-    assert full["backend"] == "process" and len(json.dumps(full)) > 400
-    catalog = await call(client, "list_catalog")
-    assert catalog["sandbox"]["id"].startswith("process:") and catalog["sandbox"]["backend"] == "process"
+    await assert_isolation_once(client, job)
 
 
 async def test_chance_level_and_evaluation_heavy_are_flagged_and_progress_shows_the_evaluated_epoch(client):
