@@ -50,12 +50,16 @@ async def replay(root: Path) -> None:
         await call("leaderboard", dataset="digits")
         code = read_code("LeNet5").replace("nn.Linear(120, 84)", "nn.Linear(120, 64)").replace(
             "nn.Linear(84,", "nn.Linear(64,")
-        await call("check_model", code=code, dataset="digits")
+        checked = await call("check_model", code=code, dataset="digits", prm={"batch": 32})
+        print("speed:", digest(checked.get("speed")), "\nlayers:", digest(checked.get("layers"), 500))
         job = await call("submit_model", code=code, dataset="digits", n_trials=1, epochs=3, time_budget_s=60,
                          prm={"lr": 0.05, "momentum": 0.9, "batch": 32}, name_prefix="replay")
         while not job.get("done"):
             job = await call("get_job", job_id=job["job_id"], wait_s=30)
         print("standing:", digest(job.get("standing")), "notes:", digest(job.get("notes")))
+        result = job.get("result") or {}
+        for key in ("timing", "flags", "curve", "isolation", "trials"):
+            print(f"{key}:", digest(result.get(key), 600))
         await call("leaderboard", dataset="digits", by="accuracy_to_time")
         again = await call("submit_model", code=read_code("LeNet5"), dataset="digits", n_trials=1, epochs=0.5,
                            time_budget_s=60, name_prefix="mine")
@@ -63,6 +67,14 @@ async def replay(root: Path) -> None:
             again = await call("get_job", job_id=again["job_id"], wait_s=30)
         print("notes:", digest(again.get("notes")))
         await call("submit_model", code=code, dataset="digits", prm={"lr": 3})
+        unknown = await call("submit_model", code=code, dataset="digits", prm={"foo": 0.5}, time_budget_s=60)
+        while not unknown.get("done"):
+            unknown = await call("get_job", job_id=unknown["job_id"], wait_s=30)
+        undeclared = code.replace("super().__init__()", "super().__init__()\n        self.p = prm['dropout']", 1)
+        failed = await call("check_model", code=undeclared, dataset="digits")
+        print("problem:", digest({k: v for k, v in (failed.get("problems") or [{}])[0].items() if k != "traceback"}))
+        res = await client.call_tool("plot", {"kind": "accuracy_vs_time", "dataset": "digits"})
+        print("\n>>> plot(kind='accuracy_vs_time')\n" + " ".join(c.text for c in res.content if c.type == "text")[:500])
 
 
 if __name__ == "__main__":

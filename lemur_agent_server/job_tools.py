@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field, ValidationError, WithJsonSchema
 
 from lemur_agent_server.contract import SEARCH_SPACE_HELP
 from lemur_agent_server.evaluator.requests import EvalRequest, RequestRefused
+from lemur_agent_server.isolation_view import short, shorten_result
 from lemur_agent_server.schemas import MAX_FILTER_CHARS
 from lemur_agent_server.state import AppState
 from lemur_agent_server.tool_wiring import tool
@@ -54,6 +55,12 @@ class CheckResult(BaseModel):
         "same_code: models with the same normalized code (a submission adds runs to it); same_architecture: "
         "models with the same fingerprint"))
     isolation: dict[str, Any] | None = None
+    layers: list[dict[str, Any]] | None = Field(default=None, description=(
+        "The heaviest modules (top 10 by FLOPs): name, type, out_shape, params, flops (one sample)"))
+    speed: dict[str, Any] | None = Field(default=None, description=(
+        "Measured on this server now: epoch_s (seconds per training epoch) and eval_pass_s (one evaluation "
+        "of the validation and test splits) at the given batch and transform; size time_budget_s and epochs "
+        "with them"))
     next_step: str
 
 
@@ -71,7 +78,11 @@ class JobView(BaseModel):
                                                                        "accuracy, elapsed and budget seconds")
     result: dict[str, Any] | None = Field(default=None, description=(
         "When done: accuracy (test, 0..1, computed by the server), accuracy_to_time, code_quality, duration_ns "
-        "(training only), selected trial and prm, every trial, params, flops, duplicates, isolation"))
+        "(training only, warm-up excluded), selected trial and prm, every trial (a pruned one says why), params, "
+        "flops, layers, duplicates; curve (the selected trial's points: test accuracy, training loss and accuracy); "
+        "timing (train_s, eval_s, warmup_s, the host's load, a warning when noisy); flags (chance_level, "
+        "accuracy_falls_while_loss_falls, lr_at_edge, evaluation_heavy, noisy_timing: each with why and "
+        "next_step); isolation as a short id (include_isolation=true for the full description)"))
     error: dict[str, Any] | None = Field(default=None, description=(
         "When failed: stage, kind (syntax, contract, shape, exception, nan_loss, out_of_memory, timeout, "
         "sandbox, interrupted), message, log tail"))
@@ -86,6 +97,18 @@ class JobView(BaseModel):
         "score minus the best one's; 0 = best). Null when the model has no complete run there."))
     notes: list[str] = Field(default_factory=list, description="What the job did differently from the request")
     next_step: str
+
+
+PROBLEM_KEYS = ("stage", "kind", "message", "line", "function", "source", "hint", "traceback")
+
+
+def final_progress(row: dict[str, Any]) -> dict[str, Any] | None:
+    """A finished job's progress without the step it was in (a job that ended while 'preparing dataset'
+    is no longer preparing anything)."""
+    progress = row.get("progress")
+    if not isinstance(progress, dict) or not JobStatus(row["status"]).is_finished():
+        return progress
+    return {k: v for k, v in progress.items() if k != "step"} or None
 
 
 def _request_of(row: dict[str, Any]) -> dict[str, Any]:
@@ -118,7 +141,7 @@ async def job_standing(state: AppState, row: dict[str, Any]) -> dict[str, Any] |
                                 request["dataset"], request.get("metric", "acc"))
 
 
-def job_view(row: dict[str, Any], standing: dict[str, Any] | None = None) -> JobView:
+def job_view(row: dict[str, Any], standing: dict[str, Any] | None = None, include_isolation: bool = False) -> JobView:
     status = JobStatus(row["status"])
     done = status.is_finished()
     if status is JobStatus.SUCCEEDED:
@@ -134,7 +157,9 @@ def job_view(row: dict[str, Any], standing: dict[str, Any] | None = None) -> Job
     else:
         hint = "Still running: call get_job(job_id, wait_s=50) again."
     return JobView(job_id=row["id"], status=status, done=done, model_name=row.get("model_name"),
-                   progress=row.get("progress"), result=row.get("result"), error=row.get("error"),
+                   progress=final_progress(row),
+                   result=row.get("result") if include_isolation else shorten_result(row.get("result")),
+                   error=row.get("error"),
                    created=row["created"], finished=row.get("finished"), batch_id=row.get("batch_id"),
                    reused_from=row.get("reused_from"), standing=standing, notes=request_notes(row), next_step=hint)
 
@@ -158,14 +183,14 @@ async def check_model(state: AppState, request: EvalRequest) -> CheckResult:
     problems = []
     if outcome.error:
         problems = outcome.error.get("problems") or [
-            {k: v for k, v in outcome.error.items() if k in ("stage", "kind", "message", "traceback")}]
+            {k: v for k, v in outcome.error.items() if k in PROBLEM_KEYS}]
     ok = outcome.status == JobStatus.SUCCEEDED
     return CheckResult(
         ok=ok, model_name=result.get("model_name", ""), problems=problems, params=result.get("params"),
         flops=result.get("flops"), fingerprint=result.get("fingerprint"), in_shape=result.get("in_shape"),
         out_shape=result.get("out_shape"), code_quality=result.get("code_quality"),
         code_quality_detail=result.get("code_quality_detail"), duplicates=result.get("duplicates") or {},
-        isolation=result.get("isolation"),
+        isolation=short(result.get("isolation")), layers=result.get("layers"), speed=result.get("speed"),
         next_step="submit_model with the same code" if ok else "fix the problems and call check_model again")
 
 
@@ -183,7 +208,8 @@ async def submit_model(state: AppState, request: EvalRequest) -> JobView:
 ProgressFn = Callable[[float, float, str], Awaitable[None]]
 
 
-async def get_job(state: AppState, job_id: str, wait_s: float = 0, report: ProgressFn | None = None) -> JobView:
+async def get_job(state: AppState, job_id: str, wait_s: float = 0, report: ProgressFn | None = None,
+                  include_isolation: bool = False) -> JobView:
     """The job's view, after waiting up to `wait_s` for it to end; `report(progress, total, message)`
     hears each change while waiting (the MCP tool sends them as progress notifications)."""
     jobs = state.zoo().jobs
@@ -207,7 +233,7 @@ async def get_job(state: AppState, job_id: str, wait_s: float = 0, report: Progr
                          f"best val {progress.get('best_val_accuracy')}")
 
         row = await state.queue.wait(job_id, wait_s, on_change) or row
-    return job_view(row, await job_standing(state, row))
+    return job_view(row, await job_standing(state, row), include_isolation)
 
 
 async def cancel_job(state: AppState, job_id: str) -> JobView:
@@ -277,7 +303,10 @@ def register_job_tools(mcp: MCPServer, state: AppState) -> None:
         """Check model code in seconds without training or archiving anything: syntax, the Net contract,
         building the Net in the sandbox with the dataset's shapes, one forward pass (logits must be
         (batch, classes)), a short learn() smoke test, parameter count, FLOPs, architecture fingerprint,
-        duplicates already in the zoo, and the code-quality score with its breakdown.
+        duplicates already in the zoo, and the code-quality score with its breakdown; `layers` lists the
+        heaviest modules (output shape, parameters, FLOPs) and `speed` the seconds per epoch and per
+        evaluation pass measured here at the given batch and transform (size time_budget_s and epochs with it).
+        prm keys the model does not declare in supported_hyperparameters() are refused.
         Use it before every submit_model. `problems` lists what to fix. Next: submit_model.
         """
         return await check_model(state, build_request(code=code, dataset=dataset, task=task, prm=prm or {}))
@@ -331,6 +360,9 @@ def register_job_tools(mcp: MCPServer, state: AppState) -> None:
         job_id: Annotated[str, Field(description="job_id returned by submit_model", min_length=1, max_length=64)],
         wait_s: Annotated[float, Field(description="Wait up to this many seconds (0..50) for the job to end; "
                                                    "progress is reported while waiting", ge=0, le=50)] = 0,
+        include_isolation: Annotated[bool, Field(description=(
+            "Show the full sandbox description the job ran under (~1.5k characters); otherwise result.isolation "
+            "is a short id (the same id = the same isolation)"))] = False,
         ctx: Context | None = None,
     ) -> JobView:
         """State of an evaluation job: queued, checking, training, evaluating, then succeeded, failed,
@@ -340,7 +372,8 @@ def register_job_tools(mcp: MCPServer, state: AppState) -> None:
         job also its `standing` (rank by accuracy and by accuracy-to-time of n models, gap to the best, by
         the score leaderboard ranks) and `notes` where it did not do what was asked (e.g. name_prefix).
         """
-        return await get_job(state, job_id, wait_s, ctx.report_progress if ctx is not None else None)
+        return await get_job(state, job_id, wait_s, ctx.report_progress if ctx is not None else None,
+                             include_isolation)
 
     @tool(mcp, "cancel_job", ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True,
                                              open_world_hint=False))

@@ -19,6 +19,7 @@ from pydantic import Field
 from lemur_agent_server import contract
 from lemur_agent_server.clip import clip
 from lemur_agent_server.evaluator.calibration import REFERENCE_DESCRIPTION
+from lemur_agent_server.isolation_view import short, with_id
 from lemur_agent_server.schemas import (
     Catalog,
     CatalogEntry,
@@ -85,7 +86,7 @@ async def list_catalog(state: AppState) -> Catalog:
         metrics=["acc"],
         net_contract=contract.NET_CONTRACT,
         hyperparameters=contract.HYPERPARAMETERS,
-        sandbox=sandbox_info,
+        sandbox=with_id(sandbox_info) if state.queue else sandbox_info,
         baselines=await baselines_status(store, state.settings, workers=state.queue is not None),
     )
 
@@ -175,6 +176,7 @@ async def get_model(state: AppState, name: str, include_code: bool = True) -> Mo
     curve = _with_diagnostics(detail["curve"], diagnostics.get("points", []))
     if best:
         best = {k: _maybe_json(v) for k, v in best.items() if k in BEST_RUN_FIELDS}
+        best["isolation"] = short(best.get("isolation"))
     return ModelDetail(
         name=model["name"], origin=model["origin"], created=model["created"], code_hash=model["code_hash"],
         lemur_id=model["lemur_id"], fingerprint=model["fingerprint"], params=model["params"],
@@ -182,7 +184,8 @@ async def get_model(state: AppState, name: str, include_code: bool = True) -> Mo
         code_quality_detail=_maybe_json(model["code_quality_detail"]),
         supported_hyperparameters=_maybe_json(model["supported_hyperparameters"]),
         summary=detail["summary"], best_run=best, curve=curve, weights=detail["weights"],
-        recent_runs=[{k: _maybe_json(v) for k, v in r.items()} for r in detail["recent_runs"]],
+        recent_runs=[{k: short(_maybe_json(v)) if k == "isolation" else _maybe_json(v) for k, v in r.items()}
+                     for r in detail["recent_runs"]],
         same_architecture=same, lemur=LemurMeasurements(**extras) if extras else None,
         train_hardware=diagnostics.get("hardware"), code=code, code_truncated=cut,
     )

@@ -505,3 +505,16 @@ EVENT_ONNX = "onnx"
 def onnx_name(trial: int) -> str:
     """File name (relative to out/) of a trial's exported ONNX model."""
     return f"onnx/t{trial}.onnx"
+# (agentview) the runner starts an evaluation pass: {trial, epoch}; progress shows that epoch while it runs
+EVENT_EVALUATING = "evaluating"
+
+
+def unknown_prm_message(unknown: list[str], declared: list[str]) -> str:
+    """(agentview) Why fixed prm keys the model does not declare are refused: the check (in the sandbox) and
+    the host's static check (when supported_hyperparameters() returns a literal) say it the same way."""
+    one = len(unknown) == 1
+    known = sorted(declared) + ["batch", "epoch", "transform"]
+    return (f"prm {unknown} {'is not a hyperparameter' if one else 'are not hyperparameters'} of this model; its "
+            f"supported_hyperparameters() declares {sorted(declared)}, and batch, epoch, transform are always known "
+            f"(so prm may hold {known}). Remove {unknown} from prm, or add {'it' if one else 'them'} to "
+            f"supported_hyperparameters() and read {'it' if one else 'them'} from prm in the Net.")

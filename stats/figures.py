@@ -221,15 +221,20 @@ def fetch_accuracy_vs_time(conn: sqlite3.Connection, f: Filters, o: Options) -> 
     return {"f": f, "triple": triple, "data": agg.accuracy_vs_time(conn, f, triple, o.cap)}
 
 
+def epochs_reached(epochs: Any) -> Any:
+    """Each run's epochs reached, down to half epochs (0 below one half), 6 for 6 and more."""
+    return (np.floor(np.asarray(epochs, dtype=float) * 2 + 1e-9) / 2).clip(max=6)
+
+
 def draw_accuracy_vs_time(fig: Figure, d: dict[str, Any]) -> str:
     data: agg.ScatterData = d["data"]
     ax = fig.add_subplot()
     s = data.sample
-    groups = np.ceil(s["epoch"]).clip(upper=6).astype(int)
+    groups = epochs_reached(s["epoch"])  # a run that stopped at 0.5 says 0.5, not 1
     size, alpha = _marker(len(s))
-    for i, e in enumerate(sorted(groups.unique())):
+    for i, e in enumerate(sorted(np.unique(groups))):
         m = groups == e
-        label = f"{e}" if e < 6 else "6+"
+        label = "<0.5" if e == 0 else f"{e:g}" if e < 6 else "6+"
         ax.scatter(s["duration_ns"][m] / 1e9, s["accuracy"][m], s=size, alpha=alpha, lw=0, color=series(i),
                    label=label)
     fr = data.front

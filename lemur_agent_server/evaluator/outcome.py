@@ -30,6 +30,8 @@ class CheckStats:
     fingerprint: str | None
     in_shape: Any
     out_shape: Any
+    layers: list[dict[str, Any]] | None = None  # the heaviest modules: name, type, out_shape, params, flops
+    speed: dict[str, Any] | None = None  # check_model only: epoch_s and eval_pass_s measured in the sandbox
 
 
 @dataclasses.dataclass
@@ -66,6 +68,9 @@ class JobResult:
     trials: list[dict[str, Any]] | None = None  # one summary per trial, search and repeats
     weights_error: str | None = None
     archived: Archived | None = None
+    timing: dict[str, Any] | None = None  # train/eval/warm-up seconds and the host's load (flags.timing)
+    flags: list[dict[str, str]] | None = None  # what a researcher would remark, each with why and next_step
+    curve: list[dict[str, Any]] | None = None  # the selected trial's points: accuracy, training loss and accuracy
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"model_name": self.model_name, "code_quality": self.code_quality,
@@ -75,7 +80,8 @@ class JobResult:
         for part in (self.check, self.selection):
             if part is not None:
                 out.update(dataclasses.asdict(part))
-        optional = {"duplicates": self.duplicates, "trials": self.trials, "weights_error": self.weights_error}
+        optional = {"duplicates": self.duplicates, "trials": self.trials, "weights_error": self.weights_error,
+                    "timing": self.timing, "flags": self.flags, "curve": self.curve}
         out.update({k: v for k, v in optional.items() if v is not None})
         if self.archived is not None:
             if self.archived.weights is not None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import numpy as np
 
-from lemur_agent_server.evaluator import jobfiles, oom_retry
+from lemur_agent_server.evaluator import diagnose, hostload, jobfiles, oom_retry
 from sandbox import datasets, protocol
 from sandbox.backend import Exit, Handle, JobPaths, Limits
 from sandbox.protocol import FailureKind, RunStatus, Stage, TrialStatus
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 LOG_TAIL_CHARS = 4000
 MIN_TRAIN_SHARE = 0.5  # the least share of the host-observed trial time counted as training (see trusted_duration)
+PROGRESS_AGAIN_S = 0.6  # just over the queue's progress throttle (0.5 s): a long evaluation is shown
 RUNNING = TrialStatus.RUNNING  # a trial the host saw start and not (yet) end
 
 
@@ -56,6 +57,10 @@ class Trial:
     onnx_detail: dict[str, Any] = dataclasses.field(default_factory=dict)
     started_at: float = dataclasses.field(default_factory=time.monotonic)
     repeat: int = 0
+    eval_s: float = 0.0  # seconds the runner spent in evaluation passes (its own count: a hint)
+    warmup_s: float = 0.0  # the job's first optimizer step, kept out of duration_ns
+    train_accuracy: dict[float, float] = dataclasses.field(default_factory=dict)  # by epoch, where learn() said
+    pruned: str | None = None  # why the trial was pruned, when it was
 
     @property
     def best_val(self) -> float:
@@ -66,9 +71,15 @@ class Trial:
     def running(self) -> bool:
         return self.status == RUNNING
 
-    def end_unreported(self, timed_out: bool) -> None:
-        """A trial the runner never ended: the sandbox was killed (timed out) or died (failed)."""
-        if self.running:
+    def end_unreported(self, timed_out: bool, cancelled: bool = False) -> None:
+        """A trial the runner never ended: the job was cancelled, the sandbox was killed (timed out) or
+        died (failed)."""
+        if not self.running:
+            return
+        if cancelled:
+            self.status = RunStatus.CANCELLED
+            self.error = failure(Stage.TRAIN, FailureKind.CANCELLED, "Cancelled by request while this trial ran.")
+        else:
             self.status = RunStatus.TIMED_OUT if timed_out else RunStatus.FAILED
 
 
@@ -140,6 +151,9 @@ class Phase:
         self.error: dict[str, Any] | None = None
         self.done: dict[str, Any] | None = None
         self.first_step_at: float | None = None
+        self.evaluating: tuple[int, float] | None = None  # (trial, epoch) of the evaluation pass running now
+        self.host: dict[str, Any] | None = None  # hostload.between() around the run
+        self._tasks: anyio.abc.TaskGroup | None = None  # the run's task group (cancelled when the sandbox ends)
         self.trials: dict[int, Trial] = {}
         self.exit: Exit | None = None
         self.test_labels = prepared.test_labels
@@ -154,6 +168,7 @@ class Phase:
             protocol.EVENT_TRIAL_END: self._on_trial_end, protocol.EVENT_DONE: self._on_done,
             protocol.EVENT_TRIAL_RETRY: self._on_trial_retry,
             protocol.EVENT_ONNX: self._on_onnx,
+            protocol.EVENT_EVALUATING: self._on_evaluating,
         }
 
     async def run(self, spec: protocol.JobSpec, wall_s: float) -> Exit:
@@ -161,6 +176,7 @@ class Phase:
                         gpu=self.job.gpu)
         await anyio.to_thread.run_sync(jobfiles.reset_out_dir, self.paths)
         jobfiles.write_spec(self.paths, spec)
+        before = hostload.sample()
         handle = self.handle = await self.job.backend.start(self.paths, limits)
         if self.job.prewarm is not None:
             self.job.prewarm(self.paths.data_dir, limits)
@@ -171,6 +187,7 @@ class Phase:
                     await handle.cancel()
 
                 tg.start_soon(watch_cancel)
+                self._tasks = tg
                 async for event in handle.events():
                     await self.on_event(event)
                 self.exit = await handle.wait()
@@ -180,6 +197,7 @@ class Phase:
                 await handle.cancel()
                 if self.exit is None:
                     self.exit = await handle.wait()
+                self.host = hostload.between(before, hostload.sample())
         if self.exit.out_exceeded:  # whatever the code reported after that, this is why it stopped
             stage = Stage.CHECK if self.check is None else Stage.TRAIN
             self.error = failure(stage, FailureKind.SANDBOX, self.exit.out_exceeded)
@@ -211,9 +229,10 @@ class Phase:
 
     def _on_error(self, event: dict[str, Any]) -> None:
         if self.error is None:
-            self.error = failure(str(event.get("stage") or Stage.TRAIN), known_kind(event.get("kind")),
-                                 str(event.get("message", ""))[:2000],
-                                 traceback=str(event.get("traceback", ""))[-LOG_TAIL_CHARS:])
+            self.error = diagnose.explain(failure(
+                str(event.get("stage") or Stage.TRAIN), known_kind(event.get("kind")),
+                str(event.get("message", ""))[:2000], traceback=str(event.get("traceback", ""))[-LOG_TAIL_CHARS:]),
+                self.job.request.code)
 
     def _on_first_step(self, event: dict[str, Any]) -> None:
         if self.first_step_at is None:
@@ -250,13 +269,33 @@ class Phase:
 
     async def _on_point_event(self, event: dict[str, Any]) -> None:
         self.on_point(event)
+        self.evaluating = None
         await self.job.progress(Stage.TRAIN, self.progress())
+
+    async def _on_evaluating(self, event: dict[str, Any]) -> None:
+        trial = self.trials.get(int(event.get("trial", -1)))
+        epoch = float(event["epoch"])
+        if trial is None or not trial.running or not 0 < epoch <= self.job.request.epochs + 1e-6:
+            return
+        self.evaluating = (trial.trial, epoch)
+        await self.job.progress(Stage.TRAIN, self.progress())
+        if self._tasks is not None:  # the queue writes progress at most every 0.5 s: say it again after that
+            self._tasks.start_soon(self._still_evaluating, self.evaluating)
+
+    async def _still_evaluating(self, evaluating: tuple[int, float]) -> None:
+        await anyio.sleep(PROGRESS_AGAIN_S)
+        if self.evaluating == evaluating:
+            await self.job.progress(Stage.TRAIN, self.progress())
 
     async def _on_trial_end(self, event: dict[str, Any]) -> None:
         trial = self.trials.get(int(event.get("trial", -1)))
         if trial is None or not trial.running:
             return
         self._end_trial(trial, event)
+        trial.eval_s = _seconds(event.get("eval_s"), time.monotonic() - trial.started_at)
+        trial.warmup_s = _seconds(event.get("warmup_s"), time.monotonic() - trial.started_at)
+        if trial.status == RunStatus.PRUNED:
+            trial.pruned = _pruned_reason(trial, list(self.trials.values()))
         if self.on_ended is not None:
             await self.on_ended(trial)
 
@@ -289,6 +328,9 @@ class Phase:
         duration = trusted_duration(event.get("train_ns"), int((time.monotonic() - trial.started_at) * 1e9))
         val = event.get("val_accuracy")
         loss = event.get("loss")
+        train_acc = event.get("train_accuracy")
+        if is_number(train_acc) and 0 <= train_acc <= 1:
+            trial.train_accuracy[epoch] = float(train_acc)
         trial.points.append(Point(
             epoch=epoch, accuracy=accuracy,
             val_accuracy=float(val) if is_number(val) and 0 <= val <= 1 else None,
@@ -300,9 +342,32 @@ class Phase:
         current = max(self.trials.values(), key=lambda t: t.trial) if self.trials else None
         last = current.points[-1] if current and current.points else None
         best = max((t.best_val for t in self.trials.values()), default=float("-inf"))
-        return {"trial": current.trial if current else None, "n_trials": self.job.request.n_trials,
-                "epoch": last.epoch if last else 0.0, "epochs": self.job.request.epochs,
+        evaluating = self.evaluating if current and self.evaluating and self.evaluating[0] == current.trial else None
+        step = {"step": f"evaluating epoch {evaluating[1]:g}"} if evaluating else {}
+        return {**step, "trial": current.trial if current else None, "n_trials": self.job.request.n_trials,
+                "epoch": evaluating[1] if evaluating else last.epoch if last else 0.0,
+                "epochs": self.job.request.epochs,
                 "val_accuracy": last.val_accuracy if last else None,
                 "best_val_accuracy": _finite(best),
                 "elapsed_s": round(time.monotonic() - self.job.started, 2),
                 "time_budget_s": self.job.request.time_budget_s}
+
+
+def _seconds(value: Any, at_most: float) -> float:
+    """A duration the runner reported, clamped into [0, what the host saw]."""
+    return round(min(max(float(value), 0.0), max(at_most, 0.0)), 4) if is_number(value) else 0.0
+
+
+def _pruned_reason(trial: Trial, trials: list[Trial]) -> str:
+    """Why a trial was pruned: the runner's own reason (the time budget), else Optuna's median rule."""
+    if trial.error and trial.error.get("message"):
+        return f"time budget: {trial.error['message']}"
+    if not trial.points:
+        return "pruned before its first learning-curve point"
+    last = trial.points[-1]
+    others = sorted(p.val_accuracy for t in trials if t is not trial and t.repeat == trial.repeat
+                    for p in t.points if p.epoch == last.epoch and p.val_accuracy is not None)
+    median = f" below the median {others[len(others) // 2]:.4f} of the other trials there" if others else ""
+    val = f"{last.val_accuracy:.4f}" if last.val_accuracy is not None else "none"
+    return (f"median pruner at epoch {last.epoch:g}: validation accuracy {val}{median}; the search spent the "
+            "rest of its trials on more promising hyperparameters")

@@ -18,7 +18,7 @@ from typing import Any
 
 import anyio
 
-from lemur_agent_server.evaluator import archive, jobfiles
+from lemur_agent_server.evaluator import archive, costs, flags, jobfiles
 from lemur_agent_server.evaluator.outcome import CheckStats, JobResult, Outcome, Selection
 from lemur_agent_server.evaluator.phase import (  # noqa: F401 - re-exported: the old names of these
     LOG_TAIL_CHARS,
@@ -32,7 +32,7 @@ from lemur_agent_server.evaluator.phase import (  # noqa: F401 - re-exported: th
 )
 from lemur_agent_server.evaluator.quality import code_quality
 from lemur_agent_server.evaluator.requests import EvalRequest
-from lemur_agent_server.evaluator.static_checks import static_problems
+from lemur_agent_server.evaluator.static_checks import prm_problems, static_problems
 from sandbox import datasets, protocol
 from sandbox.backend import Backend, Exit, JobPaths, Limits
 from sandbox.protocol import FailureKind, JobStatus, Stage, TimeBudget
@@ -149,7 +149,7 @@ async def evaluate(job: Job) -> Outcome:
     same_code = await job.store.models_by_hash(codehash.code_hash(req.code))
     # same normalized code -> same model: a resubmission adds runs to the existing name
     name = same_code[0]["name"] if same_code else codehash.model_name(req.name_prefix, req.code)
-    problems = static_problems(req.code)
+    problems = static_problems(req.code) or prm_problems(req.code, req.prm)
     score, quality = await anyio.to_thread.run_sync(code_quality, req.code)
     model = Model(name=name, code=req.code, origin="submitted", prefix=req.name_prefix or "nn",
                   code_quality=score, code_quality_detail=quality)
@@ -207,6 +207,9 @@ async def _evaluate_in(job: Job, paths: JobPaths, prepared: datasets.PreparedDat
     runs, selected = archive.trial_runs(job, prepared, search.trials, exit.isolation)
     result.selection = _selection(selected)
     result.trials = [_trial_summary(t) for t in search.trials]
+    result.curve = _curve(selected)
+    result.timing = flags.timing(search.trials, phase.host)
+    result.flags = flags.job_flags(search.trials, selected, prepared.info.chance, job.request, phase.host)
     status, err = _train_outcome(job, search, selected)
     if selected is not None:
         await archive.copy_weights(job, paths, selected)
@@ -222,7 +225,8 @@ def _check_stats(model: Model, check: dict[str, Any] | None) -> CheckStats | Non
     model.flops = _int(check.get("flops"))
     model.fingerprint = str(check.get("fingerprint"))[:128] if check.get("fingerprint") else None
     return CheckStats(params=model.params, flops=model.flops, fingerprint=model.fingerprint,
-                      in_shape=check.get("in_shape"), out_shape=check.get("out_shape"))
+                      in_shape=check.get("in_shape"), out_shape=check.get("out_shape"),
+                      layers=costs.layer_table(check), speed=costs.speed(check))
 
 
 def _selection(selected: Trial | None) -> Selection | None:
@@ -235,8 +239,22 @@ def _selection(selected: Trial | None) -> Selection | None:
 
 
 def _trial_summary(t: Trial) -> dict[str, Any]:
-    return {"trial": t.trial, "repeat": t.repeat, "status": t.status, "best_val_accuracy": _finite(t.best_val),
-            "accuracy": t.points[-1].accuracy if t.points else None, "prm": t.prm, "error": t.error}
+    summary = {"trial": t.trial, "repeat": t.repeat, "status": t.status, "best_val_accuracy": _finite(t.best_val),
+               "accuracy": t.points[-1].accuracy if t.points else None,
+               "epochs": t.points[-1].epoch if t.points else 0.0, "eval_s": t.eval_s, "prm": t.prm,
+               "error": t.error}
+    if t.pruned:
+        summary["pruned"] = t.pruned
+    return summary
+
+
+def _curve(t: Trial | None) -> list[dict[str, Any]] | None:
+    """The selected trial's points with the training loss and accuracy learn() returned (null where not)."""
+    if t is None:
+        return None
+    return [{"epoch": p.epoch, "accuracy": p.accuracy, "val_accuracy": p.val_accuracy, "train_loss": p.loss,
+             "train_accuracy": t.train_accuracy.get(p.epoch), "duration_s": round((p.duration_ns or 0) / 1e9, 3)}
+            for p in t.points]
 
 
 def _train_outcome(job: Job, search: Search, selected: Trial | None) -> tuple[str, dict[str, Any] | None]:
@@ -302,7 +320,7 @@ async def _search(job: Job, paths: JobPaths, prepared: datasets.PreparedDataset,
     timed_out = _search_timed_out(job, search, exit, err)
     trials = list(search.trials.values())
     for t in trials:
-        t.end_unreported(exit.timed_out)
+        t.end_unreported(exit.timed_out, exit.cancelled)
     if err and err.get("kind") == FailureKind.TIMEOUT:
         err = None  # a timeout is the job's status, not an error of the code
     best = select(trials)
@@ -329,7 +347,7 @@ async def _repeat(job: Job, paths: JobPaths, prepared: datasets.PreparedDataset,
     exit = await rerun.run(spec, job.budget.kill_after(remaining))
     trials = list(rerun.trials.values())
     for t in trials:
-        t.end_unreported(exit.timed_out)
+        t.end_unreported(exit.timed_out, exit.cancelled)
     return exit, trials
 
 

@@ -152,6 +152,39 @@ def unreadable(code: str) -> Problem | None:
     return problem if blocked else None
 
 
+def declared_literal(tree: ast.Module) -> tuple[set[str], int] | None:
+    """The names `supported_hyperparameters()` returns and its line, when its body is one literal `return`
+    of strings (the usual form); None when only running it can tell."""
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == "supported_hyperparameters":
+            body = [n for n in node.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
+            if len(body) != 1 or not isinstance(body[0], ast.Return):
+                return None
+            value = body[0].value
+            if not isinstance(value, ast.Set | ast.List | ast.Tuple):
+                return None
+            if not all(isinstance(e, ast.Constant) and isinstance(e.value, str) for e in value.elts):
+                return None
+            return {e.value for e in value.elts}, node.lineno  # type: ignore[attr-defined]
+    return None
+
+
+def prm_problems(code: str, prm: dict[str, object]) -> list[Problem]:
+    """Fixed prm keys a literal supported_hyperparameters() does not declare (the sandbox's check refuses
+    the same keys when the names are computed)."""
+    if not prm:
+        return []
+    tree, _ = parse_bounded(code)
+    found = declared_literal(tree) if tree is not None else None
+    if found is None:
+        return []
+    declared, line = found
+    unknown = sorted(set(prm) - declared - {"batch", "epoch", "transform"})
+    if not unknown:
+        return []
+    return [Problem(protocol.KIND_CONTRACT, protocol.unknown_prm_message(unknown, sorted(declared)), line=line)]
+
+
 def static_problems(code: str) -> list[Problem]:
     """Syntax errors (with line and column) and missing contract names. Empty list: go on."""
     if len(code) > MAX_CODE_CHARS:

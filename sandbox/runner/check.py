@@ -16,15 +16,17 @@ import numpy as np
 import torch
 
 from sandbox import protocol
-from sandbox.runner import fingerprint, netops
+from sandbox.runner import fingerprint, layers, netops
 from sandbox.runner.emit import Emitter
 from sandbox.runner.errors import RunnerFailure
-from sandbox.runner.loader import apply_transform
-from sandbox.runner.params import check_prm, parse_transform
+from sandbox.runner.loader import apply_transform, split_indices
+from sandbox.runner.params import RESERVED, check_prm, parse_transform
 
 FORWARD_BATCH = 2
 LEARN_BATCHES = 2
 LEARN_BATCH = 4
+SPEED_IMAGES = 1024  # at most this many images (warm-up step included) are trained on to time the model
+SPEED_PIXELS = 64 * 4 * 224 * 224  # ... and at most this many pixels (memory, for large resizes)
 
 
 def sample_images(
@@ -56,6 +58,7 @@ def run_check(
 ) -> dict[str, Any]:
     """Build, forward, count, fingerprint and learn briefly; emits and returns the `check` event fields."""
     stage = protocol.STAGE_CHECK
+    refuse_unknown_prm(spec.fixed_prm, declared)
     prm = check_prm(declared, spec.fixed_prm, spec.transforms, spec.epochs)
     tf = parse_transform(prm["transform"], spec.image_shape[-1])
     in_shape, out_shape = _in_shape(spec, prm["transform"]), (int(spec.num_classes),)
@@ -84,6 +87,7 @@ def run_check(
         flops = fingerprint.count_flops(model, x[:1])
         torch.manual_seed(spec.seed)
         fp = fingerprint.fingerprint(model, x[:1])
+        cost = layers.layer_costs(model, x[:1])
     except RunnerFailure:
         raise
     except BaseException as exc:
@@ -104,7 +108,11 @@ def run_check(
         "declared": sorted(declared),
         "learn_loss": learn_loss,
         "learn_updates_params": updated,
+        "layers": cost["layers"],
+        "layers_other": cost["other"],
     }
+    if spec.mode == protocol.MODE_CHECK:  # train mode measures the real speed in its trials
+        fields["speed"] = _speed(spec, model, prm, tf, mean, std, device)
     emitter.emit(protocol.EVENT_CHECK, **fields)
     del model
     return fields
@@ -140,3 +148,61 @@ def _tiny_learn(
         raise _check_error(netops.model_error(exc, protocol.STAGE_CHECK, "train_setup()/learn()")) from exc
     loss, _ = netops.parse_learn_result(result)
     return loss, netops.param_checksum(model) != before
+
+
+def refuse_unknown_prm(fixed_prm: dict[str, Any], declared: set[str]) -> None:
+    """A fixed hyperparameter the model does not declare would be passed and never read: refuse it."""
+    unknown = sorted(set(fixed_prm) - set(declared) - set(RESERVED))
+    if unknown:
+        raise RunnerFailure(
+            protocol.KIND_CONTRACT, protocol.unknown_prm_message(unknown, sorted(declared)), protocol.STAGE_CHECK
+        )
+
+
+def _split_sizes(spec: protocol.JobSpec) -> tuple[int, int] | None:
+    """(training samples, evaluated samples: validation + test) of a train job on this data, or None."""
+    folder = Path(spec.data_dir)
+    try:
+        n_pool = len(np.load(folder / "train_x.npy", mmap_mode="r"))
+        n_test = len(np.load(folder / "test_x.npy", mmap_mode="r"))
+    except (OSError, ValueError):
+        return None
+    tr, va = split_indices(n_pool, spec.val_fraction, spec.split_seed, spec.max_train_samples)
+    if spec.max_test_samples is not None:
+        n_test = min(n_test, spec.max_test_samples)
+    return len(tr), len(va) + n_test
+
+
+def _speed(
+    spec: protocol.JobSpec, model: torch.nn.Module, prm: dict[str, Any], tf: Any, mean: torch.Tensor,
+    std: torch.Tensor, device: torch.device,
+) -> dict[str, Any] | None:
+    """Seconds per epoch and per evaluation pass on this server, timed on a few real training steps at the
+    check's batch and transform (warm-up step excluded). None when the data is not mounted here."""
+    sizes = _split_sizes(spec)
+    if sizes is None:
+        return None
+    batch = max(1, int(prm["batch"]))
+    per_image = int(spec.image_shape[0]) * tf.size * tf.size
+    steps = max(2, min(1 + layers.TIMED_STEPS, SPEED_IMAGES // batch, SPEED_PIXELS // (batch * per_image)))
+    batch = min(batch, SPEED_IMAGES // steps, max(1, SPEED_PIXELS // (steps * per_image)))
+    images_np, labels_np = sample_images(spec.data_dir, spec.image_shape, spec.num_classes, steps * batch,
+                                         spec.seed + 1)
+    images, labels = torch.from_numpy(images_np).to(device), torch.from_numpy(labels_np).to(device)
+    batches = [(apply_transform(images[i : i + batch], tf, mean, std, train=True), labels[i : i + batch])
+               for i in range(0, len(images), batch)]
+    try:
+        train_rate = layers.time_steps(model, batches, device)
+        eval_rate = layers.time_forward(model, apply_transform(images, tf, mean, std, train=False), device)
+    except BaseException as exc:
+        raise _check_error(netops.model_error(exc, protocol.STAGE_CHECK, "learn() while timing")) from exc
+    n_train, n_eval = sizes
+    return {
+        "batch": batch,
+        "transform": prm["transform"],
+        "train_samples": n_train,
+        "eval_samples": n_eval,
+        "timed_steps": len(batches) - 1,
+        "epoch_s": None if train_rate is None else round(train_rate * n_train, 3),
+        "eval_pass_s": None if eval_rate is None else round(eval_rate * n_eval, 3),
+    }

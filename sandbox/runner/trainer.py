@@ -60,6 +60,8 @@ class TrialOutcome:
     stop_job: bool = False  # the time budget is spent: start no further trial
     points: int = 0
     params: int | None = None  # of the built model (an out-of-memory message names it)
+    eval_s: float = 0.0  # seconds of evaluation passes (not in train_ns)
+    warmup_ns: int = 0  # the job's first optimizer step, kept out of train_ns
 
     def event_fields(self) -> dict[str, Any]:
         fields: dict[str, Any] = {
@@ -69,6 +71,8 @@ class TrialOutcome:
             "train_ns": self.train_ns,
             "weights": self.weights,
             "points": self.points,
+            "eval_s": round(self.eval_s, 4),
+            "warmup_s": self.warmup_ns / 1e9,
         }
         if self.error:
             fields["error"] = self.error
@@ -123,6 +127,9 @@ class TrialRun:
         self.points = 0
         self.model: torch.nn.Module | None = None
         self.params: int | None = None
+        self.warmup_ns = 0  # the job's first optimizer step (allocation, kernel choice): not training time
+        self.eval_s = 0.0
+        self._learn_t0 = 0
 
     # --- pieces -------------------------------------------------------------------------------------
     def _on_batch(self, stream: TrainStream) -> None:
@@ -132,7 +139,10 @@ class TrialRun:
     def _emit_first_step(self) -> None:
         netops.sync(self.job.device)
         self.job.first_step_done = True
-        self.job.emitter.emit(protocol.EVENT_FIRST_STEP, trial=self.trial, t_unix=time.time())
+        self.warmup_ns = time.perf_counter_ns() - self._learn_t0
+        self.job.emitter.emit(
+            protocol.EVENT_FIRST_STEP, trial=self.trial, t_unix=time.time(), warmup_s=self.warmup_ns / 1e9
+        )
 
     def _eval_samples(self) -> int:
         return len(self.job.data.val_x) + len(self.job.data.test_x)
@@ -148,7 +158,8 @@ class TrialRun:
         assert self.model is not None
         device = self.job.device
         netops.sync(device)
-        t0 = time.perf_counter_ns()
+        t0 = self._learn_t0 = time.perf_counter_ns()
+        warm = self.job.first_step_done
         try:
             result = self.model.learn(segment)
         except BaseException as exc:  # model code may raise anything, SystemExit too
@@ -158,11 +169,13 @@ class TrialRun:
                 ) from exc
             raise netops.model_error(exc, protocol.STAGE_TRAIN, "learn()") from exc
         netops.sync(device)
-        dt = time.perf_counter_ns() - t0
-        self.train_ns += dt
-        self.job.budget.record_train(dt / 1e9, segment.samples, self.pixels)
         if not self.job.first_step_done and segment.yielded:
             self._emit_first_step()
+        dt, samples = time.perf_counter_ns() - t0, segment.samples
+        if not warm and self.job.first_step_done:  # this segment held the warm-up step: keep it out
+            dt, samples = max(0, dt - self.warmup_ns), max(0, samples - segment.stream.batch)
+        self.train_ns += dt
+        self.job.budget.record_train(dt / 1e9, samples, self.pixels)
         return result
 
     def _predict(self, images: torch.Tensor) -> torch.Tensor:
@@ -184,6 +197,7 @@ class TrialRun:
     def _evaluate(self, epoch: float, loss: float | None, train_acc: float | None, step: int) -> float:
         assert self.model is not None
         job = self.job
+        job.emitter.emit(protocol.EVENT_EVALUATING, trial=self.trial, epoch=epoch)
         t0 = time.perf_counter()
         self.model.eval()
         with torch.no_grad():
@@ -193,7 +207,9 @@ class TrialRun:
         val_acc = int((val_pred == job.data.val_y).sum()) / len(val_pred) if len(val_pred) else 0.0
         rel = protocol.preds_name(self.trial, epoch)
         np.save(job.out_dir / rel, test_pred.to("cpu", torch.int16).numpy(), allow_pickle=False)
-        job.budget.record_eval(time.perf_counter() - t0, self._eval_samples(), self.pixels)
+        eval_s = time.perf_counter() - t0
+        self.eval_s += eval_s
+        job.budget.record_eval(eval_s, self._eval_samples(), self.pixels)
         self.points += 1
         self.best_val = val_acc if self.best_val is None else max(self.best_val, val_acc)
         job.emitter.emit(
@@ -207,6 +223,8 @@ class TrialRun:
             val_accuracy=val_acc,
             preds=rel,
             step=step,
+            eval_s=round(eval_s, 4),
+            warmup_s=self.warmup_ns / 1e9,
         )
         if self.optuna_trial is not None:
             self.optuna_trial.report(val_acc, step)
@@ -250,11 +268,7 @@ class TrialRun:
             estimate = job.budget.train_estimate(samples, self.pixels)
             eval_s = job.budget.eval_estimate(self._eval_samples(), self.pixels)
             if estimate is not None and not job.budget.fits(estimate + eval_s):
-                return self._timeout(
-                    f"the next {epoch - done_batches / stream.per_epoch:g} epoch would take "
-                    f"~{estimate:.1f}s + {eval_s:.1f}s evaluation; "
-                    f"{max(job.budget.remaining(), 0):.1f}s were left"
-                )
+                return self._timeout(self._forecast(epoch - done_batches / stream.per_epoch, estimate, eval_s))
             segment = Segment(
                 stream,
                 n_batches,
@@ -273,23 +287,36 @@ class TrialRun:
                     {"kind": protocol.KIND_NAN_LOSS, "message": f"{what} at epoch {epoch:g}; lower lr?"},
                 )
             if segment.truncated:
-                return self._truncated(done_batches / stream.per_epoch, loss, train_acc, step)
+                return self._truncated(done_batches / stream.per_epoch, upto - done_batches, stream, loss,
+                                       train_acc, step)
             self._evaluate(epoch, loss, train_acc, step)
             last = step == len(schedule) - 1  # a finished trial is completed, whatever the pruner says
             if not last and self.optuna_trial is not None and self.optuna_trial.should_prune():
                 return self._outcome(TrialStatus.PRUNED, None)
         return self._outcome(TrialStatus.COMPLETED, None)
 
+    def _forecast(self, share: float, train_s: float, eval_s: float) -> str:
+        """Why the budget stops a trial here: what the next stretch would cost against what is left."""
+        return (
+            f"the next {round(share, 4):g} epoch would take ~{train_s:.1f}s + {eval_s:.1f}s evaluation; "
+            f"{max(self.job.budget.remaining(), 0):.1f}s were left"
+        )
+
     def _truncated(
-        self, epoch: float, loss: float | None, train_acc: float | None, step: int
+        self, epoch: float, batches_left: int, stream: TrainStream, loss: float | None,
+        train_acc: float | None, step: int,
     ) -> TrialOutcome:
         """The budget ran out inside a segment: keep a point at the fraction reached if evaluation fits."""
         epoch = round(epoch, 4)
-        if epoch > 0 and self.job.budget.fits(
-            self.job.budget.eval_estimate(self._eval_samples(), self.pixels)
-        ):
+        eval_s = self.job.budget.eval_estimate(self._eval_samples(), self.pixels)
+        message = self._forecast(
+            batches_left / stream.per_epoch,
+            self.job.budget.train_estimate(batches_left * stream.batch, self.pixels) or 0.0,
+            eval_s,
+        )
+        if epoch > 0 and self.job.budget.fits(eval_s):
             self._evaluate(epoch, loss, train_acc, step)
-        return self._timeout(f"time budget reached after {epoch:g} epochs")
+        return self._timeout(f"{message} (stopped after {epoch:g} epochs)")
 
     def _timeout(self, message: str) -> TrialOutcome:
         return self._outcome(
@@ -323,4 +350,6 @@ class TrialRun:
             stop_job=stop_job,
             points=self.points,
             params=self.params,
+            eval_s=self.eval_s,
+            warmup_ns=self.warmup_ns,
         )
