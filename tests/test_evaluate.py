@@ -53,8 +53,10 @@ async def test_reference_model_trains_archives_and_is_found(client):
     assert result["accuracy_to_time"] > 0 and result["duration_ns"] > 0
     assert 0 < result["code_quality"] <= 1 and result["params"] > 0 and result["flops"] > 0
     assert len(result["trials"]) == 2 and result["prm"]["batch"] == 32
-    assert result["isolation"]["backend"] == client.settings.sandbox
-    assert "entries, watched by the host" in result["isolation"]["out_cap"]  # the total cap is stated
+    assert result["isolation"]["id"].startswith(client.settings.sandbox)  # a short id; the text on request
+    full = (await call(client, "get_job", job_id=job["job_id"], include_isolation=True))["result"]["isolation"]
+    assert full["backend"] == client.settings.sandbox
+    assert "entries, watched by the host" in full["out_cap"]  # the total cap is stated
     name = job["model_name"]
     assert name.startswith("test-")
 

@@ -36,7 +36,8 @@ if TYPE_CHECKING:
     from lemur_agent_server.evaluator.pipeline import Job
 
 REPEAT_UID_STRIDE = 1000  # run uids keep the old `t{1000 * repeat + trial}` form, so stored uids stay stable
-STORED_STATUSES = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.PRUNED, RunStatus.TIMED_OUT})
+STORED_STATUSES = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.PRUNED, RunStatus.TIMED_OUT,
+                             RunStatus.CANCELLED})
 
 
 class ClaimLost(Exception):

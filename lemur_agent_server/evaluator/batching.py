@@ -16,7 +16,7 @@ from lemur_agent_server.config import Settings
 from lemur_agent_server.evaluator import dedup
 from lemur_agent_server.evaluator.dedup import experiment_key
 from lemur_agent_server.evaluator.requests import EvalRequest, admit
-from lemur_agent_server.evaluator.static_checks import static_problems
+from lemur_agent_server.evaluator.static_checks import prm_problems, static_problems
 from sandbox.protocol import JobStatus
 from zoo import codehash
 from zoo.jobs import JobKind, NewJob
@@ -59,7 +59,7 @@ async def submit_batch(store: ZooStore, settings: Settings, requests: Sequence[E
                             "duplicate_rule": keys[same]})
             continue
         first.update(dict.fromkeys(keys, index))
-        problems = [p.as_dict() for p in static_problems(request.code)]
+        problems = [p.as_dict() for p in static_problems(request.code) or prm_problems(request.code, request.prm)]
         row = await _row(store, request, key, kind, force, bool(problems), static_failure, fingerprint)
         rows.append(row)
         entries.append({"job_id": row.job_id, "model_name": row.model_name, "status": row.status,

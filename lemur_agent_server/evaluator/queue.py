@@ -34,7 +34,7 @@ from lemur_agent_server.evaluator.calibration import Calibrator
 from lemur_agent_server.evaluator.dedup import experiment_key
 from lemur_agent_server.evaluator.executor import GpuPool, WorkerLost, make_backend, pool_gpus
 from lemur_agent_server.evaluator.requests import EvalRequest, admit
-from lemur_agent_server.evaluator.static_checks import static_problems
+from lemur_agent_server.evaluator.static_checks import prm_problems, static_problems
 from sandbox.backend import Backend, Limits
 from sandbox.protocol import FailureKind, JobStatus, Stage
 from zoo.jobs import Claim, JobKind, NewJob, new_owner_id
@@ -126,7 +126,7 @@ class JobQueue:
         """
         request = admit(request, self.settings)
         job_id = new_job_id()
-        if not static_problems(request.code):
+        if not (static_problems(request.code) or prm_problems(request.code, request.prm)):
             await self.jobs.create(job_id, JobKind.SUBMIT, request.model_dump(), dedup_key=experiment_key(request))
             self._wakeup.set()
             return job_id
