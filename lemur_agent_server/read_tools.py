@@ -142,7 +142,8 @@ async def query_models(state: AppState, filters: Filters, page: Page, include_co
 
 BEST_RUN_FIELDS = ("uid", "task", "dataset", "metric", "transform", "prm", "seed", "epochs", "status", "accuracy",
                    "duration_ns", "accuracy_to_time", "device", "versions", "dataset_hash", "job_id", "trial",
-                   "isolation", "created")
+                   "isolation", "created", "repeat", "train_samples", "test_samples", "protocol", "precision",
+                   "deterministic", "environment", "repeat_group")
 
 
 async def get_model(state: AppState, name: str, include_code: bool = True) -> ModelDetail:
@@ -167,6 +168,7 @@ async def get_model(state: AppState, name: str, include_code: bool = True) -> Mo
     curve = _with_diagnostics(detail["curve"], diagnostics.get("points", []))
     if best:
         best = {k: _maybe_json(v) for k, v in best.items() if k in BEST_RUN_FIELDS}
+        best["reproduce"] = reproduction(best)
     return ModelDetail(
         name=model["name"], origin=model["origin"], created=model["created"], code_hash=model["code_hash"],
         lemur_id=model["lemur_id"], fingerprint=model["fingerprint"], params=model["params"],
@@ -178,6 +180,25 @@ async def get_model(state: AppState, name: str, include_code: bool = True) -> Mo
         same_architecture=same, lemur=LemurMeasurements(**extras) if extras else None,
         train_hardware=diagnostics.get("hardware"), code=code, code_truncated=cut,
     )
+
+
+def reproduction(run: dict[str, Any]) -> dict[str, Any]:
+    """What repeating `run` takes, in one place: the submission's settings and seed, the code and data
+    hashes, the split, and what it ran on (the Docker image's id, or the process backend's interpreter and
+    libraries). Missing facts are null (an imported LEMUR record knows none of the sandbox's)."""
+    env = run.get("environment") or {}
+    isolation = run.get("isolation") or {}
+    return {
+        "seed": run.get("seed"), "protocol": run.get("protocol"), "precision": run.get("precision"),
+        "deterministic": None if run.get("deterministic") is None else bool(run["deterministic"]),
+        "prm": run.get("prm"), "code_hash": env.get("code_hash"), "dataset_hash": run.get("dataset_hash"),
+        "split_seed": env.get("split_seed"), "val_fraction": env.get("val_fraction"),
+        "train_samples": run.get("train_samples"), "backend": isolation.get("backend"),
+        "image": isolation.get("image"), "image_id": isolation.get("image_id"),
+        "versions": run.get("versions"), "device": run.get("device"), "device_name": env.get("device_name"),
+        "compute_capability": env.get("compute_capability"), "cpu_model": env.get("cpu_model"),
+        "threads": env.get("threads"), "harness": env.get("harness"), "server_version": env.get("server_version"),
+    }
 
 
 DIAGNOSTIC_FIELDS = ("train_loss", "test_loss", "train_accuracy", "gradient_norm", "samples_per_second")

@@ -202,6 +202,10 @@ class JobSpec:
     models: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     model_timeout_s: float = 30.0  # analyze mode: a model that takes longer is skipped (SIGALRM)
     protocol: int = PROTOCOL_VERSION
+    # repeatable and comparable runs (issue 13); appended, so a spec without them reads as before
+    deterministic: bool = False  # deterministic algorithms, cuDNN benchmark off (seeding is always on)
+    precision: str = "fp32"  # one of PRECISIONS: bf16 autocasts learn() and the evaluation passes
+    eval_protocol: str = "default"  # one of EVAL_PROTOCOLS: "lemur" trains on the whole train split
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
@@ -484,3 +488,11 @@ class TimeBudget:
     def runner_end(self) -> float:
         """Seconds after the runner's start at which it stops starting or continuing work."""
         return self.budget_s * (1 - self.RUNNER_SAFETY_SHARE) - self.RUNNER_SAFETY_S
+
+
+# --- repeatable and comparable runs (issue 13) --------------------------------------------------------
+PRECISIONS = ("fp32", "bf16")
+# default: the trial selected on a validation split carved from train (JobSpec.val_fraction, split_seed),
+# scored by its test accuracy; lemur: LEMUR's check_nn, trained on the whole train split, no validation,
+# test accuracy after the last epoch
+EVAL_PROTOCOLS = ("default", "lemur")
