@@ -100,8 +100,13 @@ def release_memory(device: torch.device) -> None:
 
 
 def autocast(device: torch.device, precision: str) -> torch.autocast:
-    """bf16 autocast for `precision == "bf16"` (CPU and CUDA both have it), a no-op context for fp32."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    """bf16 autocast for `precision == "bf16"` (CPU and CUDA both have it), a no-op context for fp32.
+
+    Without autocast's weight cache: one autocast region spans a whole learn() call, many optimizer
+    steps, and the cache would keep serving the bf16 copies of the weights from before the first step
+    (the model would not learn at all)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16",
+                          cache_enabled=False)
 
 
 def seed_everything(seed: int) -> torch.Generator:
