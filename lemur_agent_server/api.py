@@ -158,7 +158,7 @@ def _refuse_unsupported(export_onnx: bool, transform_dir: str | os.PathLike[str]
 
 
 def _request(nn_code: str, task: str, dataset: str, metric: str, prm: dict[str, Any], prefix: str | None,
-             epoch_limit_minutes: float, max_train_samples: int | None) -> Any:
+             epoch_limit_minutes: float, max_train_samples: int | None, protocol: str = "lemur") -> Any:
     from lemur_agent_server.evaluator.requests import EvalRequest
 
     fixed = copy.deepcopy(dict(prm))
@@ -169,7 +169,7 @@ def _request(nn_code: str, task: str, dataset: str, metric: str, prm: dict[str, 
         return EvalRequest(code=nn_code, task=task, dataset=dataset, metric=metric, prm=fixed, n_trials=1,
                            epochs=epochs, eval_every=min(0.5, epochs),
                            time_budget_s=max(30.0, epoch_limit_minutes * 60 * epochs), name_prefix=prefix,
-                           max_train_samples=max_train_samples)
+                           max_train_samples=max_train_samples, protocol=protocol)
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         raise InvalidRequestError(f"check_nn: bad arguments: {exc}", {"error": {"kind": "invalid_request",
                                                                                 "message": str(exc)}}) from None
@@ -248,8 +248,11 @@ def check_nn(nn_code: str, task: str, dataset: str, metric: str, prm: dict[str, 
              prefix: str | None = None, save_path: str | os.PathLike[str] | None = None, export_onnx: bool = False,
              epoch_limit_minutes: float = 30, transform_dir: str | os.PathLike[str] | None = None, *,
              zoo: str | os.PathLike[str] | None = None, sandbox: str | None = None,
-             max_train_samples: int | None = None) -> tuple[str, float, float, float]:
+             max_train_samples: int | None = None, protocol: str = "lemur") -> tuple[str, float, float, float]:
     """Train `nn_code` once with `prm` (LEMUR's dict incl. batch, transform, epoch) in a sandbox.
+
+    `protocol="lemur"` (the default here): LEMUR's own protocol, the whole train split, no validation,
+    test accuracy after the last epoch; `protocol="default"` holds out our validation split instead.
 
     LEMUR 2.2.11's parameters in LEMUR's order (NNGPT passes the first eight positionally), then ours,
     keyword-only. Returns (name, accuracy, accuracy_to_time, code_quality) like LEMUR; the name is
@@ -263,7 +266,8 @@ def check_nn(nn_code: str, task: str, dataset: str, metric: str, prm: dict[str, 
     `.result`; `AccuracyError` (alias `AccuracyException`) when accuracy is not above 1.2 x chance.
     """
     _refuse_unsupported(export_onnx, transform_dir)
-    request = _request(nn_code, task, dataset, metric, prm, prefix, epoch_limit_minutes, max_train_samples)
+    request = _request(nn_code, task, dataset, metric, prm, prefix, epoch_limit_minutes, max_train_samples,
+                       protocol)
     zoo_path, job_id, outcome = _run_job(request, save_to_db, zoo, sandbox)
     result = {"job_id": job_id, "status": outcome.status, "result": outcome.result, "error": outcome.error}
     return _lemur_tuple(result, nn_code, task, dataset, metric, prm, prefix, zoo_path, save_path)

@@ -18,6 +18,7 @@ from pydantic import Field
 
 from lemur_agent_server import contract
 from lemur_agent_server.clip import clip
+from lemur_agent_server.evaluator import protocols
 from lemur_agent_server.schemas import (
     Catalog,
     CatalogEntry,
@@ -86,6 +87,7 @@ async def list_catalog(state: AppState) -> Catalog:
         hyperparameters=contract.HYPERPARAMETERS,
         sandbox=sandbox_info,
         baselines=await baselines_status(store, state.settings, workers=state.queue is not None),
+        accuracy_protocols=dict(protocols.DESCRIPTIONS),  # Catalog drops it until it has the field
     )
 
 
@@ -269,19 +271,22 @@ QUERY_MODELS_DESCRIPTION = (
     "offset (models). Next: get_model(name) for code, curve and runs of one model.")
 
 
+LIST_CATALOG_DESCRIPTION = (
+    "Show what the zoo holds and what the evaluator accepts. Call this FIRST. Returns: the task/dataset/metric "
+    "combinations in the zoo with counts of models and runs; the datasets submit_model can train on (with "
+    "classes, image shape, chance level and whether the data is present on this server); allowed transform "
+    "names; the Net contract your code must follow; the hyperparameter conventions; the sandbox isolation in "
+    "use; and on a fresh server `baselines`: the seed models' short evaluations queued at first start (job ids, "
+    "status, when ready). What `accuracy` means (`accuracy_protocols`; every run records its protocol, and "
+    "query_models filters by it): protocol 'default': " + protocols.DESCRIPTIONS[protocols.DEFAULT]
+    + " Protocol 'lemur': " + protocols.DESCRIPTIONS[protocols.LEMUR]
+    + " Next: query_models to rank existing models, get_model to read one, submit_model to train yours.")
+
+
 # --- MCP wiring: names, arguments and descriptions; each tool calls its function above ------------------
 def register_read_tools(mcp: MCPServer, state: AppState) -> None:
-    @tool(mcp, "list_catalog", READ_ONLY)
+    @tool(mcp, "list_catalog", READ_ONLY, description=LIST_CATALOG_DESCRIPTION)
     async def list_catalog_tool() -> Catalog:
-        """Show what the zoo holds and what the evaluator accepts. Call this FIRST.
-
-        Returns: the task/dataset/metric combinations in the zoo with counts of models and runs; the
-        datasets submit_model can train on (with classes, image shape, chance level and whether the
-        data is present on this server); allowed transform names; the Net contract your code must
-        follow; the hyperparameter conventions; the sandbox isolation in use; and on a fresh server
-        `baselines`: the seed models' short evaluations queued at first start (job ids, status, when ready).
-        Next: query_models to rank existing models, get_model to read one, submit_model to train yours.
-        """
         return await list_catalog(state)
 
     @tool(mcp, "query_models", READ_ONLY, description=QUERY_MODELS_DESCRIPTION)
@@ -317,11 +322,15 @@ def register_read_tools(mcp: MCPServer, state: AppState) -> None:
             description="view=models: the score ranked by")] = "accuracy",
         include_partial: Annotated[bool, Field(
             description="view=models: also count pruned/failed runs and runs short of their epochs")] = False,
+        protocol: Annotated[Literal["default", "lemur"] | None, Field(
+            description="Only runs of this evaluation protocol: 'default' (selected on a validation split) or "
+                        "'lemur' (LEMUR's check_nn: whole train split; imported LEMUR records); see list_catalog"
+        )] = None,
     ) -> QueryResult:
         dataset = await canonical_dataset_filter(state, dataset)
         filters = Filters(task=task, dataset=dataset, metric=metric, nn=as_names(nn),
                           nn_prefix=as_names(nn_prefix), epoch=epoch, min_accuracy=min_accuracy,
-                          device_type=device_type,
+                          device_type=device_type, protocol=protocol,
                           only_best_accuracy=only_best_accuracy, unique_nn=unique_nn)
         if view == "models":
             return await query_model_view(state, filters, by, include_partial, limit, offset)

@@ -59,7 +59,8 @@ def job_runs(client, job_id: str) -> list[dict]:
 def curve(client, run_id: int) -> list[tuple[float, float, float | None]]:
     conn = sqlite3.connect(client.settings.zoo_path)
     try:
-        return conn.execute("SELECT epoch, accuracy, loss FROM point WHERE run_id=? ORDER BY epoch", (run_id,)).fetchall()
+        return conn.execute("SELECT epoch, accuracy, loss FROM point WHERE run_id=? ORDER BY epoch",
+                            (run_id,)).fetchall()
     finally:
         conn.close()
 
@@ -155,3 +156,22 @@ async def test_bf16_autocasts_learn_on_cpu(client):
     assert curve(client, fp32_run["id"])[0][2] == 0.0
     # the model learns under autocast (its weight cache would serve the weights from before the first step)
     assert bf16["result"]["accuracy"] > 0.3 and fp32["result"]["accuracy"] > 0.3
+
+
+def test_check_nn_uses_lemur_protocol_by_default(tmp_path, data_root, monkeypatch):  # check_nn runs its own loop
+    from lemur_agent_server import api
+
+    zoo = tmp_path / "zoo.sqlite"
+    for key, value in (("LEMUR_DATA", data_root), ("LEMUR_ZOO", zoo), ("LEMUR_SANDBOX", "process")):
+        monkeypatch.setenv(key, str(value))
+    prm = {**FIXED, "transform": "norm_32", "epoch": 1}
+    api.check_nn(COUNTS_IMAGES, "img-classification", "digits", "acc", prm)  # LEMUR's call: one trial
+    conn = sqlite3.connect(zoo)
+    try:
+        (protocol, train_samples, run_id), = conn.execute("SELECT protocol, train_samples, id FROM run").fetchall()
+        seen = conn.execute("SELECT SUM(loss) FROM point WHERE run_id=?", (run_id,)).fetchone()[0]
+    finally:
+        conn.close()
+    whole = datasets.prepare("digits", data_root, zoo.parent / "dataset-cache").n_train
+    assert protocol == "lemur" and train_samples == whole
+    assert whole - 1 <= seen <= whole  # the images learn() was given over the epoch's two halves

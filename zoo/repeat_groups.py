@@ -8,6 +8,7 @@ job's selected search trial plus its repeats, counted at each run's last point, 
 
 from __future__ import annotations
 
+import sqlite3
 import statistics
 from collections.abc import Iterable
 from typing import Any
@@ -31,16 +32,28 @@ def summarize(accuracies: list[float], durations_ns: list[int]) -> dict[str, Any
             "duration_s_std": std(seconds)}
 
 
+def _group_sql(job_ids: Iterable[str | None]) -> tuple[str, list[str]]:
+    wanted = sorted({j for j in job_ids if j})
+    return GROUP_RUNS_SQL.format(marks=",".join("?" * len(wanted))), wanted
+
+
+def _collect(rows: Iterable[Any]) -> dict[str, dict[str, Any]]:
+    by_job: dict[str, tuple[list[float], list[int]]] = {}
+    for job_id, accuracy, duration_ns in rows:
+        acc, dur = by_job.setdefault(job_id, ([], []))
+        acc.append(float(accuracy))
+        if duration_ns is not None:
+            dur.append(int(duration_ns))
+    return {job: {"job_id": job, **summarize(acc, dur)} for job, (acc, dur) in by_job.items() if len(acc) > 1}
+
+
 async def groups_in(db: aiosqlite.Connection, job_ids: Iterable[str | None]) -> dict[str, dict[str, Any]]:
     """job_id -> its group's summary, for the jobs among `job_ids` that have two runs or more in it."""
-    wanted = sorted({j for j in job_ids if j})
-    if not wanted:
-        return {}
-    rows = await db.execute_fetchall(GROUP_RUNS_SQL.format(marks=",".join("?" * len(wanted))), wanted)
-    by_job: dict[str, tuple[list[float], list[int]]] = {}
-    for row in rows:
-        acc, dur = by_job.setdefault(row["job_id"], ([], []))
-        acc.append(float(row["accuracy"]))
-        if row["duration_ns"] is not None:
-            dur.append(int(row["duration_ns"]))
-    return {job: {"job_id": job, **summarize(acc, dur)} for job, (acc, dur) in by_job.items() if len(acc) > 1}
+    sql, args = _group_sql(job_ids)
+    return _collect(tuple(r) for r in await db.execute_fetchall(sql, args)) if args else {}
+
+
+def groups(conn: sqlite3.Connection, job_ids: Iterable[str | None]) -> dict[str, dict[str, Any]]:
+    """`groups_in` on a plain sqlite3 connection (the stats package reads the zoo that way)."""
+    sql, args = _group_sql(job_ids)
+    return _collect(conn.execute(sql, args).fetchall()) if args else {}

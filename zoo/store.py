@@ -296,7 +296,8 @@ class ZooStore:
         async with self.snapshot() as db:
             raw = [dict(r) for r in await db.execute_fetchall(sql, args)]
             total = (await (await db.execute(csql, cargs)).fetchone())[0]
-        rows = [decode_row(r) for r in raw]
+            groups = await repeat_groups.groups_in(db, [r.get("job_id") for r in raw])
+        rows = [decode_row(r) | {"repeat_group": groups.get(r.get("job_id") or "")} for r in raw]
         next_cursor = None
         if page.limit is not None and len(raw) == page.limit:
             consumed = (page.offset if not page.cursor else 0) + len(raw)
