@@ -39,9 +39,9 @@ RUN_FACTS = ("seed", "code_hash", "dataset_hash", "split_seed", "val_fraction", 
              "deterministic", "server_version")
 
 
-@pytest.fixture
-async def client(make_settings):
-    settings = make_settings(seed_zoo=False, sandbox="process")
+@pytest.fixture(params=["process"])
+async def client(request, make_settings):
+    settings = make_settings(seed_zoo=False, sandbox=request.param)
     async with Client(build_server(settings)) as c:
         c.settings = settings
         yield c
@@ -70,8 +70,9 @@ def n_train(client) -> int:
     return datasets.prepare("digits", s.data_root, s.cache_dir).n_train
 
 
+@pytest.mark.parametrize("client", ["process", "docker"], indirect=True)
 async def test_every_run_records_how_to_repeat_it_and_repeats_show_mean_and_std(client):
-    job = await run_job(client, code=models.GOOD, n_trials=2, repeats=3, prm={"batch": 32})
+    job = await run_job(client, code=models.GOOD, n_trials=2, repeats=3, prm={"batch": 32}, time_budget_s=300)
     assert job["status"] == "succeeded", job
     runs = job_runs(client, job["job_id"])
     assert len(runs) == 4  # two search trials, two repeats of the selected one
@@ -84,22 +85,29 @@ async def test_every_run_records_how_to_repeat_it_and_repeats_show_mean_and_std(
         assert len(env["harness"]) == 16 and env["split_seed"] == protocols.SPLIT_SEED
         assert env["code_hash"] and run["dataset_hash"] and run["seed"] is not None
         assert (run["protocol"], run["precision"], run["deterministic"]) == ("default", "fp32", 1)  # repeats > 1
-    assert [r["seed"] for r in runs if r["repeat"]] == [1, 2]  # the repeats' own seeds
+    assert [r["seed"] for r in runs] == [0, 0, 1000, 2000]  # the job's seed; each repeat's own
+    trial_seeds = [json.loads(r["environment"])["trial_seed"] for r in runs]
+    assert trial_seeds == [0, 1, 1000, 2000]  # no repeat retrains a search trial with that trial's own seed
 
     detail = await call(client, "get_model", name=job["model_name"], include_code=False)
     best = detail["best_run"]
     facts = best["reproduce"]
     assert [k for k in RUN_FACTS if facts.get(k) is None] == [], facts
+    assert facts["backend"] == client.settings.sandbox
+    in_docker = client.settings.sandbox == "docker"  # then the image it ran in, by its id
+    assert (facts["image_id"] or "").startswith("sha256:") == in_docker == bool(facts["image"])
     assert facts["train_samples"] == n_train(client) - round(n_train(client) * protocols.VAL_FRACTION)
     group = [r for r in runs if r["selected"] or r["repeat"]]
     assert len(group) == 3
+    group = [r for r in group if r["status"] == "succeeded"]  # a repeat the budget cut short is not counted
+    assert len(group) >= 2, runs
     shown = best["repeat_group"]
-    assert shown["n"] == 3 and shown["job_id"] == job["job_id"]
+    assert shown["n"] == len(group) and shown["job_id"] == job["job_id"]
     assert shown["accuracy_mean"] == pytest.approx(statistics.fmean(r["accuracy"] for r in group))
     assert shown["accuracy_std"] == pytest.approx(statistics.stdev(r["accuracy"] for r in group))
     assert shown["duration_s_mean"] == pytest.approx(statistics.fmean(r["duration_ns"] / 1e9 for r in group))
     assert shown["duration_s_std"] == pytest.approx(statistics.stdev(r["duration_ns"] / 1e9 for r in group))
-    assert all(r["repeat_group"]["n"] == 3 for r in detail["recent_runs"] if r["job_id"] == job["job_id"]
+    assert all(r["repeat_group"]["n"] == len(group) for r in detail["recent_runs"] if r["job_id"] == job["job_id"]
                and r["status"] == "succeeded" and (r["repeat"] or r["uid"] == best["uid"]))
 
 

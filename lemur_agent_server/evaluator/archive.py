@@ -51,6 +51,13 @@ class ClaimLost(Exception):
     """The job is no longer this worker's (re-queued and claimed elsewhere): roll its archive back."""
 
 
+def repeat_seed(seed: int, repeat: int) -> int:
+    """The runner's seed for repeat `repeat` (0: the search). Trial n of a sandbox trains with its seed + n,
+    so a repeat's seed lies beyond every search trial's (n_trials <= 200 < the stride): `seed + 1` would
+    retrain search trial 1 with its own seed, the same run twice."""
+    return seed + REPEAT_UID_STRIDE * repeat
+
+
 def run_uid(job_id: str, repeat: int, trial: int, attempt: int = 1) -> str:
     """`{job}:t{n}` for a job's first attempt (stored uids stay stable), `{job}:a{attempt}:t{n}` after."""
     return f"{_uid_prefix(job_id, attempt)}:t{REPEAT_UID_STRIDE * repeat + trial}"
@@ -93,10 +100,11 @@ def trial_run(job: Job, prepared: datasets.PreparedDataset, t: Trial, isolation:
     req = job.request
     prm = {**t.prm, "epoch": req.epochs}
     env, versions = run_environment(job, prepared, ready)
+    env["trial_seed"] = repeat_seed(req.seed, t.repeat) + t.trial  # what python, numpy and torch were seeded with
     return Run(
         uid=run_uid(job.job_id, t.repeat, t.trial, job.attempt), task=req.task, dataset=req.dataset,
         metric=req.metric, status=t.status if t.status in STORED_STATUSES else RunStatus.FAILED,
-        source="evaluator", prm=prm, transform=prm.get("transform"), seed=req.seed + t.repeat,
+        source="evaluator", prm=prm, transform=prm.get("transform"), seed=repeat_seed(req.seed, t.repeat),
         device="cuda" if job.gpu is not None else "cpu", dataset_hash=prepared.content_hash,
         job_id=job.job_id, trial=t.trial, repeat=t.repeat, selected=selected, isolation=isolation,
         error=t.error, points=t.points,

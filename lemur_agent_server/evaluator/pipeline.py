@@ -323,7 +323,8 @@ async def _repeat(job: Job, paths: JobPaths, prepared: datasets.PreparedDataset,
     rerun = Phase(job, paths, prepared, repeat=repeat, on_ended=ended)
     remaining = job.remaining()
     fixed = {k: v for k, v in best.prm.items() if k != "epoch"}
-    spec = _spec(job, paths, prepared, "train", remaining, fixed_prm=fixed, n_trials=1, seed=job.request.seed + repeat)
+    spec = _spec(job, paths, prepared, "train", remaining, fixed_prm=fixed, n_trials=1,
+                 seed=archive.repeat_seed(job.request.seed, repeat))
     exit = await rerun.run(spec, job.budget.kill_after(remaining))
     trials = list(rerun.trials.values())
     for t in trials:
