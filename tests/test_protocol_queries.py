@@ -112,3 +112,30 @@ async def test_query_models_tool_filters_by_protocol(tmp_path, make_settings):
     assert {(m["name"], m["accuracy"]) for m in ours["models"] if m["score"] is not None} == {
         ("Ours", 0.84), ("Both", 0.60)}
     assert bad.is_error
+
+
+def test_an_older_zoo_gets_the_protocol_of_its_runs(tmp_path):
+    from zoo import connection, schema
+
+    path = tmp_path / "old.sqlite"
+    old = schema.MIGRATIONS.index(next(m for m in schema.MIGRATIONS if any("ADD COLUMN protocol" in s for s in m)))
+    conn = sqlite3.connect(path)
+    try:  # the zoo as the version before this migration left it, with one run of each source
+        for statements in schema.MIGRATIONS[:old]:
+            for statement in statements:
+                conn.execute(statement)
+        conn.execute("INSERT INTO meta(key, value) VALUES('schema_version', ?)", (str(old),))
+        conn.execute("INSERT INTO model(name, code, code_hash, lemur_id, origin, created) VALUES('M', '', '', '', "
+                     "'lemur', 0)")
+        for uid, source in (("a", "lemur-import"), ("b", "evaluator")):
+            conn.execute("INSERT INTO run(uid, model_id, task, dataset, metric, status, source, created) "
+                         "VALUES(?, 1, 't', 'd', 'acc', 'imported', ?, 0)", (uid, source))
+        conn.commit()
+    finally:
+        conn.close()
+    connection.initialize(path)
+    conn = sqlite3.connect(path)
+    try:
+        assert dict(conn.execute("SELECT uid, protocol FROM run").fetchall()) == {"a": "lemur", "b": "default"}
+    finally:
+        conn.close()
