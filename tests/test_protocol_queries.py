@@ -139,3 +139,18 @@ def test_an_older_zoo_gets_the_protocol_of_its_runs(tmp_path):
         assert dict(conn.execute("SELECT uid, protocol FROM run").fetchall()) == {"a": "lemur", "b": "default"}
     finally:
         conn.close()
+
+
+def test_lemur_protocol_spec_has_no_validation_split_and_lemur_normalization():
+    from lemur_agent_server.evaluator import protocols
+    from sandbox import datasets
+
+    cifar100, mnist = datasets.get_info("cifar-100"), datasets.get_info("mnist")
+    lemur = protocols.spec_fields("lemur", cifar100)
+    assert lemur["val_fraction"] == 0.0 and lemur["eval_protocol"] == "lemur"
+    assert lemur["mean"] == [0.5071, 0.4867, 0.4408] != list(cifar100.mean)
+    assert protocols.spec_fields("lemur", mnist)["std"] == list(mnist.std)  # LEMUR's equal ours there
+    assert protocols.spec_fields("default", cifar100) == {"eval_protocol": "default", "val_fraction": 0.1,
+                                                          "split_seed": 42}
+    assert protocols.train_samples("lemur", 1000, None) == 1000
+    assert protocols.train_samples("default", 1000, 500) == 450
