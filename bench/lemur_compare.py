@@ -78,7 +78,7 @@ def run_lemur(python: Path, model: Path, dataset: str, prm: dict[str, Any], data
               n_train: int) -> dict[str, Any]:
     root = lemur_root(data_root, dataset)
     out = root / "stat-out"
-    proc = subprocess.run([str(python), "-c", LEMUR_CHILD, str(model), dataset, json.dumps(prm), str(out)],
+    proc = subprocess.run([str(python), "-c", LEMUR_CHILD, str(model.resolve()), dataset, json.dumps(prm), str(out)],
                           cwd=root, capture_output=True, text=True, timeout=6 * 3600)
     if proc.returncode != 0:
         return {"error": proc.stderr[-2000:]}
