@@ -3,13 +3,13 @@ on the same model files, the same hyperparameters and the same torch (issue 13's
 
     python bench/lemur_compare.py --model path/to/BagNet.py --model path/to/ResNet.py \
         [--dataset mnist] [--prm '{"lr": 0.01, "momentum": 0.9, "batch": 64, "transform": "norm_32", "epoch": 1}'] \
-        [--lemur-venv /tmp/lemur-venv] [--skip-lemur] [--max-train-samples N] [--out table.md]
+        [--lemur-packages /tmp/lemur-pkgs] [--skip-lemur] [--max-train-samples N] [--out table.md]
 
 Without --model it runs our reference LeNet5 and ResNet8. LEMUR's code is never part of this repository:
-the first run makes a scratch virtual environment OUTSIDE the repo (--lemur-venv, with this interpreter's
-packages visible: the same torch) and installs `nn-dataset==2.2.11 --no-deps` into it from the registry;
-LEMUR then runs in a child process whose working directory is a scratch LEMUR root (an empty `ab/nn/stat/`
-and a README, so it builds an empty database instead of downloading one, and `data/` links to our data
+the first run installs `nn-dataset==2.2.11 --no-deps` from the registry into a scratch folder OUTSIDE the repo
+(--lemur-packages), run with this interpreter on PYTHONPATH (the same torch);
+LEMUR then runs in a child process whose working directory is a scratch LEMUR root (an empty `ab/nn/stat/`,
+an empty `db/ab.nn.db` and a README, so it downloads no database, and `data/` links to our data
 root, so it reads the same MNIST files). LEMUR reports accuracy after the last epoch and the training time
 of its epochs (`duration`, ns) in the statistics files `save_path` receives; ours come from our zoo's run.
 
@@ -32,9 +32,10 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 LEMUR_VERSION = "2.2.11"
+LEMUR_RUNTIME = ("psutil", "zstandard", "huggingface_hub")  # imported by LEMUR on import, absent from our environment
 DEFAULT_PRM = {"lr": 0.01, "momentum": 0.9, "batch": 64, "transform": "norm_32", "epoch": 1}
 TORCHVISION_DIRS = {"mnist": "MNIST", "cifar-10": "cifar-10-batches-py"}
-# the child that runs inside LEMUR's venv: prints one JSON line (our code only; LEMUR is imported there)
+# the child that imports LEMUR (from --lemur-packages): prints one JSON line (our code only; LEMUR is imported there)
 LEMUR_CHILD = r"""
 import json, sys, time
 from pathlib import Path
@@ -51,15 +52,14 @@ print(json.dumps({"accuracy": accuracy, "duration_ns": last.get("duration"), "wa
 """
 
 
-def lemur_python(venv: Path) -> Path:
-    """The scratch venv's interpreter, made (with this interpreter's packages visible) and filled on first use."""
-    python = venv / "bin" / "python"
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-    probe = subprocess.run([str(python), "-m", "pip", "show", "nn-dataset"], capture_output=True, text=True)
-    if f"Version: {LEMUR_VERSION}" not in probe.stdout:
-        subprocess.run([str(python), "-m", "pip", "install", "--no-deps", f"nn-dataset=={LEMUR_VERSION}"], check=True)
-    return python
+def lemur_packages(target: Path) -> Path:
+    """A scratch folder OUTSIDE the repo holding nn-dataset 2.2.11 (--no-deps) and the one runtime package
+    it imports that this environment lacks; the child runs this interpreter with it on PYTHONPATH, so
+    LEMUR uses exactly our torch, torchvision and numpy."""
+    if not (target / "ab" / "nn" / "api.py").exists():
+        subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target),
+                        f"nn-dataset=={LEMUR_VERSION}", *LEMUR_RUNTIME], check=True)
+    return target
 
 
 def lemur_root(data_root: Path, dataset: str) -> Path:
@@ -67,6 +67,8 @@ def lemur_root(data_root: Path, dataset: str) -> Path:
     root = Path(tempfile.mkdtemp(prefix="lemur-root-"))
     (root / "ab" / "nn" / "stat").mkdir(parents=True)
     (root / "README.md").write_text("scratch LEMUR root for bench/lemur_compare.py\n")
+    (root / "db").mkdir()
+    sqlite3.connect(root / "db" / "ab.nn.db").close()  # an empty database: LEMUR downloads one without it
     (root / "data").mkdir()
     folder = TORCHVISION_DIRS.get(dataset)
     if folder and (data_root / folder).exists():
@@ -74,12 +76,13 @@ def lemur_root(data_root: Path, dataset: str) -> Path:
     return root
 
 
-def run_lemur(python: Path, model: Path, dataset: str, prm: dict[str, Any], data_root: Path,
+def run_lemur(packages: Path, model: Path, dataset: str, prm: dict[str, Any], data_root: Path,
               n_train: int) -> dict[str, Any]:
     root = lemur_root(data_root, dataset)
     out = root / "stat-out"
-    proc = subprocess.run([str(python), "-c", LEMUR_CHILD, str(model.resolve()), dataset, json.dumps(prm), str(out)],
-                          cwd=root, capture_output=True, text=True, timeout=6 * 3600)
+    env = {**os.environ, "PYTHONPATH": str(packages)}
+    proc = subprocess.run([sys.executable, "-c", LEMUR_CHILD, str(model.resolve()), dataset, json.dumps(prm),
+                           str(out)], cwd=root, env=env, capture_output=True, text=True, timeout=6 * 3600)
     if proc.returncode != 0:
         return {"error": proc.stderr[-2000:]}
     found = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -127,9 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default="mnist")
     parser.add_argument("--prm", type=json.loads, default=DEFAULT_PRM)
     parser.add_argument("--data-root", type=Path, default=Path(os.environ.get("LEMUR_DATA", REPO / "data")))
-    parser.add_argument("--lemur-venv", type=Path, default=Path(tempfile.gettempdir()) / "lemur-2.2.11-venv")
+    parser.add_argument("--lemur-packages", type=Path, default=Path(tempfile.gettempdir()) / "lemur-2.2.11-packages")
     parser.add_argument("--skip-lemur", action="store_true", help="ours only (no registry needed)")
     parser.add_argument("--max-train-samples", type=int, help="ours only: a quick smoke run")
+    parser.add_argument("--skip-ours", action="store_true", help="LEMUR's side only")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     os.environ.setdefault("LEMUR_DATA", str(args.data_root))
@@ -143,13 +147,13 @@ def main(argv: list[str] | None = None) -> int:
 
     scratch = Path(tempfile.mkdtemp(prefix="lemur-compare-"))
     n_train = datasets.prepare(args.dataset, args.data_root, scratch / "dataset-cache").n_train
-    python = None if args.skip_lemur else lemur_python(args.lemur_venv)
+    packages = None if args.skip_lemur else lemur_packages(args.lemur_packages)
     rows: list[tuple[str, str, dict[str, Any]]] = []
     for model in args.model:
-        if python is not None:
-            rows.append((model.stem, f"LEMUR {LEMUR_VERSION}", run_lemur(python, model, args.dataset, args.prm,
+        if packages is not None:
+            rows.append((model.stem, f"LEMUR {LEMUR_VERSION}", run_lemur(packages, model, args.dataset, args.prm,
                                                                         args.data_root, n_train)))
-        for protocol in ("lemur", "default"):
+        for protocol in () if args.skip_ours else ("lemur", "default"):
             rows.append((model.stem, f"ours protocol={protocol}", run_ours(
                 model, args.dataset, args.prm, protocol, scratch / "zoo.sqlite", args.max_train_samples)))
         print(table(rows), file=sys.stderr)
