@@ -70,6 +70,37 @@ def n_train(client) -> int:
     return datasets.prepare("digits", s.data_root, s.cache_dir).n_train
 
 
+def assert_run_records_its_environment(run: dict) -> None:
+    env = json.loads(run["environment"])
+    versions = json.loads(run["versions"])
+    assert {"python", "torch", "torchvision", "numpy", "optuna"} <= versions.keys(), run
+    assert all(versions[k] for k in ("python", "torch", "numpy", "optuna")), versions
+    assert env["device"] == "cpu" and env["device_name"] and env["cpu_model"] and env["threads"] >= 1
+    assert len(env["harness"]) == 16 and env["split_seed"] == protocols.SPLIT_SEED
+    assert env["code_hash"] and run["dataset_hash"] and run["seed"] is not None
+    assert (run["protocol"], run["precision"], run["deterministic"]) == ("default", "fp32", 1)  # repeats > 1
+
+
+def assert_group_summary(shown: dict, group: list[dict]) -> None:
+    """mean and sample std of the group's accuracies and training seconds."""
+    seconds = [r["duration_ns"] / 1e9 for r in group]
+    accuracies = [r["accuracy"] for r in group]
+    assert shown["n"] == len(group)
+    assert shown["accuracy_mean"] == pytest.approx(statistics.fmean(accuracies))
+    assert shown["accuracy_std"] == pytest.approx(statistics.stdev(accuracies))
+    assert shown["duration_s_mean"] == pytest.approx(statistics.fmean(seconds))
+    assert shown["duration_s_std"] == pytest.approx(statistics.stdev(seconds))
+
+
+def assert_reproduce_facts(facts: dict, client) -> None:
+    """get_model's `reproduce` block: every fact present, the backend and (in Docker) the image's id."""
+    assert [k for k in RUN_FACTS if facts.get(k) is None] == [], facts
+    assert facts["backend"] == client.settings.sandbox
+    in_docker = client.settings.sandbox == "docker"  # then the image it ran in, by its id
+    assert (facts["image_id"] or "").startswith("sha256:") == in_docker == bool(facts["image"])
+    assert facts["train_samples"] == n_train(client) - round(n_train(client) * protocols.VAL_FRACTION)
+
+
 @pytest.mark.parametrize("client", ["process", "docker"], indirect=True)
 async def test_every_run_records_how_to_repeat_it_and_repeats_show_mean_and_std(client):
     job = await run_job(client, code=models.GOOD, n_trials=2, repeats=3, prm={"batch": 32}, time_budget_s=300)
@@ -77,38 +108,22 @@ async def test_every_run_records_how_to_repeat_it_and_repeats_show_mean_and_std(
     runs = job_runs(client, job["job_id"])
     assert len(runs) == 4  # two search trials, two repeats of the selected one
     for run in runs:
-        env = json.loads(run["environment"])
-        versions = json.loads(run["versions"])
-        assert {"python", "torch", "torchvision", "numpy", "optuna"} <= versions.keys(), run
-        assert all(versions[k] for k in ("python", "torch", "numpy", "optuna")), versions
-        assert env["device"] == "cpu" and env["device_name"] and env["cpu_model"] and env["threads"] >= 1
-        assert len(env["harness"]) == 16 and env["split_seed"] == protocols.SPLIT_SEED
-        assert env["code_hash"] and run["dataset_hash"] and run["seed"] is not None
-        assert (run["protocol"], run["precision"], run["deterministic"]) == ("default", "fp32", 1)  # repeats > 1
+        assert_run_records_its_environment(run)
     assert [r["seed"] for r in runs] == [0, 0, 1000, 2000]  # the job's seed; each repeat's own
     trial_seeds = [json.loads(r["environment"])["trial_seed"] for r in runs]
     assert trial_seeds == [0, 1, 1000, 2000]  # no repeat retrains a search trial with that trial's own seed
 
     detail = await call(client, "get_model", name=job["model_name"], include_code=False)
     best = detail["best_run"]
-    facts = best["reproduce"]
-    assert [k for k in RUN_FACTS if facts.get(k) is None] == [], facts
-    assert facts["backend"] == client.settings.sandbox
-    in_docker = client.settings.sandbox == "docker"  # then the image it ran in, by its id
-    assert (facts["image_id"] or "").startswith("sha256:") == in_docker == bool(facts["image"])
-    assert facts["train_samples"] == n_train(client) - round(n_train(client) * protocols.VAL_FRACTION)
+    assert_reproduce_facts(best["reproduce"], client)
     group = [r for r in runs if r["selected"] or r["repeat"]]
     assert len(group) == 3
     group = [r for r in group if r["status"] == "succeeded"]  # a repeat the budget cut short is not counted
     assert len(group) >= 2, runs
-    shown = best["repeat_group"]
-    assert shown["n"] == len(group) and shown["job_id"] == job["job_id"]
-    assert shown["accuracy_mean"] == pytest.approx(statistics.fmean(r["accuracy"] for r in group))
-    assert shown["accuracy_std"] == pytest.approx(statistics.stdev(r["accuracy"] for r in group))
-    assert shown["duration_s_mean"] == pytest.approx(statistics.fmean(r["duration_ns"] / 1e9 for r in group))
-    assert shown["duration_s_std"] == pytest.approx(statistics.stdev(r["duration_ns"] / 1e9 for r in group))
-    assert all(r["repeat_group"]["n"] == len(group) for r in detail["recent_runs"] if r["job_id"] == job["job_id"]
-               and r["status"] == "succeeded" and (r["repeat"] or r["uid"] == best["uid"]))
+    assert best["repeat_group"]["job_id"] == job["job_id"]
+    assert_group_summary(best["repeat_group"], group)
+    in_group = {r["uid"] for r in group}
+    assert [r["repeat_group"]["n"] for r in detail["recent_runs"] if r["uid"] in in_group] == [len(group)] * len(group)
 
 
 async def test_same_code_and_seed_give_the_same_accuracy_and_curve(client):
