@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lemur_agent_server.contract import SEARCH_SPACE_HELP
 from lemur_agent_server.evaluator import batching
+from lemur_agent_server.evaluator.protocols import DETERMINISTIC_HELP, PRECISION_HELP, PROTOCOL_HELP
 from lemur_agent_server.evaluator.requests import EvalRequest, RequestRefused
 from lemur_agent_server.job_tools import (
     Code,
@@ -288,7 +289,8 @@ def register_batch_tools(mcp: MCPServer, state: AppState) -> None:
                           ] = "acc",
         prm: PrmArg = None,
         search_space: Annotated[dict[str, dict[str, Any]] | None, Field(description=SEARCH_SPACE_HELP)] = None,
-        n_trials: Annotated[int, Field(description="Optuna trials per model, 1..200", ge=1, le=200)] = 3,
+        n_trials: Annotated[int | None, Field(description="Optuna trials per model, 1..200; default 3 (1 with "
+                                                     "protocol='lemur')", ge=1, le=200)] = None,
         epochs: Annotated[float, Field(description="Epochs per trial, >0", gt=0, le=200)] = 1.0,
         time_budget_s: Annotated[float, Field(description="Wall-clock limit of each job in seconds (5..86400)",
                                               ge=5, le=86400)] = 300.0,
@@ -301,6 +303,9 @@ def register_batch_tools(mcp: MCPServer, state: AppState) -> None:
                                                        ge=16)] = None,
         force: Annotated[bool, Field(description="Train even when the same experiment (normalized code, dataset, "
                                                  "prm, epochs, seed, trials) already succeeded")] = False,
+        deterministic: Annotated[bool | None, Field(description=DETERMINISTIC_HELP)] = None,
+        precision: Annotated[Literal["fp32", "bf16"], Field(description=PRECISION_HELP)] = "fp32",
+        protocol: Annotated[Literal["default", "lemur"], Field(description=PROTOCOL_HELP)] = "default",
     ) -> BatchView:
         """Submit a batch of models in one call (NNGPT-style loops): each item is validated and
         statically checked at once and reported in its own entry (invalid and failing items do not stop
@@ -315,7 +320,8 @@ def register_batch_tools(mcp: MCPServer, state: AppState) -> None:
         shared = {"dataset": dataset, "task": task, "metric": metric, "prm": prm or {},
                   "search_space": search_space or {}, "n_trials": n_trials, "epochs": epochs,
                   "time_budget_s": time_budget_s, "eval_every": eval_every, "seed": seed, "repeats": repeats,
-                  "name_prefix": name_prefix, "max_train_samples": max_train_samples}
+                  "name_prefix": name_prefix, "max_train_samples": max_train_samples,
+                  "deterministic": deterministic, "precision": precision, "protocol": protocol}
         return await submit_models(state, items, shared, force)
 
     @tool(mcp, "wait_jobs", ToolAnnotations(read_only_hint=True, open_world_hint=False))

@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help='fixed hyperparameters as JSON, e.g. {"lr":0.01}')
         if name == "submit":
             p.add_argument("--budget-s", type=float, default=300.0)
-            p.add_argument("--trials", type=int, default=3)
+            p.add_argument("--trials", type=int, default=None, help="default 3 (1 with --protocol lemur)")
             p.add_argument("--epochs", type=float, default=None, help="default 1, or the epoch in --prm")
             p.add_argument("--eval-every", type=float, default=0.5)
             p.add_argument("--seed", type=int, default=0)
@@ -168,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--max-train-samples", type=int)
             p.add_argument("--export-onnx", action="store_true", default=None,
                            help="also export the selected trial's model to ONNX (archived beside its weights)")
+            p.add_argument("--protocol", choices=["default", "lemur"], default="default",
+                           help="default: selected on a validation split; lemur: LEMUR's check_nn (whole train split)")
+            p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+            p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
+                           help="deterministic kernels (default: on with repeats > 1)")
             p.add_argument("--wait", action="store_true", help="run the job here and show a progress bar")
 
     imp = sub.add_parser("import-lemur", help="import a LEMUR nn-dataset checkout, wheel or 2.2 database (ab.nn.db)")
@@ -342,7 +347,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     settings = _settings(args)
     shared = {"task": args.task, "dataset": args.dataset, "prm": args.prm, "n_trials": args.trials,
               "epochs": args.epochs, "time_budget_s": args.budget_s, "eval_every": args.eval_every, "seed": args.seed,
-              "name_prefix": args.prefix, "max_train_samples": args.max_train_samples, "export_onnx": args.export_onnx}
+              "name_prefix": args.prefix, "max_train_samples": args.max_train_samples, "export_onnx": args.export_onnx,
+              "protocol": args.protocol, "precision": args.precision, "deterministic": args.deterministic}
     shared = {k: v for k, v in shared.items() if v is not None}  # unset: the request's default (epochs: prm's)
     requests = [EvalRequest(code=_read_code(path), **shared) for path in args.file]
     if len(requests) > 1:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
@@ -20,6 +20,7 @@ from mcp.types import ToolAnnotations
 from pydantic import BaseModel, Field, ValidationError, WithJsonSchema
 
 from lemur_agent_server.contract import SEARCH_SPACE_HELP
+from lemur_agent_server.evaluator.protocols import DETERMINISTIC_HELP, PRECISION_HELP, PROTOCOL_HELP
 from lemur_agent_server.evaluator.requests import EvalRequest, RequestRefused
 from lemur_agent_server.isolation_view import short, shorten_result
 from lemur_agent_server.schemas import MAX_FILTER_CHARS
@@ -320,7 +321,8 @@ def register_job_tools(mcp: MCPServer, state: AppState) -> None:
         metric: Annotated[str, Field(description="Metric; 'acc' (test accuracy)", max_length=MAX_FILTER_CHARS)] = "acc",
         prm: PrmArg = None,
         search_space: Annotated[dict[str, dict[str, Any]] | None, Field(description=SEARCH_SPACE_HELP)] = None,
-        n_trials: Annotated[int, Field(description="Optuna TPE trials, 1..200", ge=1, le=200)] = 3,
+        n_trials: Annotated[int | None, Field(description="Optuna TPE trials, 1..200; default 3 (1 with "
+                                                     "protocol='lemur')", ge=1, le=200)] = None,
         epochs: Annotated[float | None, Field(
             description="Epochs per trial, >0 (0.5 allowed); default 1, or prm.epoch when prm carries LEMUR's "
                         "epoch", gt=0, le=200)] = None,
@@ -342,6 +344,9 @@ def register_job_tools(mcp: MCPServer, state: AppState) -> None:
             description="Also export the selected trial's model with its weights to ONNX (in the sandbox); "
                         "get_model lists it in weights.files (format 'onnx'). A model that cannot be exported "
                         "still succeeds: the result's onnx_error says why")] = False,
+        deterministic: Annotated[bool | None, Field(description=DETERMINISTIC_HELP)] = None,
+        precision: Annotated[Literal["fp32", "bf16"], Field(description=PRECISION_HELP)] = "fp32",
+        protocol: Annotated[Literal["default", "lemur"], Field(description=PROTOCOL_HELP)] = "default",
     ) -> JobView:
         """Train and score new model code: static checks at once, then (in a job) a sandboxed check and a
         time-boxed Optuna search on the dataset; accuracy is computed by the server on the held-out
@@ -353,7 +358,8 @@ def register_job_tools(mcp: MCPServer, state: AppState) -> None:
         return await submit_model(state, build_request(
             code=code, dataset=dataset, task=task, metric=metric, prm=prm or {}, search_space=search_space or {},
             n_trials=n_trials, epochs=epochs, time_budget_s=time_budget_s, eval_every=eval_every, seed=seed,
-            repeats=repeats, name_prefix=name_prefix, max_train_samples=max_train_samples, export_onnx=export_onnx))
+            repeats=repeats, name_prefix=name_prefix, max_train_samples=max_train_samples, export_onnx=export_onnx,
+            deterministic=deterministic, precision=precision, protocol=protocol))
 
     @tool(mcp, "get_job", ToolAnnotations(read_only_hint=True, open_world_hint=False))
     async def get_job_tool(

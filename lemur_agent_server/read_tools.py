@@ -18,6 +18,7 @@ from pydantic import Field
 
 from lemur_agent_server import contract
 from lemur_agent_server.clip import clip
+from lemur_agent_server.evaluator import protocols
 from lemur_agent_server.evaluator.calibration import REFERENCE_DESCRIPTION
 from lemur_agent_server.isolation_view import short, with_id
 from lemur_agent_server.schemas import (
@@ -88,6 +89,7 @@ async def list_catalog(state: AppState) -> Catalog:
         hyperparameters=contract.HYPERPARAMETERS,
         sandbox=with_id(sandbox_info) if state.queue else sandbox_info,
         baselines=await baselines_status(store, state.settings, workers=state.queue is not None),
+        accuracy_protocols=dict(protocols.DESCRIPTIONS),  # Catalog drops it until it has the field
     )
 
 
@@ -151,7 +153,8 @@ async def query_models(state: AppState, filters: Filters, page: Page, include_co
 
 BEST_RUN_FIELDS = ("uid", "task", "dataset", "metric", "transform", "prm", "seed", "epochs", "status", "accuracy",
                    "duration_ns", "accuracy_to_time", "device", "versions", "dataset_hash", "job_id", "trial",
-                   "isolation", "created")
+                   "isolation", "created", "repeat", "train_samples", "test_samples", "protocol", "precision",
+                   "deterministic", "environment", "repeat_group")
 
 
 async def get_model(state: AppState, name: str, include_code: bool = True) -> ModelDetail:
@@ -176,6 +179,7 @@ async def get_model(state: AppState, name: str, include_code: bool = True) -> Mo
     curve = _with_diagnostics(detail["curve"], diagnostics.get("points", []))
     if best:
         best = {k: _maybe_json(v) for k, v in best.items() if k in BEST_RUN_FIELDS}
+        best["reproduce"] = reproduction(best)  # from the full isolation (backend, image), shortened after
         best["isolation"] = short(best.get("isolation"))
     return ModelDetail(
         name=model["name"], origin=model["origin"], created=model["created"], code_hash=model["code_hash"],
@@ -189,6 +193,25 @@ async def get_model(state: AppState, name: str, include_code: bool = True) -> Mo
         same_architecture=same, lemur=LemurMeasurements(**extras) if extras else None,
         train_hardware=diagnostics.get("hardware"), code=code, code_truncated=cut,
     )
+
+
+def reproduction(run: dict[str, Any]) -> dict[str, Any]:
+    """What repeating `run` takes, in one place: the submission's settings and seed, the code and data
+    hashes, the split, and what it ran on (the Docker image's id, or the process backend's interpreter and
+    libraries). Missing facts are null (an imported LEMUR record knows none of the sandbox's)."""
+    env = run.get("environment") or {}
+    isolation = run.get("isolation") or {}
+    return {
+        "seed": run.get("seed"), "protocol": run.get("protocol"), "precision": run.get("precision"),
+        "deterministic": None if run.get("deterministic") is None else bool(run["deterministic"]),
+        "prm": run.get("prm"), "code_hash": env.get("code_hash"), "dataset_hash": run.get("dataset_hash"),
+        "split_seed": env.get("split_seed"), "val_fraction": env.get("val_fraction"),
+        "train_samples": run.get("train_samples"), "backend": isolation.get("backend"),
+        "image": isolation.get("image"), "image_id": isolation.get("image_id"),
+        "versions": run.get("versions"), "device": run.get("device"), "device_name": env.get("device_name"),
+        "compute_capability": env.get("compute_capability"), "cpu_model": env.get("cpu_model"),
+        "threads": env.get("threads"), "harness": env.get("harness"), "server_version": env.get("server_version"),
+    }
 
 
 DIAGNOSTIC_FIELDS = ("train_loss", "test_loss", "train_accuracy", "gradient_norm", "samples_per_second")
@@ -261,19 +284,22 @@ QUERY_MODELS_DESCRIPTION = (
     "offset (models). Next: get_model(name) for code, curve and runs of one model.")
 
 
+LIST_CATALOG_DESCRIPTION = (
+    "Show what the zoo holds and what the evaluator accepts. Call this FIRST. Returns: the task/dataset/metric "
+    "combinations in the zoo with counts of models and runs; the datasets submit_model can train on (with "
+    "classes, image shape, chance level and whether the data is present on this server); allowed transform "
+    "names; the Net contract your code must follow; the hyperparameter conventions; the sandbox isolation in "
+    "use; and on a fresh server `baselines`: the seed models' short evaluations queued at first start (job ids, "
+    "status, when ready). What `accuracy` means (`accuracy_protocols`; every run records its protocol, and "
+    "query_models filters by it): protocol 'default': " + protocols.DESCRIPTIONS[protocols.DEFAULT]
+    + " Protocol 'lemur': " + protocols.DESCRIPTIONS[protocols.LEMUR]
+    + " Next: query_models to rank existing models, get_model to read one, submit_model to train yours.")
+
+
 # --- MCP wiring: names, arguments and descriptions; each tool calls its function above ------------------
 def register_read_tools(mcp: MCPServer, state: AppState) -> None:
-    @tool(mcp, "list_catalog", READ_ONLY)
+    @tool(mcp, "list_catalog", READ_ONLY, description=LIST_CATALOG_DESCRIPTION)
     async def list_catalog_tool() -> Catalog:
-        """Show what the zoo holds and what the evaluator accepts. Call this FIRST.
-
-        Returns: the task/dataset/metric combinations in the zoo with counts of models and runs; the
-        datasets submit_model can train on (with classes, image shape, chance level and whether the
-        data is present on this server); allowed transform names; the Net contract your code must
-        follow; the hyperparameter conventions; the sandbox isolation in use; and on a fresh server
-        `baselines`: the seed models' short evaluations queued at first start (job ids, status, when ready).
-        Next: query_models to rank existing models, get_model to read one, submit_model to train yours.
-        """
         return await list_catalog(state)
 
     @tool(mcp, "query_models", READ_ONLY, description=QUERY_MODELS_DESCRIPTION)
@@ -313,11 +339,15 @@ def register_read_tools(mcp: MCPServer, state: AppState) -> None:
                         "reference device (duration_norm), so runs of different machines compare")] = "accuracy",
         include_partial: Annotated[bool, Field(
             description="view=models: also count pruned/failed runs and runs short of their epochs")] = False,
+        protocol: Annotated[Literal["default", "lemur"] | None, Field(
+            description="Only runs of this evaluation protocol: 'default' (selected on a validation split) or "
+                        "'lemur' (LEMUR's check_nn: whole train split; imported LEMUR records); see list_catalog"
+        )] = None,
     ) -> QueryResult:
         dataset = await canonical_dataset_filter(state, dataset)
         filters = Filters(task=task, dataset=dataset, metric=metric, nn=as_names(nn),
                           nn_prefix=as_names(nn_prefix), epoch=epoch, min_accuracy=min_accuracy,
-                          device_type=device_type,
+                          device_type=device_type, protocol=protocol,
                           only_best_accuracy=only_best_accuracy, unique_nn=unique_nn)
         if view == "models":
             return await query_model_view(state, filters, by, include_partial, limit, offset)

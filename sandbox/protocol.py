@@ -203,6 +203,10 @@ class JobSpec:
     model_timeout_s: float = 30.0  # analyze mode: a model that takes longer is skipped (SIGALRM)
     export_onnx: bool = False  # train mode: after the search, the selected trial as ONNX (EVENT_ONNX)
     protocol: int = PROTOCOL_VERSION
+    # repeatable and comparable runs (issue 13); appended, so a spec without them reads as before
+    deterministic: bool = False  # deterministic algorithms, cuDNN benchmark off (seeding is always on)
+    precision: str = "fp32"  # one of PRECISIONS: bf16 autocasts learn() and the evaluation passes
+    eval_protocol: str = "default"  # one of EVAL_PROTOCOLS: "lemur" trains on the whole train split
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
@@ -505,6 +509,8 @@ EVENT_ONNX = "onnx"
 def onnx_name(trial: int) -> str:
     """File name (relative to out/) of a trial's exported ONNX model."""
     return f"onnx/t{trial}.onnx"
+
+
 # (agentview) the runner starts an evaluation pass: {trial, epoch}; progress shows that epoch while it runs
 EVENT_EVALUATING = "evaluating"
 
@@ -518,3 +524,10 @@ def unknown_prm_message(unknown: list[str], declared: list[str]) -> str:
             f"supported_hyperparameters() declares {sorted(declared)}, and batch, epoch, transform are always known "
             f"(so prm may hold {known}). Remove {unknown} from prm, or add {'it' if one else 'them'} to "
             f"supported_hyperparameters() and read {'it' if one else 'them'} from prm in the Net.")
+
+# --- repeatable and comparable runs (issue 13) --------------------------------------------------------
+PRECISIONS = ("fp32", "bf16")
+# default: the trial selected on a validation split carved from train (JobSpec.val_fraction, split_seed),
+# scored by its test accuracy; lemur: LEMUR's check_nn, trained on the whole train split, no validation,
+# test accuracy after the last epoch
+EVAL_PROTOCOLS = ("default", "lemur")

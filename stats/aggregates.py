@@ -30,6 +30,7 @@ from stats.scope import (
     runs_sql,
     sample_clause,
 )
+from zoo import repeat_groups
 from zoo.jobs import JobKind
 from zoo.query import SCORE_BY, SCORE_ORDER_SQL, Filters, model_scores_sql, name_filter
 
@@ -146,9 +147,19 @@ def leaderboard(conn: sqlite3.Connection, f: Filters, by: LeaderboardBy = "accur
     df.insert(0, "rank", range(offset + 1, offset + 1 + len(df)))
     df["duration_s"] = df["duration_ns"] / 1e9
     df["duration_norm_s"] = pd.to_numeric(df["duration_norm_ns"], errors="coerce") / 1e9  # NaN: not calibrated
+    df["repeat_group"] = _repeat_groups(conn, runs, df["run_id"])
     cols = ["rank", "name", "task", "dataset", "metric", "accuracy", "accuracy_to_time", "epoch", "duration_s",
-            "duration_norm_s", "params", "flops", "runs", "run_uid", "model_id"]
+            "duration_norm_s", "params", "flops", "runs", "run_uid", "repeat_group", "model_id"]
     return df[cols], total
+
+
+def _repeat_groups(conn: sqlite3.Connection, run_ids: list[int], column: pd.Series) -> list[dict[str, Any] | None]:
+    """The repeat group (zoo.repeat_groups: mean and std over the job's selected trial and its repeats) of the
+    run holding each row's score, None where that run's job had no repeats."""
+    jobs = dict(conn.execute(f"SELECT id, job_id FROM run WHERE id IN ({','.join('?' * len(run_ids))})",
+                             run_ids).fetchall())
+    found = repeat_groups.groups(conn, jobs.values())
+    return [found.get(jobs.get(int(r)) or "") for r in column]
 
 
 def model_best(conn: sqlite3.Connection, f: Filters, triple: Triple) -> pd.DataFrame:

@@ -55,6 +55,8 @@ class Filters:
     unique_nn: bool = False
     # only models LEMUR benchmarked on this device (its mobile `run` table, imported as lemur_mobile_run)
     device_type: str | None = None
+    # only runs of this evaluation protocol (default | lemur; imported LEMUR records are lemur)
+    protocol: str | None = None
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
@@ -89,6 +91,10 @@ def as_tuple(value: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(value)
 
 
+# A run's protocol: the column, else by source (bulk importers leave it NULL: LEMUR's records are "lemur")
+RUN_PROTOCOL_SQL = "COALESCE({r}.protocol, CASE WHEN {r}.source = 'evaluator' THEN 'default' ELSE 'lemur' END)"
+
+
 def _escape_like(prefix: str) -> str:
     return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
@@ -114,6 +120,9 @@ def _where(f: Filters) -> tuple[str, list[Any]]:
         clauses.append("p.model_id IN (SELECT m.id FROM model m JOIN lemur_mobile_run r ON r.model_name = m.name"
                        " WHERE r.device_type = ?)")
         args.append(f.device_type)
+    if f.protocol is not None:
+        clauses.append(f"p.run_id IN (SELECT r.id FROM run r WHERE {RUN_PROTOCOL_SQL.format(r='r')} = ?)")
+        args.append(f.protocol)
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
 
 
@@ -140,9 +149,13 @@ def grouped_sql(f: Filters, with_params: bool = False) -> tuple[str, list[Any]]:
     """The filtered (and, if asked, best-per-group) points, one row per result, reading only columns the
     covering index holds: no table lookups until the page is cut."""
     where, args = _where(f)
+    best_max = _COVERED.replace("p.accuracy,", "MAX(p.accuracy) AS accuracy,")
+    if f.protocol is not None and (f.unique_nn or f.only_best_accuracy):  # best_point mixes protocols
+        per = "p.model_id" if f.unique_nn else "p.task, p.dataset, p.metric, p.model_id, p.epoch"
+        return f"SELECT {best_max} FROM point p{where}{' AND' if where else ' WHERE'} p.accuracy IS NOT NULL " \
+               f"GROUP BY {per}", args
     if f.unique_nn:  # best per model over its best-per-epoch rows
-        cols = _COVERED.replace("p.accuracy,", "MAX(p.accuracy) AS accuracy,")
-        return f"SELECT {cols} FROM best_point p{where} GROUP BY p.model_id", args
+        return f"SELECT {best_max} FROM best_point p{where} GROUP BY p.model_id", args
     if f.only_best_accuracy:  # maintained on write: one row per task/dataset/metric/model/epoch
         return f"SELECT {_COVERED} FROM best_point p{where}", args
     return f"SELECT {_COVERED} FROM point p{where}", args
@@ -236,7 +249,8 @@ def page_sql(f: Filters, page: Page) -> tuple[str, list[Any]]:
         args.append(int(page.offset))
     sql = (f"SELECT pg.*, m.name AS name, m.params AS params, pt.val_accuracy AS val_accuracy, pt.loss AS loss, "
            f"pt.elapsed_s AS elapsed_s, r.uid AS run_uid, r.prm AS prm, r.transform AS transform, "
-           f"r.status AS status, CAST({DURATION_NORM_SQL.format(p='pt', r='r')} AS INTEGER) AS duration_norm_ns "
+           f"r.status AS status, CAST({DURATION_NORM_SQL.format(p='pt', r='r')} AS INTEGER) AS duration_norm_ns, "
+           f"r.job_id AS job_id, {RUN_PROTOCOL_SQL.format(r='r')} AS protocol "
            f"FROM ({sql}) pg JOIN model m ON m.id = pg.model_id "
            f"JOIN point pt ON pt.run_id = pg.run_id AND pt.epoch = pg.epoch JOIN run r ON r.id = pg.run_id "
            f"ORDER BY {', '.join('pg.' + k for k in keys)}")
@@ -269,6 +283,8 @@ def decode_row(row: dict[str, Any]) -> dict[str, Any]:
         "run_uid": row["run_uid"],
         "status": row["status"],
         "model_id": row["model_id"],
+        "protocol": row.get("protocol"),
+        "job_id": row.get("job_id"),
     }
 
 
@@ -295,8 +311,11 @@ def model_scores_sql(f: Filters, by: ScoreBy = "accuracy", include_partial: bool
     at that epoch instead of its last one (then completeness is having reached it)."""
     if by not in SCORE_BY:
         raise QueryError(f"by must be one of {', '.join(SCORE_BY)}, not {by!r}.")
-    where, args = _where(dataclasses.replace(f, epoch=None, min_accuracy=None))
+    where, args = _where(dataclasses.replace(f, epoch=None, min_accuracy=None, protocol=None))
     clauses = [where[len(" WHERE "):]] if where else []
+    if f.protocol is not None:
+        clauses.append(f"{RUN_PROTOCOL_SQL.format(r='p')} = ?")
+        args.append(f.protocol)
     if f.epoch is None:
         source = "run p"
         cols = ("p.id AS run_id, p.epochs AS epoch, p.accuracy, p.duration_ns, p.accuracy_to_time, "

@@ -70,6 +70,11 @@ class Run:
     error: dict[str, Any] | None = None
     points: list[Point] = dataclasses.field(default_factory=list)
     created: float = dataclasses.field(default_factory=time.time)
+    # how to repeat and compare it (issue 13): None where unknown (an imported record has no precision)
+    protocol: str | None = None  # default | lemur (sandbox.protocol.EVAL_PROTOCOLS)
+    precision: str | None = None  # fp32 | bf16
+    deterministic: bool | None = None
+    environment: dict[str, Any] | None = None
 
     @property
     def last_point(self) -> Point | None:

@@ -387,6 +387,18 @@ MIGRATIONS: list[list[str]] = [
         "DROP INDEX run_job",
         "CREATE INDEX run_job ON run(job_id) WHERE job_id IS NOT NULL",
     ],
+    # version 8 (repro): what a run needs to be repeated and compared (issue 13): the evaluation protocol
+    # (`default`: selected on a validation split carved from train; `lemur`: LEMUR's check_nn, whole train
+    # split, test accuracy after the last epoch; imported LEMUR records are `lemur`), the precision, whether
+    # deterministic algorithms were on, and the sandbox's environment (JSON: device, CPU, threads, harness,
+    # split seed, ...). A NULL protocol reads by source (zoo.query.RUN_PROTOCOL_SQL): bulk importers need not set it.
+    [
+        "ALTER TABLE run ADD COLUMN protocol TEXT",
+        "ALTER TABLE run ADD COLUMN precision TEXT",
+        "ALTER TABLE run ADD COLUMN deterministic INTEGER",
+        "ALTER TABLE run ADD COLUMN environment TEXT",
+        "UPDATE run SET protocol = CASE WHEN source = 'evaluator' THEN 'default' ELSE 'lemur' END",
+    ],
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -19,7 +19,7 @@ import aiosqlite
 import anyio
 
 from sandbox.protocol import RunStatus
-from zoo import codehash, connection, schema
+from zoo import codehash, connection, repeat_groups, schema
 from zoo.jobs import JobStore
 from zoo.query import Filters, Page, count_sql, decode_row, encode_cursor, page_sql
 from zoo.records import Model, Run, code_text, stored_code
@@ -30,6 +30,11 @@ def weights_dir_of(zoo_path: Path) -> Path:
     return zoo_path.parent / (zoo_path.stem + "-weights")
 
 _FAILED_RUN_SQL = ",".join(f"'{s}'" for s in RunStatus if s.is_failure())
+
+
+def _source_protocol(source: str) -> str:
+    """The protocol of a run that does not name one: the evaluator's default, LEMUR's for imports."""
+    return "default" if source == "evaluator" else "lemur"
 
 
 def _json(value: Any) -> str | None:
@@ -245,13 +250,15 @@ class ZooStore:
         cur = await db.execute(
             "INSERT INTO run(uid, model_id, task, dataset, metric, transform, prm, seed, epochs, status,"
             " accuracy, duration_ns, accuracy_to_time, device, versions, dataset_hash, job_id, trial, repeat,"
-            " selected, train_samples, test_samples, isolation, error, source, created)"
-            " VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " selected, train_samples, test_samples, isolation, error, source, created, protocol, precision,"
+            " deterministic, environment) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (run.uid, model_id, run.task, run.dataset, run.metric, run.transform, _json(run.prm) or "{}",
              run.seed, epochs, run.status, last.accuracy if last else None,
              last.duration_ns if last else None, last.accuracy_to_time if last else None, run.device,
              _json(run.versions), run.dataset_hash, run.job_id, run.trial, run.repeat, int(run.selected),
-             run.train_samples, run.test_samples, _json(run.isolation), _json(run.error), run.source, run.created),
+             run.train_samples, run.test_samples, _json(run.isolation), _json(run.error), run.source, run.created,
+             run.protocol or _source_protocol(run.source), run.precision,
+             None if run.deterministic is None else int(run.deterministic), _json(run.environment)),
         )
         run_id = int(cur.lastrowid)  # type: ignore[arg-type]
         if run.points:
@@ -347,7 +354,8 @@ class ZooStore:
         async with self.snapshot() as db:
             raw = [dict(r) for r in await db.execute_fetchall(sql, args)]
             total = (await (await db.execute(csql, cargs)).fetchone())[0]
-        rows = [decode_row(r) for r in raw]
+            groups = await repeat_groups.groups_in(db, [r.get("job_id") for r in raw])
+        rows = [decode_row(r) | {"repeat_group": groups.get(r.get("job_id") or "")} for r in raw]
         next_cursor = None
         if page.limit is not None and len(raw) == page.limit:
             consumed = (page.offset if not page.cursor else 0) + len(raw)
@@ -389,8 +397,14 @@ class ZooStore:
                         "SELECT format, sha256, size, path FROM weights WHERE run_id=? ORDER BY format",
                         (weights["run_id"],))]
             recent = [dict(r) for r in await db.execute_fetchall(
-                "SELECT uid, task, dataset, metric, status, accuracy, epochs, duration_ns, prm, error, created "
+                "SELECT uid, task, dataset, metric, status, accuracy, epochs, duration_ns, prm, error, created, "
+                "seed, job_id, repeat, protocol, precision "
                 "FROM run WHERE model_id=? ORDER BY created DESC, id DESC LIMIT 10", (model["id"],))]
+            groups = await repeat_groups.groups_in(db, [r["job_id"] for r in recent] + [(best or {}).get("job_id")])
+        if best is not None:
+            best["repeat_group"] = groups.get(best.get("job_id") or "")
+        for run in recent:
+            run["repeat_group"] = groups.get(run.get("job_id") or "")
         return {"model": model, "summary": summary, "best_run": best, "curve": curve, "weights": weights,
                 "recent_runs": recent}
 

@@ -22,19 +22,27 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from lemur_agent_server.evaluator import jobfiles, onnx_files
+from lemur_agent_server import __version__
+from lemur_agent_server.evaluator import jobfiles, onnx_files, protocols
 from lemur_agent_server.evaluator.outcome import Archived, JobResult
 from lemur_agent_server.evaluator.phase import Trial, select
-from sandbox import datasets
+from sandbox import datasets, protocol
 from sandbox.backend import JobPaths
 from sandbox.protocol import FailureKind, JobStatus, RunStatus
+from zoo import codehash
 from zoo.jobs import JobStore
-from zoo.records import Model, Run
+from zoo.records import Model, Run, is_number
 from zoo.store import ZooStore
 
 if TYPE_CHECKING:
     from lemur_agent_server.evaluator.pipeline import Job
 
+# the sandbox's environment keys a run keeps (sandbox.runner.environment.describe), the library ones also
+# as the run's `versions`
+VERSION_KEYS = ("python", "implementation", "torch", "torchvision", "numpy", "optuna", "safetensors")
+ENV_KEYS = (*VERSION_KEYS, "platform", "device", "device_name", "compute_capability", "cuda", "cudnn",
+            "cpu_model", "cpu_count", "threads", "harness")
+ENV_VALUE_CHARS = 200
 REPEAT_UID_STRIDE = 1000  # run uids keep the old `t{1000 * repeat + trial}` form, so stored uids stay stable
 STORED_STATUSES = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.PRUNED, RunStatus.TIMED_OUT,
                              RunStatus.CANCELLED})
@@ -42,6 +50,13 @@ STORED_STATUSES = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.PR
 
 class ClaimLost(Exception):
     """The job is no longer this worker's (re-queued and claimed elsewhere): roll its archive back."""
+
+
+def repeat_seed(seed: int, repeat: int) -> int:
+    """The runner's seed for repeat `repeat` (0: the search). Trial n of a sandbox trains with its seed + n,
+    so a repeat's seed lies beyond every search trial's (n_trials <= 200 < the stride): `seed + 1` would
+    retrain search trial 1 with its own seed, the same run twice."""
+    return seed + REPEAT_UID_STRIDE * repeat
 
 
 def run_uid(job_id: str, repeat: int, trial: int, attempt: int = 1) -> str:
@@ -53,40 +68,78 @@ def _uid_prefix(job_id: str, attempt: int) -> str:
     return job_id if attempt <= 1 else f"{job_id}:a{attempt}"
 
 
+def _bounded(value: Any) -> Any:
+    """A JSON-safe copy of an untrusted scalar: short strings, finite numbers, booleans; anything else None."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, (int, float)):
+        return value if is_number(value) else None
+    return str(value)[:ENV_VALUE_CHARS] if isinstance(value, str) else None
+
+
+def run_environment(job: Job, prepared: datasets.PreparedDataset | None, ready: dict[str, Any] | None
+                    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """What a run needs to be repeated, as (environment, versions): the sandbox's own report (its `ready`
+    event: an untrusted hint, kept bounded, known keys only) and the host's facts (the code hash, the
+    split, the harness version). `versions` (interpreter and libraries) is None when no sandbox reported."""
+    req = job.request
+    reported = ready.get("environment") if isinstance(ready, dict) else None
+    reported = reported if isinstance(reported, dict) else {}
+    env = {key: _bounded(reported.get(key)) for key in ENV_KEYS if key in reported}
+    fields = protocols.spec_fields(req.protocol, prepared.info if prepared else datasets.get_info(req.dataset))
+    env.update(code_hash=codehash.code_hash(req.code), server_version=__version__,
+               protocol_version=protocol.PROTOCOL_VERSION, split_seed=fields["split_seed"],
+               val_fraction=fields["val_fraction"], max_train_samples=req.max_train_samples,
+               gpu=job.gpu, host_threads=job.threads)
+    versions = {key: env[key] for key in VERSION_KEYS if key in env} or None
+    return env, versions
+
+
 def trial_run(job: Job, prepared: datasets.PreparedDataset, t: Trial, isolation: dict[str, Any] | None,
-              selected: bool = False) -> Run:
+              selected: bool = False, ready: dict[str, Any] | None = None) -> Run:
     """The run record of one trial (search or repeat)."""
     req = job.request
     prm = {**t.prm, "epoch": req.epochs}
+    env, versions = run_environment(job, prepared, ready)
+    env["trial_seed"] = repeat_seed(req.seed, t.repeat) + t.trial  # what python, numpy and torch were seeded with
     return Run(
         uid=run_uid(job.job_id, t.repeat, t.trial, job.attempt), task=req.task, dataset=req.dataset,
         metric=req.metric, status=t.status if t.status in STORED_STATUSES else RunStatus.FAILED,
-        source="evaluator", prm=prm, transform=prm.get("transform"), seed=req.seed + t.repeat,
+        source="evaluator", prm=prm, transform=prm.get("transform"), seed=repeat_seed(req.seed, t.repeat),
         device="cuda" if job.gpu is not None else "cpu", dataset_hash=prepared.content_hash,
         job_id=job.job_id, trial=t.trial, repeat=t.repeat, selected=selected, isolation=isolation,
-        error=t.error, points=t.points, train_samples=req.max_train_samples and min(
-            req.max_train_samples, prepared.n_train), test_samples=prepared.n_test)
+        error=t.error, points=t.points,
+        train_samples=protocols.train_samples(req.protocol, prepared.n_train, req.max_train_samples),
+        test_samples=prepared.n_test, versions=versions, environment=env, **_settings(job))
 
 
-def trial_runs(job: Job, prepared: datasets.PreparedDataset, trials: list[Trial], isolation: dict[str, Any]
-               ) -> tuple[list[Run], Trial | None]:
+def _settings(job: Job) -> dict[str, Any]:
+    """The run's protocol, precision and determinism, as the request asked (the spec the runner got)."""
+    req = job.request
+    return {"protocol": req.protocol, "precision": req.precision, "deterministic": bool(req.deterministic)}
+
+
+def trial_runs(job: Job, prepared: datasets.PreparedDataset, trials: list[Trial], isolation: dict[str, Any],
+               ready: dict[str, Any] | None = None) -> tuple[list[Run], Trial | None]:
     """One run per trial (search and repeats), and the selected trial."""
     selected = select(trials)
-    runs = [trial_run(job, prepared, t, isolation, t is selected)
+    runs = [trial_run(job, prepared, t, isolation, t is selected, ready)
             for t in sorted(trials, key=lambda t: (t.repeat, t.trial))]
     return runs, selected
 
 
 def failed_run(job: Job, prepared: datasets.PreparedDataset | None, err: dict[str, Any],
-               isolation: dict[str, Any] | None) -> Run:
+               isolation: dict[str, Any] | None, ready: dict[str, Any] | None = None) -> Run:
     """The one run recorded for a job that never got past its checks."""
     req = job.request
+    env, versions = run_environment(job, prepared, ready)
     return Run(uid=f"{_uid_prefix(job.job_id, job.attempt)}:check", task=req.task, dataset=req.dataset,
                metric=req.metric,
                status=RunStatus.TIMED_OUT if err["kind"] == FailureKind.TIMEOUT else RunStatus.FAILED,
                source="evaluator", prm=dict(req.prm), transform=req.prm.get("transform"), seed=req.seed,
                job_id=job.job_id, dataset_hash=prepared.content_hash if prepared else None, isolation=isolation,
-               error={k: v for k, v in err.items() if k in ("stage", "kind", "message")})
+               error={k: v for k, v in err.items() if k in ("stage", "kind", "message")}, versions=versions,
+               environment=env, **_settings(job))
 
 
 async def earlier_twins(store: ZooStore, code_hash: str, job_id: str) -> list[str]:
@@ -157,7 +210,7 @@ def result_dict(job: Job, result: JobResult, selected: Trial | None) -> dict[str
 
 
 async def archive_trial(job: Job, model: Model, paths: JobPaths, prepared: datasets.PreparedDataset,
-                        trial: Trial) -> bool:
+                        trial: Trial, ready: dict[str, Any] | None = None) -> bool:
     """Write one ended trial of a submission now, in one transaction: its run, its curve and, when it
     kept weights (the runner keeps the best trial's so far), its weights row. The run carries the
     isolation the backend provides; the job's end records what the sandbox reported on exit. A repeat
@@ -167,7 +220,7 @@ async def archive_trial(job: Job, model: Model, paths: JobPaths, prepared: datas
         return False
     if trial.repeat == 0:
         await copy_weights(job, paths, trial)
-    run = trial_run(job, prepared, trial, job.backend.describe())
+    run = trial_run(job, prepared, trial, job.backend.describe(), ready=ready)
     with anyio.CancelScope(shield=True):
         try:
             async with job.store.transaction() as db:

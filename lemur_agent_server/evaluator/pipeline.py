@@ -18,7 +18,7 @@ from typing import Any
 
 import anyio
 
-from lemur_agent_server.evaluator import archive, costs, flags, jobfiles
+from lemur_agent_server.evaluator import archive, costs, flags, jobfiles, protocols
 from lemur_agent_server.evaluator.outcome import CheckStats, JobResult, Outcome, Selection
 from lemur_agent_server.evaluator.phase import (  # noqa: F401 - re-exported: the old names of these
     LOG_TAIL_CHARS,
@@ -122,6 +122,8 @@ def _spec(job: Job, paths: JobPaths, prepared: datasets.PreparedDataset, mode: s
     rp = job.backend.runner_paths(paths)
     fields = prepared.spec_fields()
     fields.update(model_path=rp.model, data_dir=rp.data_dir, out_dir=rp.out_dir)
+    fields.update(protocols.spec_fields(req.protocol, prepared.info), deterministic=bool(req.deterministic),
+                  precision=req.precision)
     spec = protocol.JobSpec(
         mode=mode, **fields, fixed_prm=dict(req.prm), search_space=dict(req.search_space),
         transforms=default_transforms(prepared.info), n_trials=req.n_trials, epochs=req.epochs,
@@ -183,7 +185,7 @@ async def _evaluate_in(job: Job, paths: JobPaths, prepared: datasets.PreparedDat
     async def ended(trial: Trial) -> None:
         if phase.check is not None:  # the check came first: the model row gets its measurements
             _check_stats(model, phase.check)
-        await archive.archive_trial(job, model, paths, prepared, trial)
+        await archive.archive_trial(job, model, paths, prepared, trial, phase.ready)
 
     phase = Phase(job, paths, prepared, on_ended=ended)
     remaining = job.remaining()
@@ -198,13 +200,13 @@ async def _evaluate_in(job: Job, paths: JobPaths, prepared: datasets.PreparedDat
             return Outcome(JobStatus.CANCELLED, result.as_dict(), err)
         status = JobStatus.TIMED_OUT if err["kind"] == FailureKind.TIMEOUT else JobStatus.FAILED
         return await _finish(job, model, result, status, err,
-                             [archive.failed_run(job, prepared, err, exit.isolation)])
+                             [archive.failed_run(job, prepared, err, exit.isolation, phase.ready)])
     if mode == "check":
         return Outcome(JobStatus.SUCCEEDED, result.as_dict())
 
     search = await _search(job, paths, prepared, phase, exit, ended)
     await job.progress(Stage.EVALUATE, {"step": "scoring and archiving"})
-    runs, selected = archive.trial_runs(job, prepared, search.trials, exit.isolation)
+    runs, selected = archive.trial_runs(job, prepared, search.trials, exit.isolation, phase.ready)
     result.selection = _selection(selected)
     result.trials = [_trial_summary(t) for t in search.trials]
     result.curve = _curve(selected)
@@ -342,7 +344,8 @@ async def _repeat(job: Job, paths: JobPaths, prepared: datasets.PreparedDataset,
     rerun = Phase(job, paths, prepared, repeat=repeat, on_ended=ended)
     remaining = job.remaining()
     fixed = {k: v for k, v in best.prm.items() if k != "epoch"}
-    spec = _spec(job, paths, prepared, "train", remaining, fixed_prm=fixed, n_trials=1, seed=job.request.seed + repeat,
+    spec = _spec(job, paths, prepared, "train", remaining, fixed_prm=fixed, n_trials=1,
+                 seed=archive.repeat_seed(job.request.seed, repeat),
                  export_onnx=False)  # the search's selected trial is exported, never a rerun
     exit = await rerun.run(spec, job.budget.kill_after(remaining))
     trials = list(rerun.trials.values())

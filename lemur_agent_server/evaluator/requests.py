@@ -7,12 +7,13 @@ checked (with an error that says how to fix it) before any job exists.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from lemur_agent_server.clip import clip
 from lemur_agent_server.config import ENV_DATA, Settings
+from lemur_agent_server.evaluator import protocols
 from sandbox import datasets, protocol
 
 TASK = "img-classification"
@@ -53,6 +54,10 @@ class EvalRequest(BaseModel):
     # the selected trial's model with its weights as ONNX too (exported in the sandbox, archived next to the
     # safetensors); a model that cannot be exported still succeeds, with the reason as `onnx_error`
     export_onnx: bool = False
+    # repeatable and comparable runs (issue 13)
+    deterministic: bool | None = None  # None: on when repeats > 1 (the repeats then differ only by their seed)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    protocol: Literal["default", "lemur"] = "default"  # evaluator.protocols.DESCRIPTIONS says what each means
 
     @field_validator("task")
     @classmethod
@@ -99,6 +104,13 @@ class EvalRequest(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> EvalRequest:
         self._take_prm_epoch()
+        if self.deterministic is None:
+            self.deterministic = self.repeats > 1
+        if self.protocol == protocols.LEMUR and "n_trials" not in self.model_fields_set:
+            self.n_trials = 1  # LEMUR's check_nn trains one trial
+        problem = protocols.check(self.protocol, self.n_trials)
+        if problem:
+            raise ValueError(problem)
         if self.eval_every > self.epochs:
             self.eval_every = self.epochs
         fixed_and_searched = set(self.prm) & set(self.search_space)

@@ -107,6 +107,8 @@ def _run(spec: protocol.JobSpec, emitter: Emitter, stage: list[str]) -> dict[str
     import optuna
     import torch
 
+    from sandbox.runner import environment
+
     torch.set_num_threads(max(1, int(spec.threads)))
     if spec.device.startswith("cuda") and not torch.cuda.is_available():
         raise RunnerFailure(protocol.KIND_SANDBOX, "spec asks for cuda but no GPU is visible", stage[0])
@@ -125,8 +127,11 @@ def _run(spec: protocol.JobSpec, emitter: Emitter, stage: list[str]) -> dict[str
         },
         import_s=round(time.monotonic() - _STARTED, 4),
         threads=torch.get_num_threads(),
+        environment=environment.describe(device),
     )
     _validate(spec)
+    if spec.deterministic:
+        environment.make_deterministic()
     if spec.mode == protocol.MODE_ANALYZE:  # many models, one event each (sandbox/runner/analyze.py)
         from sandbox.runner.analyze import run_analyze
 
@@ -170,7 +175,7 @@ def _run(spec: protocol.JobSpec, emitter: Emitter, stage: list[str]) -> dict[str
             stage[0],
             traceback_tail(exc),
         ) from exc
-    if len(data.train_x) < 2 or len(data.val_x) < 1:
+    if len(data.train_x) < 2 or (len(data.val_x) < 1 and spec.val_fraction > 0):
         raise RunnerFailure(protocol.KIND_SANDBOX, f"too little data: {data.sizes()}", stage[0])
     out_dir = Path(spec.out_dir)
     (out_dir / "preds").mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sandbox.runner.params import Transform
+from sandbox.runner.params import Transform, validation_size
 from sandbox.runner.transforms import apply_transform  # check.py and bench/ import it from here too
 
 EVAL_BATCH = 256
@@ -55,9 +55,7 @@ def split_indices(
     pool = np.random.default_rng(split_seed).permutation(n)
     if max_train is not None:
         pool = pool[: max(int(max_train), 2)]
-    n_val = round(len(pool) * val_fraction)
-    if val_fraction > 0 and len(pool) >= 2:
-        n_val = min(max(n_val, 1), len(pool) - 1)
+    n_val = validation_size(len(pool), val_fraction)
     return np.sort(pool[n_val:]), np.sort(pool[:n_val])
 
 

@@ -42,6 +42,15 @@ DEFAULT_SPACE: dict[str, dict[str, Any]] = {
 OTHER_SPACE: dict[str, Any] = {"low": 0.0, "high": 1.0}
 
 
+def validation_size(pool: int, val_fraction: float) -> int:
+    """Images of a pool of `pool` held out for validation: the share, but at least one and never all
+    (with a share > 0 and two images or more); none with a share of 0 (protocol "lemur")."""
+    n_val = round(pool * val_fraction)
+    if val_fraction > 0 and pool >= 2:
+        n_val = min(max(n_val, 1), pool - 1)
+    return n_val
+
+
 def epoch_value(epochs: float) -> int | float:
     """`prm['epoch']`: an int when whole (LEMUR models may use it in range())."""
     return int(epochs) if float(epochs).is_integer() else float(epochs)

@@ -104,6 +104,16 @@ def release_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """bf16 autocast for `precision == "bf16"` (CPU and CUDA both have it), a no-op context for fp32.
+
+    Without autocast's weight cache: one autocast region spans a whole learn() call, many optimizer
+    steps, and the cache would keep serving the bf16 copies of the weights from before the first step
+    (the model would not learn at all)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16",
+                          cache_enabled=False)
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed python, numpy and torch for a trial; returns the generator used for shuffles and flips."""
     random.seed(seed)
@@ -161,7 +171,8 @@ class TrialRun:
         t0 = self._learn_t0 = time.perf_counter_ns()
         warm = self.job.first_step_done
         try:
-            result = self.model.learn(segment)
+            with autocast(device, self.job.spec.precision):
+                result = self.model.learn(segment)
         except BaseException as exc:  # model code may raise anything, SystemExit too
             if segment.truncated:  # our early end of the iterable confused the model: a timeout
                 raise netops.TrialFailure(
@@ -194,24 +205,26 @@ class TrialRun:
             raise netops.model_error(exc, protocol.STAGE_EVALUATE, "forward() during evaluation") from exc
         return torch.cat(preds) if preds else torch.empty(0, dtype=torch.int64, device=images.device)
 
-    def _evaluate(self, epoch: float, loss: float | None, train_acc: float | None, step: int) -> float:
+    def _evaluate(self, epoch: float, loss: float | None, train_acc: float | None, step: int) -> float | None:
         assert self.model is not None
         job = self.job
         job.emitter.emit(protocol.EVENT_EVALUATING, trial=self.trial, epoch=epoch)
         t0 = time.perf_counter()
         self.model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast(job.device, job.spec.precision):
             val_pred = self._predict(job.data.val_x)
             test_pred = self._predict(job.data.test_x)
         self.model.train()
-        val_acc = int((val_pred == job.data.val_y).sum()) / len(val_pred) if len(val_pred) else 0.0
+        # no validation split (protocol "lemur"): no validation accuracy, nothing to select or prune on
+        val_acc = int((val_pred == job.data.val_y).sum()) / len(val_pred) if len(val_pred) else None
         rel = protocol.preds_name(self.trial, epoch)
         np.save(job.out_dir / rel, test_pred.to("cpu", torch.int16).numpy(), allow_pickle=False)
         eval_s = time.perf_counter() - t0
         self.eval_s += eval_s
         job.budget.record_eval(eval_s, self._eval_samples(), self.pixels)
         self.points += 1
-        self.best_val = val_acc if self.best_val is None else max(self.best_val, val_acc)
+        if val_acc is not None:
+            self.best_val = val_acc if self.best_val is None else max(self.best_val, val_acc)
         job.emitter.emit(
             protocol.EVENT_POINT,
             trial=self.trial,
@@ -226,7 +239,7 @@ class TrialRun:
             eval_s=round(eval_s, 4),
             warmup_s=self.warmup_ns / 1e9,
         )
-        if self.optuna_trial is not None:
+        if self.optuna_trial is not None and val_acc is not None:
             self.optuna_trial.report(val_acc, step)
         return val_acc
 
