@@ -89,7 +89,7 @@ async def list_catalog(state: AppState) -> Catalog:
         hyperparameters=contract.HYPERPARAMETERS,
         sandbox=with_id(sandbox_info) if state.queue else sandbox_info,
         baselines=await baselines_status(store, state.settings, workers=state.queue is not None),
-        accuracy_protocols=dict(protocols.DESCRIPTIONS),  # Catalog drops it until it has the field
+        accuracy_protocols=dict(protocols.DESCRIPTIONS),
     )
 
 
@@ -154,7 +154,7 @@ async def query_models(state: AppState, filters: Filters, page: Page, include_co
 BEST_RUN_FIELDS = ("uid", "task", "dataset", "metric", "transform", "prm", "seed", "epochs", "status", "accuracy",
                    "duration_ns", "accuracy_to_time", "device", "versions", "dataset_hash", "job_id", "trial",
                    "isolation", "created", "repeat", "train_samples", "test_samples", "protocol", "precision",
-                   "deterministic", "environment", "repeat_group")
+                   "deterministic", "environment", "repeat_group", "duration_norm_ns")
 
 
 async def get_model(state: AppState, name: str, include_code: bool = True) -> ModelDetail:

@@ -58,6 +58,10 @@ class ModelRow(BaseModel):
     duration: int | None = Field(description="Training-only time until this point, nanoseconds")
     duration_norm: int | None = Field(default=None, description="That time on the reference device, nanoseconds "
                                                                 "(device calibration); null: not calibrated")
+    protocol: str | None = Field(default=None, description="Evaluation protocol of the run (list_catalog's "
+                                                           "accuracy_protocols says what each means)")
+    repeat_group: dict[str, Any] | None = Field(default=None, description=(
+        "When the run is one of a job's repeats: mean and std of accuracy and duration over the group"))
     accuracy_to_time: float | None = Field(
         description="max(0, accuracy - chance) / (duration_ns / 1e11); higher is better")
     params: int | None = Field(description="Trainable + frozen parameter count")
@@ -118,6 +122,9 @@ class DatasetEntry(BaseModel):
 
 class Catalog(BaseModel):
     zoo: list[CatalogEntry] = Field(description="What the zoo holds: runs and models per task/dataset/metric")
+    accuracy_protocols: dict[str, str] | None = Field(default=None, description=(
+        "What `accuracy` means under each evaluation protocol (every run records its protocol; query_models and "
+        "leaderboard filter by it)"))
     totals: dict[str, int]
     evaluator_datasets: list[DatasetEntry] = Field(description="Datasets submit_model can train on")
     transforms: dict[str, str] = Field(description="Every transform name the evaluator runs, with what it does; "

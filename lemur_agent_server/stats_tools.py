@@ -9,6 +9,7 @@ work), and turns `StatsError` into `ToolError` whose message tells the agent wha
 from __future__ import annotations
 
 import base64
+import dataclasses
 import functools
 import json
 from collections.abc import Callable
@@ -96,6 +97,8 @@ class LeaderboardRow(BaseModel):
     flops: int | None = Field(description="FLOPs per forward pass of the model")
     runs: int = Field(description="Scored runs of this model on this task/dataset/metric")
     run_uid: str = Field(description="uid of the best run")
+    repeat_group: dict[str, Any] | None = Field(default=None, description=(
+        "When that run has repeats: mean and std of accuracy and duration over its repeat group"))
 
 
 class Leaderboard(BaseModel):
@@ -239,8 +242,12 @@ def register_stats_tools(mcp: MCPServer, get_zoo_path: Callable[[], Path]) -> No
         include_partial: Annotated[bool, Field(
             description="Also count pruned, failed, timed-out runs and runs that stopped before their epochs "
                         "(a fast half epoch can then top by=accuracy_to_time)")] = False,
+        protocol: Annotated[Literal["default", "lemur"] | None, Field(
+            description="Only runs of this evaluation protocol (list_catalog's accuracy_protocols says what each "
+                        "accuracy means; imported LEMUR records are 'lemur')")] = None,
     ) -> Leaderboard:
-        f = _filters(task, dataset, metric, models, nn_prefix, epoch, min_accuracy)
+        f = dataclasses.replace(_filters(task, dataset, metric, models, nn_prefix, epoch, min_accuracy),
+                                protocol=protocol)
         return await leaderboard(get_zoo_path(), f, by, limit, offset, include_partial)
 
     @mcp.resource("lemur://plots", name="plot_kinds", mime_type="application/json",

@@ -102,3 +102,17 @@ def test_the_training_code_compares_training_not_names():
     more = models.GOOD.replace('{{"lr", "momentum"}}'.replace("{{", "{").replace("}}", "}"), '{"lr", "momentum", "x"}')
     assert more != models.GOOD and training_signature(more) != training_signature(models.GOOD)
     assert training_signature("def broken(:") is None
+
+
+def test_options_that_change_the_result_key_an_experiment_apart():
+    """A lemur-protocol, bf16, deterministic or ONNX request is never answered by a default job of the same
+    code (it would get another protocol's number, or no ONNX file); the defaults keep their old key."""
+    from lemur_agent_server.evaluator.dedup import experiment_key
+    from lemur_agent_server.evaluator.requests import EvalRequest
+
+    base = EvalRequest(code=models.GOOD, dataset="digits")
+    variants = [EvalRequest(code=models.GOOD, dataset="digits", **option) for option in (
+        {"protocol": "lemur", "n_trials": 1}, {"precision": "bf16"}, {"deterministic": True}, {"export_onnx": True})]
+    keys = {experiment_key(r) for r in variants}
+    assert len(keys) == 4 and experiment_key(base) not in keys
+    assert experiment_key(EvalRequest(code=models.GOOD, dataset="digits", precision="fp32")) == experiment_key(base)

@@ -114,6 +114,24 @@ async def test_query_models_tool_filters_by_protocol(tmp_path, make_settings):
     assert bad.is_error
 
 
+async def test_the_tools_show_protocol_and_repeat_spread_on_their_rows(tmp_path, make_settings):
+    """What an agent sees: the leaderboard tool filters by protocol and shows the repeat group's mean and
+    std; query_models' rows say their protocol; list_catalog says what each protocol's accuracy is."""
+    settings = make_settings(seed_zoo=False)
+    await (await build(settings.zoo_path)).close()
+    async with Client(build_server(settings)) as client:
+        board = await call(client, "leaderboard", protocol="default")
+        points = await call(client, "query_models", nn=["Ours"], limit=10)
+        catalog = await call(client, "list_catalog")
+    rows = {r["name"]: r for r in board["rows"]}
+    assert set(rows) == {"Ours", "Both"} and rows["Both"]["accuracy"] == 0.60
+    assert rows["Ours"]["repeat_group"]["n"] == 3
+    assert rows["Ours"]["repeat_group"]["accuracy_std"] == pytest.approx(statistics.stdev(GROUP))
+    assert {r["protocol"] for r in points["rows"]} == {"default"}
+    assert any(r["repeat_group"] and r["repeat_group"]["n"] == 3 for r in points["rows"])
+    assert set(catalog["accuracy_protocols"]) == {"default", "lemur"}
+
+
 def test_an_older_zoo_gets_the_protocol_of_its_runs(tmp_path):
     from zoo import connection, schema
 

@@ -37,8 +37,13 @@ MAX_TWINS = 50  # models of one fingerprint looked at per item (a zoo rarely hol
 def _fields(request: EvalRequest) -> dict[str, Any]:
     fields = request.model_dump(include=set(KEY_FIELDS))
     fields["epochs"] = float(fields["epochs"])
-    if request.export_onnx:  # only then: an earlier result without an ONNX file cannot answer it (and the
-        fields["export_onnx"] = True  # keys of every experiment without an export stay as they were)
+    # options that change the result, keyed only when they differ from their defaults, so the keys of the
+    # experiments that use the defaults stay as they were (an earlier result without an ONNX file, or of
+    # another protocol or precision, cannot answer such a request)
+    for name, default in (("export_onnx", False), ("protocol", "default"), ("precision", "fp32"),
+                          ("deterministic", None)):
+        if getattr(request, name) != default:
+            fields[name] = getattr(request, name)
     return fields
 
 
