@@ -142,3 +142,7 @@ class Net(nn.Module):
 # The same network trained otherwise (Adam): the same fingerprint, another training code.
 GOOD_ADAM = GOOD_RENAMED.replace('torch.optim.SGD(self.parameters(), lr=prm["lr"], momentum=prm["momentum"])',
                                  'torch.optim.Adam(self.parameters(), lr=prm["lr"])')
+
+# Learns for one segment, then its loss turns NaN: the only trial fails after a curve point
+NAN_AFTER_FIRST_POINT = tiny(learn_extra="self.calls = getattr(self, 'calls', 0) + 1",
+                             learn_return="total if self.calls < 2 else float('nan')")

@@ -35,7 +35,7 @@ from lemur_agent_server.evaluator.requests import EvalRequest
 from lemur_agent_server.evaluator.static_checks import prm_problems, static_problems
 from sandbox import datasets, protocol
 from sandbox.backend import Backend, Exit, JobPaths, Limits
-from sandbox.protocol import FailureKind, JobStatus, Stage, TimeBudget
+from sandbox.protocol import FailureKind, JobStatus, RunStatus, Stage, TimeBudget
 from zoo import codehash
 from zoo.jobs import Claim
 from zoo.records import Model, Run, is_number
@@ -268,6 +268,9 @@ def _train_outcome(job: Job, search: Search, selected: Trial | None) -> tuple[st
             job, search)
     if search.timed_out:
         return JobStatus.TIMED_OUT, search.error
+    if search.error is None and selected.status == RunStatus.FAILED:  # its points are the best there is, but
+        return JobStatus.FAILED, selected.error or failure(  # the trial did not end well: neither does the job
+            Stage.TRAIN, FailureKind.EXCEPTION, "The selected trial failed after its last curve point.")
     return (JobStatus.FAILED if search.error is not None else JobStatus.SUCCEEDED), search.error
 
 
