@@ -145,14 +145,17 @@ class CurvePoint(BaseModel):
     epoch: float
     accuracy: float | None
     val_accuracy: float | None = None
-    loss: float | None = None
+    loss: float | None = Field(default=None, description="Training loss that learn() returned for the segment "
+                                                         "ending at this point (not a test loss)")
     duration_ns: int | None = None
     accuracy_to_time: float | None = None
     elapsed_s: float | None = None
-    # LEMUR 2.2's per-epoch training diagnostics (its train_stat), where the imported record had them
-    train_loss: float | None = Field(default=None, description="Mean training loss of the epoch (LEMUR)")
+    # per-epoch training diagnostics: LEMUR 2.2's train_stat where an imported record had them; for our runs
+    # the training loss and accuracy that learn() returned
+    train_loss: float | None = Field(default=None, description="Mean training loss of the epoch")
     test_loss: float | None = Field(default=None, description="Test loss after the epoch (LEMUR)")
-    train_accuracy: float | None = Field(default=None, description="Training accuracy of the epoch (LEMUR)")
+    train_accuracy: float | None = Field(default=None, description="Training accuracy of the epoch, as learn() "
+                                                                   "or LEMUR's record reported it")
     gradient_norm: float | None = Field(default=None, description="Gradient norm (LEMUR)")
     samples_per_second: float | None = Field(default=None, description="Training throughput (LEMUR)")
 

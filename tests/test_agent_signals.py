@@ -156,6 +156,12 @@ async def test_flags_falling_accuracy_lr_at_the_edge_training_accuracy_and_timin
     assert_curve_and_timing(result)
     assert "step" not in (job["progress"] or {})  # a finished job is in no step any more
     await assert_isolation_once(client, job)
+    # the zoo keeps learn()'s training accuracy and loss on the archived curve: get_model shows them
+    detail = await call(client, "get_model", name=job["model_name"], include_code=False)
+    archived = {p["epoch"]: p for p in detail["curve"]}
+    for point in result["curve"]:
+        assert archived[point["epoch"]]["train_accuracy"] == pytest.approx(point["train_accuracy"])
+        assert archived[point["epoch"]]["train_loss"] == pytest.approx(point["train_loss"])
 
 
 async def test_chance_level_and_evaluation_heavy_are_flagged_and_progress_shows_the_evaluated_epoch(client):

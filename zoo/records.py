@@ -44,6 +44,7 @@ class Point:
     duration_ns: int | None = None  # cumulative training-only time
     accuracy_to_time: float | None = None
     elapsed_s: float | None = None
+    train_accuracy: float | None = None  # what learn() said of the segment (stored in point_train)
 
 
 @dataclasses.dataclass

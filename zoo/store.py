@@ -271,6 +271,10 @@ class ZooStore:
             await db.executemany(schema.BEST_POINT_UPSERT, [
                 (run.task, run.dataset, run.metric, p.epoch, model_id, p.accuracy, p.duration_ns,
                  p.accuracy_to_time, run.created, run_id) for p in run.points if p.accuracy is not None])
+            # our own runs' training diagnostics (learn()'s loss and accuracy) beside LEMUR's, one row a point
+            await db.executemany(
+                "INSERT INTO point_train(run_id, epoch, train_loss, train_accuracy) VALUES(?,?,?,?)",
+                [(run_id, p.epoch, p.loss, p.train_accuracy) for p in run.points if p.train_accuracy is not None])
         return run_id, True
 
     async def set_weights(self, run_id: int, sha256: str, size: int, rel_path: str) -> None:

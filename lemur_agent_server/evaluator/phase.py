@@ -336,7 +336,7 @@ class Phase:
             val_accuracy=float(val) if is_number(val) and 0 <= val <= 1 else None,
             loss=float(loss) if is_number(loss) else None,
             duration_ns=duration, accuracy_to_time=accuracy_to_time(accuracy, self.chance, duration),
-            elapsed_s=time.monotonic() - trial.started_at))
+            elapsed_s=time.monotonic() - trial.started_at, train_accuracy=trial.train_accuracy.get(epoch)))
 
     def progress(self) -> dict[str, Any]:
         current = max(self.trials.values(), key=lambda t: t.trial) if self.trials else None
