@@ -190,7 +190,8 @@ async def get_model(state: AppState, name: str, include_code: bool = True) -> Mo
         summary=detail["summary"], best_run=best, curve=curve, weights=detail["weights"],
         recent_runs=[{k: short(_maybe_json(v)) if k == "isolation" else _maybe_json(v) for k, v in r.items()}
                      for r in detail["recent_runs"]],
-        same_architecture=same, lemur=LemurMeasurements(**extras) if extras else None,
+        same_architecture=same, layers=await _latest_layers(store, model["name"]),
+        lemur=LemurMeasurements(**extras) if extras else None,
         train_hardware=diagnostics.get("hardware"), code=code, code_truncated=cut,
     )
 
@@ -212,6 +213,15 @@ def reproduction(run: dict[str, Any]) -> dict[str, Any]:
         "compute_capability": env.get("compute_capability"), "cpu_model": env.get("cpu_model"),
         "threads": env.get("threads"), "harness": env.get("harness"), "server_version": env.get("server_version"),
     }
+
+
+async def _latest_layers(store: Any, name: str) -> list[dict[str, Any]] | None:
+    """The per-layer costs of the newest finished job (or check) of this model that measured them: the check
+    runs the model in the sandbox, so the host never builds untrusted code to answer this."""
+    row = await store.fetchone(
+        "SELECT json_extract(result, '$.layers') AS layers FROM job WHERE model_name=? AND finished IS NOT NULL "
+        "AND json_type(result, '$.layers') = 'array' ORDER BY finished DESC LIMIT 1", (name,))
+    return json.loads(row["layers"]) if row and row["layers"] else None
 
 
 DIAGNOSTIC_FIELDS = ("train_loss", "test_loss", "train_accuracy", "gradient_norm", "samples_per_second")

@@ -210,6 +210,9 @@ class ModelDetail(BaseModel):
                                                  "file of that run, one per format (safetensors, onnx)")
     recent_runs: list[dict[str, Any]]
     same_architecture: list[str] = Field(description="Other models with the same fingerprint")
+    layers: list[dict[str, Any]] | None = Field(default=None, description=(
+        "The heaviest modules (top 10 by FLOPs: name, type, out_shape, params, flops for one sample), as the "
+        "last check of this model in the sandbox measured them; null until a job or check_model ran it here"))
     lemur: LemurMeasurements | None = Field(
         default=None, description="LEMUR's own measurements of this model (imported LEMUR 2.2 database); "
                                   "null when there are none. The same in full: nn_stat_data(), run_data(), "

@@ -162,6 +162,8 @@ async def test_flags_falling_accuracy_lr_at_the_edge_training_accuracy_and_timin
     for point in result["curve"]:
         assert archived[point["epoch"]]["train_accuracy"] == pytest.approx(point["train_accuracy"])
         assert archived[point["epoch"]]["train_loss"] == pytest.approx(point["train_loss"])
+    # and the per-layer costs its check measured in the sandbox, heaviest first
+    assert detail["layers"] and detail["layers"] == result["layers"] and detail["layers"][0]["name"] == "features.0"
 
 
 async def test_chance_level_and_evaluation_heavy_are_flagged_and_progress_shows_the_evaluated_epoch(client):
