@@ -181,6 +181,18 @@ if not checking:
         hog.append(b"\\x01" * (64 << 20))
 """
 
+# The same bomb after raising its own soft RLIMIT_DATA back to the hard limit (the runner lowers only the soft
+# one, to make running out an error): only the cgroup's (or container's) memory limit is left to stop it.
+MEMORY_BOMB_UNCAPPED = """
+if not checking:
+    import resource
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    resource.setrlimit(resource.RLIMIT_DATA, (hard, hard))
+    hog = []
+    while True:
+        hog.append(b"\\x01" * (64 << 20))
+"""
+
 # On a GPU this is a GPU memory bomb; on CPU it exercises the same path with host memory.
 DEVICE_MEMORY_BOMB = """
 if not checking:

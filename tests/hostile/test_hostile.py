@@ -127,6 +127,13 @@ def fork_bomb_was_capped(seen: Seen) -> None:
     assert 8 < seen.max_procs <= LIMITS.pids, (seen.max_procs, show(seen.job))
 
 
+def memory_limit_refused(seen: Seen) -> None:
+    # the runner caps its private memory at the cgroup's (container's) limit: the allocation fails inside the
+    # sandbox with an error the agent can read (batch, parameters, next step), before the kernel kills anything
+    assert "learn() ran out of memory: MemoryError" in seen.error["message"], seen.error
+    assert "batch 32 (fixed by prm.batch)" in seen.error["message"], seen.error
+
+
 def memory_limit_killed(seen: Seen) -> None:
     # the kernel's OOM killer inside the job's cgroup (process) or container: nothing else died
     assert seen.error["message"].startswith("Killed by the sandbox's memory limit"), seen.error
@@ -134,7 +141,7 @@ def memory_limit_killed(seen: Seen) -> None:
 
 def device_allocation_failed(seen: Seen) -> None:
     # 1 TiB at once: the allocator refuses (CPU: can't allocate memory; GPU: torch.OutOfMemoryError)
-    assert seen.error["message"].startswith("learn() ran out of memory"), seen.error
+    assert "learn() ran out of memory" in seen.error["message"], seen.error
     assert [t["error"]["kind"] for t in seen.job["result"]["trials"]] == ["out_of_memory"], seen.job["result"]
 
 
@@ -369,7 +376,9 @@ def shape_reported(seen: Seen) -> None:
 CASES = [
     # resource exhaustion
     Case("fork_bomb", {"learn": sub.FORK_BOMB}, TIMEOUT_CHECK, fork_bomb_was_capped, TIMEOUT_BUDGET_S),
-    Case("memory_bomb", {"learn": sub.MEMORY_BOMB}, ("failed", "out_of_memory", "training"), memory_limit_killed),
+    Case("memory_bomb", {"learn": sub.MEMORY_BOMB}, ("failed", "out_of_memory", "training"), memory_limit_refused),
+    Case("memory_bomb_uncapped", {"learn": sub.MEMORY_BOMB_UNCAPPED}, ("failed", "out_of_memory", "training"),
+         memory_limit_killed),
     Case("device_memory_bomb", {"learn": sub.DEVICE_MEMORY_BOMB}, ("failed", "out_of_memory", "training"),
          device_allocation_failed, gpu=True),
     Case("disk_filler_tmp", {"learn": sub.FILL_TMP}, REPORTED, tmp_filled_to_its_cap),
