@@ -56,7 +56,7 @@ Metric = Annotated[FilterText, Field(description="Metric, e.g. 'acc' (accuracy i
 async def unknown_model_error(state: AppState, name: str) -> ToolError:
     near = await state.zoo().similar_model_names(name, limit=5)
     hint = f" Similar names: {', '.join(near)}." if near else ""
-    return ToolError(f"Unknown model '{name}'.{hint} query_models(view='models') lists every model's name.")
+    return ToolError(f"Unknown model '{name}'.{hint} Call query_models(view='models') to list every model's name.")
 
 
 def dataset_entries(settings_data_root: Any) -> list[DatasetEntry]:

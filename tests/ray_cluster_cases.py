@@ -343,8 +343,9 @@ async def test_a_server_killed_mid_training_leaves_its_job_to_the_next_server(ra
                                               "WHERE r.job_id=? ORDER BY p.epoch", (job_id,))]
     assert len(uids) == 1 and uids[0].startswith(f"{job_id}:a2:"), uids  # no run of the killed attempt
     # every point is the second attempt's own: SLOW sleeps 0.1 s a batch, 1.6 s to its first point (the
-    # first attempt's events, read again, would put that point at once after the trial's start)
-    assert len(elapsed) == 4 and elapsed[0] >= 1.6, elapsed
+    # first attempt's events, read again, would put that point at once after the trial's start: 0.05 s was
+    # measured so); the host dates a trial's start by when it saw the event, so its count may be a bit short
+    assert len(elapsed) == 4 and elapsed[0] >= 0.8, elapsed
     assert count(settings.zoo_path, "SELECT COUNT(*) FROM run WHERE job_id=? AND selected=1", (job_id,)) == 1
     with anyio.fail_after(30):  # Ray ends the actors of a dead driver (fate sharing)
         while alive(actor_pid):

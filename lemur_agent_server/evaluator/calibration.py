@@ -51,7 +51,7 @@ from typing import Any
 
 import anyio
 
-from sandbox import datasets, protocol
+from sandbox import _owner, datasets, protocol
 from sandbox.backend import Backend, JobPaths, Limits
 from sandbox.runner import calibrate as workload
 from zoo.store import ZooStore
@@ -203,8 +203,26 @@ def _spec(backend: Backend, paths: JobPaths, gpu: str | None, threads: int) -> p
         device="cuda" if gpu is not None else "cpu", threads=threads, save_weights=False)
 
 
+def _folder_owner() -> str:
+    """`<pid>-<start ticks>` of this server: a calibration folder is named by its owner, so a server that
+    died mid-measurement leaves a folder the next server can tell is an orphan (`sweep_orphans`)."""
+    return f"{os.getpid()}-{_owner.start_ticks(os.getpid())}"
+
+
+def sweep_orphans(jobs_root: Path) -> list[str]:
+    """Remove the calibration folders of servers that no longer run (killed mid-measurement)."""
+    removed = []
+    for path in jobs_root.glob("calibrate-*") if jobs_root.is_dir() else ():
+        parts = path.name.rsplit("-", 2)
+        alive = len(parts) == 3 and parts[1].isdigit() and _owner.is_running(int(parts[1]), parts[2])
+        if not alive:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return removed
+
+
 def _prepare(jobs_root: Path, key: DeviceKey) -> JobPaths:
-    job_dir = jobs_root / f"calibrate-{key.digest[:12]}-{os.getpid()}"
+    job_dir = jobs_root / f"calibrate-{key.digest[:12]}-{_folder_owner()}"
     paths = JobPaths(job_dir=job_dir, data_dir=job_dir / "nodata")
     shutil.rmtree(job_dir, ignore_errors=True)
     for d in (paths.in_dir, paths.out_dir, paths.data_dir):
@@ -277,6 +295,7 @@ class Calibrator:
         self._tried: set[str] = set()  # measured (or failed) in this process: not again
         self._lock = anyio.Lock()  # one calibration sandbox at a time
         self._harness: str | None = None
+        sweep_orphans(jobs_root)  # folders of servers killed while they measured
 
     async def key(self, gpu: str | None, threads: int) -> DeviceKey:
         if self._harness is None:

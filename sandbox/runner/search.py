@@ -47,8 +47,10 @@ def _weights_rank(o: TrialOutcome) -> tuple[bool, float, int]:
 
 
 def best_outcome(outcomes: list[TrialOutcome]) -> TrialOutcome | None:
-    """The trial the host will select (same rule), among those with a validation accuracy."""
-    return protocol.select_trial((o for o in outcomes if o.val_accuracy is not None), _rank)
+    """The trial the host will select (same rule), among those that reached a curve point: the host
+    selects among those too, and ranks one without a validation accuracy (protocol "lemur" holds none
+    out) below one with it."""
+    return protocol.select_trial((o for o in outcomes if o.points > 0 or o.val_accuracy is not None), _rank)
 
 
 def _keep_best_weights(job: Job, kept: TrialOutcome | None, new: TrialOutcome) -> TrialOutcome | None:
