@@ -13,6 +13,7 @@ import os
 import shutil
 import stat
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -141,17 +142,24 @@ def archive_weights(out_dir: Path, rel: str, weights_root: Path) -> tuple[str, i
         if not _safetensors_header_ok(fh):
             raise OutputError(f"{rel!r} is not a safetensors file")
         fh.seek(0)
-        digest = hashlib.sha256()
-        weights_root.mkdir(parents=True, exist_ok=True)
-        tmp = weights_root / f".incoming-{os.getpid()}-{id(fh)}"
-        size = 0
-        with open(tmp, "wb") as dst:
-            while chunk := fh.read(1 << 20):
-                digest.update(chunk)
-                dst.write(chunk)
-                size += len(chunk)
+        return store_content_addressed(fh, weights_root, "safetensors")
+
+
+def store_content_addressed(fh: BinaryIO, weights_root: Path, suffix: str) -> tuple[str, int, str]:
+    """Copy the open file `fh` (from its current position) into `weights_root` as `<sha[:2]>/<sha>.<suffix>`
+    through a temporary name, so a reader never sees half a file and equal content is stored once.
+    Returns (sha256, size, path relative to `weights_root`)."""
+    digest = hashlib.sha256()
+    weights_root.mkdir(parents=True, exist_ok=True)
+    tmp = weights_root / f".incoming-{os.getpid()}-{id(fh)}.{suffix}"
+    size = 0
+    with open(tmp, "wb") as dst:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+            dst.write(chunk)
+            size += len(chunk)
     sha = digest.hexdigest()
-    rel_dst = f"{sha[:2]}/{sha}.safetensors"
+    rel_dst = f"{sha[:2]}/{sha}.{suffix}"
     final = weights_root / rel_dst
     final.parent.mkdir(exist_ok=True)
     if final.exists():

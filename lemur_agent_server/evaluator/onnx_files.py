@@ -8,7 +8,6 @@ always passes: it opens with field 1 (`ir_version`, a small varint).
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -32,21 +31,4 @@ def archive_onnx(out_dir: Path, rel: str, weights_root: Path) -> tuple[str, int,
         if not _looks_like_onnx(fh.read(2)):
             raise jobfiles.OutputError(f"{rel!r} is not an ONNX model (no ModelProto header)")
         fh.seek(0)
-        digest = hashlib.sha256()
-        weights_root.mkdir(parents=True, exist_ok=True)
-        tmp = weights_root / f".incoming-{os.getpid()}-{id(fh)}.onnx"
-        size = 0
-        with open(tmp, "wb") as dst:
-            while chunk := fh.read(1 << 20):
-                digest.update(chunk)
-                dst.write(chunk)
-                size += len(chunk)
-    sha = digest.hexdigest()
-    rel_dst = f"{sha[:2]}/{sha}.{FORMAT}"
-    final = weights_root / rel_dst
-    final.parent.mkdir(exist_ok=True)
-    if final.exists():
-        tmp.unlink()
-    else:
-        tmp.replace(final)
-    return sha, size, rel_dst
+        return jobfiles.store_content_addressed(fh, weights_root, FORMAT)
