@@ -54,7 +54,9 @@ MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]  # CIFAR-10's, fo
 HARNESS_TARGET, DATALOADER_TARGET = 0.95, 4.0
 FREED_SLACK_MIB = 64  # GPU memory still "used" after a kill that counts as freed (driver bookkeeping)
 
-LENET5 = '''
+# Both models' files share this part: imports, the hyperparameters, and the training loop (Trainable.learn:
+# the same optimizer step for the harness, the hand-written loop and the DataLoader loop, which all call it)
+MODEL_COMMON = '''
 import torch
 import torch.nn as nn
 
@@ -63,7 +65,22 @@ def supported_hyperparameters():
     return {"lr", "momentum"}
 
 
-class Net(nn.Module):
+class Trainable(nn.Module):
+    def train_setup(self, prm):
+        self.to(self.device)
+        self.criterion = nn.CrossEntropyLoss()
+        self.optimizer = torch.optim.SGD(self.parameters(), lr=prm["lr"], momentum=prm["momentum"])
+
+    def learn(self, train_data):
+        for inputs, labels in train_data:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.criterion(self(inputs), labels).backward()
+            self.optimizer.step()
+'''
+
+LENET5 = MODEL_COMMON + '''
+
+class Net(Trainable):
     """LeNet-5 sized: two 5x5 convolutions (6, 16 channels), three linear layers (~62k parameters)."""
 
     def __init__(self, in_shape, out_shape, prm, device):
@@ -77,28 +94,10 @@ class Net(nn.Module):
 
     def forward(self, x):
         return self.head(self.features(x))
-
-    def train_setup(self, prm):
-        self.to(self.device)
-        self.criterion = nn.CrossEntropyLoss()
-        self.optimizer = torch.optim.SGD(self.parameters(), lr=prm["lr"], momentum=prm["momentum"])
-
-    def learn(self, train_data):
-        for inputs, labels in train_data:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.criterion(self(inputs), labels).backward()
-            self.optimizer.step()
 '''
 
-RESNET18 = '''
-import torch
-import torch.nn as nn
-
+RESNET18 = MODEL_COMMON + '''
 WIDTH = {width}
-
-
-def supported_hyperparameters():
-    return {{"lr", "momentum"}}
 
 
 class Block(nn.Module):
@@ -114,7 +113,7 @@ class Block(nn.Module):
         return torch.relu(self.body(x) + self.skip(x))
 
 
-class Net(nn.Module):
+class Net(Trainable):
     """ResNet-18 sized, CIFAR layout: 3x3 stem, four stages of two basic blocks (WIDTH=64: ~11M parameters)."""
 
     def __init__(self, in_shape, out_shape, prm, device):
@@ -131,18 +130,12 @@ class Net(nn.Module):
 
     def forward(self, x):
         return self.fc(self.body(x))
-
-    def train_setup(self, prm):
-        self.to(self.device)
-        self.criterion = nn.CrossEntropyLoss()
-        self.optimizer = torch.optim.SGD(self.parameters(), lr=prm["lr"], momentum=prm["momentum"])
-
-    def learn(self, train_data):
-        for inputs, labels in train_data:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.criterion(self(inputs), labels).backward()
-            self.optimizer.step()
 '''
+
+
+def resnet18(width: int) -> str:
+    """The ResNet-18-sized model file at `width` (64: the real size; 4: the CPU smoke test's)."""
+    return RESNET18.replace("{width}", str(width))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,8 +152,8 @@ class Case:
 def cases(device: str, quick: bool) -> list[Case]:
     """Full sizes on a GPU (CIFAR-10's 50k images, ResNet-18 at width 64); seconds on a CPU."""
     if device == "cuda" and not quick:
-        return [Case("lenet5", LENET5, 50_000, 128, 150), Case("resnet18", RESNET18.format(width=64), 50_000, 128, 60)]
-    return [Case("lenet5", LENET5, 640, 32, 6), Case("resnet18", RESNET18.format(width=4), 160, 32, 3)]
+        return [Case("lenet5", LENET5, 50_000, 128, 150), Case("resnet18", resnet18(64), 50_000, 128, 60)]
+    return [Case("lenet5", LENET5, 640, 32, 6), Case("resnet18", resnet18(4), 160, 32, 3)]
 
 
 # --- helpers --------------------------------------------------------------------------------------------
@@ -258,37 +251,49 @@ def harness(work: Path, case: Case, device: str, threads: int, precision: str | 
     return {"images_per_s": n_train / (point["train_ns"] / 1e9), "first_step_s": first["t_unix"] - t0}
 
 
-# --- (b) hand-written, GPU-resident -----------------------------------------------------------------------
-def hand_written(module: Any, case: Case, device: torch.device, steps: int, bf16: bool = False) -> float:
-    """Images/s of the same learn() over normalised floats already on the device."""
+# --- (b) and (c): one timed loop over two batch sources --------------------------------------------------
+Batches = Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]  # n -> the next n batches
+
+
+def loop_rate(module: Any, case: Case, device: torch.device, batches: Batches, steps: int, warmup: int,
+              bf16: bool = False) -> float:
+    """Images/s of the model's own learn() over `steps` batches from `batches`, after `warmup` untimed ones
+    (allocator, kernel selection, the loader's workers filling their queues); bf16 autocast around it."""
+    net = build(module, case.batch, device)
+
+    def run(n: int) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            net.learn(batches(n))
+
+    run(warmup)
+    return steps * case.batch / timed(device, lambda: run(steps))
+
+
+def resident_batches(case: Case, device: torch.device) -> Batches:
+    """(b) hand-written, GPU-resident: normalised floats already on the device, shuffled index slices."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (case.n_train, 3, 32, 32), generator=gen, dtype=torch.uint8).to(device)
     y = torch.randint(0, 10, (case.n_train,), generator=gen).to(device)
     mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
     x = (x.float() / 255 - mean) / std
-    net = build(module, case.batch, device)
     perm = torch.randperm(case.n_train, device=device)
+    last = case.n_train - case.batch
 
     def batches(n: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        last = case.n_train - case.batch
         for i in range(n):
             start = (i * case.batch) % max(1, last)
             idx = perm[start:start + case.batch]
             yield x[idx], y[idx]
 
-    def run(n: int) -> None:
-        if bf16:
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                net.learn(batches(n))
-        else:
-            net.learn(batches(n))
-
-    run(3)  # warm-up: allocator, kernel selection
-    return steps * case.batch / timed(device, lambda: run(steps))
+    return batches
 
 
-# --- (c) a DataLoader with workers (LEMUR's way) ---------------------------------------------------------
+def hand_written(module: Any, case: Case, device: torch.device, steps: int, bf16: bool = False) -> float:
+    """Images/s of the same learn() over normalised floats already on the device: the ceiling."""
+    return loop_rate(module, case, device, resident_batches(case, device), steps, warmup=3, bf16=bf16)
+
+
 class ArrayImages(torch.utils.data.Dataset):
     """uint8 HWC images through ToTensor + Normalize one at a time, in the loader's worker processes."""
 
@@ -307,11 +312,11 @@ class ArrayImages(torch.utils.data.Dataset):
         return self.pipeline(self.images[i]), int(self.labels[i])
 
 
-def dataloader(module: Any, case: Case, device: torch.device, steps: int, workers: int) -> float:
+def loader_batches(case: Case, device: torch.device, workers: int) -> Batches:
+    """(c) a DataLoader with worker processes and per-image transforms on the CPU (LEMUR's way)."""
     loader = torch.utils.data.DataLoader(ArrayImages(case.n_train), batch_size=case.batch, shuffle=True,
                                          num_workers=workers, pin_memory=device.type == "cuda", drop_last=True,
                                          persistent_workers=workers > 0)
-    net = build(module, case.batch, device)
     stream = iter(loader)
 
     def batches(n: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -324,8 +329,11 @@ def dataloader(module: Any, case: Case, device: torch.device, steps: int, worker
                 xb, yb = next(stream)
             yield xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
 
-    net.learn(batches(2))  # warm-up: the workers start and fill their prefetch queues
-    return steps * case.batch / timed(device, lambda: net.learn(batches(steps)))
+    return batches
+
+
+def dataloader(module: Any, case: Case, device: torch.device, steps: int, workers: int) -> float:
+    return loop_rate(module, case, device, loader_batches(case, device, workers), steps, warmup=2)
 
 
 # --- 4. a killed job frees its GPU memory ---------------------------------------------------------------

@@ -173,11 +173,15 @@ def build_synthetic(path: Path, records: int, models: int = 10_482, epochs: int 
 
 
 def _train_stat(rng: random.Random, epoch: int) -> dict[str, Any]:
+    """The usage values have the precision LEMUR 2.2.11's trainer gives them (REAL columns): RAM in whole
+    kB (psutil's Linux byte counts are /proc/meminfo kB times 1024), GPU memory in 0.5 kB steps (CUDA
+    allocations are multiples of 512 bytes), CPU percent with one decimal (psutil rounds it)."""
     return {"train_loss": 2.0 / epoch, "test_loss": 2.1 / epoch, "train_accuracy": rng.random(),
             "gradient_norm": rng.random() * 5, "samples_per_second": rng.uniform(100, 5000), "epoch_max": 5,
-            "cpu_count": 16, "cpu_type": "x86_64", "cpu_usage_percent": rng.uniform(0, 100),
-            "total_ram_kb": 65_000_000, "occupied_ram_kb": rng.uniform(1e6, 6e7), "gpu_type": "Synthetic GPU 24GB",
-            "gpu_total_memory_kb": 24_000_000, "occupied_gpu_memory_kb": rng.uniform(1e5, 2e7)}
+            "cpu_count": 16, "cpu_type": "x86_64", "cpu_usage_percent": round(rng.uniform(0, 100), 1),
+            "total_ram_kb": 65_000_000.0, "occupied_ram_kb": float(rng.randint(10**6, 6 * 10**7)),
+            "gpu_type": "Synthetic GPU 24GB", "gpu_total_memory_kb": 24_000_000.0,
+            "occupied_gpu_memory_kb": rng.randint(2 * 10**5, 4 * 10**7) * 0.5}
 
 
 def _side_rows(w: LemurDbWriter, name: str, i: int, rng: random.Random) -> None:

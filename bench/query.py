@@ -72,6 +72,11 @@ async def bench(path: Path, label: str) -> None:
         first = await store.query(best, Page(limit=20))
         results["best_only_one_task_dataset_epoch"] = await amedian_ms(lambda: store.query(best, Page(limit=20)))
         results["unfiltered_first_page"] = await amedian_ms(lambda: store.query(Filters(), Page(limit=20)))
+        for sort, desc in (("duration", True), ("duration", False), ("accuracy_to_time", None), ("created", None)):
+            results[f"unfiltered_page_by_{sort}{'_desc' if desc else ''}"] = await amedian_ms(
+                lambda s=sort, d=desc: store.query(Filters(), Page(sort=s, descending=d, limit=20)), repeat=3)
+        results["one_task_dataset_page"] = await amedian_ms(
+            lambda: store.query(Filters(task=task, dataset=dataset, metric=metric), Page(limit=20)), repeat=3)
         deep = await store.query(best, Page(limit=20, offset=max(0, first["total"] - 40)))
         results["best_only_page_near_the_end"] = await amedian_ms(
             lambda: store.query(best, Page(limit=20, offset=max(0, first["total"] - 40))))

@@ -13,10 +13,18 @@ wrapper around the backend's handles); the loop is timed the same way, from its 
 exit. Targets (issue 12): fixed cost <= 1 s per job locally with pre-started sandboxes (`--sandbox
 docker`), <= 2 s on Ray; Ray's throughput >= 0.9 x local's for the same slots.
 
+Below the table, where the time goes (medians, per job): the claim -> first step stages, the last
+point -> archived ones (the sandbox's end seen by the host, then scoring and the archive), how long an
+event takes from the runner's write (its `t`) to the host's parser, and on Ray the executor's own steps
+from its stamps (`RayHandle.timings`: the host's start call, the actor's entry, the dataset, the
+staging, the sandbox's start on the node; at the end the node's exit, the host seeing it, the out/ files
+back) and the CPU that Ray's own processes (GCS, raylets, agents, actors, not the sandboxes) used.
+
 Ray runs as two nodes (one CPU each, so two slots, as local with 2 slots) started by this script on
-127.0.0.1 with token authentication, inside a network namespace of its own (only `lo`, as the tests
-do: Ray would otherwise use the default route's address): the script re-executes itself under
-`unshare --net`. Its nodes are stopped by process id at the end.
+127.0.0.1 with token authentication (`ray_local_cluster.LocalRayCluster`, the tests' cluster too),
+inside a network namespace of its own (only `lo`, as the tests do: Ray would otherwise use the default
+route's address): the script re-executes itself under `unshare --net`. Its nodes are stopped by
+process id at the end. Note the load (`cat /proc/loadavg`) with every figure: the machine is shared.
 
     python bench/throughput.py [--models 50] [--epochs 0.5] [--sandbox process|docker]
                                [--configs nngpt,local1,local2,ray2]
@@ -30,8 +38,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,6 +56,7 @@ from lemur_agent_server.config import Settings  # noqa: E402
 from lemur_agent_server.evaluator.executor import make_backend  # noqa: E402
 from lemur_agent_server.evaluator.pipeline import default_transforms  # noqa: E402
 from lemur_agent_server.evaluator.queue import JobQueue  # noqa: E402
+from lemur_agent_server.evaluator.ray_local_cluster import LocalRayCluster, only_loopback  # noqa: E402
 from lemur_agent_server.evaluator.requests import EvalRequest  # noqa: E402
 from sandbox import datasets, protocol  # noqa: E402
 from sandbox.backend import Backend, Exit, Handle, JobPaths, Limits, RunnerPaths  # noqa: E402
@@ -112,7 +119,7 @@ def make_requests(n: int, epochs: float) -> list[EvalRequest]:
 class TimedHandle(Handle):
     """A sandbox handle that stamps (time.time) the first step and the last point as the host reads them."""
 
-    def __init__(self, inner: Handle, marks: dict[str, float]):
+    def __init__(self, inner: Handle, marks: dict[str, Any]):
         self._inner = inner
         self.paths = inner.paths
         self._marks = marks
@@ -124,6 +131,8 @@ class TimedHandle(Handle):
     async def events(self, poll_s: float = 0.05) -> AsyncIterator[dict[str, Any]]:
         async for event in self._inner.events(poll_s):
             kind = event.get("event")
+            if isinstance(event.get("t"), float):  # the runner's own clock (this machine's): the event's delay
+                self._marks.setdefault("lag", []).append(time.time() - event["t"])  # type: ignore[attr-defined]
             if kind in STAGES:
                 self._marks.setdefault(kind, time.time())
             elif kind == protocol.EVENT_POINT:
@@ -131,7 +140,9 @@ class TimedHandle(Handle):
             yield event
 
     async def wait(self) -> Exit:
-        return await self._inner.wait()
+        exit_ = await self._inner.wait()
+        self._marks.setdefault("waited", time.time())
+        return exit_
 
     async def cancel(self) -> None:
         await self._inner.cancel()
@@ -146,7 +157,7 @@ class TimedBackend(Backend):
     def __init__(self, inner: Backend):
         self.inner = inner
         self.name = inner.name
-        self.marks: dict[str, dict[str, float]] = {}
+        self.marks: dict[str, dict[str, Any]] = {}
 
     def runner_paths(self, paths: JobPaths) -> RunnerPaths:
         return self.inner.runner_paths(paths)
@@ -181,7 +192,8 @@ class Result:
     jobs: int
     to_first: list[float]  # claim -> first step, per job
     to_end: list[float]  # last step -> archived, per job
-    parts: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # claim -> first step, by stage
+    parts: dict[str, dict[str, list[float]]] = dataclasses.field(default_factory=dict)  # section -> step -> s
+    daemon_cpu_s: float | None = None  # Ray: CPU seconds its own processes (not the sandboxes) used
 
     @property
     def per_min(self) -> float:
@@ -215,9 +227,12 @@ def table(results: list[Result]) -> str:
                       "(target >= 0.9)")
     lines.append("")
     for r in results:
-        if r.parts:
-            lines.append(f"{r.label + ', ' + str(r.slots) + ' slot(s)':<34} claim->1st step: " + ", ".join(
-                f"{name} {statistics.median(v):.2f}" for name, v in r.parts.items() if v))
+        for section, steps in r.parts.items():
+            lines.append(f"{r.label + ', ' + str(r.slots) + ' slot(s)':<34} {section}: " + ", ".join(
+                f"{name} {statistics.median(v):.2f}" for name, v in steps.items() if v))
+        if r.daemon_cpu_s is not None:
+            lines.append(f"{r.label + ', ' + str(r.slots) + ' slot(s)':<34} Ray's own processes: "
+                         f"{r.daemon_cpu_s:.1f} CPU s in {r.wall_s:.1f} s wall ({r.daemon_cpu_s / r.wall_s:.2f} cores)")
     return "\n".join(lines + [""] + ratios)
 
 
@@ -234,45 +249,71 @@ def bench_settings(root: Path, sandbox: str, slots: int, executor: str = "local"
     return settings
 
 
-async def through_queue(key: str, label: str, settings: Settings, requests: list[EvalRequest]) -> Result:
+async def through_queue(key: str, label: str, settings: Settings, requests: list[EvalRequest],
+                        cpu_probe: Callable[[], float] | None = None) -> Result:
     backend = TimedBackend(await anyio.to_thread.run_sync(make_backend, settings))
+    cpu_at_start = cpu_probe() if cpu_probe is not None else 0.0
     async with await ZooStore.open(settings.zoo_path) as store:
         async with JobQueue.running(settings, store, backend=backend) as queue:
             t0 = time.time()
             _, entries = await queue.submit_batch(requests)
             ids = [e["job_id"] for e in entries]
-            rows: dict[str, dict[str, Any]] = {}
-            while len(rows) < len(ids):
-                for job_id in ids:
-                    row = await queue.jobs.get(job_id)
-                    if job_id not in rows and row is not None and row["status"] in FINISHED:
-                        rows[job_id] = row
-                await anyio.sleep(0.2)
+            rows = await _until_finished(queue, ids)
+            daemon_cpu = cpu_probe() if cpu_probe is not None else None  # before the actors are retired
     wall = max(r["finished"] for r in rows.values()) - t0
     ok = [j for j in ids if rows[j]["status"] == "succeeded" and backend.marks.get(j, {}).keys() >= {
         "first_step", "last_point"}]
     for j in ids:
         if j not in ok:
             print(f"  {label}: {j} {rows[j]['status']}: {json.dumps(rows[j]['error'])[:300]}", flush=True)
+    marks = [{"claim": rows[j]["started"], "archived": rows[j]["finished"], **backend.marks[j]} for j in ok]
+    parts = {"claim->1st step": _steps(marks, ("claim", "start", *STAGES)),
+             "last point->archived": _steps(marks, ("last_point", "waited", "archived")),
+             "event delay (written->host)": {"all events": [lag for m in marks for lag in m.get("lag", [])]}}
     placed = getattr(backend.inner, "placed", None)
-    if placed is not None:  # Ray: how many actors ran the batch (a kept actor runs several jobs)
-        print(f"  {label}: {len({placed[j]['pid'] for j in ids if j in placed})} actors ran {len(ids)} jobs",
-              flush=True)
+    if placed is not None:
+        parts.update(_ray_parts(label, placed, ids, ok, backend.marks))
     return Result(key, label, settings.slot_count, wall, len(ok), len(ids),
                   [backend.marks[j]["first_step"] - rows[j]["started"] for j in ok],
-                  [rows[j]["finished"] - backend.marks[j]["last_point"] for j in ok],
-                  _stage_parts([{"claim": rows[j]["started"], **backend.marks[j]} for j in ok]))
+                  [rows[j]["finished"] - backend.marks[j]["last_point"] for j in ok], parts,
+                  None if daemon_cpu is None else daemon_cpu - cpu_at_start)
 
 
-def _stage_parts(marks: list[dict[str, float]]) -> dict[str, list[float]]:
-    """Per job, the seconds between consecutive stamps: claim -> sandbox start (the host's checks, code
-    quality, job dir) -> ready (the sandbox up, the runner's imports) -> check (data, model built and
-    run once) -> trial start -> first step."""
-    names = ("claim", "start", *STAGES)
-    parts: dict[str, list[float]] = {}
-    for a, b in zip(names, names[1:], strict=False):
-        parts[f"{a}->{b}"] = [m[b] - m[a] for m in marks if a in m and b in m]
-    return parts
+async def _until_finished(queue: JobQueue, ids: list[str]) -> dict[str, dict[str, Any]]:
+    rows: dict[str, dict[str, Any]] = {}
+    while len(rows) < len(ids):
+        for job_id in ids:
+            row = await queue.jobs.get(job_id)
+            if job_id not in rows and row is not None and row["status"] in FINISHED:
+                rows[job_id] = row
+        await anyio.sleep(0.2)
+    return rows
+
+
+def _ray_parts(label: str, placed: dict[str, dict[str, Any]], ids: list[str], ok: list[str],
+               marks: dict[str, dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
+    """Ray's own steps per job (the executor's stamps with the host's marks); prints how many actors and
+    nodes ran the batch (a kept actor runs several jobs), the dataset's fetches and the niceness."""
+    here = [placed[j] for j in ids if j in placed]
+    print(f"  {label}: {len({p['pid'] for p in here})} actors on {len({p['node'] for p in here})} nodes ran "
+          f"{len(ids)} jobs; the dataset fetched {sum(bool(p.get('data_fetched')) for p in here)} times; "
+          f"niceness {sorted({json.dumps(p.get('niceness')) for p in here})}", flush=True)
+    timings = [{**placed[j]["t"], **marks[j]} for j in ok if "t" in placed.get(j, {})]
+    return {"ray start": _steps(timings, RAY_START), "ray end": _steps(timings, RAY_END)}
+
+
+# where a job's time goes on Ray, from the executor's stamps (RayHandle.timings) and the host's marks
+RAY_START = ("host_start", "host_called", "node_entered", "node_data", "node_staged", "node_sandbox_started",
+             protocol.EVENT_READY)
+RAY_END = ("last_point", "node_exited", "host_end_seen", "host_result", "waited")
+
+
+def _steps(marks: list[dict[str, Any]], names: tuple[str, ...]) -> dict[str, list[float]]:
+    """Per job, the seconds between consecutive stamps `names` (e.g. claim -> sandbox start (the host's
+    checks, code quality, job dir) -> ready (the sandbox up, the runner's imports) -> check (data, model
+    built and run once) -> trial start -> first step)."""
+    return {f"{a}->{b}": [m[b] - m[a] for m in marks if a in m and b in m]
+            for a, b in zip(names, names[1:], strict=False)}
 
 
 # --- the NNGPT-style loop: a fresh Python process per model ----------------------------------------
@@ -336,97 +377,32 @@ def _run_runner(job: Path) -> dict[str, float]:
 
 # --- a two-node Ray cluster on loopback -------------------------------------------------------------
 
-class RayCluster:
-    """Head and one joined node (one CPU each) on 127.0.0.1 with token auth, each a `ray start --block`
-    process of its own session, stopped by process id."""
+class RayCluster(LocalRayCluster):
+    """Head and one joined node, one CPU each (two slots, as local with 2 slots), on 127.0.0.1."""
 
     def __init__(self, temp: Path):
-        self.temp = temp
-        self.port = _free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-        self.procs: list[subprocess.Popen[bytes]] = []
+        one_cpu = ["--num-cpus", "1", "--num-gpus", "0"]
+        super().__init__(temp, one_cpu, [one_cpu])
+        self.cpu_by_name: dict[str, float] = {}
 
-    def __enter__(self) -> RayCluster:
-        ray = str(Path(sys.executable).with_name("ray"))
-        common = ["--node-ip-address", "127.0.0.1", "--disable-usage-stats", "--temp-dir", str(self.temp),
-                  "--num-cpus", "1", "--num-gpus", "0", "--block"]
-        self._start([ray, "start", "--head", "--port", str(self.port), "--include-dashboard=false", *common])
-        self._wait_nodes(1)
-        self._start([ray, "start", "--address", self.address, *common])
-        self._wait_nodes(2)
-        return self
-
-    def _start(self, argv: list[str]) -> None:
-        log = open(self.temp / f"node{len(self.procs)}.log", "wb")  # noqa: SIM115 - open while the node runs
-        self.procs.append(subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                           start_new_session=True))
-
-    def _wait_nodes(self, n: int, timeout_s: float = 120) -> None:
-        import ray
-
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) the nodes' live processes used themselves: the GCS, raylets, Ray's
+        agents and workers (actors); not their children's (the sandboxes, once they ended and were reaped)."""
+        tick = os.sysconf("SC_CLK_TCK")
+        by_name: dict[str, int] = {}
+        for pid in self.processes():
             try:
-                if not ray.is_initialized():
-                    ray.init(address=self.address, log_to_driver=False)
-                if sum(node["Alive"] for node in ray.nodes()) >= n:
-                    return
-            except Exception:  # noqa: BLE001 - the head is still starting
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"the Ray cluster did not reach {n} nodes; see {self.temp}")
-
-    def __exit__(self, *exc: object) -> None:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
-        tree = {pid for p in self.procs for pid in _descendants(p.pid)}
-        for p in reversed(self.procs):
-            p.send_signal(signal.SIGTERM)  # `ray start --block` stops its node's processes
-        for p in self.procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        for pid in tree:  # whatever of the nodes' processes is left, by its id
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
+                head, tail = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)
+            except OSError:
                 continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
+            fields = tail.split()
+            name = head.split("(", 1)[1]
+            by_name[name] = by_name.get(name, 0) + int(fields[11]) + int(fields[12])  # utime, stime
+        self.cpu_by_name = {name: ticks / tick for name, ticks in sorted(by_name.items(), key=lambda kv: -kv[1])}
+        return sum(by_name.values()) / tick
 
 
 # --- main ------------------------------------------------------------------------------------------
-
-def _only_loopback() -> bool:
-    names = [line.split(":")[0].strip() for line in Path("/proc/net/dev").read_text().splitlines()[2:]]
-    return all(name == "lo" for name in names)
-
 
 def _reexec_in_netns() -> None:
     """Run this script again inside a network namespace whose only interface is `lo` (brought up)."""
@@ -458,7 +434,10 @@ def run(args: argparse.Namespace) -> list[Result]:
             (root / "ray").mkdir()
             with RayCluster(root / "ray") as cluster:
                 settings = bench_settings(root / "ray2", args.sandbox, 2, "ray", cluster.address)
-                results.append(anyio.run(through_queue, "ray2", f"ray 2 nodes ({args.sandbox})", settings, requests))
+                results.append(anyio.run(through_queue, "ray2", f"ray 2 nodes ({args.sandbox})", settings, requests,
+                                         cluster.cpu_s))
+                print("  Ray's processes, CPU s since the cluster started: " + ", ".join(
+                    f"{name} {cpu:.1f}" for name, cpu in list(cluster.cpu_by_name.items())[:8]), flush=True)
         shutil.rmtree(root, ignore_errors=True)
     return results
 
@@ -471,7 +450,7 @@ def main() -> None:
                         help="the sandbox of every executor (docker: pre-started containers locally)")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of {', '.join(CONFIGS)}")
     args = parser.parse_args()
-    if "ray2" in args.configs and not _only_loopback():
+    if "ray2" in args.configs and not only_loopback():
         if os.environ.get(INSIDE):
             raise SystemExit("still a route out inside the namespace: refusing to start Ray")
         _reexec_in_netns()

@@ -176,7 +176,7 @@ def _save_onnx(zoo_path: Path, res: dict[str, Any], save_path: str | os.PathLike
 
 def _request(nn_code: str, task: str, dataset: str, metric: str, prm: dict[str, Any], prefix: str | None,
              epoch_limit_minutes: float, max_train_samples: int | None, export_onnx: bool = False,
-             protocol: str = "lemur") -> Any:
+             protocol: str = "lemur", eval_every: float | None = None) -> Any:
     from lemur_agent_server.evaluator.requests import EvalRequest
 
     fixed = copy.deepcopy(dict(prm))
@@ -185,7 +185,7 @@ def _request(nn_code: str, task: str, dataset: str, metric: str, prm: dict[str, 
         fixed.pop(key, None)
     try:
         return EvalRequest(code=nn_code, task=task, dataset=dataset, metric=metric, prm=fixed, n_trials=1,
-                           epochs=epochs, eval_every=min(0.5, epochs),
+                           epochs=epochs, eval_every=min(eval_every or 0.5, epochs),
                            time_budget_s=max(30.0, epoch_limit_minutes * 60 * epochs), name_prefix=prefix,
                            max_train_samples=max_train_samples, export_onnx=bool(export_onnx), protocol=protocol)
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
@@ -266,11 +266,14 @@ def check_nn(nn_code: str, task: str, dataset: str, metric: str, prm: dict[str, 
              prefix: str | None = None, save_path: str | os.PathLike[str] | None = None, export_onnx: bool = False,
              epoch_limit_minutes: float = 30, transform_dir: str | os.PathLike[str] | None = None, *,
              zoo: str | os.PathLike[str] | None = None, sandbox: str | None = None,
-             max_train_samples: int | None = None, protocol: str = "lemur") -> tuple[str, float, float, float]:
+             max_train_samples: int | None = None, protocol: str = "lemur",
+             eval_every: float | None = None) -> tuple[str, float, float, float]:
     """Train `nn_code` once with `prm` (LEMUR's dict incl. batch, transform, epoch) in a sandbox.
 
     `protocol="lemur"` (the default here): LEMUR's own protocol, the whole train split, no validation,
     test accuracy after the last epoch; `protocol="default"` holds out our validation split instead.
+    `eval_every`: epochs between curve points (default 0.5; 1.0 evaluates once per epoch as LEMUR does,
+    one evaluation pass less per epoch).
 
     LEMUR 2.2.11's parameters in LEMUR's order (NNGPT passes the first eight positionally), then ours,
     keyword-only. Returns (name, accuracy, accuracy_to_time, code_quality) like LEMUR; the name is
@@ -289,7 +292,7 @@ def check_nn(nn_code: str, task: str, dataset: str, metric: str, prm: dict[str, 
     """
     _refuse_unsupported(transform_dir)
     request = _request(nn_code, task, dataset, metric, prm, prefix, epoch_limit_minutes, max_train_samples,
-                       export_onnx, protocol)
+                       export_onnx, protocol, eval_every)
     zoo_path, job_id, outcome = _run_job(request, save_to_db, zoo, sandbox)
     result = {"job_id": job_id, "status": outcome.status, "result": outcome.result, "error": outcome.error}
     if export_onnx and outcome.status == JobStatus.SUCCEEDED:

@@ -24,6 +24,7 @@ from lemur_agent_server.evaluator import batching
 from lemur_agent_server.evaluator.protocols import DETERMINISTIC_HELP, PRECISION_HELP, PROTOCOL_HELP
 from lemur_agent_server.evaluator.requests import EvalRequest, RequestRefused
 from lemur_agent_server.job_tools import (
+    EXPORT_ONNX_HELP,
     Code,
     DatasetArg,
     JobView,
@@ -301,6 +302,8 @@ def register_batch_tools(mcp: MCPServer, state: AppState) -> None:
         name_prefix: Annotated[str | None, Field(description="Shared name prefix", max_length=64)] = None,
         max_train_samples: Annotated[int | None, Field(description="Train on at most this many images",
                                                        ge=16)] = None,
+        export_onnx: Annotated[bool, Field(description=EXPORT_ONNX_HELP + " (for every model of the batch)")
+                               ] = False,
         force: Annotated[bool, Field(description="Train even when the same experiment (normalized code, dataset, "
                                                  "prm, epochs, seed, trials) already succeeded")] = False,
         deterministic: Annotated[bool | None, Field(description=DETERMINISTIC_HELP)] = None,
@@ -321,7 +324,8 @@ def register_batch_tools(mcp: MCPServer, state: AppState) -> None:
                   "search_space": search_space or {}, "n_trials": n_trials, "epochs": epochs,
                   "time_budget_s": time_budget_s, "eval_every": eval_every, "seed": seed, "repeats": repeats,
                   "name_prefix": name_prefix, "max_train_samples": max_train_samples,
-                  "deterministic": deterministic, "precision": precision, "protocol": protocol}
+                  "export_onnx": export_onnx, "deterministic": deterministic, "precision": precision,
+                  "protocol": protocol}
         return await submit_models(state, items, shared, force)
 
     @tool(mcp, "wait_jobs", ToolAnnotations(read_only_hint=True, open_world_hint=False))

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sqlite3
 import sys
 import traceback
@@ -234,13 +236,33 @@ def main(argv: list[str] | None = None) -> int:
         _check_zoo_arg(args)
         return int(handler(args) or 0)
     except KeyboardInterrupt:
-        return 130
+        return 128 + signal.SIGTERM if _terminated else 130
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line (and a traceback on --debug)
         status, line = explain(exc)
         if getattr(args, "debug", False):
             traceback.print_exception(exc, file=sys.stderr)
         print(f"lemur-agent-server {command}: {line}", file=sys.stderr)
         return status
+
+
+_terminated = False  # set by the SIGTERM handler: the exit status says which signal stopped us
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM stop a server or worker the way Ctrl-C does.
+
+    Why: Kubernetes, SLURM and systemd stop a process with SIGTERM, whose default action ends it at
+    once. Its running jobs then waited for their claims to go stale before another server took them,
+    and its warm sandboxes' dirs and cgroups waited for the next server's sweep. Sent on as SIGINT, the
+    signal takes asyncio's Ctrl-C path (the main task is cancelled): the queue hands its jobs back to
+    the zoo, the backend closes its sandboxes, and the process exits with 143. A second signal stops at
+    once, as a second Ctrl-C does."""
+    def forward(_signum: int, _frame: Any) -> None:
+        global _terminated
+        _terminated = True
+        os.kill(os.getpid(), signal.SIGINT)
+
+    signal.signal(signal.SIGTERM, forward)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -255,6 +277,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.no_baselines:
         settings.baselines = False
     mcp = build_server(settings)
+    stop_on_sigterm()
     if not args.http:
         mcp.run()
         return 0
@@ -283,10 +306,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         finally:
             await store.close()
 
-    try:
-        anyio.run(run)
-    except KeyboardInterrupt:
-        pass
+    stop_on_sigterm()
+    anyio.run(run)
     return 0
 
 

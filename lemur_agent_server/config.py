@@ -26,6 +26,7 @@ ENV_RAY_ADDRESS = "LEMUR_RAY_ADDRESS"  # auto | HOST:PORT
 ENV_NO_SEED = "LEMUR_NO_SEED"
 ENV_NO_BASELINES = "LEMUR_NO_BASELINES"  # do not queue the seed models' baseline evaluations on first start
 ENV_NO_CALIBRATE = "LEMUR_NO_CALIBRATE"  # do not time the reference workload on this server's devices
+ENV_PRESTART = "LEMUR_PRESTART"  # warm sandboxes kept per slot for the next jobs (0: every sandbox starts cold)
 
 DEFAULT_IMAGE = "lemur-agent-server-sandbox:latest"
 
@@ -44,6 +45,9 @@ class Settings:
     baseline_budget_s: float = 90.0  # SmallVGG took 20 s a half epoch on a loaded 2-core host
     baseline_max_train_samples: int | None = None  # None: the whole training split
     calibrate: bool = True  # time the reference workload once per device while idle (evaluator.calibration)
+    # keep warm sandboxes (torch imported) for the next jobs: each costs seconds of CPU and ~0.7 GB while it
+    # waits, worth it for a stream of jobs, not for a server that runs one job and stops
+    prestart_per_slot: int = 2
     run_workers: bool = True
     token: str | None = None
     max_time_budget_s: float = 3600.0
@@ -88,6 +92,7 @@ class Settings:
             seed_zoo=os.environ.get(ENV_NO_SEED, "") not in ("1", "true", "yes"),
             baselines=os.environ.get(ENV_NO_BASELINES, "") not in ("1", "true", "yes"),
             calibrate=os.environ.get(ENV_NO_CALIBRATE, "") not in ("1", "true", "yes"),
+            prestart_per_slot=int(os.environ.get(ENV_PRESTART) or 2),
             token=os.environ.get(ENV_TOKEN) or None,
             stale_after_s=float(os.environ.get("LEMUR_STALE_AFTER_S", "15")),
             executor=os.environ.get(ENV_EXECUTOR) or "local",

@@ -39,6 +39,9 @@ TaskArg = Annotated[str, Field(description="Task; only 'img-classification' is e
 PrmArg = Annotated[dict[str, Any] | None, Field(
     description="Fixed hyperparameters, e.g. {'lr': 0.01, 'batch': 64, 'transform': 'norm_32'}; values in "
                 "[0, 1] except batch (integer) and transform (name). Anything not fixed is searched.")]
+EXPORT_ONNX_HELP = ("Also export the selected trial's model with its weights to ONNX (in the sandbox); get_model "
+                    "lists it in weights.files (format 'onnx'). A model that cannot be exported still succeeds: "
+                    "the result's onnx_error says why")
 
 
 class CheckResult(BaseModel):
@@ -340,10 +343,7 @@ def register_job_tools(mcp: MCPServer, state: AppState) -> None:
         max_train_samples: Annotated[int | None, Field(
             description="Train on at most this many images (quick experiments); test accuracy always uses "
                         "the full test split", ge=16)] = None,
-        export_onnx: Annotated[bool, Field(
-            description="Also export the selected trial's model with its weights to ONNX (in the sandbox); "
-                        "get_model lists it in weights.files (format 'onnx'). A model that cannot be exported "
-                        "still succeeds: the result's onnx_error says why")] = False,
+        export_onnx: Annotated[bool, Field(description=EXPORT_ONNX_HELP)] = False,
         deterministic: Annotated[bool | None, Field(description=DETERMINISTIC_HELP)] = None,
         precision: Annotated[Literal["fp32", "bf16"], Field(description=PRECISION_HELP)] = "fp32",
         protocol: Annotated[Literal["default", "lemur"], Field(description=PROTOCOL_HELP)] = "default",

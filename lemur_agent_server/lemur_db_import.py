@@ -162,8 +162,10 @@ class TrainLayout:
         train = record.train
         if train is None:
             return None
-        return (run_id, record.epoch, *(train[i] if i is not None else None for i in self.core),
-                *(train[i] if i is not None else None for i in self.usage))
+        core = [train[i] if i is not None else None for i in self.core]
+        if core[0] is not None and core[0] == record.point.loss:  # train_loss: the point's loss, stored
+            core[0] = None  # there once (zoo.lemur_extras.curve_diagnostics reads it back)
+        return (run_id, record.epoch, *core, *(train[i] if i is not None else None for i in self.usage))
 
     def hardware_json(self, lane: list[DbRecord]) -> str | None:
         for record in lane:

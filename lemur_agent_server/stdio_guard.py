@@ -26,11 +26,14 @@ import logging
 import os
 import re
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import IO, Any
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
 import anyio.to_thread
 import mcp_types as types
 from mcp.server.stdio import stdio_server
@@ -103,11 +106,37 @@ class LineWriter:
 
 
 class GuardedLines:
-    """The wire's read side as the SDK iterates it: only lines it can parse; the others are answered."""
+    """The wire's read side as the SDK iterates it: only lines it can parse; the others are answered.
+
+    The blocking reads run in a daemon thread of ours (`_pump`), not in an anyio worker thread: a
+    worker blocked in `readline` is joined when the process exits, so a server stopped (SIGTERM,
+    Ctrl-C) while its client keeps stdin open would hang until the client hung up."""
 
     def __init__(self, raw: IO[bytes], out: LineWriter):
         self.raw = raw
         self.out = out
+        self._send, self._receive = anyio.create_memory_object_stream[bytes | None](1)
+        self._reader: threading.Thread | None = None
+        self._stopped = threading.Event()
+
+    def _pump(self, token: anyio.lowlevel.EventLoopToken) -> None:
+        """Read lines into the stream until end of input (None), an unreadable input or a closed loop."""
+        try:
+            while not self._stopped.is_set():
+                try:
+                    line = self._read_line()
+                except (OSError, ValueError):  # the descriptor went away: as the end of input
+                    line = None
+                anyio.from_thread.run(self._send.send, line, token=token)
+                if line is None:
+                    return
+        except (anyio.RunFinishedError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            return  # nobody reads any more
+
+    def stop(self) -> None:
+        """No more reads after the one in progress (the wire's descriptor is about to be closed)."""
+        self._stopped.set()
+        self._receive.close()
 
     def _read_line(self) -> bytes | None:
         line = self.raw.readline(MAX_LINE_BYTES + 1)
@@ -123,8 +152,15 @@ class GuardedLines:
         return self
 
     async def __anext__(self) -> str:
+        if self._reader is None:
+            self._reader = threading.Thread(target=self._pump, args=(anyio.lowlevel.current_token(),),
+                                            name="lemur-stdio-reader", daemon=True)
+            self._reader.start()
         while True:
-            raw = await anyio.to_thread.run_sync(self._read_line)
+            try:
+                raw = await self._receive.receive()
+            except (anyio.EndOfStream, anyio.ClosedResourceError):
+                raise StopAsyncIteration from None
             if raw is None:
                 raise StopAsyncIteration
             if raw is _TOO_LARGE:
@@ -169,9 +205,11 @@ async def guarded_stdio_server() -> AsyncIterator[tuple[Any, Any]]:
     raw_in, restore_in = _claim(0, sys.stdin, "rb")
     raw_out, restore_out = _claim(1, sys.stdout, "wb")
     out = LineWriter(raw_out)
+    lines = GuardedLines(raw_in, out)
     try:
-        async with stdio_server(stdin=GuardedLines(raw_in, out), stdout=out) as streams:  # type: ignore[arg-type]
+        async with stdio_server(stdin=lines, stdout=out) as streams:  # type: ignore[arg-type]
             yield streams
     finally:
+        lines.stop()
         restore_out()
         restore_in()

@@ -98,6 +98,7 @@ from sandbox._docker_common import (
 from sandbox.backend import Backend, Handle, JobPaths, Limits, RunnerPaths, out_cap_text
 from sandbox.docker_handle import KILL_GRACE_S, DockerHandle
 from sandbox.docker_prestart import SLOT_PREFIX, WarmPool, pool_key
+from sandbox.prestart_files import worth_warming
 from sandbox.protocol import MODEL_FILE, SPEC_FILE
 
 __all__ = [  # the names callers and tests use, wherever they live now
@@ -116,7 +117,8 @@ _GPU_HINT = ("this Docker engine cannot give containers a GPU: install the NVIDI
 class DockerBackend(Backend):
     """Runs each job in a fresh, locked-down container of `image` (see the module docstring).
 
-    `prestart`: keep `prestart_slots` warm containers (one per evaluator slot) ready for the next job.
+    `prestart`: keep `prestart_slots` warm containers ready for the next jobs (the server asks for two
+    per evaluator slot: `evaluator.backends.prestart_depth`).
     `jobs_root`: where warm job dirs go (same filesystem as the jobs); learned from the first job if
     None. `instance_id`: this server's id in the container labels (random by default). `runtime`: an
     OCI runtime registered with the engine, e.g. "runsc" for gVisor. `client`: a docker.DockerClient.
@@ -328,7 +330,7 @@ class DockerBackend(Backend):
         if self._pool.jobs_root is None:
             self._pool.jobs_root = paths.job_dir.parent
         handle = self._start_job(paths, limits, data_dir)
-        if not self._closed:
+        if not self._closed and worth_warming(paths):
             self._pool.refill_later(data_dir, limits)  # the next job of this kind finds a warm container
         return handle
 

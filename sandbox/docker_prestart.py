@@ -5,14 +5,14 @@ first step. A warm container has done that already and only waits for its job's 
 
 Mounts are fixed when a container is created, so a warm container gets its own fresh job dir at
 pre-start time: `<jobs_root>/.lemur-prestart-<random>/{in,out}`, on the same filesystem as the jobs.
-The pool keeps ONE warm container per slot (`slots`), keyed by the dataset dir and the limits fixed at
-creation (memory, cpus, pids, gpu, out/log caps). When a job's key matches a warm container, the
-backend *adopts* it (`WarmPool.adopt`): the files of `paths.in_dir` (all but spec.json) and
-`paths.out_dir` move into the warm dirs, the warm `in/` and `out/` are renamed into `paths.job_dir` in
-place of the evaluator's (bind mounts follow a directory through a rename), and `spec.json` moves in
-last, which is the signal that starts the job. The caller's `JobPaths` stay valid. A warm container
-that died, or one older than `max_age_s`, is removed and the job starts cold. After each start the
-pool refills itself in a background thread for the key just used.
+The pool keeps up to `slots` warm containers (the server asks for two per evaluator slot), keyed by the
+dataset dir and the limits fixed at creation (memory, cpus, pids, gpu, out/log caps). When a job's key
+matches a warm container, the backend *adopts* it (`WarmPool.adopt`): the files of `paths.in_dir` (all
+but spec.json) and `paths.out_dir` move into the warm dirs, the warm `in/` and `out/` are renamed into
+`paths.job_dir` in place of the evaluator's (bind mounts follow a directory through a rename), and
+`spec.json` moves in last, which is the signal that starts the job. The caller's `JobPaths` stay valid.
+A warm container that died, or one older than `max_age_s`, is removed and the job starts cold. After
+each start the pool refills itself in a background thread for the key just used.
 
 What the process in a warm container does (`PRESTART_BOOTSTRAP`, around the unchanged one-shot runner
 `python -m sandbox.runner <spec>`; the runner has no waiting mode of its own and needs none):
@@ -26,7 +26,8 @@ What the process in a warm container does (`PRESTART_BOOTSTRAP`, around the unch
      executed, so the job's time budget counts from the moment spec.json was seen, not from the
      container start.
   5. Run that one job and exit; never wait for a second one. Exit 0 without output if no spec arrives
-     within $LEMUR_RUNNER_WAIT_MAX_S seconds (default 3600).
+     within $LEMUR_RUNNER_WAIT_MAX_S seconds (default 3600), or as soon as the server's heartbeat file
+     in its in/ is older than HEARTBEAT_STALE_S (the server died without removing it).
 """
 
 from __future__ import annotations
@@ -52,9 +53,13 @@ from sandbox._docker_common import (
     remove_container,
 )
 from sandbox.backend import JobPaths, Limits
+from sandbox.prestart_files import SLOT_PREFIX, make_slot, pool_key
+from sandbox.prestart_files import move_job_into as _move_job_into
+from sandbox.prestart_files import same_filesystem as _same_filesystem
 from sandbox.protocol import SPEC_FILE
 
-SLOT_PREFIX = ".lemur-prestart-"
+__all__ = ["HEARTBEAT_FILE", "PRESTART_BOOTSTRAP", "SLOT_PREFIX", "WAIT_MARKER", "Warm", "WarmPool", "discard",
+           "pool_key"]
 WAIT_MARKER = "lemur-runner: waiting"
 _DEATHS_BEFORE_GIVING_UP = 3
 
@@ -62,20 +67,45 @@ PRESTART_BOOTSTRAP = r"""
 import os, sys, time
 spec = sys.argv[1]
 import numpy, torch, torchvision, optuna, safetensors
+try:
+    import torch._dynamo  # what the runner imports before the first step (~1 s of CPU)
+except Exception:
+    pass
 if os.environ.get("NVIDIA_VISIBLE_DEVICES", "void") not in ("", "void", "none") and torch.cuda.is_available():
     torch.cuda.init()
     torch.zeros(1, device="cuda")
 print("lemur-runner: waiting for", spec, flush=True)
 deadline = time.monotonic() + float(os.environ.get("LEMUR_RUNNER_WAIT_MAX_S", "3600"))
+beat, stale_s, looked = os.path.join(os.path.dirname(spec), sys.argv[2]), float(sys.argv[3]), 0.0
 while not os.path.exists(spec):
     if time.monotonic() > deadline:
         sys.exit(0)
+    if time.monotonic() - looked > 1.0:  # the server touches its heartbeat file; gone or stale: it is dead
+        looked = time.monotonic()
+        try:
+            age = time.time() - os.stat(beat).st_mtime
+        except OSError:
+            age = float("inf")
+        if age > stale_s and not os.path.exists(spec):
+            sys.exit(0)
     time.sleep(0.005)
 import runpy
 sys.argv = [sys.argv[0], spec]
 runpy.run_module("sandbox.runner", run_name="__main__", alter_sys=True)
 """
-PRESTART_COMMAND = ["python3", "-c", PRESTART_BOOTSTRAP, f"{IN_DIR}/{SPEC_FILE}"]
+# The server's sign of life in a warm job dir's in/ (read-only inside): touched every HEARTBEAT_EVERY_S while
+# the pool runs; a warm container whose heartbeat is older than HEARTBEAT_STALE_S exits by itself, so a
+# server killed without closing its pool leaves stopped containers (removed by the next server's
+# cleanup_orphans), not processes that wait an hour. Removed from the job's in/ once the spec is there.
+HEARTBEAT_FILE = ".lemur-alive"
+HEARTBEAT_EVERY_S = 5.0
+HEARTBEAT_STALE_S = 30.0
+
+
+def prestart_command() -> list[str]:
+    """The warm container's command (HEARTBEAT_STALE_S read now)."""
+    return ["python3", "-c", PRESTART_BOOTSTRAP, f"{IN_DIR}/{SPEC_FILE}", HEARTBEAT_FILE, str(HEARTBEAT_STALE_S)]
+
 
 # (in_dir, out_dir, data_dir, limits, command, name, job label, slot dir) -> (container, seconds to start)
 Launch = Callable[[str, str, str, Limits, list[str], str, str, "Path | None"], tuple[Any, float]]
@@ -90,12 +120,6 @@ class Warm:
     slot: Path
     created: float
     started_s: float
-
-
-def pool_key(data_dir: Path | str, limits: Limits) -> tuple[Any, ...]:
-    """What a warm container fixed at creation; a job can adopt it only when its own key is equal."""
-    return (os.path.realpath(data_dir), limits.memory_bytes, float(limits.cpus), limits.pids, limits.gpu,
-            limits.out_cap_bytes, limits.log_cap_bytes)
 
 
 class WarmPool:
@@ -113,6 +137,7 @@ class WarmPool:
         self._lock = threading.Lock()
         self._filling = 0
         self._deaths = 0
+        self._beating = False
         self._closed = False
 
     def __len__(self) -> int:
@@ -128,17 +153,14 @@ class WarmPool:
         """Create one warm container with its own job dir under jobs_root and add it to the pool."""
         if self._closed or self.jobs_root is None:
             return None
-        slot = self.jobs_root / f"{SLOT_PREFIX}{secrets.token_hex(6)}"
+        slot = make_slot(self.jobs_root, secrets.token_hex(6))
+        (slot / "in" / HEARTBEAT_FILE).touch()
+        self._start_heartbeat()
         try:
-            self.jobs_root.mkdir(parents=True, exist_ok=True)
-            (slot / "in").mkdir(parents=True)
-            (slot / "out").mkdir()
-            os.chmod(slot, 0o755)
-            os.chmod(slot / "in", 0o755)
             prepare_out_dir(slot / "out")
             name = f"{NAME_PREFIX}prestart-{secrets.token_hex(4)}"
             container, started_s = self._launch(str(slot / "in"), str(slot / "out"), os.path.realpath(data_dir),
-                                                limits, PRESTART_COMMAND, name, "prestart", slot)
+                                                limits, prestart_command(), name, "prestart", slot)
         except BaseException:
             shutil.rmtree(slot, ignore_errors=True)
             raise
@@ -161,13 +183,17 @@ class WarmPool:
             discard(w)
 
     def refill_later(self, data_dir: str, limits: Limits) -> None:
-        """Top the pool up to one warm container per slot for this key, in a background thread."""
+        """Top the pool up to `slots` warm containers for this key, in background threads."""
         key = pool_key(data_dir, limits)
         with self._lock:
             have = sum(1 for w in self._pool if w.key == key) + self._filling
-            if self._closed or not self.enabled or have >= self._slots:
-                return
-            self._filling += 1
+            missing = 0 if self._closed or not self.enabled else max(0, self._slots - have)
+            self._filling += missing
+        for _ in range(missing):
+            self._fill_in_background(data_dir, limits)
+
+    def _fill_in_background(self, data_dir: str, limits: Limits) -> None:
+        """Create one warm container in a thread (counted in `_filling` by the caller)."""
 
         def fill() -> None:
             try:
@@ -239,6 +265,8 @@ class WarmPool:
             raise
         finally:
             shutil.rmtree(warm.slot, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the spec is there: the container no longer looks at it
+            (paths.in_dir / HEARTBEAT_FILE).unlink()
         with contextlib.suppress(docker_sdk().errors.DockerException):
             warm.container.rename(f"{NAME_PREFIX}{job}-{secrets.token_hex(3)}")
         return t0, {"prestarted": True, "start_s": round(warm.started_s, 4),
@@ -263,6 +291,21 @@ class WarmPool:
             log.error("pre-started sandboxes keep dying; pre-start is off for this backend")
             self.enabled = False
         return False
+
+    def _start_heartbeat(self) -> None:
+        """Start the thread that touches every warm job dir's heartbeat file (once per pool)."""
+        with self._lock:
+            if self._beating or self._closed:
+                return
+            self._beating = True
+        threading.Thread(target=self._heartbeat, name="lemur-sbx-heartbeat", daemon=True).start()
+
+    def _heartbeat(self) -> None:
+        while not self._closed:
+            for warm in list(self._pool):
+                with contextlib.suppress(OSError):
+                    os.utime(warm.slot / "in" / HEARTBEAT_FILE)
+            time.sleep(HEARTBEAT_EVERY_S)
 
     # --- closing ---------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -289,32 +332,3 @@ def discard(warm: Warm) -> None:
     """Remove a warm container and its job dir."""
     remove_container(warm.container)
     shutil.rmtree(warm.slot, ignore_errors=True)
-
-
-def _same_filesystem(a: Path, b: Path) -> bool:
-    try:
-        return os.stat(a).st_dev == os.stat(b).st_dev
-    except OSError:
-        return False
-
-
-def _move_job_into(slot: Path, paths: JobPaths) -> None:
-    """Move the job's files into the warm dirs, swap those dirs into the job dir, spec.json last."""
-    slot_in, slot_out = slot / "in", slot / "out"
-    tag = secrets.token_hex(4)
-    old_in, old_out = paths.job_dir / f".old-in-{tag}", paths.job_dir / f".old-out-{tag}"
-    try:
-        for entry in os.listdir(paths.in_dir):
-            if entry != SPEC_FILE:
-                os.rename(paths.in_dir / entry, slot_in / entry)
-        for entry in os.listdir(paths.out_dir):
-            os.rename(paths.out_dir / entry, slot_out / entry)
-        os.rename(paths.in_dir, old_in)
-        os.rename(slot_in, paths.in_dir)
-        os.rename(paths.out_dir, old_out)
-        os.rename(slot_out, paths.out_dir)
-        os.rename(old_in / SPEC_FILE, paths.in_dir / SPEC_FILE)  # the go signal, last
-    finally:
-        for d in (old_in, old_out):
-            with contextlib.suppress(OSError):
-                d.rmdir()

@@ -24,6 +24,10 @@ How one job runs (see `sandbox._namespaces` for the bootstrap and `sandbox._cgro
 Without namespaces (isolation="none", or the probe failed) the outer shell exec's prlimit ->
 setpriv -> the runner directly, and the isolation report says that nothing is isolated.
 
+Pre-start (`ProcessBackend(prestart=True)`, with namespaces only): the same chain started before its
+job, on a warm job dir of its own, its runner waiting for the spec with torch imported; a job of the
+same limits adopts it (`sandbox.process_prestart`; `Exit.isolation["prestarted"]` says which ran).
+
 The host side (`_ProcessHandle`) never trusts the sandbox: a monitor thread drains the merged
 stdout/stderr pipe (keeping the last `log_cap_bytes`), enforces the wall clock with SIGKILL to the
 process group and to every pid of the cgroup, and after the exit kills whatever is left in the
@@ -52,7 +56,7 @@ from typing import Any
 
 import anyio
 
-from sandbox import _cgroups, _namespaces
+from sandbox import _cgroups, _namespaces, prestart_files, process_prestart
 from sandbox.backend import Backend, Exit, Handle, JobPaths, Limits, LogTail, MonitoredHandle, RunnerPaths, out_cap_text
 from sandbox.protocol import MODEL_FILE, SPEC_FILE
 
@@ -132,7 +136,9 @@ class ProcessBackend(Backend):
     `hidden_paths`: host paths the submission must never see (the zoo database dir, the jobs root
     holding other jobs, the dataset cache and raw dataset files). `DEFAULT_SENSITIVE_PATHS` are
     hidden as well. `isolation`: "auto" (namespaces when the probe succeeds, else a plain process,
-    reported as such), "namespaces" (raise if unavailable), or "none".
+    reported as such), "namespaces" (raise if unavailable), or "none". `prestart`: keep
+    `prestart_slots` warm sandboxes per key ready (`sandbox.process_prestart`; with namespaces only),
+    their job dirs under `jobs_root` (learned from the first job if None).
     """
 
     name = "process"
@@ -146,6 +152,10 @@ class ProcessBackend(Backend):
         *,
         sandbox_root: Path | None = None,
         sensitive_paths: Sequence[str] = DEFAULT_SENSITIVE_PATHS,
+        prestart: bool = False,
+        prestart_slots: int = 1,
+        prestart_max_age_s: float = 1800.0,
+        jobs_root: Path | None = None,
     ) -> None:
         if isolation not in ("auto", "namespaces", "none"):
             raise ValueError(f"isolation must be auto, namespaces or none, not {isolation!r}")
@@ -166,6 +176,11 @@ class ProcessBackend(Backend):
                 self._check_root()
                 _interpreter_dirs(self._python)  # warm the cache: start() must stay quick
         self._cg_version, self._cg_reason = _cgroup_probe()
+        self._pool = process_prestart.ProcessWarmPool(
+            self._spawn, slots=prestart_slots, max_age_s=prestart_max_age_s,
+            jobs_root=Path(jobs_root) if jobs_root is not None else None) if prestart else None
+        if self._pool is not None and jobs_root is not None:
+            self._hide_warm_root(Path(jobs_root))
 
     # --- configuration checks -------------------------------------------------------------------
     def _check_root(self) -> None:
@@ -206,13 +221,45 @@ class ProcessBackend(Backend):
         return self._isolation(None, None)
 
     async def start(self, paths: JobPaths, limits: Limits) -> Handle:
-        """Spawn the sandbox (synchronously: a few ms, and no await point at which a cancelled
-        caller could lose a running sandbox) and return its handle."""
+        """Spawn the sandbox, or adopt a warm one (synchronously: a few ms, and no await point at
+        which a cancelled caller could lose a running sandbox), and return its handle."""
         for d in (paths.in_dir, paths.out_dir, paths.data_dir):
             if not d.is_dir():
                 raise FileNotFoundError(f"job directory {d} is missing")
-        cgroup = self._make_cgroup(paths, limits)
+        handle = self._adopt_warm(paths, limits) if self._pool is not None else None
+        if handle is None:
+            spawned = self._spawn(paths, limits, paths.job_dir.name)
+            handle = _ProcessHandle(self, paths, limits, spawned, {**self._isolation(limits, spawned.cgroup),
+                                                                   "prestarted": False})
+        self._live.add(handle)
+        if self._pool is not None and self.namespaces and prestart_files.worth_warming(paths):
+            if self._pool.jobs_root is None:
+                self._pool.jobs_root = paths.job_dir.parent
+                self._hide_warm_root(paths.job_dir.parent)
+            self._pool.refill_later(paths.data_dir, limits)  # the next jobs of this kind find warm sandboxes
+        return handle
+
+    def _adopt_warm(self, paths: JobPaths, limits: Limits) -> _ProcessHandle | None:
+        """The job in a warm sandbox of its key (`sandbox.process_prestart`), or None: start cold."""
+        assert self._pool is not None
+        warm = self._pool.take(prestart_files.pool_key(paths.data_dir, limits), paths.job_dir)
+        if warm is None:
+            return None
+        t0 = time.monotonic()
+        if not self._pool.adopt(warm, paths):
+            return None
+        extra = {"prestarted": True, "adopt_s": round(time.monotonic() - t0, 4),
+                 "warm_age_s": round(t0 - warm.created, 1),
+                 "warm_ready_s": None if warm.waiting_s is None else round(warm.waiting_s, 3)}
+        return _ProcessHandle(self, paths, limits, warm.spawned, {**self._isolation(limits, warm.spawned.cgroup),
+                                                                  **extra}, early_output=warm.early_output())
+
+    def _spawn(self, paths: JobPaths, limits: Limits, label: str) -> process_prestart.Spawned:
+        """Start the sandbox chain on `paths` (see the module docstring). `label` "prestart": its runner
+        waits for its spec (`--wait`); the chain, its limits and its isolation are the same."""
+        cgroup = self._make_cgroup(label, limits)
         nonce = secrets.token_hex(8)
+        wait = label == "prestart"
         fds: list[int] = []  # pipes whose other end the child gets
         try:
             status_r, status_w, plan_r = -1, -1, -1
@@ -220,13 +267,13 @@ class ProcessBackend(Backend):
                 status_r, status_w = os.pipe()
                 plan_r, plan_w = os.pipe()
                 fds += [status_r, status_w, plan_r, plan_w]
-                plan = self._plan(paths, limits, self._final_argv(paths, limits, cgroup),
+                plan = self._plan(paths, limits, self._final_argv(paths, limits, cgroup, wait),
                                   _namespaces.READY_PREFIX + nonce, status_w)
                 _write_all(plan_w, plan.to_json().encode())
                 os.close(plan_w)
                 fds.remove(plan_w)
             argv = self._argv(paths, limits, cgroup, nonce, plan_r)
-            proc = subprocess.Popen(  # noqa: ASYNC220 - deliberate, see the docstring
+            proc = subprocess.Popen(
                 argv, env=self._env(paths, limits), cwd=str(paths.out_dir), stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
                 pass_fds=tuple(fd for fd in (status_w, plan_r) if fd >= 0))
@@ -239,26 +286,55 @@ class ProcessBackend(Backend):
         for fd in (status_w, plan_r):
             if fd >= 0:
                 os.close(fd)
-        handle = _ProcessHandle(self, paths, limits, proc, cgroup, nonce, status_r,
-                                self._isolation(limits, cgroup))
-        self._live.add(handle)
-        return handle
+        return process_prestart.Spawned(proc, cgroup, nonce, status_r)
+
+    async def prestart(self, data_dir: Path, limits: Limits, jobs_root: Path | None = None,
+                       wait_ready: bool = False, timeout_s: float = 120.0) -> None:
+        """Make sure one warm sandbox for (data_dir, limits) exists; with `wait_ready`, also wait until
+        its runner printed its wait line (the heavy imports done). A no-op without pre-start or
+        without namespaces (a plain process has nothing fixed at start to keep warm)."""
+        if self._pool is None or not self.namespaces:
+            return
+        if jobs_root is not None:
+            self._pool.jobs_root = Path(jobs_root)
+            self._hide_warm_root(Path(jobs_root))
+        if self._pool.jobs_root is None:
+            raise ValueError("prestart needs jobs_root (the directory that holds the job dirs)")
+        warm = await anyio.to_thread.run_sync(self._pool.ensure, Path(data_dir), limits)
+        if warm is not None and wait_ready:
+            await anyio.to_thread.run_sync(self._pool.wait_ready, warm, timeout_s)
+
+    def _hide_warm_root(self, jobs_root: Path) -> None:
+        """Create the warm job dirs' root now and hide it from every sandbox (warm or cold)."""
+        root = process_prestart.warm_root(jobs_root)
+        root.mkdir(parents=True, exist_ok=True)
+        if Path(os.path.abspath(root)) not in self._hidden:
+            self._hidden.append(Path(os.path.abspath(root)))
+
+    @property
+    def pool(self) -> process_prestart.ProcessWarmPool | None:
+        """The warm sandboxes (None without pre-start)."""
+        return self._pool
 
     async def cleanup_orphans(self) -> int:
-        """Kill and remove lemur-sbx-* cgroups whose server process is gone."""
+        """Kill and remove lemur-sbx-* cgroups whose server process is gone (and its warm job dirs)."""
+        jobs_root = self._pool.jobs_root if self._pool is not None else None
+        await anyio.to_thread.run_sync(process_prestart.sweep_slots, jobs_root)
         return await anyio.to_thread.run_sync(_cgroups.sweep_orphans)
 
     async def aclose(self) -> None:
-        """Kill every sandbox this backend still runs."""
+        """Kill every sandbox this backend still runs, and every warm one."""
+        if self._pool is not None:
+            await anyio.to_thread.run_sync(self._pool.close)
         for handle in list(self._live):
             await handle.cancel()
 
     # --- building one job ---------------------------------------------------------------------
-    def _make_cgroup(self, paths: JobPaths, limits: Limits) -> _cgroups.JobCgroup | None:
+    def _make_cgroup(self, label: str, limits: Limits) -> _cgroups.JobCgroup | None:
         if self._cg_version is None:
             return None
         try:
-            return _cgroups.JobCgroup.create(_cgroups.job_name(paths.job_dir.name), limits.memory_bytes,
+            return _cgroups.JobCgroup.create(_cgroups.job_name(label), limits.memory_bytes,
                                              limits.pids, limits.cpus)
         except OSError as e:
             log.warning("job cgroup not created, falling back to rlimits: %s", e)
@@ -286,10 +362,11 @@ class ProcessBackend(Backend):
                 args.append(f"--nproc={limits.pids}:{limits.pids}")
         return args + ["--"]
 
-    def _final_argv(self, paths: JobPaths, limits: Limits, cgroup: _cgroups.JobCgroup | None) -> list[str]:
+    def _final_argv(self, paths: JobPaths, limits: Limits, cgroup: _cgroups.JobCgroup | None,
+                    wait: bool = False) -> list[str]:
         drop_caps = self.namespaces or os.geteuid() == 0
         return [*self._rlimit_args(limits, cgroup), *_namespaces.setpriv_argv(drop_caps),
-                self._python, "-m", "sandbox.runner", self.runner_paths(paths).spec]
+                self._python, "-m", "sandbox.runner", *(["--wait"] if wait else []), self.runner_paths(paths).spec]
 
     def _argv(self, paths: JobPaths, limits: Limits, cgroup: _cgroups.JobCgroup | None, nonce: str,
               plan_fd: int) -> list[str]:
@@ -426,17 +503,16 @@ def _gpu_nodes() -> list[str]:
 class _ProcessHandle(MonitoredHandle):
     """A running sandbox; a daemon thread (`_monitor`) owns the process from spawn to cleanup."""
 
-    def __init__(self, backend: ProcessBackend, paths: JobPaths, limits: Limits, proc: subprocess.Popen[bytes],
-                 cgroup: _cgroups.JobCgroup | None, nonce: str, status_fd: int,
-                 isolation: dict[str, Any]) -> None:
+    def __init__(self, backend: ProcessBackend, paths: JobPaths, limits: Limits, spawned: process_prestart.Spawned,
+                 isolation: dict[str, Any], early_output: bytes = b"") -> None:
         self.paths = paths
         self._backend = backend
         self._limits = limits
-        self._proc = proc
-        self._cgroup = cgroup
+        self._proc = spawned.proc
+        self._cgroup = spawned.cgroup
         self._isolation = isolation
-        self._ready = (_namespaces.READY_PREFIX + nonce + "\n").encode()
-        self._status_fd = status_fd  # the namespace init's report ("exit N" / "signal N"), or -1
+        self._ready = (_namespaces.READY_PREFIX + spawned.nonce + "\n").encode()
+        self._status_fd = spawned.status_fd  # the namespace init's report ("exit N" / "signal N"), or -1
         self._t0 = time.monotonic()
         self._deadline = self._t0 + limits.wall_s
         self._lock = threading.Lock()
@@ -449,7 +525,9 @@ class _ProcessHandle(MonitoredHandle):
         self._done = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
         self._out_watch = self._out_dir_watch()
-        self._thread = threading.Thread(target=self._monitor, name=f"lemur-sbx-{proc.pid}", daemon=True)
+        if early_output:  # a warm sandbox's output before its job (the bootstrap's ready line)
+            self._feed(early_output)
+        self._thread = threading.Thread(target=self._monitor, name=f"lemur-sbx-{self._proc.pid}", daemon=True)
         self._thread.start()
         self._out_watch.start()
 

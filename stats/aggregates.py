@@ -103,7 +103,8 @@ def model_epoch_stats(conn: sqlite3.Connection, f: Filters, model_ids: list[int]
     (runs that reached the epoch) and accuracy mean/std/min/max, answered from the covering index."""
     where, args = points_where(f)
     if model_ids is not None:
-        where += f" AND p.model_id IN ({','.join('?' * len(model_ids))})"
+        # via the runs to the point primary key: points have no model index (zoo.schema version 9)
+        where += f" AND p.run_id IN (SELECT id FROM run WHERE model_id IN ({','.join('?' * len(model_ids))}))"
         args = args + list(model_ids)
     df = _frame(conn, (
         "SELECT q.task, q.dataset, q.metric, m.name AS nn, q.epoch, q.runs, q.accuracy_mean, q.mean_sq, "

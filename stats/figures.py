@@ -24,6 +24,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from sandbox.protocol import JobStatus, RunStatus
+from sandbox.runner import calibrate as workload  # the reference workloads' constants (no torch)
 from stats import aggregates as agg
 from stats.fit import POINT_NAME_GID, SUBTITLE_GID
 from stats.palette import DIVERGING_CMAP, GREY, REFERENCE, series
@@ -556,11 +557,11 @@ def draw_timeline(fig: Figure, d: dict[str, Any]) -> str:
 
 # --- device calibration ---------------------------------------------------------------------------
 def fetch_calibration(conn: sqlite3.Connection, f: Filters, o: Options) -> dict[str, Any]:
-    """Each calibrated device's block times (lemur_agent_server.evaluator.calibration), and per model that
+    """Each calibrated device's speed curve (lemur_agent_server.evaluator.calibration), and per model that
     trained on two or more of them its mean raw and normalized training time on each; without any
     calibration, the devices the runs name, so the picture says what is there to calibrate."""
-    cal = agg._frame(conn, "SELECT id, device_kind, device_name, threads, median_ns, spread, times_ns, factor "
-                           "FROM device_calibration WHERE status = 'ok' ORDER BY created, id")
+    cal = agg._frame(conn, "SELECT id, device_kind, device_name, threads, median_ns, spread, times_ns, factor, "
+                           "curve FROM device_calibration WHERE status = 'ok' ORDER BY created, id")
     clauses, args = ["r.duration_norm_ns IS NOT NULL", "r.status = 'succeeded'"], []
     for column, value in (("task", f.task), ("dataset", f.dataset), ("metric", f.metric)):
         if value is not None:
@@ -589,24 +590,38 @@ def _device_label(row: Any) -> str:
     return f"{_short(str(row.device_name), 34)}{threads}"
 
 
+def _curve(row: Any) -> list[dict[str, Any]]:
+    """A device's curve (one entry per reference workload); a row of workload version 1 has none."""
+    return json.loads(row.curve) if isinstance(row.curve, str) else []
+
+
 def _draw_calibrations(ax: Any, cal: pd.DataFrame) -> list[str]:
-    y = np.arange(len(cal))
-    blocks = [np.asarray(json.loads(t) if isinstance(t, str) else [m], float) / 1e6
-              for t, m in zip(cal["times_ns"], cal["median_ns"])]
-    med = cal["median_ns"].to_numpy(float) / 1e6
-    lo = np.clip(med - np.array([b.min() for b in blocks]), 0, None)
-    hi = np.clip(np.array([b.max() for b in blocks]) - med, 0, None)
-    ax.barh(y, med, xerr=[lo, hi], color=[series(i) for i in range(len(cal))], alpha=0.85, capsize=4)
-    reference = float((cal["median_ns"] * cal["factor"]).iloc[0]) / 1e6
-    ax.axvline(reference, color=REFERENCE, ls="--", lw=1.4, label=f"reference device ({reference:g} ms)")
-    for yi, (m, row) in enumerate(zip(med, cal.itertuples())):
-        ax.text(m, yi, f"  spread {row.spread:.0%}, ×{row.factor:.2f}", va="bottom", fontsize=8)
-    ax.set_yticks(y, [_device_label(r) for r in cal.itertuples()])
-    ax.invert_yaxis()
-    ax.set_xlabel("Median time of one workload block (ms); bars: min–max of the blocks")
-    ax.legend(loc="lower right", frameon=True, framealpha=0.85, fontsize=8)
-    return [f"{_device_label(r)}: median {r.median_ns / 1e6:,.1f} ms per block, spread {r.spread:.1%}, factor "
-            f"{r.factor:.3f}" for r in cal.itertuples()]
+    """Each device's factor (speed-up over the reference device) against the work per step of the reference
+    workloads; a version-1 row (one workload) is one marker. Returns one summary line per device."""
+    notes = []
+    for i, row in enumerate(cal.itertuples()):
+        curve = _curve(row)
+        label = _device_label(row)
+        if curve:
+            work = np.array([c["work"] for c in curve], float) / 1e6
+            factor = np.array([c["factor"] for c in curve], float)
+            spread = np.array([c["spread"] for c in curve], float)
+            ax.errorbar(work, factor, yerr=factor * spread / 2, color=series(i), marker="o", ms=5, lw=1.6,
+                        capsize=3, label=label)
+            notes.append(f"{label}: factor " + ", ".join(f"×{f:.2f} at {w:,.0f}" for w, f in zip(work, factor))
+                         + f" MFLOP per step (spread {spread.min():.1%}–{spread.max():.1%}), median "
+                         f"{row.median_ns / 1e6:,.1f} ms per anchor block")
+        else:
+            ax.plot([workload.POINTS[workload.ANCHOR].work / 1e6], [row.factor], marker="*", ms=11, ls="",
+                    color=series(i), label=f"{label} (one workload)")
+            notes.append(f"{label}: one workload (version 1), median {row.median_ns / 1e6:,.1f} ms per block, "
+                         f"spread {row.spread:.1%}, factor {row.factor:.3f}")
+    ax.axhline(1.0, color=REFERENCE, ls="--", lw=1.4, label="reference device (×1 at every size)")
+    ax.set_xscale("log")
+    ax.set_xlabel("Work per step (MFLOP: FLOPs of one sample × batch)")
+    ax.set_ylabel("Speed-up over the reference device (factor)")
+    ax.legend(loc="best", frameon=True, framealpha=0.85, fontsize=8)
+    return notes
 
 
 def _draw_agreement(ax: Any, runs: pd.DataFrame, cal: pd.DataFrame) -> list[str]:
@@ -663,6 +678,7 @@ def draw_calibration(fig: Figure, d: dict[str, Any]) -> str:
         notes = _draw_calibrations(ax, cal)
         bx.set_title("Same model, two devices", fontsize=10)
         agree = "Same model on several devices: " + "; ".join(_draw_agreement(bx, runs, cal)) + "."
-    fig.suptitle("Device calibration: the reference workload per device")
-    _subtitle(fig, ax, f"{len(cal)} calibrated device{'s' if len(cal) != 1 else ''} · normalized = measured × factor")
+    fig.suptitle("Device calibration: each device's speed over the reference workloads")
+    _subtitle(fig, ax, f"{len(cal)} device{'s' if len(cal) != 1 else ''} · normalized = measured × "
+              "factor(work/step)")
     return f"Device calibration of {len(cal)} devices: " + "; ".join(notes) + ". " + agree

@@ -92,8 +92,8 @@ PLOT_KINDS: dict[str, PlotSpec] = {s.kind: s for s in (
     _spec("timeline", "Accuracy over time",
           "final accuracy by run creation time: rolling mean, best so far, runs per bin [one triple]"),
     _spec("calibration", "Device calibration",
-          "each calibrated device's reference-workload time (median, min-max, spread, factor) and, for models "
-          "trained on two devices, measured vs normalized training time side by side"),
+          "each calibrated device's speed curve (factor over the reference device against work per step, with "
+          "its spread) and, for models trained on two devices, measured vs normalized training time side by side"),
 )}
 
 

@@ -140,8 +140,9 @@ def all_runs_sql(f: Filters, columns: str) -> tuple[str, list[Any]]:
 
 
 def points_where(f: Filters) -> tuple[str, list[Any]]:
-    """WHERE over `point p` for per-epoch views; only scored points."""
-    where, args = _where(f)
+    """WHERE over `point p` for per-epoch views; only scored points (a model filter through its runs: the
+    point view has no model index, zoo.query._where(via_run=True))."""
+    where, args = _where(f, via_run=True)
     return (where + " AND" if where else " WHERE") + " p.accuracy IS NOT NULL", args
 
 

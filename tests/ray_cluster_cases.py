@@ -19,7 +19,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -35,6 +34,7 @@ import pytest
 
 from lemur_agent_server.evaluator.queue import JobQueue
 from lemur_agent_server.evaluator.ray_executor import RayBackend
+from lemur_agent_server.evaluator.ray_local_cluster import LocalRayCluster, alive, descendants, only_loopback
 from lemur_agent_server.evaluator.requests import EvalRequest
 from sandbox import _cgroups, datasets
 from tests import models
@@ -46,20 +46,12 @@ AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(24)}
 os.environ.update(AUTH)
 import ray  # noqa: E402 - the [ray] extra is a test dependency (scripts/install-test-deps.sh)
 
-
-def _has_route_out() -> bool:
-    """True when this process's network namespace has an interface besides loopback."""
-    names = [line.split(":")[0].strip() for line in Path("/proc/net/dev").read_text().splitlines()[2:]]
-    return any(name != "lo" for name in names)
-
-
-if _has_route_out():  # refuse before any cluster starts: Ray would talk to a non-loopback address
+if not only_loopback():  # refuse before any cluster starts: Ray would talk to a non-loopback address
     raise RuntimeError("tests/ray_cluster_cases.py runs only inside a private network namespace: run "
                        "tests/test_ray_executor.py, which starts it there (unshare --net).")
 
 pytestmark = pytest.mark.anyio
 
-RAY = str(Path(sys.executable).with_name("ray"))
 QUICK = {"n_trials": 1, "epochs": 0.5, "time_budget_s": 60, "max_train_samples": 64,
          "prm": {"batch": 16, "lr": 0.05, "momentum": 0.9}}
 LONG = {"n_trials": 1, "epochs": 2, "time_budget_s": 90, "max_train_samples": 512,
@@ -76,72 +68,15 @@ MANY_POINTS = {**QUICK, "eval_every": 0.1, "max_train_samples": 256}
 FINISHED = {"succeeded", "failed", "timed_out", "cancelled"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_node(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """One Ray node: a `ray start --block` process of its own session, which stops the node's
-    processes when it is stopped (so the fixture ends its own cluster by process id, never with
-    `ray stop`, which ends every Ray node on the machine)."""
-    with open(log, "wb") as out:
-        return subprocess.Popen([RAY, "start", *args, "--block"], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-
-
-def wait_for_nodes(address: str, n: int, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if not ray.is_initialized():
-                ray.init(address=address, log_to_driver=False)
-            if sum(node["Alive"] for node in ray.nodes()) >= n:
-                return
-        except Exception:  # noqa: BLE001 - the head is still starting
-            if time.monotonic() > deadline:
-                raise
-        assert time.monotonic() < deadline, f"the Ray cluster did not reach {n} nodes"
-        time.sleep(0.5)
-
-
-def stop_nodes(nodes: list[subprocess.Popen[bytes]]) -> None:
-    """Stop the nodes (the joined one first), then kill whatever of their processes is left, by id."""
-    tree = {pid for node in nodes for pid in descendants(node.pid)}
-    for node in reversed(nodes):
-        node.send_signal(signal.SIGTERM)
-        try:
-            node.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            node.kill()
-            node.wait()
-    for pid in tree:
-        if alive(pid):
-            os.kill(pid, signal.SIGKILL)
-
-
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[str]:
     """Head + one joined node on 127.0.0.1 with token auth; yields the address; stops both."""
-    port = free_port()
     temp = Path(tempfile.mkdtemp(prefix="lemur-ray-", dir="/tmp"))
-    env = {**os.environ, **AUTH, "RAY_USAGE_STATS_ENABLED": "0"}
-    common = ["--node-ip-address", "127.0.0.1", "--disable-usage-stats", "--temp-dir", str(temp)]
-    address = f"127.0.0.1:{port}"
-    nodes: list[subprocess.Popen[bytes]] = []
     try:
-        nodes.append(start_node(["--head", "--port", str(port), "--num-gpus", "2", "--num-cpus", "2",
-                                 "--include-dashboard=false", *common], env, temp / "head.log"))
-        wait_for_nodes(address, 1)
-        nodes.append(start_node(["--address", address, "--num-cpus", "2", "--num-gpus", "0", *common], env,
-                                temp / "node.log"))
-        wait_for_nodes(address, 2)
-        yield address
+        with LocalRayCluster(temp, ["--num-gpus", "2", "--num-cpus", "2"], [["--num-cpus", "2", "--num-gpus", "0"]],
+                             env=AUTH) as cluster:
+            yield cluster.address
     finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        stop_nodes(nodes)
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -153,34 +88,6 @@ def ray_settings(make_settings, ray_cluster: str):
         settings.threads = 1  # one CPU per job: four jobs at once on the two nodes
         return settings
     return make
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process below `pid` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found: set[int] = set()
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 async def wait_status(queue: JobQueue, job_id: str, statuses: set[str], timeout: float) -> dict[str, Any]:
@@ -267,6 +174,49 @@ def assert_no_test_labels_in(sent: list[dict[str, bytes]], settings: Any) -> Non
     assert "spec.json" in shipped and any(name.startswith("test_x") for name in shipped)
     assert not any("test_y" in name or "label" in name.lower() and "test" in name.lower() for name in shipped)
     assert not any(label_bytes in data for data in shipped.values())
+
+
+async def test_a_batch_fetches_the_dataset_onto_the_nodes_once(ray_settings, tmp_path: Path):
+    """The public arrays go into Ray's object store once and come out of it once onto this machine's
+    node cache (both nodes share it here), however many jobs and actors the batch has: every later job
+    finds them cached by their content hash. (Before, Ray resolved the dataset's reference for every
+    call, so each job's actor received the whole dataset again: MNIST is ~50 MB a job.)"""
+    settings = ray_settings(slots=2)
+    backend = RayBackend(settings.ray_address, sandbox="process", node_root=str(tmp_path / "node"))
+    async with await ZooStore.open(settings.zoo_path) as store:
+        async with JobQueue.running(settings, store, backend=backend) as queue:
+            requests = [EvalRequest(code=models.GOOD, dataset="digits", name_prefix=f"d{i}", seed=i, **QUICK)
+                        for i in range(4)]
+            _, entries = await queue.submit_batch(requests)
+            rows = [await wait_status(queue, e["job_id"], FINISHED, 150) for e in entries]
+    assert [r["status"] for r in rows] == ["succeeded"] * 4, [r["error"] for r in rows]
+    fetched = [backend.placed[e["job_id"]]["data_fetched"] for e in entries]
+    assert sorted(fetched) == [False, False, False, True], fetched
+    cached = [d for d in (tmp_path / "node" / "state" / "dataset-cache" / "ray").iterdir() if d.is_dir()]
+    assert len(cached) == 1 and any(f.name.startswith("test_x") for f in cached[0].iterdir()), cached
+    assert not [f for f in cached[0].rglob("*") if "test_y" in f.name]  # the labels never travel
+
+
+async def test_the_sandbox_on_a_node_runs_at_the_nodes_priority_not_at_rays_worker_niceness(ray_settings):
+    """Ray starts its workers at nice 15 (RAY_worker_niceness); a process sandbox forked by one
+    inherited it and got a fraction of the CPU a local sandbox gets for the same job on a machine
+    with any other load. The sandbox runs at the raylet's niceness; the actor keeps Ray's."""
+    settings = ray_settings(slots=1)
+    async with await ZooStore.open(settings.zoo_path) as store:
+        async with JobQueue.running(settings, store) as queue:
+            job_id, placed = await a_slow_job_training(queue)
+            actor = placed["pid"]
+            raylet = int(Path(f"/proc/{actor}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            node, worker = niceness(raylet), niceness(actor)
+            sandbox = {pid: niceness(pid) for pid in descendants(actor)}
+            await queue.cancel(job_id)
+    assert sandbox, "no sandbox below the actor"
+    assert worker > node  # the case at hand: Ray's workers run below the node's priority
+    assert set(sandbox.values()) == {node}, sandbox
+
+
+def niceness(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
 
 
 async def test_every_point_arrives_with_its_predictions_while_the_node_reads_out(ray_settings):

@@ -188,6 +188,23 @@ def test_the_weights_migration_keeps_every_row_and_allows_one_per_format(tmp_pat
     conn.close()
 
 
+def _tool_caller(client):
+    """`call(tool, **args)`: the tool's structured answer, asserting it is not an error."""
+    async def call(tool: str, **args):
+        answer = await client.call_tool(tool, args)
+        assert not answer.is_error, answer.content[0].text
+        return answer.structured_content
+    return call
+
+
+def _archived_onnx_logits(settings, onnx_file: dict, batch: int) -> np.ndarray:
+    """onnxruntime's output for a zero batch of 32x32 images through an archived ONNX file (get_model's entry)."""
+    session = onnxruntime.InferenceSession(str(weights_dir_of(settings.zoo_path) / onnx_file["path"]),
+                                           providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {session.get_inputs()[0].name: np.zeros((batch, 1, 32, 32), np.float32)})
+    return logits
+
+
 @pytest.mark.anyio
 async def test_submit_model_export_onnx_survives_repeats_and_shows_in_get_model(make_settings):
     from mcp import Client
@@ -196,11 +213,7 @@ async def test_submit_model_export_onnx_survives_repeats_and_shows_in_get_model(
 
     settings = make_settings(seed_zoo=False, sandbox=SANDBOX)
     async with Client(build_server(settings)) as client:
-        async def call(tool: str, **args):
-            answer = await client.call_tool(tool, args)
-            assert not answer.is_error, answer.content[0].text
-            return answer.structured_content
-
+        call = _tool_caller(client)
         job = await call("submit_model", code=models.GOOD, dataset=DATASET, n_trials=2, repeats=2, epochs=1.0,
                          prm={"batch": 32}, max_train_samples=400, time_budget_s=120, export_onnx=True)
         while not job["done"]:
@@ -214,10 +227,35 @@ async def test_submit_model_export_onnx_survives_repeats_and_shows_in_get_model(
     files = {f["format"]: f for f in detail["weights"]["files"]}
     assert files["onnx"]["sha256"] == result["onnx"]["sha256"]
     assert detail["weights"]["run_uid"].endswith(f":t{result['selected_trial']}")
-    exported = weights_dir_of(settings.zoo_path) / files["onnx"]["path"]
-    session = onnxruntime.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
-    (logits,) = session.run(None, {session.get_inputs()[0].name: np.zeros((3, 1, 32, 32), np.float32)})
-    assert logits.shape == (3, 10)
+    assert _archived_onnx_logits(settings, files["onnx"], batch=3).shape == (3, 10)
+
+
+@pytest.mark.anyio
+async def test_submit_models_exports_onnx_for_every_model_of_the_batch(make_settings):
+    """export_onnx is one of submit_models' shared options, as it is submit_model's and the CLI's."""
+    from mcp import Client
+
+    from lemur_agent_server.server import build_server
+
+    settings = make_settings(seed_zoo=False, sandbox=SANDBOX)
+    async with Client(build_server(settings)) as client:
+        call = _tool_caller(client)
+        batch = await call("submit_models", items=[{"code": models.GOOD}], dataset=DATASET, n_trials=1, epochs=0.5,
+                           prm={"batch": 32}, max_train_samples=200, time_budget_s=120, export_onnx=True)
+        assert batch["batch_id"] and batch["entries"][0]["job_id"], batch
+        cursor, ended = None, []
+        for _ in range(12):
+            answer = await call("wait_jobs", batch_id=batch["batch_id"], cursor=cursor, wait_s=20)
+            cursor, ended = answer["cursor"], ended + answer["jobs"]
+            if answer["done"]:
+                break
+        assert [job["status"] for job in ended] == ["succeeded"], ended
+        result = ended[0]["result"]
+        assert "onnx_error" not in result and result["onnx"]["sha256"], result
+        detail = await call("get_model", name=ended[0]["model_name"])
+    files = {f["format"]: f for f in detail["weights"]["files"]}
+    assert files["onnx"]["sha256"] == result["onnx"]["sha256"]
+    assert _archived_onnx_logits(settings, files["onnx"], batch=2).shape == (2, 10)
 
 
 def test_the_runner_says_why_it_does_not_start_an_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

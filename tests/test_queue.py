@@ -230,3 +230,42 @@ def test_owner_ids_name_this_host_and_process():
     assert not owner_is_gone(owner, time.time())
     assert not owner_is_gone("another-host:1:x", time.time())  # only its heartbeat can tell
     assert owner_is_gone(f"{socket.gethostname()}:{dead_pid()}:x", time.time())
+
+
+class _RunningHere:
+    """What `_cancel_locally` touches of a job running in this queue (its cancel event)."""
+
+    def __init__(self) -> None:
+        self.cancelled = anyio.Event()
+
+
+async def test_a_job_that_ends_under_its_claim_during_a_heartbeat_is_not_reported_as_claimed_elsewhere(
+        make_settings, caplog):
+    """The heartbeat works on a snapshot of the claims; a job its worker finishes meanwhile is not lost
+    (before: a warning "claimed elsewhere" and a cancel for a job that had simply ended). A job really
+    claimed by another owner still is."""
+    settings = make_settings(seed_zoo=False)
+    request = EvalRequest(code=models.GOOD, dataset="digits", **QUICK)
+    async with await ZooStore.open(settings.zoo_path) as store:
+        async with JobQueue.running(settings, store, workers=False) as queue:
+            insert_job(settings.zoo_path, "job-ended", "submit", request)
+            insert_job(settings.zoo_path, "job-taken", "submit", request)
+            ended = Claim.of(await store.jobs.claim_next(queue.owner, ["submit"]))
+            taken = Claim.of(await store.jobs.claim_next(queue.owner, ["submit"]))
+            assert {ended.job_id, taken.job_id} == {"job-ended", "job-taken"}
+            if ended.job_id != "job-ended":
+                ended, taken = taken, ended
+            assert await store.jobs.finish(ended, "succeeded", {"model_name": "m", "accuracy": 0.9})
+            with sqlite3.connect(settings.zoo_path) as conn:  # what another server's claim writes
+                conn.execute("UPDATE job SET owner='elsewhere:1:b', attempts=attempts+1 WHERE id='job-taken'")
+            conn.close()
+            here = {job_id: _RunningHere() for job_id in ("job-ended", "job-taken")}
+            queue._claims.update({"job-ended": ended, "job-taken": taken})
+            queue._running.update(here)
+            with caplog.at_level("WARNING", logger=queue_module.log.name):
+                await queue._heartbeat_once()
+            queue._claims.clear()
+            queue._running.clear()
+    warned = [r.getMessage() for r in caplog.records if "no longer ours" in r.getMessage()]
+    assert warned == ["job job-taken is no longer ours (claimed elsewhere); stopping it here"]
+    assert here["job-taken"].cancelled.is_set() and not here["job-ended"].cancelled.is_set()

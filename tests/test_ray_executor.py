@@ -26,4 +26,4 @@ def test_ray_cluster_cases_pass_inside_a_private_network_namespace() -> None:
     report = proc.stdout[-8000:] + proc.stderr[-4000:]
     assert proc.returncode == 0, report
     collected = re.search(r"(\d+) passed", proc.stdout)
-    assert collected and int(collected.group(1)) == 10 and "failed" not in proc.stdout, report
+    assert collected and int(collected.group(1)) == 12 and "failed" not in proc.stdout, report

@@ -66,3 +66,43 @@ def test_every_event_the_host_gets_comes_with_the_complete_file_it_names(tmp_pat
     writer.join()
     assert seen == POINTS
     assert missing == []  # no event arrived before (all of) its file
+
+
+def _append_event_later(out: Path, delay_s: float) -> threading.Thread:
+    def append() -> None:
+        time.sleep(delay_s)
+        with open(out / protocol.EVENTS_FILE, "a") as f:
+            f.write(json.dumps({"event": "ready"}) + "\n")
+    writer = threading.Thread(target=append)
+    writer.start()
+    return writer
+
+
+def test_a_poll_waits_on_the_node_for_the_next_event_and_hands_it_over_with_no_second_call(tmp_path: Path):
+    """The host's read is a long poll: it does not come back empty while the sandbox runs and writes
+    nothing (one Ray call per second of silence instead of ten), and it answers when the event comes,
+    not at the end of its wait."""
+    feed = OutFeed(tmp_path)
+    writer = _append_event_later(tmp_path, 0.3)
+    began = time.monotonic()
+    files, chunk, done = feed.poll(0, wait_s=30, ended=lambda: False)
+    waited = time.monotonic() - began
+    writer.join()
+    assert (files, json.loads(chunk), done) == ({}, {"event": "ready"}, False)
+    assert 0.3 <= waited < 30  # it waited for the event, and stopped waiting when it came
+
+
+def test_a_poll_answers_at_once_when_the_sandbox_has_ended(tmp_path: Path):
+    feed = OutFeed(tmp_path)
+    began = time.monotonic()
+    assert feed.poll(0, wait_s=30, ended=lambda: True) == ({}, b"", True)
+    assert time.monotonic() - began < 30
+
+
+def test_a_poll_with_nothing_new_comes_back_empty_after_its_wait(tmp_path: Path):
+    (tmp_path / protocol.EVENTS_FILE).write_text(json.dumps({"event": "ready"}) + "\n")
+    feed = OutFeed(tmp_path)
+    offset = (tmp_path / protocol.EVENTS_FILE).stat().st_size  # the host has every event already
+    began = time.monotonic()
+    assert feed.poll(offset, wait_s=0.2, ended=lambda: False) == ({}, b"", False)
+    assert time.monotonic() - began >= 0.2

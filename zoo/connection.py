@@ -18,6 +18,11 @@ from zoo import schema
 ENV_ZOO = "LEMUR_ZOO"
 APP_NAME = "lemur-agent-server"
 BUSY_TIMEOUT_MS = 30_000
+# A new zoo's page size. Why 16 KiB, not SQLite's 4 KiB: an imported zoo is a few hundred MB of narrow
+# rows and index entries; larger pages hold more cells per page header and fill better (measured: the
+# 2.1.2 wheel's zoo 3.4 MB smaller, the synthetic 2.2 zoo 2 MB), and a page read serves more index entries.
+# Only a new (empty) file takes it: an existing zoo keeps its size (WAL files cannot change it).
+NEW_ZOO_PAGE_SIZE = 16_384
 
 
 def default_zoo_path() -> Path:
@@ -56,6 +61,8 @@ def initialize(path: Path) -> None:
         os.close(fd)
     conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
     try:
+        if path.stat().st_size == 0:  # before journal_mode=WAL writes the header
+            conn.execute(f"PRAGMA page_size={NEW_ZOO_PAGE_SIZE}")
         apply_pragmas(conn)
         schema.migrate(conn)
     finally:

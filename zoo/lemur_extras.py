@@ -72,8 +72,11 @@ def curve_diagnostics(conn: sqlite3.Connection, run_id: int, max_points: int = M
     row = conn.execute("SELECT h.spec FROM run_hardware r JOIN hardware h ON h.id = r.hardware_id "
                        "WHERE r.run_id=?", (run_id,)).fetchone()
     points = []
-    for values in conn.execute(f"SELECT epoch, {', '.join(_CORE + _USAGE)} FROM point_train WHERE run_id=? "
-                               "ORDER BY epoch LIMIT ?", (run_id, max_points)):
+    # a train_loss equal to the point's loss is stored on the point only (both writers, since zoo.schema 9)
+    columns = ", ".join(f"t.{c}" for c in _CORE + _USAGE).replace("t.train_loss", "COALESCE(t.train_loss, p.loss)")
+    for values in conn.execute(f"SELECT t.epoch, {columns} FROM point_train t LEFT JOIN point_row p"
+                               " ON p.run_id = t.run_id AND p.epoch = t.epoch WHERE t.run_id=?"
+                               " ORDER BY t.epoch LIMIT ?", (run_id, max_points)):
         point: dict[str, Any] = {"epoch": values[0], **dict(zip(_CORE, values[1:6], strict=True))}
         usage = {k: v for k, v in zip(_USAGE, values[6:], strict=True) if v is not None}
         if usage:

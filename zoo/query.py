@@ -99,7 +99,16 @@ def _escape_like(prefix: str) -> str:
     return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
-def _where(f: Filters) -> tuple[str, list[Any]]:
+def _models_clause(models_sql: str, via_run: bool) -> str:
+    """`p`'s rows of the models `models_sql` selects. via_run (for `point`/`point_row`, which have no model
+    index since zoo.schema version 9): through the model's runs (run_model) to the point primary key."""
+    if via_run:
+        return f"p.run_id IN (SELECT r.id FROM run r WHERE r.model_id IN ({models_sql}))"
+    return f"p.model_id IN ({models_sql})"
+
+
+def _where(f: Filters, via_run: bool = False) -> tuple[str, list[Any]]:
+    """The filters over `p` (a point, best_point or run row). via_run: `p` is a point (see _models_clause)."""
     clauses: list[str] = []
     args: list[Any] = []
     for column, value in (("task", f.task), ("dataset", f.dataset), ("metric", f.metric)):
@@ -114,11 +123,11 @@ def _where(f: Filters) -> tuple[str, list[Any]]:
         args.append(float(f.min_accuracy))
     names, name_args = name_filter(f, "name")
     if names:
-        clauses.append(f"p.model_id IN (SELECT id FROM model WHERE {names})")
+        clauses.append(_models_clause(f"SELECT id FROM model WHERE {names}", via_run))
         args.extend(name_args)
     if f.device_type is not None:  # by name: LEMUR's side tables name their model
-        clauses.append("p.model_id IN (SELECT m.id FROM model m JOIN lemur_mobile_run r ON r.model_name = m.name"
-                       " WHERE r.device_type = ?)")
+        clauses.append(_models_clause("SELECT m.id FROM model m JOIN lemur_mobile_run mr ON mr.model_name = m.name"
+                                      " WHERE mr.device_type = ?", via_run))
         args.append(f.device_type)
     if f.protocol is not None:
         clauses.append(f"p.run_id IN (SELECT r.id FROM run r WHERE {RUN_PROTOCOL_SQL.format(r='r')} = ?)")
@@ -140,16 +149,27 @@ def name_filter(f: Filters, column: str) -> tuple[str, list[Any]]:
     return (f"({' OR '.join(clauses)})" if clauses else ""), args
 
 
-# Columns answered from the covering index `point_filter` (plus the primary key run_id, epoch).
+# Every column of a result row that comes from its point (grouped_sql's default).
 _COVERED = ("p.run_id, p.epoch, p.model_id, p.task, p.dataset, p.metric, p.accuracy, p.duration_ns, "
             "p.accuracy_to_time, p.created")
+# What a page groups and sorts on by default, all in the index `point_filter` (scope, epoch, model, accuracy
+# and the primary key run_id, epoch; zoo.schema version 9): the page reads the rest for its own rows only.
+_KEYS = "p.run_id, p.epoch, p.model_id, p.accuracy"
+_SCOPE_COLUMNS = ", p.task, p.dataset, p.metric"
+# A point's `created` is its run's (both writers store the run's): newest first, a page walks the index
+# run_created (created DESC, id) and each run's points in epoch order, its own order, without a sort
+_RUN_CREATED = "rc.created AS created"
 
 
-def grouped_sql(f: Filters, with_params: bool = False) -> tuple[str, list[Any]]:
-    """The filtered (and, if asked, best-per-group) points, one row per result, reading only columns the
-    covering index holds: no table lookups until the page is cut."""
-    where, args = _where(f)
-    best_max = _COVERED.replace("p.accuracy,", "MAX(p.accuracy) AS accuracy,")
+def grouped_sql(f: Filters, with_params: bool = False, columns: str = _COVERED) -> tuple[str, list[Any]]:
+    """The filtered (and, if asked, best-per-group) points, one row per result, with `columns` of `point`
+    (aliased p; it must hold `p.accuracy`). With the default set a reader gets every point column of a row;
+    page_sql asks for the index-covered keys only: no table lookups until the page is cut."""
+    reads_points = f.protocol is not None or not (f.unique_nn or f.only_best_accuracy)
+    where, args = _where(f, via_run=reads_points)
+    if f.protocol is not None or f.unique_nn or f.only_best_accuracy:
+        columns = columns.replace(_RUN_CREATED, "p.created").replace("rc.id AS run_id", "p.run_id")
+    best_max = columns.replace("p.accuracy", "MAX(p.accuracy) AS accuracy", 1)
     if f.protocol is not None and (f.unique_nn or f.only_best_accuracy):  # best_point mixes protocols
         per = "p.model_id" if f.unique_nn else "p.task, p.dataset, p.metric, p.model_id, p.epoch"
         return f"SELECT {best_max} FROM point p{where}{' AND' if where else ' WHERE'} p.accuracy IS NOT NULL " \
@@ -157,8 +177,15 @@ def grouped_sql(f: Filters, with_params: bool = False) -> tuple[str, list[Any]]:
     if f.unique_nn:  # best per model over its best-per-epoch rows
         return f"SELECT {best_max} FROM best_point p{where} GROUP BY p.model_id", args
     if f.only_best_accuracy:  # maintained on write: one row per task/dataset/metric/model/epoch
-        return f"SELECT {_COVERED} FROM best_point p{where}", args
-    return f"SELECT {_COVERED} FROM point p{where}", args
+        return f"SELECT {columns} FROM best_point p{where}", args
+    # no task/dataset/metric asked for or returned: the table, not the view (no scope lookup a point), so a
+    # page sorted on a key without an index (accuracy_to_time, ascending duration) scans it rather than an index
+    # (point_row has no `created`: the view reads the run's)
+    asked = f.task is not None or f.dataset is not None or f.metric is not None  # "" is asked for too
+    table = "point" if asked or "p.task" in columns or "p.created" in columns \
+        else "point_row"
+    source = f"run rc CROSS JOIN {table} p ON p.run_id = rc.id" if _RUN_CREATED in columns else f"{table} p"
+    return f"SELECT {columns} FROM {source}{where}", args
 
 
 def _sort_expr(page: Page) -> str:
@@ -211,11 +238,24 @@ def _decode_cursor(filters: Filters, page: Page) -> dict[str, Any]:
     return payload
 
 
+def _page_columns(page: Page) -> str:
+    """The point columns a page's grouping, sort and order need before it is cut (see _KEYS)."""
+    if page.sort == "name":  # its order starts with the task, dataset and metric
+        return _KEYS + _SCOPE_COLUMNS
+    if page.sort in ("duration", "duration_norm"):
+        return _KEYS + ", p.duration_ns"
+    if page.sort == "created":  # the run's (points store none); its id: the order's next key, as run_created has it
+        return f"{_KEYS.replace('p.run_id', 'rc.id AS run_id')}, {_RUN_CREATED}"
+    if page.sort == "accuracy_to_time":
+        return f"{_KEYS}, p.{_SORT_COLUMN[page.sort]}"
+    return _KEYS
+
+
 def page_sql(f: Filters, page: Page) -> tuple[str, list[Any]]:
     """One page: group and sort on index-covered columns, cut the page, then join point, model and run
     for the page's rows only."""
     page.check()
-    inner, args = grouped_sql(f)
+    inner, args = grouped_sql(f, columns=_page_columns(page))
     sort = _sort_expr(page)
     direction = "DESC" if page.desc else "ASC"
     join_model = " JOIN model m ON m.id = q.model_id" if page.sort in ("params", "name") else ""
@@ -247,7 +287,9 @@ def page_sql(f: Filters, page: Page) -> tuple[str, list[Any]]:
     if page.offset and not page.cursor:
         sql += " OFFSET ?"
         args.append(int(page.offset))
-    sql = (f"SELECT pg.*, m.name AS name, m.params AS params, pt.val_accuracy AS val_accuracy, pt.loss AS loss, "
+    sql = (f"SELECT pg.run_id, pg.epoch, pg.model_id, pg.accuracy, pg._sort, pt.task, pt.dataset, pt.metric, "
+           f"pt.duration_ns, pt.accuracy_to_time, r.created, "
+           f"m.name AS name, m.params AS params, pt.val_accuracy AS val_accuracy, pt.loss AS loss, "
            f"pt.elapsed_s AS elapsed_s, r.uid AS run_uid, r.prm AS prm, r.transform AS transform, "
            f"r.status AS status, CAST({DURATION_NORM_SQL.format(p='pt', r='r')} AS INTEGER) AS duration_norm_ns, "
            f"r.job_id AS job_id, {RUN_PROTOCOL_SQL.format(r='r')} AS protocol "
@@ -260,7 +302,7 @@ def page_sql(f: Filters, page: Page) -> tuple[str, list[Any]]:
 def count_sql(f: Filters) -> tuple[str, list[Any]]:
     if dataclasses.replace(f, only_best_accuracy=False) == Filters():  # every (best) point: count the table
         return f"SELECT COUNT(*) FROM {'best_point_row' if f.only_best_accuracy else 'point_row'}", []
-    inner, args = grouped_sql(f)
+    inner, args = grouped_sql(f, columns=_KEYS)
     return f"SELECT COUNT(*) FROM ({inner})", args
 
 

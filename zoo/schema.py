@@ -21,6 +21,7 @@ and records `schema_version` in `meta`.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 
 # `point` and `best_point` as their readers know them (version 5 on): the row tables with the scope's
@@ -44,6 +45,34 @@ POINT_INSERT_TRIGGER = """CREATE TRIGGER point_insert INSTEAD OF INSERT ON point
                 NEW.accuracy, NEW.val_accuracy, NEW.loss, NEW.duration_ns, NEW.accuracy_to_time, NEW.elapsed_s,
                 NEW.created);
 END"""
+
+# Since version 9 a point's `created` is not stored: it is always its run's (both writers, the store and
+# the bulk loader, wrote the run's), so the views read it from the run (a LEFT JOIN on run's primary key,
+# which SQLite drops from a query that does not read `created`); the trigger ignores NEW.created.
+POINT_VIEW_V9 = (
+    "CREATE VIEW point AS SELECT r.run_id, r.epoch, r.model_id, s.task, s.dataset, s.metric, r.accuracy,"
+    " r.val_accuracy, r.loss, r.duration_ns, r.accuracy_to_time, r.elapsed_s, ru.created"
+    " FROM point_row r JOIN scope s ON s.id = r.scope_id LEFT JOIN run ru ON ru.id = r.run_id")
+BEST_POINT_VIEW_V9 = (
+    "CREATE VIEW best_point AS SELECT s.task, s.dataset, s.metric, b.epoch, b.model_id, b.accuracy, b.duration_ns,"
+    " b.accuracy_to_time, ru.created, b.run_id FROM best_point_row b JOIN scope s ON s.id = b.scope_id"
+    " LEFT JOIN run ru ON ru.id = b.run_id")
+POINT_INSERT_TRIGGER_V9 = """CREATE TRIGGER point_insert INSTEAD OF INSERT ON point BEGIN
+    INSERT INTO scope(task, dataset, metric) SELECT NEW.task, NEW.dataset, NEW.metric
+        WHERE NOT EXISTS (SELECT 1 FROM scope WHERE task = NEW.task AND dataset = NEW.dataset
+                          AND metric = NEW.metric);
+    INSERT INTO point_row(run_id, epoch, model_id, scope_id, accuracy, val_accuracy, loss, duration_ns,
+                          accuracy_to_time, elapsed_s)
+        VALUES (NEW.run_id, NEW.epoch, NEW.model_id,
+                (SELECT id FROM scope WHERE task = NEW.task AND dataset = NEW.dataset AND metric = NEW.metric),
+                NEW.accuracy, NEW.val_accuracy, NEW.loss, NEW.duration_ns, NEW.accuracy_to_time, NEW.elapsed_s);
+END"""
+
+# A run by its uid (parameters: uid), through run_uid_tail (version 9); the uid itself decides. `+uid`:
+# with a plain `uid = ?1` SQLite propagates the constant into substr(uid, -16) and scans the table.
+RUN_BY_UID = "substr(uid, -16) = substr(?1, -16) AND +uid = ?1"
+# A migration step that is Python, not SQL (a comment to SQLite): migrate() runs PYTHON_STEPS[step].
+REBUILD_RUN_UID = "-- zoo.schema: rebuild run without UNIQUE(uid)"
 
 MIGRATIONS: list[list[str]] = [
     # version 1
@@ -399,6 +428,64 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE run ADD COLUMN environment TEXT",
         "UPDATE run SET protocol = CASE WHEN source = 'evaluator' THEN 'default' ELSE 'lemur' END",
     ],
+    # version 9 (zoosize2): issue 10 again (578k records in <= 150 MB) and a slowest-first page that is fast.
+    # Measured on the 2.1.2 wheel's zoo (dbstat), the point indexes held 77 of its 180 MB: the covering
+    # point_filter (28 MB) repeated duration, accuracy_to_time and created beside the filter columns, and
+    # the sort indexes on accuracy_to_time and created (10.6 MB each) served only unfiltered pages sorted by
+    # them; on an imported zoo every point has the same `created`, so that index sorted all the ties anyway.
+    # - point_filter keeps the columns a filtered page groups and sorts on by default (scope, epoch, model,
+    #   accuracy; the primary key adds run_id): a page reads the other columns for its own rows only
+    #   (zoo.query.page_sql); an unfiltered page sorted by accuracy_to_time (or ascending duration) scans the
+    #   table, 0.1-0.7 s for 0.6-0.9M points.
+    # - newest first walks run_created (created DESC, id: 1.3 MB for 80k runs) and each run's points: a point's
+    #   `created` is its run's (both writers store the run's), and the point index on it sorted every tie
+    #   of an import (1.8 s) where this one lists them in page order.
+    # - the sort indexes are DESC: they list a key's ties in (run_id, epoch) order, a page's own order,
+    #   so a slowest-first or best-first page reads 20 entries even among ties (no sort of the tie group);
+    #   point_duration is back for the slowest-first page (2 s without it on the wheel's zoo).
+    # - best_point_by_model keeps what unique_nn groups on and returns from it (scope, model, accuracy,
+    #   run; the primary key adds epoch).
+    # - no point_model (7.2 MB on the synthetic 2.2 zoo): a model's points are its runs' points, so a name
+    #   or device filter on points goes model -> run_model -> the point primary key (run_id, epoch)
+    #   (zoo.query._where(via_run=True)); best_point keeps best_point_model.
+    [
+        "DROP INDEX point_model",
+        "DROP INDEX point_filter",
+        "DROP INDEX point_a2t",
+        "DROP INDEX point_created",
+        "DROP INDEX point_accuracy",
+        "DROP INDEX best_point_by_model",
+        "CREATE INDEX point_filter ON point_row(scope_id, epoch, model_id, accuracy)",
+        "CREATE INDEX point_accuracy ON point_row(accuracy DESC)",
+        "CREATE INDEX point_duration ON point_row(duration_ns DESC)",
+        "CREATE INDEX best_point_by_model ON best_point_row(scope_id, model_id, accuracy, run_id)",
+        "CREATE INDEX run_created ON run(created DESC, id)",
+        # no point_row.created / best_point_row.created (6 MB on the synthetic 2.2 zoo): the run's, see
+        # POINT_VIEW_V9; the views go first (a dropped column must not be in one), the old indexes on it above
+        "DROP VIEW point",
+        "DROP VIEW best_point",
+        "ALTER TABLE point_row DROP COLUMN created",
+        "ALTER TABLE best_point_row DROP COLUMN created",
+        # run.uid is no longer UNIQUE (its index of 88-byte LEMUR uids: 8 MB on the synthetic 2.2 zoo): a
+        # run is found by RUN_BY_UID through run_uid_tail, an index of the uid's last 16 characters (the
+        # trial's md5 or the job/trial/repeat tail), a quarter of the size. Uniqueness is the writers':
+        # both (ZooStore.add_run_in, zoo.bulk_load) look a uid up inside their write transaction (SQLite's
+        # write lock: no other writer between the look-up and the insert) and insert only a new one.
+        REBUILD_RUN_UID,
+        "CREATE INDEX run_uid_tail ON run(substr(uid, -16))",
+        POINT_VIEW_V9,
+        POINT_INSERT_TRIGGER_V9,
+        BEST_POINT_VIEW_V9,
+    ],
+    # version 10 (calib2): a device's speed curve (lemur_agent_server.evaluator.calibration): how much faster
+    # than the reference device it runs steps of several work sizes, since that speed-up depends on the
+    # step's size (a second CPU thread: 1.4x for a small step, 1.8x for a large one), so a run is
+    # normalized at its own work per step. JSON list, one entry per reference workload: {name, work
+    # (forward FLOPs per sample x batch), steps, median_ns, spread, iqr, factor}. NULL for rows of
+    # workload version 1 (one workload): their runs keep the single `factor`.
+    [
+        "ALTER TABLE device_calibration ADD COLUMN curve TEXT",
+    ],
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -406,29 +493,60 @@ SCHEMA_VERSION = len(MIGRATIONS)
 # Upsert of one point into best_point: strictly better accuracy wins, so ties keep the first row.
 _BEST_POINT_SET = (
     " ON CONFLICT(scope_id, epoch, model_id) DO UPDATE SET accuracy=excluded.accuracy,"
-    " duration_ns=excluded.duration_ns, accuracy_to_time=excluded.accuracy_to_time, created=excluded.created,"
+    " duration_ns=excluded.duration_ns, accuracy_to_time=excluded.accuracy_to_time,"
     " run_id=excluded.run_id WHERE excluded.accuracy > best_point_row.accuracy")
-# parameters (task, dataset, metric, epoch, model_id, accuracy, duration_ns, accuracy_to_time, created,
-# run_id); the point's scope exists: its point was written first (the point view's trigger adds it)
+# parameters (task, dataset, metric, epoch, model_id, accuracy, duration_ns, accuracy_to_time, run_id);
+# the point's scope exists: its point was written first (the point view's trigger adds it)
 BEST_POINT_UPSERT = (
-    "INSERT INTO best_point_row(scope_id, epoch, model_id, accuracy, duration_ns, accuracy_to_time, created,"
-    " run_id) SELECT s.id, ?4, ?5, ?6, ?7, ?8, ?9, ?10 FROM scope s WHERE s.task = ?1 AND s.dataset = ?2"
+    "INSERT INTO best_point_row(scope_id, epoch, model_id, accuracy, duration_ns, accuracy_to_time,"
+    " run_id) SELECT s.id, ?4, ?5, ?6, ?7, ?8, ?9 FROM scope s WHERE s.task = ?1 AND s.dataset = ?2"
     " AND s.metric = ?3" + _BEST_POINT_SET)
 # the same with the scope's id: (scope_id, epoch, model_id, accuracy, duration_ns, accuracy_to_time,
-# created, run_id), for the bulk loader
+# run_id), for the bulk loader
 BEST_POINT_ROW_UPSERT = (
-    "INSERT INTO best_point_row(scope_id, epoch, model_id, accuracy, duration_ns, accuracy_to_time, created,"
-    " run_id) VALUES(?,?,?,?,?,?,?,?)" + _BEST_POINT_SET)
+    "INSERT INTO best_point_row(scope_id, epoch, model_id, accuracy, duration_ns, accuracy_to_time,"
+    " run_id) VALUES(?,?,?,?,?,?,?)" + _BEST_POINT_SET)
 
 
 def rebuild_best_points(conn: sqlite3.Connection) -> int:
     """Recompute best_point from point (after bulk loads that bypass the store). Returns its row count."""
     conn.execute("DELETE FROM best_point_row")
     conn.execute(
-        "INSERT INTO best_point_row(scope_id, epoch, model_id, accuracy, duration_ns, accuracy_to_time, created,"
-        " run_id) SELECT scope_id, epoch, model_id, MAX(accuracy), duration_ns, accuracy_to_time, created, run_id"
+        "INSERT INTO best_point_row(scope_id, epoch, model_id, accuracy, duration_ns, accuracy_to_time,"
+        " run_id) SELECT scope_id, epoch, model_id, MAX(accuracy), duration_ns, accuracy_to_time, run_id"
         " FROM point_row WHERE accuracy IS NOT NULL GROUP BY scope_id, epoch, model_id")
     return conn.execute("SELECT COUNT(*) FROM best_point_row").fetchone()[0]
+
+
+def _rebuild_run_uid(conn: sqlite3.Connection) -> None:
+    """SQLite's table rebuild (a UNIQUE column constraint cannot be dropped in place) of `run` as it is
+    now, whatever columns earlier migrations added: the same DDL less the uid's UNIQUE, its rows, indexes
+    and triggers. The views go and come back around it (a rename checks every view). Runs with foreign
+    keys off (migrate): dropping the old table must not cascade to the points, weights, ..."""
+    ddl = conn.execute("SELECT sql FROM sqlite_master WHERE type='table' AND name='run'").fetchone()[0]
+    new_ddl, n = re.subn(r"\buid TEXT NOT NULL UNIQUE\b", "uid TEXT NOT NULL", ddl, count=1)
+    if n != 1:
+        raise RuntimeError("zoo.schema: run.uid is not declared 'uid TEXT NOT NULL UNIQUE'; cannot rebuild run")
+    kept = conn.execute("SELECT type, name, sql FROM sqlite_master WHERE sql IS NOT NULL AND (type='view'"
+                        " OR (type IN ('index', 'trigger') AND tbl_name='run'))"
+                        " ORDER BY type != 'view', rowid").fetchall()
+    view_triggers = conn.execute("SELECT sql FROM sqlite_master WHERE type='trigger' AND tbl_name IN"
+                                 " (SELECT name FROM sqlite_master WHERE type='view') ORDER BY rowid").fetchall()
+    for kind, name, _ in kept:
+        if kind == "view":
+            conn.execute(f'DROP VIEW "{name}"')
+    columns = ", ".join(f'"{row[1]}"' for row in conn.execute("PRAGMA table_info(run)"))
+    conn.execute(re.sub(r"^CREATE TABLE run\b", "CREATE TABLE run_rebuilt", new_ddl, count=1))
+    conn.execute(f"INSERT INTO run_rebuilt({columns}) SELECT {columns} FROM run")
+    conn.execute("DROP TABLE run")
+    conn.execute("ALTER TABLE run_rebuilt RENAME TO run")
+    for _, _, sql in kept:
+        conn.execute(sql)
+    for (sql,) in view_triggers:
+        conn.execute(sql)
+
+
+PYTHON_STEPS = {REBUILD_RUN_UID: _rebuild_run_uid}
 
 
 def current_version(conn: sqlite3.Connection) -> int:
@@ -440,7 +558,20 @@ def current_version(conn: sqlite3.Connection) -> int:
 
 
 def migrate(conn: sqlite3.Connection) -> int:
-    """Bring the schema up to SCHEMA_VERSION. Safe to call from several processes at once."""
+    """Bring the schema up to SCHEMA_VERSION. Safe to call from several processes at once.
+
+    Foreign keys are off while it runs (a table rebuild drops the old table; SQLite ignores the pragma
+    inside a transaction) and checked before the commit; the connection's setting comes back after."""
+    foreign_keys = conn.execute("PRAGMA foreign_keys").fetchone()[0]
+    conn.execute("PRAGMA foreign_keys=OFF")
+    try:
+        _migrate(conn)
+    finally:
+        conn.execute(f"PRAGMA foreign_keys={int(foreign_keys)}")
+    return SCHEMA_VERSION
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
     conn.execute("BEGIN IMMEDIATE")
     try:
         version = current_version(conn)
@@ -451,14 +582,20 @@ def migrate(conn: sqlite3.Connection) -> int:
             )
         for target in range(version + 1, SCHEMA_VERSION + 1):
             for statement in MIGRATIONS[target - 1]:
-                conn.execute(statement)
+                step = PYTHON_STEPS.get(statement)
+                if step is not None:
+                    step(conn)
+                else:
+                    conn.execute(statement)
             conn.execute(
                 "INSERT INTO meta(key, value) VALUES('schema_version', ?) "
                 "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                 (str(target),),
             )
+        broken = conn.execute("PRAGMA foreign_key_check").fetchone()
+        if broken:
+            raise RuntimeError(f"zoo.schema: the migration left a dangling reference {tuple(broken)}")
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
-    return SCHEMA_VERSION

@@ -242,7 +242,8 @@ class ZooStore:
     async def add_run_in(db: aiosqlite.Connection, model_id: int, run: Run) -> tuple[int, bool]:
         """One run with its points and best points inside the caller's transaction; an existing uid is kept
         as it is (returns its id and False): the evaluator writes a trial once, when it ends."""
-        row = await (await db.execute("SELECT id FROM run WHERE uid=?", (run.uid,))).fetchone()
+        # the look-up and the insert share the caller's write transaction: no second run of a uid
+        row = await (await db.execute(f"SELECT id FROM run WHERE {schema.RUN_BY_UID}", (run.uid,))).fetchone()
         if row:
             return int(row[0]), False
         last = run.last_point
@@ -264,17 +265,18 @@ class ZooStore:
         if run.points:
             await db.executemany(
                 "INSERT INTO point(run_id, epoch, model_id, task, dataset, metric, accuracy, val_accuracy, loss,"
-                " duration_ns, accuracy_to_time, elapsed_s, created) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " duration_ns, accuracy_to_time, elapsed_s) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
                 [(run_id, p.epoch, model_id, run.task, run.dataset, run.metric, p.accuracy, p.val_accuracy,
-                  p.loss, p.duration_ns, p.accuracy_to_time, p.elapsed_s, run.created) for p in run.points],
-            )
+                  p.loss, p.duration_ns, p.accuracy_to_time, p.elapsed_s) for p in run.points],
+            )  # a point's created is its run's (zoo.schema.POINT_VIEW_V9)
             await db.executemany(schema.BEST_POINT_UPSERT, [
                 (run.task, run.dataset, run.metric, p.epoch, model_id, p.accuracy, p.duration_ns,
-                 p.accuracy_to_time, run.created, run_id) for p in run.points if p.accuracy is not None])
+                 p.accuracy_to_time, run_id) for p in run.points if p.accuracy is not None])
             # our own runs' training diagnostics (learn()'s loss and accuracy) beside LEMUR's, one row a point
             await db.executemany(
-                "INSERT INTO point_train(run_id, epoch, train_loss, train_accuracy) VALUES(?,?,?,?)",
-                [(run_id, p.epoch, p.loss, p.train_accuracy) for p in run.points if p.train_accuracy is not None])
+                # the loss is the point's (zoo.lemur_extras.curve_diagnostics reads it there): stored once
+                "INSERT INTO point_train(run_id, epoch, train_accuracy) VALUES(?,?,?)",
+                [(run_id, p.epoch, p.train_accuracy) for p in run.points if p.train_accuracy is not None])
         return run_id, True
 
     async def set_weights(self, run_id: int, sha256: str, size: int, rel_path: str) -> None:
@@ -296,8 +298,8 @@ class ZooStore:
     async def settle_run_in(db: aiosqlite.Connection, run: Run) -> None:
         """What a job learns of a run only at its end, for a run written when its trial ended: whether it
         is the selected one, and the isolation the sandbox reported when it exited."""
-        await db.execute("UPDATE run SET selected=?, isolation=? WHERE uid=?",
-                         (int(run.selected), _json(run.isolation), run.uid))
+        await db.execute(f"UPDATE run SET selected=?2, isolation=?3 WHERE {schema.RUN_BY_UID}",
+                         (run.uid, int(run.selected), _json(run.isolation)))
 
     # --- device calibration (lemur_agent_server.evaluator.calibration) -------------------------------
     _CALIBRATION_COLS = ("key", "device_kind", "device_name", "threads", "harness", "status", "median_ns", "spread",
@@ -339,9 +341,9 @@ class ZooStore:
         """Which device calibration a run's time is measured against, and its training time on the
         reference device (duration x the factor; NULL while the calibration is pending or if it failed)."""
         await db.execute(
-            "UPDATE run SET calibration_id=?, duration_norm_ns=CAST(duration_ns * (SELECT factor FROM"
-            " device_calibration WHERE id=? AND status='ok') AS INTEGER) WHERE uid=?",
-            (calibration_id, calibration_id, run_uid))
+            "UPDATE run SET calibration_id=?2, duration_norm_ns=CAST(duration_ns * (SELECT factor FROM"
+            f" device_calibration WHERE id=?2 AND status='ok') AS INTEGER) WHERE {schema.RUN_BY_UID}",
+            (run_uid, calibration_id))
 
     @staticmethod
     async def fill_model_stats_in(db: aiosqlite.Connection, model: Model) -> None:

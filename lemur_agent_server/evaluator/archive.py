@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from lemur_agent_server import __version__
-from lemur_agent_server.evaluator import jobfiles, onnx_files, protocols
+from lemur_agent_server.evaluator import calibration, jobfiles, onnx_files, protocols
 from lemur_agent_server.evaluator.outcome import Archived, JobResult
 from lemur_agent_server.evaluator.phase import Trial, select
 from sandbox import datasets, protocol
@@ -237,9 +237,10 @@ async def archive_trial(job: Job, model: Model, paths: JobPaths, prepared: datas
 
 
 async def _normalize_in(db: Any, job: Job, run_uid: str) -> None:
-    """The run's duration on the reference device, from the calibration of the device the job ran on."""
+    """The run's duration on the reference device, from the calibration of the device the job ran on (its
+    speed at the run's work per step: evaluator.calibration)."""
     if job.calibration is not None:
-        await ZooStore.set_run_calibration_in(db, run_uid, job.calibration.id)
+        await calibration.normalize_run_in(db, run_uid, job.calibration.id)
 
 
 async def _hold(db: Any, job: Job) -> None:

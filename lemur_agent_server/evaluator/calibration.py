@@ -2,17 +2,31 @@
 
 A run's `duration_ns` says how long it trained on whatever machine ran it; a GPU job and a 1-thread
 CPU job of the same model differ by orders of magnitude, so raw durations of two machines cannot be
-ranked together. Each device therefore times one fixed reference workload (`sandbox.runner.calibrate`:
-a small CNN, forward + backward + SGD step on one fixed batch, `REPEATS` timed blocks of `STEPS`
-steps), in the sandbox, on the device and thread count the jobs get. Each run then also stores
+ranked together. Each device therefore times a fixed set of reference workloads
+(`sandbox.runner.calibrate`: one small CNN family, forward + backward + SGD step on one fixed batch,
+at four work sizes from 26 MFLOP to 1.4 GFLOP per step), in the sandbox, on the device and thread
+count the jobs get. That gives the device's **speed curve**: at each workload's work per step W,
 
-    duration_norm_ns = duration_ns x REFERENCE_BLOCK_NS / median block time of its device
+    factor(W) = REFERENCE_STEP_NS[workload] / the device's median step time on it
 
-its training time on the **reference device**: a nominal device on which one timed block of the
-workload takes exactly `REFERENCE_BLOCK_NS` (400 ms, about one thread of the 2-core Xeon this project
-is developed on). Twice as fast as the reference -> factor 2 -> a 10 s run counts 20 s.
+and each run stores its training time on the **reference device**
+
+    duration_norm_ns = duration_ns x factor(the run's work per step)
+
+where the run's work per step is its model's forward FLOPs for one sample (measured by the check, the
+`model.flops` column) times its batch (`prm.batch`), and factor(W) is interpolated linearly in log W
+between the two nearest workloads (the nearest one's factor outside their range; the anchor
+workload's factor when the run's FLOPs or batch are unknown). The reference device is nominal: one
+that takes exactly `REFERENCE_STEP_NS` per step of each workload, which is one thread of the 2-core
+Xeon ("Intel(R) Xeon(R) Processor", KVM) this project is developed on, rounded, and, at the anchor
+(the single workload of version 1: width 1, batch 32), exactly 10 ms per step as version 1 defined
+it. Twice as fast as the reference -> factor 2 -> a 10 s run counts 20 s.
 
 Why these choices:
+- A curve, not one number: how much faster a device runs a step depends on the step's size. Measured
+  here, a second CPU thread speeds a 26 MFLOP step up 1.4x and a 400 MFLOP one 1.8x; a GPU's lead grows
+  far more with size. With one workload a model of another size got the wrong factor (23 % apart on 1
+  vs 2 threads); at its own work per step it gets the speed-up of steps like its own.
 - Measured once per device and harness, cached in the zoo (`device_calibration`), reused by every
   later job and server: the key is the device kind, its name (CPU model and core count, or the GPU's
   name), the sandbox's thread count, and the harness (backend, Docker image id or interpreter, the
@@ -23,8 +37,13 @@ Why these choices:
   arrives meanwhile cancels the measurement (retried at the next idle moment). The result fills in
   the normalized time of every run that trained on the device before it was known. So the cost lands
   on no job's budget or duration, and no job waits for it.
-- Several timed blocks: the median resists one slow block (another process took the CPU), and the
-  relative spread `(max - min) / median` says how much to trust the factor; both are stored.
+- Robust against a noisy host: the runner interleaves the workloads (one block of each per round, so a
+  slow spell hits all of them alike), adds rounds until the blocks agree (`calibrate.TARGET_IQR`), and
+  the host takes medians. Each workload's relative spread `(max - min) / median` and interquartile
+  range are stored with the curve (`spread` of the row: the anchor's), so a reader sees how much to
+  trust the factor. The run's side is its training-only time (`duration_ns`: `learn()` alone, measured
+  in the sandbox, without the warm-up step, evaluation or sandbox start), not its wall time.
+- Rows of workload version 1 (no curve) stay readable and keep their single factor.
 - Only our code runs in a calibration sandbox (no submission, no dataset), but its events are still
   range-checked. A runner that refuses the mode (a Docker image built before it existed) is recorded
   as `failed` for that key and not retried; its runs get no normalized time. Other failures (a
@@ -39,6 +58,7 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -58,12 +78,16 @@ from zoo.store import ZooStore
 
 log = logging.getLogger(__name__)
 
-REFERENCE_BLOCK_NS = 400_000_000  # one timed block (STEPS steps) of the workload on the reference device
+# the reference device's time per step of each workload (nominal: one thread of the 2-core Xeon, rounded)
+REFERENCE_STEP_NS = {"w1-b8": 3_100_000, "w1-b32": 10_000_000, "w2-b32": 20_000_000, "w2-b128": 100_000_000}
+ANCHOR = workload.POINTS[workload.ANCHOR]
+REFERENCE_BLOCK_NS = REFERENCE_STEP_NS[ANCHOR.name] * ANCHOR.steps  # one timed block of the anchor workload
 REFERENCE_DESCRIPTION = (
-    f"the reference device: a nominal device that runs one block of the calibration workload ({workload.STEPS} "
-    f"steps of forward + backward + SGD of a fixed ~25k-parameter CNN on one batch of {workload.BATCH} 3x32x32 "
-    f"images) in exactly {REFERENCE_BLOCK_NS / 1e6:g} ms (about one thread of a 2-core Xeon); duration_norm = "
-    "duration x reference block time / the device's median block time, measured once per device in the sandbox")
+    "the reference device: a nominal device that runs one training step (forward + backward + SGD, one fixed "
+    "batch of 3x32x32 images) of each calibration workload, a small CNN at four work sizes, in "
+    + ", ".join(f"{REFERENCE_STEP_NS[p.name] / 1e6:g} ms ({p.work / 1e6:,.0f} MFLOP)" for p in workload.POINTS)
+    + " (one thread of a 2-core Xeon, rounded); duration_norm = duration x the device's speed-up over it at the "
+    "run's work per step (model FLOPs x batch), measured once per device in the sandbox")
 CALIBRATE_WALL_S = 300.0  # sandbox start plus the workload on a cold host shared with heavy jobs (seconds at most)
 MIN_BLOCK_NS = 10_000  # a block faster than 10 us is not a measurement
 MAX_BLOCK_NS = 600 * 10**9
@@ -178,20 +202,74 @@ def harness_id(backend: Backend) -> str:
 
 
 # --- the measurement -------------------------------------------------------------------------------------
-def summarize(times_ns: list[int]) -> dict[str, Any]:
-    """Median, relative spread and factor of one calibration's block times."""
+def summarize_point(point: workload.Point, times_ns: list[int]) -> dict[str, Any]:
+    """One workload's entry of the curve: its median block, spread, interquartile range and factor."""
     median = int(statistics.median(times_ns))
-    return {"median_ns": median, "spread": round((max(times_ns) - min(times_ns)) / median, 4),
-            "factor": REFERENCE_BLOCK_NS / median, "times_ns": list(times_ns)}
+    return {"name": point.name, "work": point.work, "steps": point.steps, "median_ns": median,
+            "spread": round((max(times_ns) - min(times_ns)) / median, 4),
+            "iqr": round(workload.relative_iqr(times_ns), 4),
+            "factor": REFERENCE_STEP_NS[point.name] * point.steps / median}
 
 
-def valid_times(value: Any) -> list[int] | None:
-    """The `calibrated` event's block times, when they are what the runner sends (else None)."""
-    if not isinstance(value, list) or len(value) != workload.REPEATS:
+def summarize(times_per_point: list[list[int]]) -> dict[str, Any]:
+    """The row's result fields: the curve, and the anchor's median, spread, factor and block times in
+    the columns version 1 filled (readers that know one factor per device keep working)."""
+    curve = [summarize_point(p, t) for p, t in zip(workload.POINTS, times_per_point)]
+    anchor = curve[workload.ANCHOR]
+    return {"median_ns": anchor["median_ns"], "spread": anchor["spread"], "factor": anchor["factor"],
+            "times_ns": list(times_per_point[workload.ANCHOR]), "curve": curve}
+
+
+def _valid_blocks(value: Any) -> list[int] | None:
+    if not isinstance(value, list) or not workload.MIN_ROUNDS <= len(value) <= workload.MAX_ROUNDS:
         return None
     if not all(isinstance(t, int) and not isinstance(t, bool) and MIN_BLOCK_NS <= t <= MAX_BLOCK_NS for t in value):
         return None
     return list(value)
+
+
+def valid_points(event: dict[str, Any]) -> list[list[int]] | None:
+    """The `calibrated` event's block times per workload, when they are what this runner's workloads
+    send (the same points, in order, each with a plausible number of plausible times); else None."""
+    points = event.get("points")
+    if not isinstance(points, list) or len(points) != len(workload.POINTS):
+        return None
+    times = []
+    for sent, point in zip(points, workload.POINTS):
+        if not isinstance(sent, dict) or sent.get("name") != point.name or sent.get("steps") != point.steps:
+            return None
+        blocks = _valid_blocks(sent.get("times_ns"))
+        if blocks is None:
+            return None
+        times.append(blocks)
+    return times
+
+
+def factor_at(curve: list[dict[str, Any]], work: float | None, anchor_factor: float) -> float:
+    """The device's factor at `work` FLOPs per step: linear in log(work) between the two nearest
+    workloads of the curve, the nearest one's outside them; `anchor_factor` when work is unknown."""
+    if not curve or work is None or work <= 0:
+        return anchor_factor
+    points = sorted((float(c["work"]), float(c["factor"])) for c in curve)
+    if work <= points[0][0]:
+        return points[0][1]
+    for (w0, f0), (w1, f1) in zip(points, points[1:]):
+        if work <= w1:
+            share = (math.log(work) - math.log(w0)) / (math.log(w1) - math.log(w0))
+            return f0 + share * (f1 - f0)
+    return points[-1][1]
+
+
+def run_work(flops: Any, prm: Any) -> int | None:
+    """A run's work per step: its model's forward FLOPs for one sample times its batch (None if unknown)."""
+    try:
+        batch = (json.loads(prm) if isinstance(prm, str) else prm or {}).get("batch")
+    except (ValueError, AttributeError):
+        return None
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (flops, batch))
+    if not numbers or flops <= 0 or batch <= 0:
+        return None
+    return int(flops * batch)
 
 
 def _spec(backend: Backend, paths: JobPaths, gpu: str | None, threads: int) -> protocol.JobSpec:
@@ -260,11 +338,12 @@ def _row(key: DeviceKey, seen: dict[str, dict[str, Any]], exit_code: int | None,
     ready = seen.get(protocol.EVENT_READY, {})
     detail: dict[str, Any] = {"runner_device": str(ready.get("device_name"))[:200],
                               "runner_threads": ready.get("threads"), "wall_s": round(wall_s, 3),
-                              "steps": workload.STEPS, "repeats": workload.REPEATS, "batch": workload.BATCH,
-                              "reference_block_ns": REFERENCE_BLOCK_NS}
+                              "steps": ANCHOR.steps, "batch": ANCHOR.batch,
+                              "reference_block_ns": REFERENCE_BLOCK_NS,
+                              "reference_step_ns": REFERENCE_STEP_NS}
     row: dict[str, Any] = {"key": key.digest, "device_kind": key.kind, "device_name": key.name,
                            "threads": key.threads, "harness": key.harness, "created": time.time(), "detail": detail}
-    times = valid_times(seen.get(protocol.EVENT_CALIBRATED, {}).get("times_ns"))
+    times = valid_points(seen.get(protocol.EVENT_CALIBRATED, {}))
     if times is not None:
         return {**row, "status": Status.OK, **summarize(times)}
     error = seen.get(protocol.EVENT_ERROR)
@@ -275,6 +354,50 @@ def _row(key: DeviceKey, seen: dict[str, dict[str, Any]], exit_code: int | None,
         detail["error"] = (f"the calibration sandbox timed out after {wall_s:.0f} s" if timed_out else
                            f"the calibration sandbox ended (exit {exit_code}) without a result: {log_tail[-300:]}")
     return {**row, "status": Status.FAILED}
+
+
+# --- the normalization -----------------------------------------------------------------------------------
+async def renormalize_in(db: Any, calibration_id: int, run_uid: str | None = None) -> int:
+    """Each run of the calibration (or only `run_uid`) gets its duration on the reference device at its own
+    work per step (`factor_at` of the device's curve). A calibration without a curve (workload version 1)
+    or not ok is left as the store normalized it (the single factor, or NULL). Returns the runs updated."""
+    cur = await db.execute("SELECT status, factor, curve FROM device_calibration WHERE id=?", (calibration_id,))
+    calibration = await cur.fetchone()
+    if calibration is None or calibration[0] != Status.OK or calibration[2] is None:
+        return 0
+    anchor_factor, curve = float(calibration[1]), json.loads(calibration[2])
+    sql = ("SELECT r.id, r.duration_ns, m.flops, r.prm FROM run r JOIN model m ON m.id = r.model_id "
+           "WHERE r.calibration_id = ?1 AND r.duration_ns IS NOT NULL")
+    args: tuple[Any, ...] = (calibration_id,)
+    if run_uid is not None:
+        # zoo.schema.RUN_BY_UID's form on parameter 2 (the uid's tail index, not a scan of every run)
+        sql, args = sql + " AND substr(r.uid, -16) = substr(?2, -16) AND +r.uid = ?2", (calibration_id, run_uid)
+    cur = await db.execute(sql, args)
+    updates = [(int(duration * factor_at(curve, run_work(flops, prm), anchor_factor)), run_id)
+               for run_id, duration, flops, prm in await cur.fetchall()]
+    await db.executemany("UPDATE run SET duration_norm_ns=? WHERE id=?", updates)
+    return len(updates)
+
+
+async def normalize_run_in(db: Any, run_uid: str, calibration_id: int) -> None:
+    """Inside the archive's transaction: which device calibration the run's time is measured against, and its
+    duration on the reference device at its work per step (NULL while the calibration is pending)."""
+    await ZooStore.set_run_calibration_in(db, run_uid, calibration_id)
+    await renormalize_in(db, calibration_id, run_uid)
+
+
+async def store_curve(store: ZooStore, key: str, fresh: dict[str, Any]) -> None:
+    """After `finish_calibration` stored this measurement: its curve, and every run of the device
+    normalized by it, in one transaction. Only when this measurement is the stored one (another server
+    may have finished the same device first: its result and curve stay)."""
+    async with store.transaction() as db:
+        cur = await db.execute("SELECT id FROM device_calibration WHERE key=? AND status=? AND times_ns=? "
+                               "AND curve IS NULL", (key, Status.OK, json.dumps(fresh["times_ns"])))
+        found = await cur.fetchone()
+        if found is None:
+            return
+        await db.execute("UPDATE device_calibration SET curve=? WHERE id=?", (json.dumps(fresh["curve"]), found[0]))
+        await renormalize_in(db, int(found[0]))
 
 
 # --- the cache -------------------------------------------------------------------------------------------
@@ -342,6 +465,8 @@ class Calibrator:
                             fresh["detail"]["error"])
                 return None  # transient: left pending, a later server measures again
             row = await self.store.finish_calibration(key.digest, fresh)
+            if fresh["status"] == Status.OK:
+                await store_curve(self.store, key.digest, fresh)
         if row is None:
             return None
         self._rows[key.digest] = Calibration.of(row)

@@ -326,17 +326,29 @@ class JobQueue:
     async def _heartbeats(self) -> None:
         while True:
             await anyio.sleep(min(HEARTBEAT_S, self.settings.stale_after_s / 4))
-            await self._recover()  # one read of the active jobs: a dead owner on this host is seen at once
-            claims = list(self._claims.values())
-            if not claims:
+            await self._heartbeat_once()
+
+    async def _heartbeat_once(self) -> None:
+        await self._recover()  # one read of the active jobs: a dead owner on this host is seen at once
+        claims = {claim.job_id: claim for claim in self._claims.values()}
+        if not claims:
+            return
+        for job_id in await self.jobs.heartbeat(claims.values()):  # re-queued and claimed elsewhere: stop ours
+            if await self._ended_under(claims[job_id]):
                 continue
-            for job_id in await self.jobs.heartbeat(claims):  # re-queued and claimed elsewhere: stop ours
-                log.warning("job %s is no longer ours (claimed elsewhere); stopping it here", job_id)
-                self._cancel_locally(job_id)
-            for claim in claims:  # cancels requested through another server process
-                row = await self.jobs.get(claim.job_id)
-                if row and row.get("cancel_requested"):
-                    self._cancel_locally(claim.job_id)
+            log.warning("job %s is no longer ours (claimed elsewhere); stopping it here", job_id)
+            self._cancel_locally(job_id)
+        for claim in claims.values():  # cancels requested through another server process
+            row = await self.jobs.get(claim.job_id)
+            if row and row.get("cancel_requested"):
+                self._cancel_locally(claim.job_id)
+
+    async def _ended_under(self, claim: Claim) -> bool:
+        """Whether a claim the heartbeat missed is one whose job just finished under it here (its worker
+        ended it between the snapshot of claims and the heartbeat), not one re-queued or claimed elsewhere."""
+        row = await self.jobs.get(claim.job_id)
+        return (row is not None and row.get("owner") == claim.owner and int(row.get("attempts") or 0) == claim.attempt
+                and JobStatus(row["status"]).is_finished())
 
     def _cancel_locally(self, job_id: str) -> None:
         job = self._running.get(job_id)

@@ -50,10 +50,21 @@ def _top_level_names(tree: ast.Module) -> set[str]:
     return names
 
 
+# Bases whose methods we know: a Net on any other base (LEMUR's `class Net(ModuleWrapper)`) may inherit
+# forward() or learn() from it, which only the sandbox's runtime check can see.
+_PLAIN_MODULE_BASES = frozenset({"Module", "nn.Module", "torch.nn.Module"})
+
+
 def _net_methods(tree: ast.Module) -> set[str] | None:
+    """The methods class Net defines itself, or None when Net is absent or a base class may provide them."""
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and node.name == "Net":
-            return {n.name for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+            if any(ast.unparse(base) not in _PLAIN_MODULE_BASES for base in node.bases):
+                return None
+            defined = {n.name for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+            assigned = {t.id for n in node.body if isinstance(n, ast.Assign) for t in n.targets
+                        if isinstance(t, ast.Name)}
+            return defined | assigned
     return None
 
 

@@ -1,14 +1,30 @@
-"""Calibrate mode: time a fixed reference workload on this sandbox's device, so that training times
-measured on different machines can be put on one scale (`lemur_agent_server.evaluator.calibration`).
+"""Calibrate mode: time a fixed set of reference workloads on this sandbox's device, so that training
+times measured on different machines can be put on one scale (`lemur_agent_server.evaluator.calibration`).
 
-The workload is fixed here and nowhere else: a small CNN (two 3x3 convolutions, 16 and 32 channels,
-max-pooling, one linear layer; ~25k parameters), SGD with momentum, forward + backward + step on one
-fixed batch of 32 CIFAR-shaped images (3 x 32 x 32, seeded noise, seeded labels). After `WARMUP_STEPS`
-untimed steps (lazy allocations, the first convolution's algorithm choice) it runs `REPEATS` timed
-blocks of `STEPS` steps; each block's time is one sample, so the host gets a median and a spread.
+The workloads are fixed here and nowhere else: one small CNN family (two 3x3 convolutions of
+`16 x width` and `32 x width` channels, max-pooling, one linear layer; ~25k parameters at width 1),
+SGD with momentum, forward + backward + step on one fixed batch of CIFAR-shaped images (3 x 32 x 32,
+seeded noise, seeded labels), at the `POINTS` below: four (width, batch) pairs whose work per step
+(forward FLOPs of one sample x batch, as the check counts a model's FLOPs) spans 26 MFLOP to 1.4 GFLOP.
+
+Why several work sizes: how much a device speeds a step up depends on how much work the step has. A
+second CPU thread speeds a 26 MFLOP step up about 1.4x and a 400 MFLOP step 1.8x (this project's
+2-core Xeon); a GPU's lead grows far more with the step's size. One workload measures the speed-up
+of one size only, and a model of another size then gets the wrong factor (measured: 23 % off for a
+model the single workload did not match). The host interpolates between the points at the run's
+own work per step.
+
+How the measurement resists noise:
+- one untimed warm-up round (lazy allocations, the convolutions' algorithm choice), then timed ROUNDS,
+  and in each round one block of every point in turn (interleaved): a slow spell of the host (another
+  process took a core) lands on all points alike instead of on one of them;
+- each block is about `BLOCK_REFERENCE_MS` on the reference device (its step count is set per point),
+  so short steps are not drowned in the clock's and the loop's own cost;
+- at least `MIN_ROUNDS`, then more until every point's interquartile range is within `TARGET_IQR` of
+  its median, or `MAX_ROUNDS`; the host takes medians and records the spread.
 On CUDA every block is bracketed by `torch.cuda.synchronize()` (kernels run asynchronously: without
 it the clock would stop before the GPU finished). No submitted code runs in this mode, and no dataset
-is read: the batch is generated here.
+is read: the batches are generated here.
 
 Changing any constant below changes what a calibration means: bump `WORKLOAD_VERSION` with it, so
 the host measures every device again instead of mixing two workloads on one scale.
@@ -16,6 +32,8 @@ the host measures every device again instead of mixing two workloads on one scal
 
 from __future__ import annotations
 
+import dataclasses
+import statistics
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -26,24 +44,50 @@ if TYPE_CHECKING:  # torch only where the workload runs: the host imports this m
 
     from sandbox.runner.emit import Emitter
 
-WORKLOAD_VERSION = 1
-BATCH = 32
+WORKLOAD_VERSION = 2
 IMAGE_SHAPE = (3, 32, 32)
 CLASSES = 10
-WARMUP_STEPS = 10
-STEPS = 40  # per timed block
-REPEATS = 6  # timed blocks: 240 timed steps, about 2.7 s on one thread of a 2-core Xeon
+CHANNELS = (16, 32)  # the two convolutions' channels at width 1
 SEED = 1234
+BLOCK_REFERENCE_MS = 200  # a timed block's length on the reference device (steps per point are set for it)
+MIN_ROUNDS = 5
+MAX_ROUNDS = 15
+TARGET_IQR = 0.05  # stop adding rounds when every point's (q3 - q1) / median is within this
 
 
-def reference_net() -> torch.nn.Module:
-    """The fixed network of the workload (its shape is part of WORKLOAD_VERSION)."""
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One reference workload: the CNN at `width`, trained on one batch of `batch` images."""
+
+    width: int
+    batch: int
+    steps: int  # per timed block
+    work: int  # forward FLOPs of one sample x batch (tests/test_calibration.py checks it against the counter)
+
+    @property
+    def name(self) -> str:
+        return f"w{self.width}-b{self.batch}"
+
+
+POINTS = (
+    Point(width=1, batch=8, steps=60, work=26_279_936),
+    Point(width=1, batch=32, steps=20, work=105_119_744),  # the workload of version 1 (the anchor)
+    Point(width=2, batch=32, steps=10, work=361_234_432),
+    Point(width=2, batch=128, steps=2, work=1_444_937_728),
+)
+ANCHOR = 1  # POINTS[ANCHOR] is version 1's workload: its factor is the device's single `factor`
+
+
+def reference_net(width: int = 1, in_channels: int = IMAGE_SHAPE[0], side: int = IMAGE_SHAPE[1],
+                  classes: int = CLASSES) -> torch.nn.Module:
+    """The workloads' network family (its shape is part of WORKLOAD_VERSION)."""
     import torch
 
+    c1, c2 = (c * width for c in CHANNELS)
     return torch.nn.Sequential(
-        torch.nn.Conv2d(IMAGE_SHAPE[0], 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Flatten(), torch.nn.Linear(32 * (IMAGE_SHAPE[1] // 4) * (IMAGE_SHAPE[2] // 4), CLASSES))
+        torch.nn.Conv2d(in_channels, c1, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(c1, c2, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(), torch.nn.Linear(c2 * (side // 4) ** 2, classes))
 
 
 def _sync(device: torch.device) -> None:
@@ -53,15 +97,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_workload(device: torch.device, repeats: int = REPEATS, steps: int = STEPS) -> list[int]:
-    """Nanoseconds of each timed block of `steps` training steps of the reference workload."""
+def _stepper(point: Point, device: torch.device) -> Any:
+    """A function that runs one training step of `point`'s workload."""
     import torch
 
     generator = torch.Generator().manual_seed(SEED)
     torch.manual_seed(SEED)
-    net = reference_net().to(device)
-    x = torch.randn((BATCH, *IMAGE_SHAPE), generator=generator).to(device)
-    y = torch.randint(0, CLASSES, (BATCH,), generator=generator).to(device)
+    net = reference_net(point.width).to(device)
+    x = torch.randn((point.batch, *IMAGE_SHAPE), generator=generator).to(device)
+    y = torch.randint(0, CLASSES, (point.batch,), generator=generator).to(device)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     loss_fn = torch.nn.CrossEntropyLoss()
 
@@ -70,24 +114,49 @@ def time_workload(device: torch.device, repeats: int = REPEATS, steps: int = STE
         loss_fn(net(x), y).backward()
         optimizer.step()
 
-    for _ in range(WARMUP_STEPS):
+    return step
+
+
+def _block(step: Any, steps: int, device: torch.device) -> int:
+    _sync(device)
+    t0 = time.perf_counter_ns()
+    for _ in range(steps):
         step()
-    times: list[int] = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter_ns()
-        for _ in range(steps):
-            step()
-        _sync(device)
-        times.append(time.perf_counter_ns() - t0)
+    _sync(device)
+    return time.perf_counter_ns() - t0
+
+
+def relative_iqr(times: list[int]) -> float:
+    """(q3 - q1) / median: how much the middle half of the blocks disagree."""
+    q1, median, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return (q3 - q1) / median
+
+
+def time_workloads(device: torch.device, points: tuple[Point, ...] = POINTS, min_rounds: int = MIN_ROUNDS,
+                   max_rounds: int = MAX_ROUNDS) -> list[list[int]]:
+    """Nanoseconds of each timed block, per point (interleaved rounds; see the module's docstring)."""
+    steppers = [_stepper(p, device) for p in points]
+    for point, step in zip(points, steppers):  # warm-up round, untimed
+        _block(step, max(2, point.steps // 4), device)
+    times: list[list[int]] = [[] for _ in points]
+    for done in range(1, max_rounds + 1):
+        for point, step, blocks in zip(points, steppers, times):
+            blocks.append(_block(step, point.steps, device))
+        if done >= min_rounds and all(relative_iqr(b) <= TARGET_IQR for b in times):
+            break
     return times
 
 
 def run_calibrate(spec: protocol.JobSpec, emitter: Emitter, device: torch.device) -> dict[str, Any]:
-    """Time the workload once and report it in one `calibrated` event."""
+    """Time the workloads once and report them in one `calibrated` event: `points` (one entry per point:
+    its name, width, batch, steps, work and block times) and, as version 1 sent it, the anchor's
+    `steps`, `batch` and `times_ns`."""
     import torch
 
-    times = time_workload(device)
-    emitter.emit(protocol.EVENT_CALIBRATED, workload_version=WORKLOAD_VERSION, steps=STEPS, repeats=REPEATS,
-                 batch=BATCH, times_ns=times, threads=torch.get_num_threads())
-    return {"best_trial": None, "calibrated": len(times)}
+    times = time_workloads(device)
+    anchor = POINTS[ANCHOR]
+    emitter.emit(protocol.EVENT_CALIBRATED, workload_version=WORKLOAD_VERSION, steps=anchor.steps,
+                 repeats=len(times[ANCHOR]), batch=anchor.batch, times_ns=times[ANCHOR],
+                 points=[{**dataclasses.asdict(p), "name": p.name, "times_ns": t} for p, t in zip(POINTS, times)],
+                 threads=torch.get_num_threads())
+    return {"best_trial": None, "calibrated": sum(len(t) for t in times)}

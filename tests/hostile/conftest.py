@@ -165,7 +165,8 @@ class World:
         """Hashes of everything a write could poison: the world outside the job dirs (zoo database
         and archived weights excepted: the server writes those), the runner the next job imports,
         the interpreter's packages, and a file the sandbox can see on the host."""
-        skip = tuple(self.state_dir / f for f in STATE_FILES) + (self.state_dir / "weights",)
+        skip = tuple(self.state_dir / f for f in STATE_FILES)
+        skip += (self.state_dir / "weights", self.state_dir / "prestart")
         jobs = self.settings.jobs_dir
         skip += tuple(p for p in jobs.iterdir() if p.name != "job-otheruser") if jobs.is_dir() else ()
         files = _tree(self.base, skip)
@@ -178,7 +179,15 @@ class World:
     def privileged_files(self) -> list[str]:
         """Setuid or setgid files in the jobs' out/ directories, as the host sees them."""
         found = []
-        for path in self.settings.jobs_dir.glob("*/out/**/*"):
+        jobs = self.settings.jobs_dir
+        try:
+            names = os.listdir(jobs)
+        except FileNotFoundError:
+            return found
+        # os.walk, not Path.glob: the server removes a job's dirs when the job ends, and glob raises
+        # FileNotFoundError for a directory that vanishes mid-walk (a CI failure); os.walk skips it.
+        paths = (Path(d) / f for name in names for d, _, files in os.walk(jobs / name / "out") for f in files)
+        for path in paths:
             try:
                 st = path.lstat()
             except OSError:
@@ -253,7 +262,10 @@ def world(request: pytest.FixtureRequest, make_settings, backend_name: str, tmp_
     canaries = {name: f"CANARY-{name}-{secrets.token_hex(12)}" for name in ("env", "zoo", "other_job", "labels")}
     monkeypatch.setenv(CANARY_ENV, canaries["env"])
 
+    warm = getattr(request.module, "PRESTART_PER_SLOT", None)  # else make_settings' choice for the backend
     settings = make_settings(sandbox=backend_name, seed_zoo=False, zoo_path=base / "state" / "zoo.sqlite")
+    if warm is not None:
+        settings.prestart_per_slot = warm
     state = settings.state_dir
     state.mkdir(parents=True)
     (state / "canary.txt").write_text(canaries["zoo"])

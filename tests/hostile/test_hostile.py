@@ -490,6 +490,9 @@ async def run_hostile(client: Client, world: World, code: str, budget_s: float) 
 def leftover_sandboxes(server: Any, backend: str) -> list[str]:
     """Job cgroups of this server (process), or containers of this server that ran a job (docker).
 
+    A pre-started process sandbox still waiting in the pool is not a leftover: the pool keeps it for
+    the next job (and kills it when the server closes).
+
     The docker backend keeps one pre-started container per slot, created afresh after each start:
     one that never adopted a job still has its own slot directories, an adopted one's were renamed
     into the job directory (gone once the job ended), so a container whose bind mounts lost their
@@ -498,8 +501,11 @@ def leftover_sandboxes(server: Any, backend: str) -> list[str]:
         mine = f"-o{os.getpid()}-"
         ver = _cgroups.version()
         bases = _cgroups.base_dirs(ver).values() if ver else []
+        pool = getattr(server.state.queue.backend, "pool", None)
+        waiting = {str(d) for w in (pool.warm() if pool else []) if w.spawned.cgroup
+                   for d in w.spawned.cgroup.dirs.values()}
         return [str(d) for b in bases if b.is_dir() for d in b.iterdir()
-                if d.name.startswith(_cgroups.PREFIX) and mine in d.name]
+                if d.name.startswith(_cgroups.PREFIX) and mine in d.name and str(d) not in waiting]
     docker = shutil.which("docker") or "docker"
     instance = server.state.queue.backend.instance_id
     ids = subprocess.run([docker, "ps", "-aq", "--filter", f"label=lemur-agent-server.instance={instance}"],
