@@ -525,6 +525,26 @@ def test_time_budget_is_honoured(tmp_path: Path, digits: datasets.PreparedDatase
     assert ends[0]["weights"] and (run.out / ends[0]["weights"]).is_file()
 
 
+# learn() that spends 0.15 s after its loop (a scheduler step, a log line): time between the budget's stop
+# and the evaluation that the stop must have reserved
+SLOW_RETURN = _variant("        return loss.item()", "        time.sleep(0.15)\n        return loss.item()", SLOW_LEARN)
+
+
+def test_a_stop_inside_a_segment_leaves_time_for_its_point(tmp_path: Path, digits: datasets.PreparedDataset,
+                                                           warm_process_sandbox: None) -> None:
+    """The stop leaves at most one batch (0.05 s) beyond the evaluation in hand; a learn() that takes
+    0.15 s to return used to spend it, and the truncated trial then had no point at all."""
+    run = run_job(tmp_path, digits, SLOW_RETURN, mode="train", n_trials=1, epochs=20, eval_every=20.0,
+                  time_budget_s=10.0, fixed_prm={"batch": 16, "lr": 0.05, "momentum": 0.9},
+                  max_train_samples=160, max_test_samples=100)
+    assert run.rc == 0, run.log
+    (end,) = run.of(protocol.EVENT_TRIAL_END)
+    assert end["status"] == "pruned" and end["error"]["kind"] == protocol.KIND_TIMEOUT, end
+    points = run.of(protocol.EVENT_POINT)
+    assert len(points) == 1, (points, end["error"]["message"])
+    assert 0 < points[0]["epoch"] < 20 and points[0]["elapsed_s"] <= 10.0
+
+
 # --- warm mode: `--wait`, the pre-start contract of sandbox.docker_backend ------------------------------
 def _start_waiting(job_dir: Path, prepared: datasets.PreparedDataset, code: str, **env: str
                    ) -> tuple[subprocess.Popen[str], Path, protocol.JobSpec]:
