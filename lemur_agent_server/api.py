@@ -158,8 +158,10 @@ def _refuse_unsupported(transform_dir: str | os.PathLike[str] | None) -> None:
 ONNX_FILE = "best_model.onnx"  # LEMUR's name for the exported model (its out/ckpt/<name>/best_model.onnx)
 
 
-def _save_onnx(zoo_path: Path, res: dict[str, Any], save_path: str | os.PathLike[str] | None) -> None:
-    """The job's archived ONNX export copied to `save_path/best_model.onnx`; a model that could not be
+def _save_onnx(zoo_path: Path, res: dict[str, Any], save_path: str | os.PathLike[str] | None,
+               file_name: str = ONNX_FILE) -> None:
+    """The job's archived ONNX export copied to `save_path/<file_name>` (check_nn: LEMUR's
+    best_model.onnx; a batch: `<model name>.onnx`, one per model); a model that could not be
     exported is no failure of the training: a warning says why there is no file."""
     from zoo.store import weights_dir_of
 
@@ -169,7 +171,7 @@ def _save_onnx(zoo_path: Path, res: dict[str, Any], save_path: str | os.PathLike
                       stacklevel=3)
         return
     if save_path is not None:
-        target = Path(save_path) / ONNX_FILE
+        target = Path(save_path) / file_name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(weights_dir_of(zoo_path) / onnx["path"], target)
 
@@ -320,24 +322,28 @@ def _lemur_tuple(result: dict[str, Any], nn_code: str, task: str, dataset: str, 
 
 
 # --- batches: many models per call (NNGPT's cycles of 10..150 models) ---------------------------------------
-BatchItem = str | dict[str, Any]  # the code, or {"nn_code" (or "code"), "prm"?, "prefix"?}
+BatchItem = str | dict[str, Any]  # the code, or {"nn_code" (or "code"), "prm"?, "prefix"?, "export_onnx"?}
 
 
-def _item_fields(item: BatchItem, prm: dict[str, Any] | None, prefix: str | None
-                 ) -> tuple[str, dict[str, Any], str | None]:
-    """(code, prm, prefix) of one item: its own prm keys override the shared ones."""
+def _item_fields(item: BatchItem, prm: dict[str, Any] | None, prefix: str | None, export_onnx: bool
+                 ) -> tuple[str, dict[str, Any], str | None, bool]:
+    """(code, prm, prefix, export_onnx) of one item: its own prm keys and values override the shared ones."""
     if isinstance(item, str):
-        return item, dict(prm or {}), prefix
+        return item, dict(prm or {}), prefix, export_onnx
     code = item.get("nn_code", item.get("code"))
     if not isinstance(code, str):
         raise InvalidRequestError("check_nn_batch: an item needs its code as 'nn_code' (or 'code')",
                                   {"error": {"kind": "invalid_request", "message": "item without code"}})
-    return code, {**(prm or {}), **(item.get("prm") or {})}, item.get("prefix", prefix)
+    own_export = item.get("export_onnx", export_onnx)
+    if not isinstance(own_export, bool):
+        raise InvalidRequestError("check_nn_batch: an item's 'export_onnx' must be true or false",
+                                  {"error": {"kind": "invalid_request", "message": "export_onnx not a bool"}})
+    return code, {**(prm or {}), **(item.get("prm") or {})}, item.get("prefix", prefix), own_export
 
 
 def _batch_requests(items: Sequence[BatchItem], task: str, dataset: str, metric: str, prm: dict[str, Any] | None,
-                    prefix: str | None, epoch_limit_minutes: float, max_train_samples: int | None, settings: Any
-                    ) -> list[tuple[str, dict[str, Any], str | None, Any]]:
+                    prefix: str | None, epoch_limit_minutes: float, max_train_samples: int | None, settings: Any,
+                    export_onnx: bool = False) -> list[tuple[str, dict[str, Any], str | None, Any]]:
     """Per item (code, prm, prefix, EvalRequest or the InvalidRequestError it raised), in order; each request
     within the server's limits (an item's budget follows its own epochs)."""
     from lemur_agent_server.evaluator.requests import RequestRefused, admit
@@ -346,9 +352,9 @@ def _batch_requests(items: Sequence[BatchItem], task: str, dataset: str, metric:
     for item in items:
         code, fixed, own_prefix = "", {}, prefix
         try:
-            code, fixed, own_prefix = _item_fields(item, prm, prefix)
+            code, fixed, own_prefix, own_export = _item_fields(item, prm, prefix, export_onnx)
             request: Any = _request(code, task, dataset, metric, fixed, own_prefix, epoch_limit_minutes,
-                                    max_train_samples)
+                                    max_train_samples, own_export)
             admit(request, settings)
         except InvalidRequestError as exc:
             request = exc
@@ -389,7 +395,8 @@ def check_nn_batch(items: Sequence[BatchItem], task: str, dataset: str, metric: 
                    prm: dict[str, Any] | None = None, save_to_db: bool = True, prefix: str | None = None,
                    save_path: str | os.PathLike[str] | None = None, epoch_limit_minutes: float = 30, *,
                    zoo: str | os.PathLike[str] | None = None, sandbox: str | None = None,
-                   max_train_samples: int | None = None, force: bool = False) -> list[Any]:
+                   max_train_samples: int | None = None, force: bool = False, export_onnx: bool = False
+                   ) -> list[Any]:
     """`check_nn` for many models at once: one batch, trained on this process's worker slots.
 
     `items`: code strings, or dicts {"nn_code", "prm"?, "prefix"?} whose prm keys override the shared
@@ -397,10 +404,14 @@ def check_nn_batch(items: Sequence[BatchItem], task: str, dataset: str, metric: 
     code_quality) tuple, or the `CheckNNError` (subclass) check_nn would have raised for it. An item
     whose experiment already succeeded in the zoo is answered from it (`force=True` trains again);
     identical items train once.
+
+    `export_onnx` (or an item's own "export_onnx"): as check_nn's, per model; with `save_path` each
+    exported model is copied to `save_path/<its name>.onnx` (the shared folder holds many models, so
+    not check_nn's single best_model.onnx).
     """
     settings = _queue_settings(zoo, sandbox)
     prepared = _batch_requests(items, task, dataset, metric, prm, prefix, epoch_limit_minutes, max_train_samples,
-                               settings)
+                               settings, export_onnx)
 
     async def run() -> tuple[list[str | None], dict[str, dict[str, Any]]]:
         from lemur_agent_server.evaluator.queue import JobQueue
@@ -422,6 +433,9 @@ def check_nn_batch(items: Sequence[BatchItem], task: str, dataset: str, metric: 
             continue
         row = rows[job_id]
         result = {"job_id": job_id, "status": row["status"], "result": row.get("result"), "error": row.get("error")}
+        if request.export_onnx and row["status"] == JobStatus.SUCCEEDED:
+            _save_onnx(Path(settings.zoo_path), row.get("result") or {}, save_path,
+                       f"{lemur_name(code, own_prefix)}.onnx")
         try:
             out.append(_lemur_tuple(result, code, task, dataset, metric, fixed, own_prefix,
                                     Path(settings.zoo_path), save_path))
@@ -433,14 +447,15 @@ def check_nn_batch(items: Sequence[BatchItem], task: str, dataset: str, metric: 
 def submit_batch(items: Sequence[BatchItem], task: str, dataset: str, metric: str = "acc",
                  prm: dict[str, Any] | None = None, prefix: str | None = None, epoch_limit_minutes: float = 30, *,
                  zoo: str | os.PathLike[str] | None = None, sandbox: str | None = None,
-                 max_train_samples: int | None = None, force: bool = False, save_to_db: bool = True
-                 ) -> dict[str, Any]:
+                 max_train_samples: int | None = None, force: bool = False, save_to_db: bool = True,
+                 export_onnx: bool = False) -> dict[str, Any]:
     """Queue a batch in the zoo and return at once: {"batch_id", "job_ids" (per item, None when refused),
     "errors" (per item, the InvalidRequestError or None)}. A server or `lemur-agent-server worker` on
-    the same zoo runs the jobs, or `wait(batch_id)` runs them in this process while it waits."""
+    the same zoo runs the jobs, or `wait(batch_id)` runs them in this process while it waits.
+    `export_onnx` (or an item's own): each model's ONNX export is archived in the zoo (get_model)."""
     settings = _queue_settings(zoo, sandbox)
     prepared = _batch_requests(items, task, dataset, metric, prm, prefix, epoch_limit_minutes, max_train_samples,
-                               settings)
+                               settings, export_onnx)
 
     async def run() -> tuple[str, list[str | None]]:
         from lemur_agent_server.evaluator.queue import JobQueue

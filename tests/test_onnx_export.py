@@ -258,6 +258,33 @@ async def test_submit_models_exports_onnx_for_every_model_of_the_batch(make_sett
     assert _archived_onnx_logits(settings, files["onnx"], batch=2).shape == (2, 10)
 
 
+def test_check_nn_batch_exports_one_named_onnx_file_per_model(tmp_path: Path, data_root: Path,
+                                                               monkeypatch: pytest.MonkeyPatch):
+    """A batch shares one save_path, so each model's export lands as `<its LEMUR name>.onnx` (check_nn's
+    single best_model.onnx would be overwritten); an item's own export_onnx=False is honoured, and a
+    model the exporters cannot handle still returns its tuple, with a warning and no file."""
+    monkeypatch.setenv("LEMUR_DATA", str(data_root))
+    zoo, save_path = tmp_path / "zoo.sqlite", tmp_path / "stat" / "img-classification_digits_acc_batch"
+    items = [models.GOOD, {"nn_code": models.GOOD_ADAM, "prefix": "adam"},
+             {"nn_code": models.tiny(forward_extra="x = x * 1.0"), "export_onnx": False},
+             UNEXPORTABLE]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = api.check_nn_batch(items, TASK, DATASET, METRIC, dict(PRM), True, None, str(save_path), zoo=zoo,
+                                     sandbox=SANDBOX, max_train_samples=400, export_onnx=True)
+    assert all(isinstance(r, tuple) for r in results), results
+    names = [r[0] for r in results]
+    assert names[1].startswith("adam-") and len(set(names)) == 4
+    exported = sorted(f.name for f in save_path.glob("*.onnx"))
+    assert exported == sorted(f"{n}.onnx" for n in names[:2]), exported
+    for name in names[:2]:
+        onnx.checker.check_model(onnx.load(str(save_path / f"{name}.onnx")))
+        session = onnxruntime.InferenceSession(str(save_path / f"{name}.onnx"))
+        feed = {session.get_inputs()[0].name: np.zeros((2, 1, 32, 32), dtype=np.float32)}
+        assert session.run(None, feed)[0].shape == (2, 10)
+    assert [str(w.message) for w in caught if "no ONNX export" in str(w.message)], "the unexportable model warns"
+
+
 def test_the_runner_says_why_it_does_not_start_an_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     import time
 
