@@ -123,6 +123,20 @@ async def canonical_dataset_filter(state: AppState, dataset: str | None) -> str 
     return canonical_filter_dataset(dataset, sorted(known))
 
 
+async def _why_no_rows(store: Any) -> str:
+    """The hint of an empty page. A fresh zoo holds its seed models before any of them has a run (their
+    baseline evaluations train in the background), and an agent must not read that as an empty zoo."""
+    base = "No rows match. Loosen the filters, or call list_catalog to see what the zoo holds."
+    models = (await store.fetchone("SELECT COUNT(*) AS n FROM model"))["n"]
+    unfinished = tuple(s.value for s in protocol.JobStatus if not s.is_finished())
+    marks = ",".join("?" * len(unfinished))
+    pending = (await store.fetchone(f"SELECT COUNT(*) AS n FROM job WHERE status IN ({marks})", unfinished))["n"]
+    if not pending:
+        return base
+    return (f"No rows match yet: {pending} evaluation(s) are queued or running (list_jobs shows them; the zoo holds "
+            f"{models} model(s)), and their points appear here as they finish. Or loosen the filters.")
+
+
 async def query_models(state: AppState, filters: Filters, page: Page, include_code: bool = False) -> QueryResult:
     """One page of learning-curve points for the filters, with code on demand within a budget."""
     store = state.zoo()
@@ -136,7 +150,7 @@ async def query_models(state: AppState, filters: Filters, page: Page, include_co
         code_cut = await _attach_code(store, rows)
     more = result["next_cursor"] is not None
     if result["total"] == 0:
-        hint = "No rows match. Loosen the filters, or call list_catalog to see what the zoo holds."
+        hint = await _why_no_rows(store)
     elif more:
         hint = "More rows exist: call again with cursor=next_cursor. get_model(name) shows one model."
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import anyio
 import pytest
 from mcp import Client
 
@@ -199,3 +200,26 @@ async def test_query_models_filters_by_lemur_device_type(lemur_client):
     assert {r["name"] for r in out["rows"]} == {"TinyNet"} and out["total"] == 2
     none = await call(lemur_client, "query_models", device_type="iPhone")
     assert none["total"] == 0
+
+
+async def test_an_empty_page_while_evaluations_are_pending_says_so(make_settings):
+    """A fresh zoo holds its seed models and queues their baseline evaluations; a query before any of them
+    finished must say that they are coming, not send the agent to look for an empty zoo. Here a batch
+    queued with api.submit_batch waits in a zoo whose server runs no worker."""
+    from tests import models
+
+    settings = make_settings(run_workers=False)  # the seed models, no run yet
+    queued = await anyio.to_thread.run_sync(lambda: api.submit_batch(
+        [models.GOOD], "img-classification", "digits", zoo=settings.zoo_path, sandbox="process"))
+    assert queued["job_ids"][0], queued
+    async with Client(build_server(settings)) as c:
+        page = await call(c, "query_models", limit=3)
+        assert page["total"] == 0
+        assert "1 evaluation(s) are queued or running" in page["hint"] and "list_jobs" in page["hint"], page
+        empty = await call(c, "query_models", dataset="digits", min_accuracy=0.99)
+        assert "queued or running" in empty["hint"]
+
+
+async def test_an_empty_page_with_nothing_pending_says_to_loosen_the_filters(client):
+    page = await call(client, "query_models", nn="no-such-model-anywhere")
+    assert page["total"] == 0 and page["hint"].startswith("No rows match. Loosen the filters"), page
