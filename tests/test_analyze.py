@@ -130,7 +130,7 @@ async def test_analyze_fills_stats_and_records_failures_once(make_settings, back
         row = got[name]
         assert row["status"] == "ok", (name, row["error"])
         assert row["params"] > 0 and row["flops"] > 0 and len(row["fingerprint"]) == 64
-        assert 0 <= row["code_quality"] <= 1
+        assert row["code_quality"] is not None and 0 <= row["code_quality"] <= 1, (name, row["detail"])
     assert got["ref-LeNet5"]["params"] == 123
     assert got["mnist-linear"]["params"] == expected_params(1, 8, 10)  # mnist: its most frequent dataset
     assert json.loads(got["mnist-linear"]["detail"])["in_shape"] == [1, 1, 32, 32]

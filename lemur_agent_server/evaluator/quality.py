@@ -32,6 +32,9 @@ from radon.metrics import mi_visit
 from lemur_agent_server.evaluator.static_checks import unreadable
 
 RUFF_SELECT = "E,W,F,B"
+# A failed ruff run is tried once more: a busy host can fail a subprocess (a thread it could not start, a
+# time-out) where the code is not to blame, and a model scored None stays unscored until analyzed again.
+TOOL_ATTEMPTS = 2
 WEIGHTS = {"errors": 5, "bug_risks": 2, "style": 1, "complex_blocks": 1, "very_complex_blocks": 2}
 
 
@@ -77,10 +80,13 @@ def code_quality(code: str) -> tuple[float | None, dict[str, Any]]:
     blocked = unreadable(code)
     if blocked is not None:
         return not_scored(blocked.message)
-    try:
-        return _score(code)
-    except (RuntimeError, OSError, subprocess.SubprocessError, ValueError, RecursionError, MemoryError) as exc:
-        return not_scored(f"the scoring tools failed ({type(exc).__name__}: {str(exc)[:200]})")
+    failure: Exception | None = None
+    for _attempt in range(TOOL_ATTEMPTS):
+        try:
+            return _score(code)
+        except (RuntimeError, OSError, subprocess.SubprocessError, ValueError, RecursionError, MemoryError) as exc:
+            failure = exc
+    return not_scored(f"the scoring tools failed ({type(failure).__name__}: {str(failure)[:200]})")
 
 
 def _score(code: str) -> tuple[float, dict[str, Any]]:
