@@ -32,8 +32,9 @@ from radon.metrics import mi_visit
 from lemur_agent_server.evaluator.static_checks import unreadable
 
 RUFF_SELECT = "E,W,F,B"
-# A failed ruff run is tried once more: a busy host can fail a subprocess (a thread it could not start, a
-# time-out) where the code is not to blame, and a model scored None stays unscored until analyzed again.
+# A failed ruff run is tried once more (ruff_findings; radon runs in-process and is not retried): a busy host
+# can fail a subprocess (a thread it could not start, a time-out) where the code is not to blame, and a
+# model scored None stays unscored until analyzed again.
 TOOL_ATTEMPTS = 2
 WEIGHTS = {"errors": 5, "bug_risks": 2, "style": 1, "complex_blocks": 1, "very_complex_blocks": 2}
 
@@ -50,10 +51,18 @@ def ruff_findings(code: str) -> list[dict[str, Any]]:
     """ruff's JSON findings for the code, fed on stdin (no file is written, nothing is executed)."""
     cmd = [*_ruff_executable(), "check", "--no-cache", "--isolated", "--select", RUFF_SELECT,
            "--line-length", "120", "--output-format", "json", "--stdin-filename", "model.py", "-"]
-    proc = subprocess.run(cmd, input=code, capture_output=True, text=True, timeout=60)
-    if proc.returncode not in (0, 1):
-        raise RuntimeError(f"ruff failed: {proc.stderr[-500:]}")
-    return json.loads(proc.stdout or "[]")
+    for attempt in range(1, TOOL_ATTEMPTS + 1):
+        try:
+            proc = subprocess.run(cmd, input=code, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            if attempt == TOOL_ATTEMPTS:
+                raise
+            continue
+        if proc.returncode in (0, 1):
+            return json.loads(proc.stdout or "[]")
+        if attempt == TOOL_ATTEMPTS:
+            raise RuntimeError(f"ruff failed: {proc.stderr[-500:]}")
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def _category(code: str | None) -> str:
@@ -80,13 +89,10 @@ def code_quality(code: str) -> tuple[float | None, dict[str, Any]]:
     blocked = unreadable(code)
     if blocked is not None:
         return not_scored(blocked.message)
-    failure: Exception | None = None
-    for _attempt in range(TOOL_ATTEMPTS):
-        try:
-            return _score(code)
-        except (RuntimeError, OSError, subprocess.SubprocessError, ValueError, RecursionError, MemoryError) as exc:
-            failure = exc
-    return not_scored(f"the scoring tools failed ({type(failure).__name__}: {str(failure)[:200]})")
+    try:
+        return _score(code)
+    except (RuntimeError, OSError, subprocess.SubprocessError, ValueError, RecursionError, MemoryError) as exc:
+        return not_scored(f"the scoring tools failed ({type(exc).__name__}: {str(exc)[:200]})")
 
 
 def _score(code: str) -> tuple[float, dict[str, Any]]:
