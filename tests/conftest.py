@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,25 @@ def warm_docker_sandbox() -> None:
                               remove=True)
     finally:
         client.close()
+
+
+FAILURE_LINE_CHARS = 400
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> Iterator[None]:
+    """One bounded line per failed test, printed last (after pytest's own short summary).
+
+    Why: CI keeps only the head and the tail of a run's output; with several failures, pytest's own
+    short summary puts the whole assertion message of each on one line, and the tail then showed only the
+    last failure's (a CI run had four hostile failures, and three of their causes were cut off)."""
+    yield
+    failed = terminalreporter.stats.get("failed", []) + terminalreporter.stats.get("error", [])
+    if not failed:
+        return
+    terminalreporter.section("why each test failed (bounded)")
+    for report in failed:
+        crash = getattr(report.longrepr, "reprcrash", None)
+        why = crash.message if crash is not None else str(report.longrepr)
+        why = " ".join(why.split())
+        terminalreporter.write_line(f"{report.nodeid}: {why[:FAILURE_LINE_CHARS]}")

@@ -5,6 +5,8 @@ process backend, with its real cgroup memory limit), the real runner, digits, a 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -20,6 +22,7 @@ from sandbox import datasets, protocol
 from sandbox.backend import Limits
 from sandbox.protocol import FailureKind
 from tests import models
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.anyio
 
@@ -145,3 +148,23 @@ def test_the_memory_limit_is_read_from_cgroup_v1_and_v2_layouts(tmp_path):
                        "fs/memory/api/memory.limit_in_bytes": "9223372036854771712\n"},
                 "5:pids:/api/job\n4:memory:/api/job\n0::/\n") == 1610612736
     assert tree("none", {}, "0::/\n") is None
+
+
+def test_the_data_cap_leaves_headroom_below_the_cgroup_limit_for_file_pages():
+    # a cap at the limit itself lets private memory crowd out the runner's code pages (thrashing, then the
+    # budget ran out in a CI run instead of a MemoryError); the cap is a quarter (256 MiB..1 GiB) below it
+    probe = (
+        "import resource\n"
+        "from sandbox.runner import memguard\n"
+        "out = []\n"
+        "for limit in (4 << 30, 1 << 30, 16 << 30):\n"
+        "    resource.setrlimit(resource.RLIMIT_DATA, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))\n"
+        "    memguard.cgroup_memory_limit = lambda limit=limit: limit\n"
+        "    cap = memguard.cap_data_segment('cpu')\n"
+        "    out.append((cap, resource.getrlimit(resource.RLIMIT_DATA)[0]))\n"
+        "print(out)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+                          cwd=str(REPO))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str([(3 << 30, 3 << 30), (768 << 20, 768 << 20), (15 << 30, 15 << 30)])

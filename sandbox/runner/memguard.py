@@ -9,6 +9,13 @@ MemoryError), which `errors.is_out_of_memory` recognises. RLIMIT_DATA rather tha
 mapped library files (libtorch is hundreds of MB) do not count against it. CPU only: the CUDA driver
 maps large private regions when it starts, and GPU memory raises its own torch.OutOfMemoryError.
 Without a cgroup the process backend already sets RLIMIT_AS, which fails allocations the same way.
+
+The cap sits `headroom(limit)` below the cgroup's limit, not at it: the cgroup also charges the
+runner's file pages (libtorch's code, the dataset's page cache), so private memory that grows to the
+limit itself first makes the kernel evict the very code pages the runner executes and read them back,
+over and over. On a host with a slow disk that thrashing outlasted the job's budget (a CI run: the
+memory bomb timed out instead of failing with MemoryError); with the headroom the allocation fails
+while the code pages still fit.
 """
 
 from __future__ import annotations
@@ -18,6 +25,13 @@ from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 UNLIMITED_FROM = 1 << 60  # cgroup v1 writes "no limit" as a page-rounded 2^63 - 1
+MIN_HEADROOM = 256 << 20  # libtorch's resident code and data files alone are about that
+MAX_HEADROOM = 1 << 30
+
+
+def headroom(limit: int) -> int:
+    """Bytes of the cgroup's limit left for file pages: a quarter of it, within [256 MiB, 1 GiB]."""
+    return max(MIN_HEADROOM, min(MAX_HEADROOM, limit // 4))
 
 
 def _ancestors(path: str) -> list[str]:
@@ -56,14 +70,16 @@ def cgroup_memory_limit(root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/pro
 
 
 def cap_data_segment(device_type: str) -> int | None:
-    """On CPU, lower RLIMIT_DATA to the cgroup's memory limit; the cap now in force (None: none set)."""
+    """On CPU, lower RLIMIT_DATA to `headroom` below the cgroup's memory limit; the cap now in force
+    (None: none set)."""
     if device_type != "cpu":
         return None
     limit = cgroup_memory_limit()
     soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
     if limit is None:
         return None if soft == resource.RLIM_INFINITY else soft
-    cap = limit if hard == resource.RLIM_INFINITY else min(limit, hard)
+    wanted = max(limit - headroom(limit), limit // 2)
+    cap = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
     if soft != resource.RLIM_INFINITY and soft <= cap:
         return soft
     resource.setrlimit(resource.RLIMIT_DATA, (cap, hard))
