@@ -19,12 +19,13 @@ the spawn. One job per warm sandbox: it is taken out of the pool under a lock be
 runner exits after that one job. A warm sandbox that died, or is older than `max_age_s`, is discarded
 and the job starts cold; so does a job that finds only warm sandboxes whose bootstrap has not yet
 bound the warm job dir (a rename before the bind would hand the sandbox the wrong dir). Each start
-tops the pool up again for its key (a spawn costs milliseconds:
-the imports then run inside the sandbox, outside any job's clock). Every warm chain is spawned by one thread
+tops the pool up again for its key (a spawn costs milliseconds: the imports then run inside the sandbox,
+outside any job's clock); a creation counts against `slots` from the moment it is decided, so a refill
+and a `prestart` deciding at once start one sandbox, not two. Every warm chain is spawned by one thread
 that lives as long as the pool (a chain's pdeath signal fires when the thread that spawned it ends, not
-the process: see prctl(2)). `close()` kills and removes every
-warm sandbox (its cgroup and dir); a server that dies without closing takes them down with it
-(pdeathsig, as for a running job), and `sweep_slots` removes the dirs a dead server left.
+the process: see prctl(2)). `close()` kills and removes every warm sandbox (its cgroup and dir); a
+server that dies without closing takes them down with it (pdeathsig, as for a running job), and
+`sweep_slots` removes the dirs a dead server left.
 """
 
 from __future__ import annotations
@@ -149,6 +150,7 @@ class ProcessWarmPool:
         self._lock = threading.Lock()
         self._deaths = 0
         self._filling = 0  # refill threads running
+        self._creating: dict[tuple[Any, ...], int] = {}  # warm sandboxes being spawned, per key
         self._closed = False
         # Every warm chain is spawned by this one thread, which lives as long as the pool: the chain's
         # pdeath signal (setpriv --pdeathsig KILL) fires when the THREAD that spawned it ends (prctl(2)),
@@ -166,40 +168,74 @@ class ProcessWarmPool:
     # --- creating ---------------------------------------------------------------------------------------
     def create(self, data_dir: Path, limits: Limits) -> WarmProcess | None:
         """Start one warm sandbox for (data_dir, limits) on a fresh warm job dir and add it to the pool."""
-        if self._closed or not self.enabled or self.jobs_root is None:
-            return None
-        pid = os.getpid()
-        slot = make_slot(warm_root(self.jobs_root), f"p-t{_owner.start_ticks(pid)}-o{pid}-{secrets.token_hex(4)}")
-        try:
-            spawned = self._spawner.submit(self._spawn, JobPaths(job_dir=slot, data_dir=Path(data_dir)), limits,
-                                           "prestart").result()
-        except BaseException:
-            shutil.rmtree(slot, ignore_errors=True)
-            raise
-        warm = WarmProcess(spawned=spawned, key=pool_key(data_dir, limits), slot=slot, created=time.monotonic())
-        excess: list[WarmProcess] = []
+        key = pool_key(data_dir, limits)
         with self._lock:
-            if self._closed:
-                excess = [warm]
-            else:
-                self._pool.append(warm)
-                others = [w for w in self._pool if w.key != warm.key]
-                excess = others[: max(0, len(self._pool) - self._slots)]
-                for w in excess:
-                    self._pool.remove(w)
-        for w in excess:
-            w.discard()
-        return None if self._closed else warm
+            self._creating[key] = self._creating.get(key, 0) + 1
+        return self._create_claimed(data_dir, limits, key)
+
+    def _claim(self, key: tuple[Any, ...]) -> bool:
+        """Under the lock: reserve the creation of one more warm sandbox for `key` when the pool's and the
+        in-flight ones together stay within `slots` (two callers deciding at once, a job's refill and the
+        server's `prestart`, would otherwise both create one: 2-3 warm sandboxes where one was meant,
+        each holding its imports' memory and, on a GPU, a CUDA context)."""
+        have = sum(1 for w in self._pool if w.key == key) + self._creating.get(key, 0)
+        if self._closed or not self.enabled or have >= self._slots:
+            return False
+        self._creating[key] = self._creating.get(key, 0) + 1
+        return True
+
+    def _create_claimed(self, data_dir: Path, limits: Limits, key: tuple[Any, ...]) -> WarmProcess | None:
+        """`create` once a creation for `key` is counted in `_creating` (released here, whatever happens)."""
+        held = True
+        try:
+            if self._closed or not self.enabled or self.jobs_root is None:
+                return None
+            pid = os.getpid()
+            slot = make_slot(warm_root(self.jobs_root), f"p-t{_owner.start_ticks(pid)}-o{pid}-{secrets.token_hex(4)}")
+            try:
+                spawned = self._spawner.submit(self._spawn, JobPaths(job_dir=slot, data_dir=Path(data_dir)), limits,
+                                               "prestart").result()
+            except BaseException:
+                shutil.rmtree(slot, ignore_errors=True)
+                raise
+            warm = WarmProcess(spawned=spawned, key=key, slot=slot, created=time.monotonic())
+            excess: list[WarmProcess] = []
+            with self._lock:
+                held = self._release(key)
+                if self._closed:
+                    excess = [warm]
+                else:
+                    self._pool.append(warm)
+                    others = [w for w in self._pool if w.key != warm.key]
+                    excess = others[: max(0, len(self._pool) - self._slots)]
+                    for w in excess:
+                        self._pool.remove(w)
+            for w in excess:
+                w.discard()
+            return None if self._closed else warm
+        finally:
+            if held:
+                with self._lock:
+                    self._release(key)
+
+    def _release(self, key: tuple[Any, ...]) -> bool:
+        """Under the lock: one creation for `key` is over (returns False: nothing held any more)."""
+        left = self._creating.get(key, 0) - 1
+        if left > 0:
+            self._creating[key] = left
+        else:
+            self._creating.pop(key, None)
+        return False
 
     def refill(self, data_dir: Path, limits: Limits) -> None:
         """Top the pool up to `slots` warm sandboxes for this key (each spawn takes milliseconds)."""
         key = pool_key(data_dir, limits)
-        while not self._closed and self.enabled:
+        while True:
             with self._lock:
-                if sum(1 for w in self._pool if w.key == key) >= self._slots:
+                if not self._claim(key):
                     return
             try:
-                if self.create(data_dir, limits) is None:
+                if self._create_claimed(data_dir, limits, key) is None:
                     return
             except Exception:  # noqa: BLE001 - the next job simply starts cold
                 log.exception("pre-starting a process sandbox failed")
@@ -221,12 +257,22 @@ class ProcessWarmPool:
 
         threading.Thread(target=fill, name="lemur-sbx-prestart", daemon=True).start()
 
-    def ensure(self, data_dir: Path, limits: Limits) -> WarmProcess | None:
-        """One warm sandbox for this key: an existing one, else a new one."""
+    def ensure(self, data_dir: Path, limits: Limits, timeout_s: float = 30.0) -> WarmProcess | None:
+        """One warm sandbox for this key: an existing one, the one being created (waited for: a spawn
+        takes milliseconds), else a new one."""
         key = pool_key(data_dir, limits)
-        with self._lock:
-            found = next((w for w in self._pool if w.key == key), None)
-        return found or self.create(data_dir, limits)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                found = next((w for w in self._pool if w.key == key), None)
+                if found is not None or self._closed or not self.enabled:
+                    return found
+                if self._claim(key):
+                    break
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.02)
+        return self._create_claimed(data_dir, limits, key)
 
     def wait_ready(self, warm: WarmProcess, timeout_s: float) -> None:
         """Block until `warm` printed its wait line (the heavy imports done)."""

@@ -299,3 +299,37 @@ async def test_a_warm_sandbox_outlives_the_thread_that_asked_for_it(tmp_path: Pa
         assert exit.exit_code == 0 and exit.isolation["prestarted"] is True, (kinds, exit.log_tail)
     finally:
         await backend.aclose()
+
+
+async def test_a_refill_and_a_prestart_at_once_make_one_warm_sandbox(tmp_path: Path, digits) -> None:
+    """The server's `prestart` (ensure) and a job's refill can decide at the same moment; with one slot
+    they must start ONE warm sandbox between them (each holds its imports' memory, and a CUDA context
+    when a GPU is lent). The real chain is spawned, slowed by a quarter second so that both decide while
+    the first spawn is in flight (a bench run had 2-3 warm sandboxes for one slot)."""
+    import threading
+
+    jobs = tmp_path / "jobs"
+    backend = make_backend(jobs)
+    try:
+        pool = backend.pool
+        assert pool is not None
+        real, spawned = pool._spawn, []
+
+        def slow_spawn(*args: Any) -> Any:
+            time.sleep(0.25)
+            spawned.append(real(*args))
+            return spawned[-1]
+
+        pool._spawn = slow_spawn  # type: ignore[method-assign]
+        found: list[Any] = []
+        askers = [threading.Thread(target=lambda: pool.refill(digits.public_dir, LIMITS)),
+                  threading.Thread(target=lambda: found.append(pool.ensure(digits.public_dir, LIMITS)))]
+        for asker in askers:
+            asker.start()
+            time.sleep(0.05)
+        for asker in askers:
+            asker.join()
+        assert len(spawned) == 1 and len(pool) == 1, (len(spawned), len(pool))
+        assert found == pool.warm(), "ensure returns the warm sandbox the refill was creating"
+    finally:
+        await backend.aclose()
