@@ -256,7 +256,15 @@ def stop_on_sigterm() -> None:
     and its warm sandboxes' dirs and cgroups waited for the next server's sweep. Sent on as SIGINT, the
     signal takes asyncio's Ctrl-C path (the main task is cancelled): the queue hands its jobs back to
     the zoo, the backend closes its sandboxes, and the process exits with 143. A second signal stops at
-    once, as a second Ctrl-C does."""
+    once, as a second Ctrl-C does.
+
+    A process started in the background by a script (`cmd &` without job control, `nohup`) inherits
+    SIGINT *ignored*; Python then installs no Ctrl-C handler, asyncio none either, and the forwarded
+    SIGINT did nothing: SIGTERM left such a worker running (seen in a CI run started that way). So
+    SIGINT gets Python's own handler back first, before asyncio looks at it."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
     def forward(_signum: int, _frame: Any) -> None:
         global _terminated
         _terminated = True

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import pytest
 
 from sandbox import _cgroups
 from sandbox.process_prestart import warm_root
@@ -89,7 +90,14 @@ def _assert_handed_back(settings: Any, job_id: str, pid: int) -> None:
     assert _traces_of(pid, settings) == []
 
 
-def test_sigterm_stops_a_worker_and_hands_its_job_back(make_settings):
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # what `worker &` from a script (no job control) inherits
+
+
+@pytest.mark.parametrize("started", ["plainly", "with_sigint_ignored"])
+def test_sigterm_stops_a_worker_and_hands_its_job_back(make_settings, started):
+    """Also when the worker was started with SIGINT ignored (a script's `worker &`, `nohup`): SIGTERM is
+    sent on as SIGINT, which then did nothing (a CI run started so left a worker running)."""
     settings = make_settings(seed_zoo=False)
 
     async def open_zoo() -> None:
@@ -99,7 +107,8 @@ def test_sigterm_stops_a_worker_and_hands_its_job_back(make_settings):
     anyio.run(open_zoo)
     (job_id,) = queue_jobs(settings, 1)
     worker = subprocess.Popen([sys.executable, "-m", "lemur_agent_server", "worker", *_args(settings)],
-                              cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                              cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=_ignore_sigint if started == "with_sigint_ignored" else None)
     try:
         _wait_training(settings.zoo_path, job_id, worker)
     finally:
