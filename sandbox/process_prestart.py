@@ -30,6 +30,7 @@ server that dies without closing takes them down with it (pdeathsig, as for a ru
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -148,9 +149,10 @@ class ProcessWarmPool:
         self._max_age = max_age_s
         self._pool: list[WarmProcess] = []
         self._lock = threading.Lock()
+        self._created = threading.Condition(self._lock)  # notified when a creation in flight is over
         self._deaths = 0
         self._filling = 0  # refill threads running
-        self._creating: dict[tuple[Any, ...], int] = {}  # warm sandboxes being spawned, per key
+        self._creating: collections.Counter[tuple[Any, ...]] = collections.Counter()  # being spawned, per key
         self._closed = False
         # Every warm chain is spawned by this one thread, which lives as long as the pool: the chain's
         # pdeath signal (setpriv --pdeathsig KILL) fires when the THREAD that spawned it ends (prctl(2)),
@@ -170,7 +172,7 @@ class ProcessWarmPool:
         """Start one warm sandbox for (data_dir, limits) on a fresh warm job dir and add it to the pool."""
         key = pool_key(data_dir, limits)
         with self._lock:
-            self._creating[key] = self._creating.get(key, 0) + 1
+            self._creating[key] += 1
         return self._create_claimed(data_dir, limits, key)
 
     def _claim(self, key: tuple[Any, ...]) -> bool:
@@ -178,15 +180,15 @@ class ProcessWarmPool:
         in-flight ones together stay within `slots` (two callers deciding at once, a job's refill and the
         server's `prestart`, would otherwise both create one: 2-3 warm sandboxes where one was meant,
         each holding its imports' memory and, on a GPU, a CUDA context)."""
-        have = sum(1 for w in self._pool if w.key == key) + self._creating.get(key, 0)
+        have = sum(1 for w in self._pool if w.key == key) + self._creating[key]
         if self._closed or not self.enabled or have >= self._slots:
             return False
-        self._creating[key] = self._creating.get(key, 0) + 1
+        self._creating[key] += 1
         return True
 
     def _create_claimed(self, data_dir: Path, limits: Limits, key: tuple[Any, ...]) -> WarmProcess | None:
         """`create` once a creation for `key` is counted in `_creating` (released here, whatever happens)."""
-        held = True
+        released = False
         try:
             if self._closed or not self.enabled or self.jobs_root is None:
                 return None
@@ -200,8 +202,9 @@ class ProcessWarmPool:
                 raise
             warm = WarmProcess(spawned=spawned, key=key, slot=slot, created=time.monotonic())
             excess: list[WarmProcess] = []
-            with self._lock:
-                held = self._release(key)
+            with self._lock:  # in the pool in the same step as it stops counting as in flight
+                self._release(key)
+                released = True
                 if self._closed:
                     excess = [warm]
                 else:
@@ -214,18 +217,16 @@ class ProcessWarmPool:
                 w.discard()
             return None if self._closed else warm
         finally:
-            if held:
+            if not released:
                 with self._lock:
                     self._release(key)
 
-    def _release(self, key: tuple[Any, ...]) -> bool:
-        """Under the lock: one creation for `key` is over (returns False: nothing held any more)."""
-        left = self._creating.get(key, 0) - 1
-        if left > 0:
-            self._creating[key] = left
-        else:
-            self._creating.pop(key, None)
-        return False
+    def _release(self, key: tuple[Any, ...]) -> None:
+        """Under the lock: one creation for `key` is over; wake an `ensure` waiting for it."""
+        self._creating[key] -= 1
+        if self._creating[key] <= 0:
+            del self._creating[key]
+        self._created.notify_all()
 
     def refill(self, data_dir: Path, limits: Limits) -> None:
         """Top the pool up to `slots` warm sandboxes for this key (each spawn takes milliseconds)."""
@@ -262,16 +263,15 @@ class ProcessWarmPool:
         takes milliseconds), else a new one."""
         key = pool_key(data_dir, limits)
         deadline = time.monotonic() + timeout_s
-        while True:
-            with self._lock:
+        with self._created:
+            while True:
                 found = next((w for w in self._pool if w.key == key), None)
                 if found is not None or self._closed or not self.enabled:
                     return found
                 if self._claim(key):
                     break
-            if time.monotonic() > deadline:
-                return None
-            time.sleep(0.02)
+                if not self._created.wait(timeout=deadline - time.monotonic()):
+                    return None
         return self._create_claimed(data_dir, limits, key)
 
     def wait_ready(self, warm: WarmProcess, timeout_s: float) -> None:
