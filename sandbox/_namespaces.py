@@ -44,6 +44,10 @@ import json
 import os
 import sys
 
+TYPE_CHECKING = False  # (not typing's: importing typing costs the bootstrap ~10 ms)
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 # Only json, os and sys at import time: this file is also the bootstrap script, started once per
 # job, and `dataclasses`/`re`/`subprocess` would add ~40 ms to every sandbox start.
 
@@ -147,12 +151,14 @@ class Plan:
     resolved, shallowest first; exposed: paths to keep visible (read-only) under a hidden dir;
     tmp_bytes: size of /tmp and /dev/shm; gpu_nodes: /dev paths to bind (empty: CPU only);
     final_argv: prlimit ... setpriv ... python -m sandbox.runner <spec>; ready_line: printed
-    once the sandbox is built; status_fd: where the init reports the runner's exit status.
+    once the sandbox is built; status_fd: where the init reports the runner's exit status; inproc:
+    None in the exec chain, else what PID 2 does instead of exec'ing final_argv when it was forked
+    from the zygote (`sandbox.zygote.become_runner`: rlimits, capability drop, env, argv, package dir).
     (A plain class: `dataclasses` costs 36 ms to import, see above.)
     """
 
     FIELDS = ("root", "userns", "job_in", "job_out", "data_dir", "sandbox_pkg", "hidden", "exposed",
-              "tmp_bytes", "gpu_nodes", "final_argv", "ready_line", "status_fd")
+              "tmp_bytes", "gpu_nodes", "final_argv", "ready_line", "status_fd", "inproc")
 
     def __init__(self, **fields: object) -> None:
         if set(fields) != set(self.FIELDS):
@@ -171,6 +177,7 @@ class Plan:
         self.final_argv: list[str]
         self.ready_line: str
         self.status_fd: int
+        self.inproc: dict[str, object] | None
 
     def to_json(self) -> str:
         return json.dumps({f: getattr(self, f) for f in self.FIELDS})
@@ -349,8 +356,9 @@ def _read_plan(fd: int) -> Plan:
     return Plan(**json.loads(b"".join(chunks)))
 
 
-def _bootstrap_main(plan_fd: str) -> None:
-    """Build the sandbox, print the ready line, then act as the namespace's init. Never returns."""
+def _bootstrap_main(plan_fd: str, handover: Callable[[dict[str, object]], None] | None = None) -> None:
+    """Build the sandbox, print the ready line, then act as the namespace's init. Never returns.
+    `handover`: what PID 2 calls instead of its exec when the plan has `inproc` (the zygote's)."""
     try:
         plan = _read_plan(int(plan_fd))
         os.umask(0o022)
@@ -362,10 +370,10 @@ def _bootstrap_main(plan_fd: str) -> None:
         os._exit(SETUP_FAILED_CODE)
     sys.stderr.write(plan.ready_line + "\n")
     sys.stderr.flush()
-    _init(plan)
+    _init(plan, handover)
 
 
-def _init(plan: Plan) -> None:
+def _init(plan: Plan, handover: Callable[[dict[str, object]], None] | None = None) -> None:
     """Stay as PID 1: run the chain to the runner as PID 2, reap orphans, report its status.
 
     Why an init: util-linux 2.38 `unshare --fork` cannot re-raise SIGKILL (it exits 1 with
@@ -379,6 +387,10 @@ def _init(plan: Plan) -> None:
         try:
             os.close(plan.status_fd)
             _forbid_setid_bits()
+            if plan.inproc is not None:  # forked from the zygote: the runner is already imported
+                if handover is None:
+                    raise RuntimeError("an in-process plan outside the zygote")
+                handover(plan.inproc)  # never returns
             os.execv(plan.final_argv[0], plan.final_argv)
         except BaseException as e:  # noqa: BLE001
             sys.stderr.write(f"lemur-sbx: cannot exec {plan.final_argv[0]}: {e}\n")

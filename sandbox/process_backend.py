@@ -24,6 +24,12 @@ How one job runs (see `sandbox._namespaces` for the bootstrap and `sandbox._cgro
 Without namespaces (isolation="none", or the probe failed) the outer shell exec's prlimit ->
 setpriv -> the runner directly, and the isolation report says that nothing is isolated.
 
+Zygote (`ProcessBackend(zygote=True)`, the default, with namespaces and for CPU jobs): the same view,
+limits and capability drop, but the chain's top is forked by a pre-imported runner (`sandbox.zygote`,
+its host side `sandbox.process_zygote`) that does unshare's, prlimit's and setpriv's work in-process, so
+a job does not pay torch's import (`Exit.isolation["launch"]` says which ran). GPU jobs, and any spawn
+while the zygote is not available, use the exec chain above.
+
 Pre-start (`ProcessBackend(prestart=True)`, with namespaces only): the same chain started before its
 job, on a warm job dir of its own, its runner waiting for the spec with torch imported; a job of the
 same limits adopts it (`sandbox.process_prestart`; `Exit.isolation["prestarted"]` says which ran).
@@ -49,6 +55,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -56,7 +63,7 @@ from typing import Any
 
 import anyio
 
-from sandbox import _cgroups, _namespaces, prestart_files, process_prestart
+from sandbox import _cgroups, _namespaces, prestart_files, process_prestart, process_zygote, zygote
 from sandbox.backend import Backend, Exit, Handle, JobPaths, Limits, LogTail, MonitoredHandle, RunnerPaths, out_cap_text
 from sandbox.protocol import MODEL_FILE, SPEC_FILE
 
@@ -77,6 +84,7 @@ DEFAULT_SENSITIVE_PATHS: tuple[str, ...] = (
 SANDBOX_ROOT_CANDIDATES = (Path("/mnt/lemur-sbx"), Path("/srv/lemur-sbx"), Path("/opt/lemur-sbx"), Path("/mnt"))
 _FORBIDDEN_ROOTS = ("/tmp", "/dev", "/proc", "/sys", "/run")
 _NOFILE = 1024
+_ZYGOTE_RESTARTS = 3
 _READY_SEARCH_BYTES = 1 << 16
 
 
@@ -138,7 +146,8 @@ class ProcessBackend(Backend):
     hidden as well. `isolation`: "auto" (namespaces when the probe succeeds, else a plain process,
     reported as such), "namespaces" (raise if unavailable), or "none". `prestart`: keep
     `prestart_slots` warm sandboxes per key ready (`sandbox.process_prestart`; with namespaces only),
-    their job dirs under `jobs_root` (learned from the first job if None).
+    their job dirs under `jobs_root` (learned from the first job if None). `zygote`: fork CPU jobs'
+    sandboxes from a pre-imported runner (`sandbox.zygote`) instead of exec'ing a fresh interpreter.
     """
 
     name = "process"
@@ -156,6 +165,7 @@ class ProcessBackend(Backend):
         prestart_slots: int = 1,
         prestart_max_age_s: float = 1800.0,
         jobs_root: Path | None = None,
+        zygote: bool = True,
     ) -> None:
         if isolation not in ("auto", "namespaces", "none"):
             raise ValueError(f"isolation must be auto, namespaces or none, not {isolation!r}")
@@ -176,6 +186,12 @@ class ProcessBackend(Backend):
                 self._check_root()
                 _interpreter_dirs(self._python)  # warm the cache: start() must stay quick
         self._cg_version, self._cg_reason = _cgroup_probe()
+        self._zygote = process_zygote.Zygote(self._python, self._package_root) if zygote and self.namespaces else None
+        self._zygote_lock = threading.Lock()
+        self._zygote_restarts = 0
+        # a backend dropped without aclose() must not keep a zygote (~0.5 GB of imports) alive with it
+        self._zygotes = [self._zygote] if self._zygote is not None else []
+        weakref.finalize(self, _close_zygotes, self._zygotes)
         self._pool = process_prestart.ProcessWarmPool(
             self._spawn, slots=prestart_slots, max_age_s=prestart_max_age_s,
             jobs_root=Path(jobs_root) if jobs_root is not None else None) if prestart else None
@@ -226,11 +242,13 @@ class ProcessBackend(Backend):
         for d in (paths.in_dir, paths.out_dir, paths.data_dir):
             if not d.is_dir():
                 raise FileNotFoundError(f"job directory {d} is missing")
+        if self._zygote is not None and limits.gpu is None:
+            await self._zygote_settled()  # nothing is spawned yet: a cancel here loses nothing
         handle = self._adopt_warm(paths, limits) if self._pool is not None else None
         if handle is None:
             spawned = self._spawn(paths, limits, paths.job_dir.name)
             handle = _ProcessHandle(self, paths, limits, spawned, {**self._isolation(limits, spawned.cgroup),
-                                                                   "prestarted": False})
+                                                                   "prestarted": False, "launch": spawned.launch})
         self._live.add(handle)
         if self._pool is not None and self.namespaces and prestart_files.worth_warming(paths):
             if self._pool.jobs_root is None:
@@ -252,11 +270,83 @@ class ProcessBackend(Backend):
                  "warm_age_s": round(t0 - warm.created, 1),
                  "warm_ready_s": None if warm.waiting_s is None else round(warm.waiting_s, 3)}
         return _ProcessHandle(self, paths, limits, warm.spawned, {**self._isolation(limits, warm.spawned.cgroup),
-                                                                  **extra}, early_output=warm.early_output())
+                                                                  **extra, "launch": warm.spawned.launch},
+                              early_output=warm.early_output())
+
+    async def _zygote_settled(self) -> None:
+        """Start the zygote if it is not running, and wait until it imported (or failed: the exec chain)."""
+        z = self._current_zygote()
+        assert z is not None
+        z.start()
+        deadline = time.monotonic() + 180.0
+        while not z.settled() and time.monotonic() < deadline:
+            await anyio.sleep(0.02)
+
+    def _current_zygote(self) -> process_zygote.Zygote | None:
+        """The zygote, replaced by a fresh one when it died after having served (killed, out of memory):
+        at most `_ZYGOTE_RESTARTS` times, then the exec chain for good. One that never became ready (a
+        runner package it cannot import) is not restarted."""
+        with self._zygote_lock:
+            z = self._zygote
+            if (z is not None and z.failure is not None and z.failure != "closed" and z.info
+                    and self._zygote_restarts < _ZYGOTE_RESTARTS):
+                log.warning("the sandbox zygote died (%s); starting a new one", z.failure[:300])
+                self._zygote_restarts += 1
+                z = self._zygote = process_zygote.Zygote(self._python, self._package_root)
+                self._zygotes.append(z)
+            return z
 
     def _spawn(self, paths: JobPaths, limits: Limits, label: str) -> process_prestart.Spawned:
-        """Start the sandbox chain on `paths` (see the module docstring). `label` "prestart": its runner
-        waits for its spec (`--wait`); the chain, its limits and its isolation are the same."""
+        """Start the sandbox on `paths` (see the module docstring): forked by the zygote when it is ready and
+        the job has no GPU, else the exec chain. `label` "prestart": its runner waits for its spec
+        (`--wait`); the chain, its limits and its isolation are the same."""
+        z = self._current_zygote() if limits.gpu is None else None
+        if z is not None:
+            if label == "prestart":  # the pool's spawner thread: waiting here delays no job
+                z.wait_ready()
+            if z.ready():
+                try:
+                    return self._spawn_forked(z, paths, limits, label)
+                except process_zygote.ZygoteUnavailable as e:
+                    log.warning("zygote unavailable, starting the sandbox with the exec chain: %s", e)
+            elif z.failure is not None and z.failure != "closed":
+                log.warning("zygote failed, sandboxes start with the exec chain: %s", z.failure[:500])
+        return self._spawn_exec(paths, limits, label)
+
+    def _spawn_forked(self, z: process_zygote.Zygote, paths: JobPaths, limits: Limits,
+                      label: str) -> process_prestart.Spawned:
+        """The sandbox forked by the zygote: the same plan, with `inproc` for PID 2 instead of an exec."""
+        cgroup = self._make_cgroup(label, limits)
+        nonce = secrets.token_hex(8)
+        runner_argv = [*(["--wait"] if label == "prestart" else []), self.runner_paths(paths).spec]
+        fds: list[int] = []
+        try:
+            out_r, out_w = os.pipe()
+            status_r, status_w = os.pipe()
+            plan_r, plan_w = os.pipe()
+            fds += [out_r, out_w, status_r, status_w, plan_r, plan_w]
+            inproc = {"rlimits": self._rlimits(limits, cgroup), "drop_caps": True, "env": self._env(paths, limits),
+                      "argv": runner_argv, "pkg": f"{self._root}/pkg"}
+            plan = self._plan(paths, limits, self._final_argv(paths, limits, cgroup, label == "prestart"),
+                              _namespaces.READY_PREFIX + nonce, zygote.STATUS_FD, inproc)
+            _write_all(plan_w, plan.to_json().encode())
+            os.close(plan_w)
+            fds.remove(plan_w)
+            procs = [str(f) for f in cgroup.procs_files()] if cgroup is not None else []
+            child = z.spawn(out_w, status_w, plan_r, procs, self._mode == "userns")
+        except BaseException:
+            if cgroup is not None:
+                cgroup.remove()
+            for fd in fds:
+                os.close(fd)
+            raise
+        for fd in (out_w, status_w, plan_r):
+            os.close(fd)
+        child.stdout = os.fdopen(out_r, "rb", buffering=0)
+        return process_prestart.Spawned(child, cgroup, nonce, status_r, launch="zygote")
+
+    def _spawn_exec(self, paths: JobPaths, limits: Limits, label: str) -> process_prestart.Spawned:
+        """The exec chain: setpriv -> sh -> unshare -> bootstrap -> prlimit -> setpriv -> python runner."""
         cgroup = self._make_cgroup(label, limits)
         nonce = secrets.token_hex(8)
         wait = label == "prestart"
@@ -323,11 +413,18 @@ class ProcessBackend(Backend):
         return await anyio.to_thread.run_sync(_cgroups.sweep_orphans)
 
     async def aclose(self) -> None:
-        """Kill every sandbox this backend still runs, and every warm one."""
+        """Kill every sandbox this backend still runs, and every warm one, then the zygote."""
         if self._pool is not None:
             await anyio.to_thread.run_sync(self._pool.close)
         for handle in list(self._live):
             await handle.cancel()
+        if self._zygote is not None:
+            await anyio.to_thread.run_sync(self._zygote.close)
+
+    @property
+    def zygote(self) -> process_zygote.Zygote | None:
+        """The zygote CPU jobs are forked from (None when off or without namespaces)."""
+        return self._zygote
 
     # --- building one job ---------------------------------------------------------------------
     def _make_cgroup(self, label: str, limits: Limits) -> _cgroups.JobCgroup | None:
@@ -351,16 +448,20 @@ class ProcessBackend(Backend):
             "MKL_NUM_THREADS": threads, "CUDA_VISIBLE_DEVICES": limits.gpu or "",
         }
 
-    def _rlimit_args(self, limits: Limits, cgroup: _cgroups.JobCgroup | None) -> list[str]:
+    def _rlimits(self, limits: Limits, cgroup: _cgroups.JobCgroup | None) -> list[tuple[str, int]]:
+        """(resource name, soft = hard limit) for the runner: prlimit's flags, or setrlimit in the zygote's child."""
         fsize = max(1 << 20, limits.out_cap_bytes)
-        args = [_namespaces.tool("prlimit"), f"--nofile={_NOFILE}:{_NOFILE}", "--core=0:0",
-                f"--fsize={fsize}:{fsize}"]
+        out = [("RLIMIT_NOFILE", _NOFILE), ("RLIMIT_CORE", 0), ("RLIMIT_FSIZE", fsize)]
         if cgroup is None:
             if limits.gpu is None:  # RLIMIT_AS breaks CUDA initialisation
-                args.append(f"--as={limits.memory_bytes}:{limits.memory_bytes}")
+                out.append(("RLIMIT_AS", limits.memory_bytes))
             if os.geteuid() != 0:  # ignored for uid 0 (and counts all processes of the uid)
-                args.append(f"--nproc={limits.pids}:{limits.pids}")
-        return args + ["--"]
+                out.append(("RLIMIT_NPROC", limits.pids))
+        return out
+
+    def _rlimit_args(self, limits: Limits, cgroup: _cgroups.JobCgroup | None) -> list[str]:
+        flags = [f"--{name.removeprefix('RLIMIT_').lower()}={v}:{v}" for name, v in self._rlimits(limits, cgroup)]
+        return [_namespaces.tool("prlimit"), *flags, "--"]
 
     def _final_argv(self, paths: JobPaths, limits: Limits, cgroup: _cgroups.JobCgroup | None,
                     wait: bool = False) -> list[str]:
@@ -387,7 +488,7 @@ class ProcessBackend(Backend):
                 "lemur-sbx", *nxt]
 
     def _plan(self, paths: JobPaths, limits: Limits, final: list[str], ready: str,
-              status_fd: int) -> _namespaces.Plan:
+              status_fd: int, inproc: dict[str, Any] | None = None) -> _namespaces.Plan:
         hidden = self._hidden_resolved()
         sources = [paths.in_dir, paths.out_dir, paths.data_dir, self._package_root / "sandbox"]
         for src in sources:
@@ -404,7 +505,7 @@ class ProcessBackend(Backend):
             hidden=[str(h) for h in hidden],
             exposed=exposed, tmp_bytes=min(limits.memory_bytes // 4, 1 << 30),
             gpu_nodes=_gpu_nodes() if limits.gpu is not None else [],
-            final_argv=final, ready_line=ready, status_fd=status_fd)
+            final_argv=final, ready_line=ready, status_fd=status_fd, inproc=inproc)
 
     # --- the isolation report ---------------------------------------------------------------------
     def _isolation(self, limits: Limits | None, cgroup: _cgroups.JobCgroup | None) -> dict[str, Any]:
@@ -435,6 +536,11 @@ class ProcessBackend(Backend):
                                     else f"uid {os.geteuid()}, no_new_privs")
             info["isolation_fallback_reason"] = self._mode_reason
         info["hidden_paths"] = [str(p) for p in self._hidden_resolved()] if ns else []
+        if ns:  # per job: "zygote" or "exec"
+            exec_chain = "exec chain (unshare, prlimit, setpriv)"
+            info["launch"] = exec_chain if self._zygote is None else (
+                "zygote: CPU jobs forked from a pre-imported runner, the namespaces, rlimits, capability drop and "
+                f"seccomp applied in the child before the job; GPU jobs: {exec_chain}")
         info["environment"] = "scrubbed (PATH, HOME, LANG, PYTHON*, thread counts, CUDA_VISIBLE_DEVICES)"
         info.update(self._limit_report(limits, cgroup))
         info["out_cap"] = out_cap_text(limits)
@@ -470,6 +576,11 @@ class ProcessBackend(Backend):
 
     def _forget(self, handle: _ProcessHandle) -> None:
         self._live.discard(handle)
+
+
+def _close_zygotes(zygotes: list[process_zygote.Zygote]) -> None:
+    for z in zygotes:
+        z.close(join=False)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -621,10 +732,7 @@ class _ProcessHandle(MonitoredHandle):
         Only this thread reaps the process, so its pid (the group id) cannot have been reused."""
         self._killed = True
         if self._proc.returncode is None:
-            try:
-                os.killpg(self._proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            process_prestart.kill_top(self._proc)
         if self._cgroup is not None:
             self._cgroup.kill_all(timeout_s=1.0)
 

@@ -51,6 +51,7 @@ from sandbox import _cgroups, _owner
 from sandbox._namespaces import READY_PREFIX
 from sandbox.backend import JobPaths, Limits
 from sandbox.prestart_files import SLOT_PREFIX, make_slot, move_job_into, pool_key, same_filesystem
+from sandbox.process_zygote import ZygoteChild
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +65,16 @@ class Spawned:
     """One started sandbox chain: its top process (stdout+stderr merged into one pipe), its cgroup (or
     None), the nonce of its bootstrap's ready line and the pipe of its init's exit report (or -1)."""
 
-    proc: subprocess.Popen[bytes]
+    proc: subprocess.Popen[bytes] | ZygoteChild
     cgroup: _cgroups.JobCgroup | None
     nonce: str
     status_fd: int
+    launch: str = "exec"  # "exec": the exec chain; "zygote": forked by `sandbox.zygote` (proc is a ZygoteChild)
 
     def kill(self) -> None:
         """SIGKILL the chain and its cgroup, reap, release the pipes and the cgroup."""
         if self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
+            kill_top(self.proc)
         if self.cgroup is not None:
             self.cgroup.kill_all(timeout_s=1.0)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -86,6 +87,16 @@ class Spawned:
             self.status_fd = -1
         if self.cgroup is not None:
             self.cgroup.remove()
+
+
+def kill_top(proc: subprocess.Popen[bytes] | ZygoteChild) -> None:
+    """SIGKILL a chain's top: the process group of an exec chain (only its reaper's thread calls this, so
+    the pid cannot have been reused), or a zygote's child through its pidfd."""
+    if isinstance(proc, ZygoteChild):
+        proc.kill()
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 # (paths of the warm job dir, limits, wait for the spec) -> a started chain

@@ -34,18 +34,27 @@ from sandbox.process_backend import ProcessBackend
 
 REPO = Path(__file__).resolve().parent.parent
 
+# A runner module as the zygote needs it (definitions only, `main(argv)`), run by a cold start as a script.
 STAND_IN_RUNNER = '''
 import json, os, sys
-print("runner-start", flush=True)
-spec = json.load(open(sys.argv[1]))
 
-def event(name, **fields):
-    with open(os.path.join(spec["out_dir"], "events.jsonl"), "a") as f:
-        f.write(json.dumps({"event": name, **fields}) + "\\n")
 
-event("ready")
-exec(compile(spec["snippet"], "<snippet>", "exec"), {"spec": spec, "event": event, "__name__": "snippet"})
-event("done")
+def main(argv):
+    print("runner-start", flush=True)
+    spec = json.load(open(argv[1]))
+
+    def event(name, **fields):
+        with open(os.path.join(spec["out_dir"], "events.jsonl"), "a") as f:
+            f.write(json.dumps({"event": name, **fields}) + "\\n")
+
+    event("ready")
+    exec(compile(spec["snippet"], "<snippet>", "exec"), {"spec": spec, "event": event, "__name__": "snippet"})
+    event("done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
 '''
 
 
@@ -107,9 +116,12 @@ def world() -> Iterator[World]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def backend(world: World, package_root: Path) -> ProcessBackend:
-    return ProcessBackend(world.hidden, package_root=package_root)
+@pytest.fixture(scope="module", params=["zygote", "exec"])
+def backend(world: World, package_root: Path, request: pytest.FixtureRequest) -> Iterator[ProcessBackend]:
+    """Every case twice: sandboxes forked by the zygote (the default) and started by the exec chain."""
+    b = ProcessBackend(world.hidden, package_root=package_root, zygote=request.param == "zygote")
+    yield b
+    anyio.run(b.aclose)
 
 
 @pytest.fixture(scope="module")
@@ -204,6 +216,7 @@ async def test_events_stream_while_running_and_normal_exit(backend: ProcessBacke
     assert ex.log_tail == "runner-start\nbye\n"
     assert not ex.log_truncated
     assert ex.isolation["backend"] == "process"
+    assert ex.isolation["launch"] == ("zygote" if backend.zygote is not None else "exec")
     assert "sandbox_error" not in ex.isolation
     assert handle.finished()
 
