@@ -384,20 +384,29 @@ class RayCluster(LocalRayCluster):
         one_cpu = ["--num-cpus", "1", "--num-gpus", "0"]
         super().__init__(temp, one_cpu, [one_cpu])
         self.cpu_by_name: dict[str, float] = {}
+        self.zygote_cpu_s = 0.0
 
     def cpu_s(self) -> float:
         """CPU seconds (user + system) the nodes' live processes used themselves: the GCS, raylets, Ray's
-        agents and workers (actors); not their children's (the sandboxes, once they ended and were reaped)."""
+        agents and workers (actors); not their children's (the sandboxes, once they ended and were reaped),
+        and not the sandbox zygotes' (each node's actor has one; they are the sandboxes' imports, which the
+        local executor pays in its own zygote), which are counted apart (`zygote_cpu_s`)."""
         tick = os.sysconf("SC_CLK_TCK")
         by_name: dict[str, int] = {}
+        zygote_ticks = 0
         for pid in self.processes():
             try:
                 head, tail = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
             except OSError:
                 continue
             fields = tail.split()
+            if b"sandbox/zygote.py" in cmdline:
+                zygote_ticks += int(fields[11]) + int(fields[12])
+                continue
             name = head.split("(", 1)[1]
             by_name[name] = by_name.get(name, 0) + int(fields[11]) + int(fields[12])  # utime, stime
+        self.zygote_cpu_s = zygote_ticks / tick
         self.cpu_by_name = {name: ticks / tick for name, ticks in sorted(by_name.items(), key=lambda kv: -kv[1])}
         return sum(by_name.values()) / tick
 
@@ -437,7 +446,8 @@ def run(args: argparse.Namespace) -> list[Result]:
                 results.append(anyio.run(through_queue, "ray2", f"ray 2 nodes ({args.sandbox})", settings, requests,
                                          cluster.cpu_s))
                 print("  Ray's processes, CPU s since the cluster started: " + ", ".join(
-                    f"{name} {cpu:.1f}" for name, cpu in list(cluster.cpu_by_name.items())[:8]), flush=True)
+                    f"{name} {cpu:.1f}" for name, cpu in list(cluster.cpu_by_name.items())[:8])
+                    + f"; the nodes' sandbox zygotes: {cluster.zygote_cpu_s:.1f}", flush=True)
         shutil.rmtree(root, ignore_errors=True)
     return results
 

@@ -36,6 +36,7 @@ runner's memory (the exec chain's exec wiped them); the paths themselves are cov
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import importlib
@@ -161,7 +162,7 @@ def _serve(sock: socket.socket, req: dict[str, Any], fds: list[int], wake: tuple
             try:
                 _sandbox_top(req, fds, sock, wake)
             except BaseException as e:  # noqa: BLE001 - fail closed, before anything untrusted exists
-                with _suppress_all():
+                with contextlib.suppress(BaseException):
                     os.write(2, f"lemur-sbx: sandbox setup failed: {e}\n".encode())
             finally:
                 os._exit(SETUP_FAILED_CODE)
@@ -186,14 +187,6 @@ def _reap(sock: socket.socket) -> None:
         if pid == 0:
             return
         _send(sock, {"op": "exit", "pid": pid, "status": os.waitstatus_to_exitcode(status)})
-
-
-class _suppress_all:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> bool:
-        return True
 
 
 # --- the sandbox's top process (a child of the zygote) -----------------------------------------------------
@@ -255,7 +248,7 @@ def _arrange_fds(fds: list[int]) -> None:
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         if fd not in keep:
-            with _suppress_all():
+            with contextlib.suppress(BaseException):
                 os.close(fd)
 
 
@@ -269,7 +262,7 @@ def _namespace_init() -> None:
         _check(_libc.mount(b"proc", b"/proc", b"proc", ctypes.c_ulong(ms_nosuid | ms_nodev | ms_noexec), None),
                "mount /proc")
     except BaseException as e:  # noqa: BLE001
-        with _suppress_all():
+        with contextlib.suppress(BaseException):
             os.write(2, f"lemur-sbx: sandbox setup failed: {e}\n".encode())
         os._exit(SETUP_FAILED_CODE)
     _bootstrap[0]._bootstrap_main(str(PLAN_FD), handover=become_runner)  # never returns
@@ -290,7 +283,7 @@ def become_runner(inproc: dict[str, Any]) -> None:
         runner = sys.modules[RUNNER_MODULE]
         runner._STARTED = time.monotonic()  # type: ignore[attr-defined]  # the budget counts from here
     except BaseException as e:  # noqa: BLE001 - nothing untrusted has run yet: fail closed
-        with _suppress_all():
+        with contextlib.suppress(BaseException):
             os.write(2, f"lemur-sbx: sandbox setup failed: {e}\n".encode())
         os._exit(status)
     argv = [f"{inproc['pkg']}/sandbox/runner/__main__.py", *inproc["argv"]]  # what `python -m` would give
@@ -299,7 +292,7 @@ def become_runner(inproc: dict[str, Any]) -> None:
     try:
         status = runner.main(argv)
     finally:
-        with _suppress_all():
+        with contextlib.suppress(BaseException):
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(status)
