@@ -2,7 +2,9 @@
 against an NNGPT-style loop that starts a fresh Python process per model, all in one run.
 
 For each way of running, the table gives jobs per minute (the whole batch, from the submit call to the
-last job's end) and the fixed cost per job, in its two parts:
+last job's end), the steady rate (from the (2 x slots)-th archived job to the last: without what a batch
+pays once, the process zygote's imports and on Ray each node's actor and zygote, which a running server
+has paid before its next batch) and the fixed cost per job, in its two parts:
   - claim -> first step: from the moment a worker claims the job (its row's `started`) to the moment
     the host sees the runner's first optimizer step (static checks, code quality, the sandbox's start,
     torch's import, the data, the model's check; on Ray also the actor and the transfer);
@@ -194,10 +196,21 @@ class Result:
     to_end: list[float]  # last step -> archived, per job
     parts: dict[str, dict[str, list[float]]] = dataclasses.field(default_factory=dict)  # section -> step -> s
     daemon_cpu_s: float | None = None  # Ray: CPU seconds its own processes (not the sandboxes) used
+    finished: list[float] = dataclasses.field(default_factory=list)  # when each job was archived (epoch s)
 
     @property
     def per_min(self) -> float:
         return 60 * self.jobs / self.wall_s
+
+    @property
+    def steady_per_min(self) -> float:
+        """Jobs per minute once the executor runs (from the (2 x slots)-th archived job to the last): without
+        what a batch pays once (a zygote's imports, Ray's actors starting), which a running server has paid."""
+        done = sorted(self.finished)
+        k = 2 * self.slots
+        if len(done) <= k + 1 or done[-1] <= done[k]:
+            return float("nan")
+        return 60 * (len(done) - 1 - k) / (done[-1] - done[k])
 
     @property
     def fixed(self) -> float:
@@ -210,11 +223,12 @@ def _med(values: list[float]) -> str:
 
 
 def table(results: list[Result]) -> str:
-    head = (f"{'way of running':<28}{'slots':>5}{'ok':>7}{'wall s':>8}{'jobs/min':>9}  "
+    head = (f"{'way of running':<28}{'slots':>5}{'ok':>7}{'wall s':>8}{'jobs/min':>9}{'steady':>8}  "
             f"{'claim->1st step':>15}{'last->archived':>15}{'fixed/job':>10}   (medians, s)")
     lines = [head, "-" * len(head)]
     for r in results:
-        lines.append(f"{r.label:<28}{r.slots:>5}{f'{r.ok}/{r.jobs}':>7}{r.wall_s:8.1f}{r.per_min:9.1f}  "
+        lines.append(f"{r.label:<28}{r.slots:>5}{f'{r.ok}/{r.jobs}':>7}{r.wall_s:8.1f}{r.per_min:9.1f}"
+                     f"{r.steady_per_min:8.1f}  "
                      f"{_med(r.to_first):>15}{_med(r.to_end):>15}{r.fixed:10.2f}")
     by = {r.key: r for r in results}
     ratios = []
@@ -223,8 +237,9 @@ def table(results: list[Result]) -> str:
         if base is not None and r is not base:
             ratios.append(f"{r.label} / nngpt loop: throughput x{r.per_min / base.per_min:.2f}")
     if "ray2" in by and "local2" in by:
-        ratios.append(f"ray / local (2 slots): throughput x{by['ray2'].per_min / by['local2'].per_min:.2f} "
-                      "(target >= 0.9)")
+        ray, local = by["ray2"], by["local2"]
+        ratios.append(f"ray / local (2 slots): throughput x{ray.per_min / local.per_min:.2f} "
+                      f"(steady: x{ray.steady_per_min / local.steady_per_min:.2f}; target >= 0.9)")
     lines.append("")
     for r in results:
         for section, steps in r.parts.items():
@@ -276,7 +291,7 @@ async def through_queue(key: str, label: str, settings: Settings, requests: list
     return Result(key, label, settings.slot_count, wall, len(ok), len(ids),
                   [backend.marks[j]["first_step"] - rows[j]["started"] for j in ok],
                   [rows[j]["finished"] - backend.marks[j]["last_point"] for j in ok], parts,
-                  None if daemon_cpu is None else daemon_cpu - cpu_at_start)
+                  None if daemon_cpu is None else daemon_cpu - cpu_at_start, [rows[j]["finished"] for j in ok])
 
 
 async def _until_finished(queue: JobQueue, ids: list[str]) -> dict[str, dict[str, Any]]:
@@ -324,7 +339,7 @@ def nngpt_loop(requests: list[EvalRequest], work: Path) -> Result:
     import numpy as np
 
     prepared = datasets.prepare(DATASET, REPO / "data", work / "cache")
-    first, end, ok = [], [], 0
+    first, end, ok, finished = [], [], 0, []
     t0 = time.time()
     for i, req in enumerate(requests):
         job = work / f"m{i}"
@@ -342,7 +357,9 @@ def nngpt_loop(requests: list[EvalRequest], work: Path) -> Result:
             ok += 1
             first.append(marks["first_step"] - marks["spawn"])
             end.append(marks["exit"] - marks["last_point"] + marks["scored"])
-    return Result("nngpt", "nngpt loop (process/model)", 1, time.time() - t0, ok, len(requests), first, end)
+            finished.append(time.time())
+    return Result("nngpt", "nngpt loop (process/model)", 1, time.time() - t0, ok, len(requests), first, end,
+                  finished=finished)
 
 
 def _run_runner(job: Path) -> dict[str, float]:
