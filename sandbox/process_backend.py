@@ -309,7 +309,8 @@ class ProcessBackend(Backend):
                     return self._spawn_forked(z, paths, limits, label)
                 except process_zygote.ZygoteUnavailable as e:
                     log.warning("zygote unavailable, starting the sandbox with the exec chain: %s", e)
-            elif z.failure is not None and z.failure != "closed":
+            elif z.failure is not None and z.failure != "closed" and not z.reported:
+                z.reported = True  # once per zygote, not once per job
                 log.warning("zygote failed, sandboxes start with the exec chain: %s", z.failure[:500])
         return self._spawn_exec(paths, limits, label)
 

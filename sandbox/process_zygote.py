@@ -100,6 +100,7 @@ class Zygote:
         self._ready = threading.Event()
         self._settled = threading.Event()  # ready, or failed for good
         self.failure: str | None = None
+        self.reported = False  # whether the backend logged the failure already
         self.info: dict[str, Any] = {}
         self._next_id = 0
         self._replies: dict[int, list[Any]] = {}
