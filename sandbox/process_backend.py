@@ -330,16 +330,11 @@ class ProcessBackend(Backend):
                       "argv": runner_argv, "pkg": f"{self._root}/pkg"}
             plan = self._plan(paths, limits, self._final_argv(paths, limits, cgroup, label == "prestart"),
                               _namespaces.READY_PREFIX + nonce, zygote.STATUS_FD, inproc)
-            _write_all(plan_w, plan.to_json().encode())
-            os.close(plan_w)
-            fds.remove(plan_w)
+            _send_plan(plan, plan_w, fds)
             procs = [str(f) for f in cgroup.procs_files()] if cgroup is not None else []
             child = z.spawn(out_w, status_w, plan_r, procs, self._mode == "userns")
         except BaseException:
-            if cgroup is not None:
-                cgroup.remove()
-            for fd in fds:
-                os.close(fd)
+            _undo_spawn(cgroup, fds)
             raise
         for fd in (out_w, status_w, plan_r):
             os.close(fd)
@@ -360,19 +355,14 @@ class ProcessBackend(Backend):
                 fds += [status_r, status_w, plan_r, plan_w]
                 plan = self._plan(paths, limits, self._final_argv(paths, limits, cgroup, wait),
                                   _namespaces.READY_PREFIX + nonce, status_w)
-                _write_all(plan_w, plan.to_json().encode())
-                os.close(plan_w)
-                fds.remove(plan_w)
+                _send_plan(plan, plan_w, fds)
             argv = self._argv(paths, limits, cgroup, nonce, plan_r)
             proc = subprocess.Popen(
                 argv, env=self._env(paths, limits), cwd=str(paths.out_dir), stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
                 pass_fds=tuple(fd for fd in (status_w, plan_r) if fd >= 0))
         except BaseException:
-            if cgroup is not None:
-                cgroup.remove()
-            for fd in fds:
-                os.close(fd)
+            _undo_spawn(cgroup, fds)
             raise
         for fd in (status_w, plan_r):
             if fd >= 0:
@@ -582,6 +572,21 @@ class ProcessBackend(Backend):
 def _close_zygotes(zygotes: list[process_zygote.Zygote]) -> None:
     for z in zygotes:
         z.close(join=False)
+
+
+def _send_plan(plan: _namespaces.Plan, plan_w: int, fds: list[int]) -> None:
+    """Write the plan into its pipe and close that end (the bootstrap reads to end of file)."""
+    _write_all(plan_w, plan.to_json().encode())
+    os.close(plan_w)
+    fds.remove(plan_w)
+
+
+def _undo_spawn(cgroup: _cgroups.JobCgroup | None, fds: list[int]) -> None:
+    """A spawn that failed: remove its cgroup and close the pipe ends it still holds."""
+    if cgroup is not None:
+        cgroup.remove()
+    for fd in fds:
+        os.close(fd)
 
 
 def _write_all(fd: int, data: bytes) -> None:
