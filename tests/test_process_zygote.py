@@ -114,7 +114,8 @@ async def test_jobs_forked_from_one_zygote_share_nothing_but_the_imports(tmp_pat
         await backend.aclose()
     assert not alive(zygote_pid)  # closed with the backend
     assert first["marker"] is None and second["marker"] is None  # a module changed by job a is not b's
-    assert first["tmp"] == [] and second["tmp"] == []
+    # /tmp is fresh for each job: job a's file is not in b's (a checkout under /tmp shows its mount point)
+    assert "left-by-an-earlier-job" not in second["tmp"] and first["tmp"] == second["tmp"]
     assert first["random"] != second["random"] and first["numpy"] != second["numpy"]  # reseeded per job
     assert first["pids"] == second["pids"] == [1, 2] and first["ppid"] == 1  # its own PID namespace
     assert first["fds"] == second["fds"]  # nothing of the zygote's (its socket, its wakeup pipe)
