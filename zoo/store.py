@@ -98,11 +98,23 @@ class ZooStore:
     def weights_dir(self) -> Path:
         return weights_dir_of(self.path)
 
+    @staticmethod
+    async def _begin(conn: aiosqlite.Connection, statement: str) -> None:
+        """Open a transaction that a cancellation cannot leave open behind the caller's back.
+
+        aiosqlite queues the statement on the connection's thread before its first await, so a task
+        cancelled during that await (a client cancelling a tool call, a task group ending) still gets
+        its BEGIN executed, but never reaches the `try` that ends it: the reader then refused every later
+        snapshot ("cannot start a transaction within a transaction") and the writer held SQLite's write
+        lock for good. Shielded, the caller is cancelled only once the transaction is its to end."""
+        with anyio.CancelScope(shield=True):
+            await conn.execute(statement)
+
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         """BEGIN IMMEDIATE ... COMMIT on the writer; rolled back on any error or cancellation."""
         async with self._write_lock:
-            await self._w.execute("BEGIN IMMEDIATE")
+            await self._begin(self._w, "BEGIN IMMEDIATE")
             try:
                 yield self._w
             except BaseException:
@@ -117,7 +129,7 @@ class ZooStore:
     async def snapshot(self) -> AsyncIterator[aiosqlite.Connection]:
         """A read transaction: every SELECT inside sees the same committed state."""
         async with self._read_lock:
-            await self._r.execute("BEGIN")
+            await self._begin(self._r, "BEGIN")
             try:
                 yield self._r
             finally:
