@@ -224,17 +224,21 @@ class DockerBackend(Backend):
     async def prestart(self, data_dir: Path, limits: Limits, jobs_root: Path | None = None,
                        wait_ready: bool = False, timeout_s: float = 120.0) -> None:
         """Make sure one warm container for (data_dir, limits) exists; with `wait_ready`, also wait
-        until its runner prints the waiting line (torch imported, device initialised)."""
+        until its runner prints the waiting line (torch imported, device initialised). A no-op without
+        pre-start (`prestart=False`, or turned off after warm containers kept dying), as for the process
+        backend: the evaluator asks after every job's start, and a pool that is off must stay empty."""
+        if not self._pool.enabled:
+            return
         await anyio.to_thread.run_sync(lambda: refuse_private(check_dir(Path(data_dir), "dataset dir")))
         if jobs_root is not None:
             self._pool.jobs_root = Path(jobs_root)
         if self._pool.jobs_root is None:
             raise ValueError("prestart needs jobs_root (the directory that holds the job dirs)")
-        warm = self._pool.find(pool_key(data_dir, limits))
+        # the one already warm, or the one a job's refill is creating (waited for), else a new one: never a
+        # second container while the first is in flight
+        warm = await anyio.to_thread.run_sync(self._pool.ensure, Path(data_dir), limits, timeout_s)
         if warm is None:
-            warm = await anyio.to_thread.run_sync(self._pool.create, Path(data_dir), limits)
-            if warm is None:
-                raise SandboxStartError("could not pre-start a sandbox container (see the log)")
+            raise SandboxStartError("could not pre-start a sandbox container (see the log)")
         if wait_ready:
             await anyio.to_thread.run_sync(self._pool.wait_ready, warm, timeout_s)
 

@@ -57,6 +57,7 @@ from sandbox.prestart_files import SLOT_PREFIX, make_slot, pool_key
 from sandbox.prestart_files import move_job_into as _move_job_into
 from sandbox.prestart_files import same_filesystem as _same_filesystem
 from sandbox.protocol import SPEC_FILE
+from sandbox.warm_ledger import CreationLedger
 
 __all__ = ["HEARTBEAT_FILE", "PRESTART_BOOTSTRAP", "SLOT_PREFIX", "WAIT_MARKER", "Warm", "WarmPool", "discard",
            "pool_key"]
@@ -135,7 +136,8 @@ class WarmPool:
         self._max_age = max_age_s
         self._pool: list[Warm] = []
         self._lock = threading.Lock()
-        self._filling = 0
+        self._ledger = CreationLedger(self._lock)  # warm containers being created, per key
+        self._filling = 0  # background creations running (close waits for them)
         self._deaths = 0
         self._beating = False
         self._closed = False
@@ -151,53 +153,87 @@ class WarmPool:
     # --- creating ---------------------------------------------------------------------------------------
     def create(self, data_dir: Path, limits: Limits) -> Warm | None:
         """Create one warm container with its own job dir under jobs_root and add it to the pool."""
-        if self._closed or self.jobs_root is None:
-            return None
-        slot = make_slot(self.jobs_root, secrets.token_hex(6))
-        (slot / "in" / HEARTBEAT_FILE).touch()
-        self._start_heartbeat()
-        try:
-            prepare_out_dir(slot / "out")
-            name = f"{NAME_PREFIX}prestart-{secrets.token_hex(4)}"
-            container, started_s = self._launch(str(slot / "in"), str(slot / "out"), os.path.realpath(data_dir),
-                                                limits, prestart_command(), name, "prestart", slot)
-        except BaseException:
-            shutil.rmtree(slot, ignore_errors=True)
-            raise
-        warm = Warm(container=container, key=pool_key(data_dir, limits), slot=slot, created=time.monotonic(),
-                    started_s=started_s)
-        self._add(warm)
-        if self._closed:
-            self._discard_from_pool(warm)
-            return None
-        return warm
-
-    def _add(self, warm: Warm) -> None:
-        """Add `warm`, dropping warm containers of other keys beyond `slots`."""
+        key = pool_key(data_dir, limits)
         with self._lock:
-            self._pool.append(warm)
-            excess = [w for w in self._pool if w.key != warm.key][: max(0, len(self._pool) - self._slots)]
+            self._ledger.add(key)
+        return self._create_claimed(Path(data_dir), limits, key)
+
+    def _claim(self, key: tuple[Any, ...]) -> bool:
+        """Under the lock: reserve the creation of one more warm container for `key` (`CreationLedger`)."""
+        in_pool = sum(1 for w in self._pool if w.key == key)
+        return not self._closed and self.enabled and self._ledger.claim(key, in_pool, self._slots)
+
+    def _create_claimed(self, data_dir: Path, limits: Limits, key: tuple[Any, ...]) -> Warm | None:
+        """`create` once a creation for `key` is counted in the ledger (released here, whatever happens:
+        in the same locked step that puts the container in the pool, so an `ensure` woken finds it)."""
+        released = False
+        try:
+            if self._closed or self.jobs_root is None:
+                return None
+            slot = make_slot(self.jobs_root, secrets.token_hex(6))
+            (slot / "in" / HEARTBEAT_FILE).touch()
+            self._start_heartbeat()
+            try:
+                prepare_out_dir(slot / "out")
+                name = f"{NAME_PREFIX}prestart-{secrets.token_hex(4)}"
+                container, started_s = self._launch(str(slot / "in"), str(slot / "out"), os.path.realpath(data_dir),
+                                                    limits, prestart_command(), name, "prestart", slot)
+            except BaseException:
+                shutil.rmtree(slot, ignore_errors=True)
+                raise
+            warm = Warm(container=container, key=key, slot=slot, created=time.monotonic(), started_s=started_s)
+            with self._lock:
+                self._ledger.release(key)
+                released = True
+                if self._closed:
+                    excess = [warm]
+                else:
+                    self._pool.append(warm)
+                    others = [w for w in self._pool if w.key != warm.key]
+                    excess = others[: max(0, len(self._pool) - self._slots)]
+                    for w in excess:
+                        self._pool.remove(w)
             for w in excess:
-                self._pool.remove(w)
-        for w in excess:
-            discard(w)
+                discard(w)
+            return None if self._closed else warm
+        finally:
+            if not released:
+                with self._lock:
+                    self._ledger.release(key)
+
+    def ensure(self, data_dir: Path, limits: Limits, timeout_s: float = 120.0) -> Warm | None:
+        """One warm container for this key: an existing one, the one being created (waited for), else a
+        new one. None when the pool is closed or off, or the one in flight did not come in time."""
+        key = pool_key(data_dir, limits)
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while True:
+                found = next((w for w in self._pool if w.key == key), None)
+                if found is not None or self._closed or not self.enabled:
+                    return found
+                if self._claim(key):
+                    break
+                if not self._ledger.wait(deadline - time.monotonic()):
+                    return None
+        return self._create_claimed(Path(data_dir), limits, key)
 
     def refill_later(self, data_dir: str, limits: Limits) -> None:
         """Top the pool up to `slots` warm containers for this key, in background threads."""
         key = pool_key(data_dir, limits)
+        missing = 0
         with self._lock:
-            have = sum(1 for w in self._pool if w.key == key) + self._filling
-            missing = 0 if self._closed or not self.enabled else max(0, self._slots - have)
+            while self._claim(key):
+                missing += 1
             self._filling += missing
         for _ in range(missing):
-            self._fill_in_background(data_dir, limits)
+            self._fill_in_background(Path(data_dir), limits, key)
 
-    def _fill_in_background(self, data_dir: str, limits: Limits) -> None:
-        """Create one warm container in a thread (counted in `_filling` by the caller)."""
+    def _fill_in_background(self, data_dir: Path, limits: Limits, key: tuple[Any, ...]) -> None:
+        """Create one claimed warm container in a thread (counted in `_filling` by the caller)."""
 
         def fill() -> None:
             try:
-                self.create(Path(data_dir), limits)
+                self._create_claimed(data_dir, limits, key)
             except Exception:  # the next job simply starts cold
                 log.exception("pre-starting a sandbox failed")
             finally:
@@ -320,12 +356,6 @@ class WarmPool:
             pool, self._pool = self._pool, []
         for warm in pool:
             discard(warm)
-
-    def _discard_from_pool(self, warm: Warm) -> None:
-        with self._lock:
-            if warm in self._pool:
-                self._pool.remove(warm)
-        discard(warm)
 
 
 def discard(warm: Warm) -> None:

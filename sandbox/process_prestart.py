@@ -30,7 +30,6 @@ server that dies without closing takes them down with it (pdeathsig, as for a ru
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -52,6 +51,7 @@ from sandbox._namespaces import READY_PREFIX
 from sandbox.backend import JobPaths, Limits
 from sandbox.prestart_files import SLOT_PREFIX, make_slot, move_job_into, pool_key, same_filesystem
 from sandbox.process_zygote import ZygoteChild
+from sandbox.warm_ledger import CreationLedger
 
 log = logging.getLogger(__name__)
 
@@ -160,10 +160,9 @@ class ProcessWarmPool:
         self._max_age = max_age_s
         self._pool: list[WarmProcess] = []
         self._lock = threading.Lock()
-        self._created = threading.Condition(self._lock)  # notified when a creation in flight is over
+        self._ledger = CreationLedger(self._lock)  # warm sandboxes being spawned, per key
         self._deaths = 0
         self._filling = 0  # refill threads running
-        self._creating: collections.Counter[tuple[Any, ...]] = collections.Counter()  # being spawned, per key
         self._closed = False
         # Every warm chain is spawned by this one thread, which lives as long as the pool: the chain's
         # pdeath signal (setpriv --pdeathsig KILL) fires when the THREAD that spawned it ends (prctl(2)),
@@ -183,22 +182,16 @@ class ProcessWarmPool:
         """Start one warm sandbox for (data_dir, limits) on a fresh warm job dir and add it to the pool."""
         key = pool_key(data_dir, limits)
         with self._lock:
-            self._creating[key] += 1
+            self._ledger.add(key)
         return self._create_claimed(data_dir, limits, key)
 
     def _claim(self, key: tuple[Any, ...]) -> bool:
-        """Under the lock: reserve the creation of one more warm sandbox for `key` when the pool's and the
-        in-flight ones together stay within `slots` (two callers deciding at once, a job's refill and the
-        server's `prestart`, would otherwise both create one: 2-3 warm sandboxes where one was meant,
-        each holding its imports' memory and, on a GPU, a CUDA context)."""
-        have = sum(1 for w in self._pool if w.key == key) + self._creating[key]
-        if self._closed or not self.enabled or have >= self._slots:
-            return False
-        self._creating[key] += 1
-        return True
+        """Under the lock: reserve the creation of one more warm sandbox for `key` (`CreationLedger`)."""
+        in_pool = sum(1 for w in self._pool if w.key == key)
+        return not self._closed and self.enabled and self._ledger.claim(key, in_pool, self._slots)
 
     def _create_claimed(self, data_dir: Path, limits: Limits, key: tuple[Any, ...]) -> WarmProcess | None:
-        """`create` once a creation for `key` is counted in `_creating` (released here, whatever happens)."""
+        """`create` once a creation for `key` is counted in the ledger (released here, whatever happens)."""
         released = False
         try:
             if self._closed or not self.enabled or self.jobs_root is None:
@@ -214,7 +207,7 @@ class ProcessWarmPool:
             warm = WarmProcess(spawned=spawned, key=key, slot=slot, created=time.monotonic())
             excess: list[WarmProcess] = []
             with self._lock:  # in the pool in the same step as it stops counting as in flight
-                self._release(key)
+                self._ledger.release(key)
                 released = True
                 if self._closed:
                     excess = [warm]
@@ -230,14 +223,7 @@ class ProcessWarmPool:
         finally:
             if not released:
                 with self._lock:
-                    self._release(key)
-
-    def _release(self, key: tuple[Any, ...]) -> None:
-        """Under the lock: one creation for `key` is over; wake an `ensure` waiting for it."""
-        self._creating[key] -= 1
-        if self._creating[key] <= 0:
-            del self._creating[key]
-        self._created.notify_all()
+                    self._ledger.release(key)
 
     def refill(self, data_dir: Path, limits: Limits) -> None:
         """Top the pool up to `slots` warm sandboxes for this key (each spawn takes milliseconds)."""
@@ -274,14 +260,14 @@ class ProcessWarmPool:
         takes milliseconds), else a new one."""
         key = pool_key(data_dir, limits)
         deadline = time.monotonic() + timeout_s
-        with self._created:
+        with self._lock:
             while True:
                 found = next((w for w in self._pool if w.key == key), None)
                 if found is not None or self._closed or not self.enabled:
                     return found
                 if self._claim(key):
                     break
-                if not self._created.wait(timeout=deadline - time.monotonic()):
+                if not self._ledger.wait(deadline - time.monotonic()):
                     return None
         return self._create_claimed(data_dir, limits, key)
 

@@ -20,7 +20,7 @@ import docker
 import pytest
 
 from sandbox import datasets
-from sandbox.docker_backend import LABEL_OWNER, LABEL_PRESTART, SLOT_PREFIX, DockerBackend
+from sandbox.docker_backend import LABEL_INSTANCE, LABEL_OWNER, LABEL_PRESTART, SLOT_PREFIX, DockerBackend
 
 pytestmark = pytest.mark.anyio
 REPO = Path(__file__).resolve().parent.parent
@@ -101,5 +101,69 @@ async def test_the_heartbeat_file_is_not_left_in_the_jobs_in_dir(tmp_path: Path,
         _, exit, _ = await collect(handle, time.monotonic())
         assert exit.exit_code == 0 and exit.isolation["prestarted"] is True, exit.log_tail
         assert sorted(p.name for p in paths.in_dir.iterdir()) == ["model.py", "spec.json"]
+    finally:
+        await backend.aclose()
+
+
+def _warm_containers(client: docker.DockerClient, instance: str) -> list[object]:
+    return client.containers.list(all=True, filters={"label": [f"{LABEL_PRESTART}=1", f"{LABEL_INSTANCE}={instance}"]})
+
+
+async def test_a_jobs_refill_and_the_evaluators_prestart_make_one_warm_container(tmp_path: Path, digits) -> None:
+    """What the evaluator does for every job: start it (the pool refills itself in the background), then
+    ask for a warm sandbox of the job's kind (`prestart`). With one slot that is ONE warm container: the
+    prestart waits for the refill's container in flight instead of creating a second (old code: two per
+    key, each with torch imported and, on a GPU, a CUDA context). Real engine and image; each container's
+    creation is slowed by half a second so that the prestart asks while the refill's is in flight."""
+    import secrets
+
+    from tests.test_docker_backend import LIMITS, TINY_NET, collect, make_job
+
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    instance = f"pytest-{secrets.token_hex(4)}"
+    backend = DockerBackend(IMAGE, instance_id=instance, prestart=True, prestart_slots=1, jobs_root=jobs)
+    pool = backend._pool  # noqa: SLF001
+    real, launched = pool._launch, []  # noqa: SLF001
+
+    def slow_launch(*args: object) -> object:
+        time.sleep(0.5)
+        launched.append(real(*args))
+        return launched[-1]
+
+    pool._launch = slow_launch  # noqa: SLF001
+    client = docker.from_env()
+    try:
+        paths = make_job(jobs, "first", digits, backend, TINY_NET, mode="check")
+        handle = await backend.start(paths, LIMITS)  # cold: the pool was empty; its refill starts now
+        await backend.prestart(digits.public_dir, LIMITS)
+        _, exit, _ = await collect(handle, time.monotonic())
+        assert exit.exit_code == 0 and exit.isolation["prestarted"] is False, exit.log_tail
+        for _ in range(200):  # let any creation still in flight land (old code: the refill's)
+            if not pool._filling:  # noqa: SLF001
+                break
+            time.sleep(0.05)
+        assert len(launched) == 1 and len(pool) == 1, (len(launched), len(pool))
+        assert len(_warm_containers(client, instance)) == 1
+    finally:
+        await backend.aclose()
+    assert _warm_containers(client, instance) == []
+
+
+async def test_prestart_on_a_backend_without_pre_start_starts_nothing(tmp_path: Path, digits) -> None:
+    """`prestart=False` means no warm containers: the evaluator's prestart after each job's start used to
+    create one anyway (and the next job adopted it), so pre-start could not be turned off."""
+    import secrets
+
+    from tests.test_docker_backend import LIMITS
+
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    instance = f"pytest-{secrets.token_hex(4)}"
+    backend = DockerBackend(IMAGE, instance_id=instance, prestart=False, jobs_root=jobs)
+    try:
+        await backend.prestart(digits.public_dir, LIMITS)
+        assert len(backend._pool) == 0  # noqa: SLF001
+        assert _warm_containers(docker.from_env(), instance) == []
     finally:
         await backend.aclose()

@@ -91,7 +91,8 @@ async def test_hostile_submission_in_a_warm_sandbox(case: base.Case, backend_nam
         # the limits the queue's phase gives a CPU job (the wall clock is not part of a warm sandbox's key)
         limits = Limits(wall_s=1.0, memory_bytes=int(settings.memory_gb * (1 << 30)), cpus=float(settings.threads),
                         gpu=settings.gpus[0] if case.gpu and settings.gpus else None)
-        await backend.prestart(public, limits, jobs_root=Path(settings.jobs_dir), wait_ready=True)
+        # (5 min: a CI run here saw a warm container's imports exceed the default 120 s on a slow disk)
+        await backend.prestart(public, limits, jobs_root=Path(settings.jobs_dir), wait_ready=True, timeout_s=300)
         seen = await real_run(client, w, code, budget_s)
         full = await base.call(client, "get_job", job_id=seen.job["job_id"], include_isolation=True)
         isolation = (full.get("result") or {}).get("isolation") or {}
