@@ -183,16 +183,8 @@ class WarmPool:
                 raise
             warm = Warm(container=container, key=key, slot=slot, created=time.monotonic(), started_s=started_s)
             with self._lock:
-                self._ledger.release(key)
+                excess = self._ledger.arrive(self._pool, warm, self._slots, self._closed)
                 released = True
-                if self._closed:
-                    excess = [warm]
-                else:
-                    self._pool.append(warm)
-                    others = [w for w in self._pool if w.key != warm.key]
-                    excess = others[: max(0, len(self._pool) - self._slots)]
-                    for w in excess:
-                        self._pool.remove(w)
             for w in excess:
                 discard(w)
             return None if self._closed else warm

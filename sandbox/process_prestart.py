@@ -205,18 +205,9 @@ class ProcessWarmPool:
                 shutil.rmtree(slot, ignore_errors=True)
                 raise
             warm = WarmProcess(spawned=spawned, key=key, slot=slot, created=time.monotonic())
-            excess: list[WarmProcess] = []
             with self._lock:  # in the pool in the same step as it stops counting as in flight
-                self._ledger.release(key)
+                excess = self._ledger.arrive(self._pool, warm, self._slots, self._closed)
                 released = True
-                if self._closed:
-                    excess = [warm]
-                else:
-                    self._pool.append(warm)
-                    others = [w for w in self._pool if w.key != warm.key]
-                    excess = others[: max(0, len(self._pool) - self._slots)]
-                    for w in excess:
-                        self._pool.remove(w)
             for w in excess:
                 w.discard()
             return None if self._closed else warm

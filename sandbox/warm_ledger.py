@@ -47,6 +47,19 @@ class CreationLedger:
             del self._creating[key]
         self._done.notify_all()
 
+    def arrive(self, pool: list[Any], warm: Any, slots: int, closed: bool) -> list[Any]:
+        """The creation of `warm` (which has a `.key`) is over: release it and put `warm` in `pool` in the same
+        step, dropping sandboxes of other keys beyond `slots`. Returns what the caller must discard, outside
+        the lock: those dropped, or `warm` itself when the pool closed meanwhile."""
+        self.release(warm.key)
+        if closed:
+            return [warm]
+        pool.append(warm)
+        excess = [w for w in pool if w.key != warm.key][: max(0, len(pool) - slots)]
+        for w in excess:
+            pool.remove(w)
+        return excess
+
     def in_flight(self, key: Key) -> int:
         return self._creating[key]
 
